@@ -1,0 +1,172 @@
+"""GATED XATTN-DENSE (paper Fig. 5, appendix A.1.2) and per-image attention masking (A.1.3).
+
+Each layer runs in front of a frozen LM block:
+    y = y + tanh(alpha_xattn) * xattn(q=y, kv=visual_tokens)
+    y = y + tanh(alpha_dense) * ffw(y)
+with alpha initialised to 0, so at initialisation the Flamingo model computes exactly what the
+frozen LM computes.
+
+Which visual tokens a text token may see is described by a `MediaContext` that
+`Flamingo.forward` builds once per call from the token ids and hands to the layers for the
+duration of that call (see `media_context`). Nothing persists on the layers between calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flamingo.model.config import CrossAttentionConfig
+from flamingo.model.layers import FeedForward
+
+
+def token_media_index(
+    is_media: torch.Tensor,
+    num_media: torch.Tensor,
+    attend_next: torch.Tensor,
+    media_offset: torch.Tensor,
+) -> torch.Tensor:
+    """phi(token): 1-based index of the image each token cross-attends to, 0 for none.
+
+    is_media [B, L] marks `<image>` tokens; num_media [B] images per sample; attend_next [B]
+    selects, per sample, the "next image" mode of A.3.2 instead of the paper's "last image
+    before the token"; media_offset [B] counts images already consumed by earlier calls (cached
+    decoding). An `<image>` token belongs to its own image in both modes.
+    """
+    seen = is_media.long().cumsum(dim=1)  # images at or before each token
+    previous = media_offset[:, None] + seen
+    upcoming = media_offset[:, None] + seen - is_media.long() + 1
+    upcoming = torch.where(upcoming <= num_media[:, None], upcoming, torch.zeros_like(upcoming))
+    return torch.where(attend_next[:, None], upcoming, previous)
+
+
+@dataclass
+class MediaContext:
+    """Everything the cross-attention layers need for one forward call.
+
+    visual_tokens: [B, M*R, D] resampled tokens of M (padded) media per sample, R tokens each.
+    token_media: [B, L] phi(token) for the tokens of this call (see `token_media_index`).
+    attend_all_previous: [B] whether a sample sees all images up to phi (ablation) rather than
+        image phi only.
+    kv_cache: when not None, keys/values of each layer are computed once and kept here, keyed by
+        layer index, for reuse by later calls over the same visual tokens.
+    """
+
+    visual_tokens: torch.Tensor
+    tokens_per_media: int
+    token_media: torch.Tensor
+    attend_all_previous: torch.Tensor
+    kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def has_media(self) -> torch.Tensor:
+        """[B, L] whether a token sees any image."""
+        return self.token_media > 0
+
+    @property
+    def num_keys(self) -> int:
+        return self.visual_tokens.shape[1]
+
+    def attention_mask(self) -> torch.Tensor:
+        """[B, 1, L, M*R] boolean, True where a token may attend; built once, shared by layers.
+
+        Tokens that see no image are allowed everything here (so softmax stays finite) and have
+        their output zeroed by the layer.
+        """
+        if self._mask is None:
+            key_media = torch.arange(self.num_keys, device=self.token_media.device) // self.tokens_per_media + 1
+            phi = self.token_media[:, :, None]
+            exact = phi == key_media
+            up_to = (key_media <= phi) & (phi > 0)
+            mask = torch.where(self.attend_all_previous[:, None, None], up_to, exact)
+            self._mask = (mask | ~self.has_media[:, :, None])[:, None]
+        return self._mask
+
+    def key_values(self, layer_idx: int, compute: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_cache is None:
+            return compute(self.visual_tokens)
+        if layer_idx not in self.kv_cache:
+            self.kv_cache[layer_idx] = compute(self.visual_tokens)
+        return self.kv_cache[layer_idx]
+
+
+_ACTIVE_MEDIA: ContextVar[MediaContext | None] = ContextVar("flamingo_media_context", default=None)
+
+
+@contextlib.contextmanager
+def media_context(context: MediaContext) -> Iterator[None]:
+    """Make `context` visible to the cross-attention layers for the duration of one LM call.
+
+    The LM's own forward carries the hidden states from block to block; a context variable lets
+    our layers receive the media of this call from any Hugging Face decoder stack without relying
+    on it forwarding extra keyword arguments (MPT's does not). It is reset on exit, also on error.
+    """
+    token = _ACTIVE_MEDIA.set(context)
+    try:
+        yield
+    finally:
+        _ACTIVE_MEDIA.reset(token)
+
+
+def active_media_context() -> MediaContext | None:
+    return _ACTIVE_MEDIA.get()
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text queries attend to visual tokens under the per-image mask of a `MediaContext`."""
+
+    def __init__(self, dim: int, visual_dim: int, heads: int, head_dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_kv = nn.Linear(visual_dim, 2 * inner, bias=bias)  # fused: keys then values
+        self.to_out = nn.Linear(inner, dim, bias=bias)
+
+    def key_values(self, visual_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, K, D_visual] -> keys, values [B, heads, K, head_dim]."""
+        k, v = self.to_kv(visual_tokens).chunk(2, dim=-1)
+        return (k.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2),
+                v.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2))
+
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor, has_media: torch.Tensor) -> torch.Tensor:
+        q = self.to_q(self.norm(hidden)).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        if keys.shape[0] != q.shape[0]:  # one set of visual tokens shared by several rows
+            keys, values = keys.expand(q.shape[0], -1, -1, -1), values.expand(q.shape[0], -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out * has_media[:, None, :, None].to(out.dtype)  # no image before a token: exactly 0
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    def __init__(self, dim: int, visual_dim: int, config: CrossAttentionConfig, activation: str,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.skip_tokens_without_media = config.skip_tokens_without_media
+        self.attn = MaskedCrossAttention(dim, visual_dim, config.heads, config.head_dim, bias=bias)
+        self.attn_gate = nn.Parameter(torch.zeros(()))
+        self.ffw = FeedForward(dim, config.ffw_mult, activation, bias=bias)
+        self.ffw_gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, hidden: torch.Tensor, media: MediaContext, layer_idx: int) -> torch.Tensor:
+        # The frozen LM may run in bf16 while the trainable layers keep fp32 weights.
+        y = hidden.to(self.attn_gate.dtype)
+        has_media = media.has_media
+        if media.num_keys > 0:
+            keys, values = media.key_values(layer_idx, self.attn.key_values)
+            attended = self.attn(y, keys, values, media.attention_mask(), has_media)
+            y = y + torch.tanh(self.attn_gate) * attended
+        y = y + torch.tanh(self.ffw_gate) * self.ffw(y)
+        if self.skip_tokens_without_media:
+            y = torch.where(has_media[:, :, None], y, hidden.to(y.dtype))
+        return y.to(hidden.dtype)

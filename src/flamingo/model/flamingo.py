@@ -1,0 +1,274 @@
+"""The Flamingo model (paper section 2): frozen vision encoder -> Perceiver Resampler -> GATED
+XATTN-DENSE layers interleaved with a frozen causal LM.
+
+Media travel with each call: `forward` takes the images (pixels, precomputed encoder features or
+resampled visual tokens), finds the `<image>` tokens in the ids, and derives for every token the
+image it may attend to. Nothing is left on the model between calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flamingo.model.config import FlamingoConfig
+from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, media_context, token_media_index
+from flamingo.model.language_model import (
+    DecoupledEmbedding,
+    DecoupledLMHead,
+    FlamingoDecoderLayer,
+    add_special_tokens,
+    find_decoder_layers,
+    hidden_size,
+)
+from flamingo.model.perceiver import PerceiverResampler
+
+
+class FlamingoInputError(ValueError):
+    """Inputs that do not fit together (shapes, `<image>` tokens vs images)."""
+
+
+@dataclass
+class FlamingoOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    past_key_values: Any = None
+    visual_tokens: torch.Tensor | None = None  # [B, N, R, D], reusable by later calls
+
+
+class Flamingo(nn.Module):
+    """Flamingo over a frozen causal LM and a frozen vision encoder.
+
+    Args:
+        config: the architecture (the backbone specs in it are used by `build_flamingo`; here the
+            backbones are given already built).
+        lm: a Hugging Face causal LM; it is frozen and modified in place (layers inserted,
+            embeddings decoupled).
+        tokenizer: its tokenizer; the `<image>` and `<|endofchunk|>` tokens are added to it.
+        vision_encoder: a `flamingo.model.vision.VisionEncoder` (pixels -> features), or None for
+            a model fed with precomputed features.
+        vision_feature_dim: the feature width when no vision encoder is given.
+    """
+
+    def __init__(self, config: FlamingoConfig, lm: nn.Module, tokenizer: Any,
+                 vision_encoder: nn.Module | None = None, vision_feature_dim: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+
+        if vision_encoder is not None:
+            vision_feature_dim = vision_encoder.feature_dim
+            vision_encoder.requires_grad_(False)
+            vision_encoder.eval()
+        elif vision_feature_dim is None:
+            raise ValueError("Flamingo needs a vision_encoder or, for precomputed features, vision_feature_dim")
+        self.vision_encoder = vision_encoder
+
+        lm.requires_grad_(False)
+        lm.eval()
+        self.lm = lm
+        self._lm_takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+
+        # Special tokens, decoupled: only their embedding/output rows are trainable.
+        self.eoc_token_id, self.media_token_id = add_special_tokens(
+            tokenizer, [config.end_of_chunk_token, config.media_token])
+        first_new_id = min(self.eoc_token_id, self.media_token_id)
+        if sorted([self.eoc_token_id, self.media_token_id]) != [first_new_id, first_new_id + 1]:
+            raise ValueError(f"tokenizer ids of {config.end_of_chunk_token!r} and {config.media_token!r} must be "
+                             f"consecutive, got {self.eoc_token_id} and {self.media_token_id}")
+        input_embeddings, output_embeddings = lm.get_input_embeddings(), lm.get_output_embeddings()
+        if first_new_id > input_embeddings.weight.shape[0]:
+            raise ValueError(f"the tokenizer has {first_new_id} tokens before {config.end_of_chunk_token!r} but the LM's "
+                             f"embedding table has only {input_embeddings.weight.shape[0]} rows: they do not belong together")
+        tied = output_embeddings is not None and output_embeddings.weight is input_embeddings.weight
+        new_embeddings = DecoupledEmbedding(input_embeddings, first_new_id, 2)
+        lm.set_input_embeddings(new_embeddings)
+        lm.set_output_embeddings(DecoupledLMHead(output_embeddings, first_new_id, 2,
+                                                 tied_rows=new_embeddings.new_rows if tied else None))
+        self.tied_new_rows = tied
+
+        self.perceiver = PerceiverResampler(config.perceiver, vision_feature_dim, config.activation, config.bias)
+
+        self.decoder_layers_path, layers = find_decoder_layers(lm, config.lm.decoder_layers_path)
+        lm_dim = hidden_size(lm)
+        self.cross_attn_layers: dict[int, GatedCrossAttentionBlock] = {}
+        for idx in config.cross_attention_layers(len(layers)):
+            block = GatedCrossAttentionBlock(lm_dim, self.perceiver.dim, config.cross_attention,
+                                             config.activation, config.bias)
+            layers[idx] = FlamingoDecoderLayer(layers[idx], block, idx)
+            self.cross_attn_layers[idx] = block
+
+    # ------------------------------------------------------------------------ module plumbing
+    @property
+    def input_embeddings(self) -> DecoupledEmbedding:
+        return self.lm.get_input_embeddings()
+
+    @property
+    def output_head(self) -> DecoupledLMHead:
+        return self.lm.get_output_embeddings()
+
+    def train(self, mode: bool = True) -> "Flamingo":
+        """Frozen backbones stay in eval mode (no dropout), whatever the trainable parts do."""
+        super().train(mode)
+        self.lm.eval()
+        if self.vision_encoder is not None:
+            self.vision_encoder.eval()
+        return self
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The trained bridge, under LM-independent names (these prefix the saved weights)."""
+        modules: dict[str, nn.Module] = {"perceiver": self.perceiver}
+        modules.update({f"cross_attn.{idx}": block for idx, block in self.cross_attn_layers.items()})
+        modules["new_token_embeddings"] = self.input_embeddings
+        if not self.tied_new_rows:
+            modules["new_token_logits"] = self.output_head
+        return modules
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{name}": param
+                for prefix, module in self.trainable_modules().items()
+                for name, param in module.named_parameters() if param.requires_grad}
+
+    # ----------------------------------------------------------------------------------- media
+    def encode_media(self, pixel_values: torch.Tensor | None = None, *,
+                     vision_features: torch.Tensor | None = None,
+                     num_media: torch.Tensor | None = None) -> torch.Tensor:
+        """Images/videos -> visual tokens [B, N, R, D].
+
+        pixel_values [B, N, T, 3, H, W] or vision_features [B, N, T, S, D]; num_media [B] says how
+        many of the N slots of each sample are real (the rest are padding: not encoded, zeros out).
+        """
+        source = pixel_values if pixel_values is not None else vision_features
+        if source is None or (pixel_values is not None and vision_features is not None):
+            raise FlamingoInputError("encode_media: give exactly one of pixel_values or vision_features")
+        name, ndim, expected = (("pixel_values", 6, "[B, N, T, 3, H, W]") if pixel_values is not None
+                                else ("vision_features", 5, "[B, N, T, S, D]"))
+        if source.ndim != ndim:
+            raise FlamingoInputError(f"{name}: expected shape {expected}, got {tuple(source.shape)}")
+        batch, slots = source.shape[:2]
+        real = self._real_media_mask(num_media, batch, slots, source.device)
+        chosen = source[real]  # [K, T, ...] only the real media, in sample order
+        if pixel_values is not None:
+            if self.vision_encoder is None:
+                raise FlamingoInputError("pixel_values given but this model has no vision encoder; "
+                                         "pass vision_features instead")
+            with torch.no_grad():  # frozen: no activations kept for backward
+                features = self.vision_encoder(chosen[:, None])[:, 0]
+        else:
+            features = chosen
+        tokens = self.perceiver(features.to(self.perceiver.latents.dtype))
+        out = tokens.new_zeros(batch, slots, *tokens.shape[1:])
+        out[real] = tokens
+        return out
+
+    @staticmethod
+    def _real_media_mask(num_media: torch.Tensor | None, batch: int, slots: int,
+                         device: torch.device) -> torch.Tensor:
+        if num_media is None:
+            return torch.ones(batch, slots, dtype=torch.bool, device=device)
+        num_media = torch.as_tensor(num_media, device=device)
+        if num_media.shape != (batch,) or (num_media < 0).any() or (num_media > slots).any():
+            raise FlamingoInputError(f"num_media: expected {batch} counts between 0 and {slots}, "
+                                     f"got {num_media.tolist()}")
+        return torch.arange(slots, device=device) < num_media[:, None]
+
+    # --------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        num_media: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        visual_tokens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        attend_next: torch.Tensor | None = None,
+        media_offset: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        kv_cache: dict | None = None,
+    ) -> FlamingoOutput:
+        """Run Flamingo on interleaved text and media.
+
+        Args:
+            input_ids [B, L] with one `<image>` token per image/video, in order.
+            pixel_values [B, N, T, 3, H, W] | vision_features [B, N, T, S, D] |
+                visual_tokens [B, N, R, D]: the media, as pixels, as frozen-encoder features or
+                already resampled (give at most one). The j-th `<image>` of sample b is media
+                [b, j]; text-only input gives none.
+            attention_mask [B, L] (or [B, past+L] with a cache): 1 for real tokens.
+            num_media [B]: real media per sample when samples have different counts (default: N).
+            labels [B, L]: next-token targets (-100 ignored); the mean loss is returned.
+            attend_next [B] bool: per-sample "next image" attention (A.3.2); default from config.
+            media_offset [B]: images consumed by earlier calls whose KV cache is passed as
+                past_key_values (cached decoding); media then holds all images so far.
+            kv_cache: a dict to keep the cross-attention keys/values of `visual_tokens` per layer.
+        """
+        if input_ids.ndim != 2:
+            raise FlamingoInputError(f"input_ids: expected shape [B, L], got {tuple(input_ids.shape)}")
+        batch, device = input_ids.shape[0], input_ids.device
+        given = [n for n, v in (("pixel_values", pixel_values), ("vision_features", vision_features),
+                                ("visual_tokens", visual_tokens)) if v is not None]
+        if len(given) > 1:
+            raise FlamingoInputError(f"give the media one way only, got {' and '.join(given)}")
+        if pixel_values is not None or vision_features is not None:
+            visual_tokens = self.encode_media(pixel_values, vision_features=vision_features, num_media=num_media)
+        if visual_tokens is None:
+            visual_tokens = torch.zeros(batch, 0, self.config.perceiver.num_latents, self.perceiver.dim,
+                                        dtype=self.perceiver.latents.dtype, device=device)
+        if visual_tokens.ndim != 4 or visual_tokens.shape[0] != batch:
+            raise FlamingoInputError(f"media: expected batch size {batch} (the batch of input_ids), "
+                                     f"got visual tokens of shape {tuple(visual_tokens.shape)}")
+        slots = visual_tokens.shape[1]
+        num_media = self._real_media_mask(num_media, batch, slots, device).sum(1)
+
+        is_media = input_ids == self.media_token_id
+        offset = (torch.zeros(batch, dtype=torch.long, device=device) if media_offset is None
+                  else torch.as_tensor(media_offset, device=device).long())
+        self._check_media_counts(is_media.sum(1), num_media, offset, exact=media_offset is None)
+        if attend_next is None:
+            attend_next = torch.full((batch,), self.config.cross_attention.media_attention == "next", device=device)
+        context = MediaContext(
+            visual_tokens=visual_tokens.flatten(1, 2),
+            tokens_per_media=visual_tokens.shape[2],
+            token_media=token_media_index(is_media, num_media, attend_next.to(device), offset),
+            attend_all_previous=torch.full(
+                (batch,), self.config.cross_attention.media_attention == "all_previous", device=device),
+            kv_cache=kv_cache,
+        )
+
+        lm_kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask,
+                                         past_key_values=past_key_values, use_cache=use_cache)
+        if attention_mask is not None and self._lm_takes_position_ids:
+            # Positions count real tokens only, so left padding does not shift them.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            lm_kwargs["position_ids"] = positions[:, -input_ids.shape[1]:]
+        with media_context(context):
+            out = self.lm(**lm_kwargs)
+
+        loss = None
+        if labels is not None:
+            logits = out.logits[:, :-1].flatten(0, 1).float()
+            loss = F.cross_entropy(logits, labels[:, 1:].flatten().to(device), ignore_index=-100)
+        return FlamingoOutput(logits=out.logits, loss=loss, past_key_values=getattr(out, "past_key_values", None),
+                              visual_tokens=visual_tokens)
+
+    @staticmethod
+    def _check_media_counts(counts: torch.Tensor, num_media: torch.Tensor, offset: torch.Tensor,
+                            exact: bool) -> None:
+        bad = (counts != num_media) if exact else (offset + counts > num_media)
+        if bad.any():
+            b = int(bad.nonzero()[0, 0])
+            if exact:
+                raise FlamingoInputError(
+                    f"sample {b}: {int(counts[b])} <image> token(s) in the text but {int(num_media[b])} "
+                    f"image(s) given; each image needs exactly one <image> token")
+            raise FlamingoInputError(
+                f"sample {b}: {int(offset[b])} image(s) already consumed + {int(counts[b])} new <image> "
+                f"token(s) exceed the {int(num_media[b])} image(s) given")

@@ -1,0 +1,218 @@
+"""Adapting a frozen Hugging Face causal LM: its decoder stack, special tokens, loading.
+
+Nothing here knows model names: the decoder stack is found from the module structure, the
+embeddings through `get_input_embeddings`/`get_output_embeddings`, and the hidden size from
+the config, so Llama, Mistral, Qwen2, Gemma 3, GPT-2, GPT-NeoX, OPT, MPT, ... work unchanged,
+keeping their own KV cache and attention implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flamingo.model.config import LanguageModelConfig
+from flamingo.model.cross_attention import GatedCrossAttentionBlock, active_media_context
+
+
+class DecoderStackNotFound(ValueError):
+    """The LM's list of decoder blocks could not be located."""
+
+
+def find_decoder_layers(lm: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return (dotted path, ModuleList) of the LM's decoder blocks.
+
+    Without `path`, the stack is the ModuleList whose length equals the config's number of
+    hidden layers, made of blocks of one class (the largest such list if there are several).
+    """
+    if path is not None:
+        module: Any = lm
+        for part in path.split("."):
+            if not hasattr(module, part):
+                raise DecoderStackNotFound(
+                    f"lm.decoder_layers_path {path!r}: {type(lm).__name__} has no attribute path {part!r}")
+            module = getattr(module, part)
+        if not isinstance(module, nn.ModuleList):
+            raise DecoderStackNotFound(
+                f"lm.decoder_layers_path {path!r}: expected an nn.ModuleList, got {type(module).__name__}")
+        return path, module
+
+    num_layers = getattr(_text_config(lm), "num_hidden_layers", None)
+    candidates = []
+    for name, module in lm.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if num_layers is not None and len(module) != num_layers:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        candidates.append((size, name, module))
+    if not candidates:
+        lists = [f"{n} (len {len(m)})" for n, m in lm.named_modules() if isinstance(m, nn.ModuleList)]
+        raise DecoderStackNotFound(
+            f"could not find the decoder stack of {type(lm).__name__}: expected an nn.ModuleList of "
+            f"{num_layers} identical blocks, found {lists or 'no ModuleList'}; "
+            f"set lm.decoder_layers_path in the config")
+    _, name, module = max(candidates, key=lambda c: c[0])
+    return name, module
+
+
+def _text_config(lm: nn.Module) -> Any:
+    config = lm.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def hidden_size(lm: nn.Module) -> int:
+    config = _text_config(lm)
+    for attr in ("hidden_size", "d_model", "n_embd"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    raise ValueError(f"cannot read the hidden size of {type(lm).__name__} from its config")
+
+
+class FlamingoDecoderLayer(nn.Module):
+    """A frozen LM block with a GATED XATTN-DENSE layer in front of it.
+
+    Outside a `media_context` (the LM called on its own) the block is exactly the LM's.
+    """
+
+    def __init__(self, decoder_layer: nn.Module, cross_attn: GatedCrossAttentionBlock, layer_idx: int) -> None:
+        super().__init__()
+        self.decoder_layer = decoder_layer
+        self.cross_attn = cross_attn
+        self.layer_idx = layer_idx
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        media = active_media_context()
+        if media is not None:
+            if args:
+                args = (self.cross_attn(args[0], media, self.layer_idx), *args[1:])
+            else:
+                kwargs["hidden_states"] = self.cross_attn(kwargs["hidden_states"], media, self.layer_idx)
+        return self.decoder_layer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # LM code reads attributes of its blocks (e.g. `attention_type`); answer for the block.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("decoder_layer"), name)
+
+
+class DecoupledEmbedding(nn.Module):
+    """The frozen token embedding plus trainable rows for tokens added after it.
+
+    Ids >= `first_new_id` read the trainable `new_rows`; all others read the frozen table. Only
+    the new rows receive gradients, and the frozen table gets none at all (no masking of a full
+    gradient).
+    """
+
+    def __init__(self, base: nn.Module, first_new_id: int, num_new: int) -> None:
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.new_rows = nn.Parameter(_mean_output(base, first_new_id).expand(num_new, -1).clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.weight.shape[1]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = input_ids >= self.first_new_id
+        frozen = self.base(input_ids.masked_fill(is_new, 0))
+        new_index = (input_ids - self.first_new_id).clamp(0, self.new_rows.shape[0] - 1)
+        new = F.embedding(new_index, self.new_rows).to(frozen.dtype)
+        return torch.where(is_new[..., None], new, frozen)
+
+
+class DecoupledLMHead(nn.Module):
+    """The frozen output projection plus trainable output rows for the added tokens.
+
+    The logits of the added ids come from `new_rows` (so the model can predict `<|endofchunk|>`);
+    all other logits are the frozen LM's, unchanged. When the LM ties its input and output
+    embeddings, the added rows are tied too.
+    """
+
+    def __init__(self, base: nn.Module, first_new_id: int, num_new: int,
+                 tied_rows: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.num_new = num_new
+        if tied_rows is not None:
+            self.new_rows = tied_rows
+        else:
+            self.new_rows = nn.Parameter(base.weight.detach().float().mean(0).expand(num_new, -1).clone())
+        bias = getattr(base, "bias", None)
+        self.new_bias = (nn.Parameter(bias.detach().float().mean().expand(num_new).clone())
+                         if bias is not None else None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base(hidden)
+        bias = None if self.new_bias is None else self.new_bias.to(hidden.dtype)
+        new = F.linear(hidden, self.new_rows.to(hidden.dtype), bias).to(logits.dtype)
+        start, end = self.first_new_id, self.first_new_id + self.num_new
+        # The added ids sit right after the tokenizer's vocabulary: either beyond the frozen
+        # table (appended) or over its unused padding rows (replaced).
+        return torch.cat([logits[..., :start], new, logits[..., end:]], dim=-1)
+
+
+@torch.no_grad()
+def _mean_output(embedding: nn.Module, num_ids: int, chunk: int = 8192) -> torch.Tensor:
+    """Mean embedding over the existing vocabulary, computed through the module itself so that
+    embedding classes that scale their output (Gemma) get new rows on the same scale."""
+    device = embedding.weight.device
+    total = None
+    for start in range(0, num_ids, chunk):
+        ids = torch.arange(start, min(start + chunk, num_ids), device=device)
+        part = embedding(ids).float().sum(0)
+        total = part if total is None else total + part
+    return (total / num_ids).cpu()
+
+
+def add_special_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """Add `tokens` (in this order, as OpenFlamingo does) and return their ids. Tokenizers without
+    a pad token get the EOS token as pad (no new embedding row for padding)."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, Any]:
+    """Load the frozen LM and its tokenizer from the hub or a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **common)
+    kwargs: dict[str, Any] = dict(common, dtype=_DTYPES[config.dtype])
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+    except ValueError as err:
+        # Some architectures (e.g. MPT) have no SDPA path; they keep their own attention.
+        if "attn_implementation" not in kwargs or "does not support" not in str(err):
+            raise
+        kwargs.pop("attn_implementation")
+        lm = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+    return lm, tokenizer

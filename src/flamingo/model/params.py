@@ -1,0 +1,54 @@
+"""Parameter counts per component, in the manner of the paper's Table 1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flamingo.model.flamingo import Flamingo
+
+
+@dataclass
+class ComponentCount:
+    name: str
+    parameters: int
+    trainable: bool
+
+
+def parameter_report(model: Flamingo) -> list[ComponentCount]:
+    def count(params) -> int:
+        unique = {id(p): p for p in params}
+        return sum(p.numel() for p in unique.values())
+
+    xattn = [p for block in model.cross_attn_layers.values() for p in block.parameters()]
+    new_tokens = [model.input_embeddings.new_rows]
+    if not model.tied_new_rows:
+        new_tokens += [p for n, p in model.output_head.named_parameters() if n.startswith("new_")]
+    bridge_ids = {id(p) for p in xattn + new_tokens}
+    rows = [
+        ComponentCount("language model (frozen)", count(p for p in model.lm.parameters() if id(p) not in bridge_ids), False),
+        ComponentCount("vision encoder (frozen)",
+                       count(model.vision_encoder.parameters()) if model.vision_encoder is not None else 0, False),
+        ComponentCount("gated xattn-dense layers", count(xattn), True),
+        ComponentCount("perceiver resampler", count(model.perceiver.parameters()), True),
+        ComponentCount("new token embeddings", count(new_tokens), True),
+    ]
+    return rows
+
+
+def format_parameter_report(rows: list[ComponentCount]) -> str:
+    def human(n: int) -> str:
+        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if n >= size:
+                return f"{n / size:.2f}{unit}"
+        return str(n)
+
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'component':<{width}}  {'parameters':>12}  {'':>8}  status"]
+    for r in rows:
+        lines.append(f"{r.name:<{width}}  {r.parameters:>12,}  {human(r.parameters):>8}  "
+                     f"{'trainable' if r.trainable else 'frozen'}")
+    total = sum(r.parameters for r in rows)
+    trainable = sum(r.parameters for r in rows if r.trainable)
+    lines.append(f"{'total':<{width}}  {total:>12,}  {human(total):>8}  "
+                 f"({human(trainable)} trainable, {100 * trainable / max(total, 1):.1f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Saving and loading a Flamingo: the config plus the trained bridge, in safetensors.
+
+The frozen backbones are not saved; they are rebuilt from the specs in the config. Loading is
+strict and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from flamingo.model.config import FlamingoConfig
+from flamingo.model.flamingo import Flamingo
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "bridge.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model (missing, unexpected or mis-shaped tensors)."""
+
+
+def save_pretrained(model: Flamingo, directory: str | Path) -> Path:
+    """Write `config.yaml` and `bridge.safetensors` (trainable weights only) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save(directory / CONFIG_FILE)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "flamingo_weights": "bridge-v1"})
+    tmp.replace(directory / WEIGHTS_FILE)  # atomic: a reader never sees a half-written file
+    return directory
+
+
+def load_trainable_weights(model: Flamingo, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy `tensors` into the model's trainable parameters; the key sets must match exactly."""
+    expected = model.trainable_state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mis_shaped = sorted(f"{k}: expected {tuple(expected[k].shape)}, got {tuple(tensors[k].shape)}"
+                        for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or mis_shaped:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                parts.append(f"{title} keys: {shown}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key].to(param.dtype))
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as err:
+        raise CheckpointError(f"weights file {path} is not a readable safetensors file: {err}") from None
+
+
+def build_flamingo(config: FlamingoConfig) -> Flamingo:
+    """Build the backbones named by `config` (hub or local) and a freshly initialised bridge."""
+    from flamingo.model.language_model import load_language_model
+    from flamingo.model.vision import build_vision_encoder
+
+    lm, tokenizer = load_language_model(config.lm)
+    return Flamingo(config, lm, tokenizer, vision_encoder=build_vision_encoder(config.vision))
+
+
+def load_pretrained(directory: str | Path) -> Flamingo:
+    """Rebuild a model saved with `save_pretrained`."""
+    directory = Path(directory)
+    config = FlamingoConfig.load(directory / CONFIG_FILE)
+    model = build_flamingo(config)
+    load_trainable_weights(model, load_weights_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
+    return model

@@ -1,0 +1,126 @@
+"""Shared fixtures: a tokenizer trained locally and tiny random causal LMs of several families,
+saved to disk and loaded back through the library's own loading code. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CORPUS = [
+    "a red circle on a blue background", "two green squares and a yellow triangle",
+    "This is a dax. This is a wug.", "Question: what colour is the ball? Answer: red",
+    "An image of a cat sitting on a mat.", "Output: a small purple star in the corner",
+    "the quick brown fox jumps over the lazy dog", "Flamingo is a visual language model.",
+] * 4
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_lm_config(family: str, vocab_size: int, layers: int = 4):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
+    if family in ("llama", "mistral", "qwen2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=family == "qwen2",
+                   **common)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=256, sliding_window=16, pad_token_id=0, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=256, **common)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                num_attention_heads=4, max_position_embeddings=256, **common)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=layers, num_attention_heads=4,
+                            max_position_embeddings=256, word_embed_proj_dim=32, pad_token_id=0, **common)
+    if family == "mpt":
+        return tf.MptConfig(d_model=32, n_heads=4, n_layers=layers, max_seq_len=256, expansion_ratio=2, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "gpt_neox", "opt", "mpt"]
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory):
+    """lm_dir(family) -> directory with a tiny random LM of that family and the local tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, Path] = {}
+
+    def make(family: str = "llama") -> Path:
+        if family not in made:
+            torch.manual_seed(0)
+            tokenizer = make_tokenizer()
+            # Some families get a padded embedding table (as Pythia, Qwen and MPT have), so the
+            # added tokens land on unused rows instead of after the table.
+            padded = family in ("qwen2", "gpt_neox", "mpt")
+            model = AutoModelForCausalLM.from_config(make_lm_config(family, len(tokenizer) + 8 * padded))
+            path = tmp_path_factory.mktemp(f"lm-{family}")
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            made[family] = path
+        return made[family]
+
+    return make
+
+
+FEATURE_DIM = 24
+
+
+def tiny_config(lm_path, **overrides):
+    """A small Flamingo config over the LM at `lm_path`; overrides are 'section.field' = value."""
+    from flamingo import FlamingoConfig
+
+    config = FlamingoConfig.from_dict({
+        "vision": {"kind": "clip", "name_or_path": "unused-features-given"},
+        "lm": {"name_or_path": str(lm_path)},
+        "perceiver": {"depth": 2, "num_latents": 4, "heads": 2, "head_dim": 8, "max_frames": 4},
+        "cross_attention": {"every": 2, "first_layer": 0, "heads": 2, "head_dim": 8},
+    })
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        setattr(getattr(config, section) if section else config, name, value)
+    config.validate()
+    return config
+
+
+def build_tiny(lm_path, seed: int = 0, **overrides):
+    """A Flamingo fed with precomputed vision features of width FEATURE_DIM."""
+    from flamingo.model.flamingo import Flamingo
+    from flamingo.model.language_model import load_language_model
+
+    config = tiny_config(lm_path, **overrides)
+    lm, tokenizer = load_language_model(config.lm)
+    torch.manual_seed(seed)
+    return Flamingo(config, lm, tokenizer, vision_feature_dim=FEATURE_DIM)
+
+
+def randomize_gates(model, value: float = 0.7) -> None:
+    """Open the tanh gates (they start at 0) so the bridge actually changes the output."""
+    with torch.no_grad():
+        for block in model.cross_attn_layers.values():
+            block.attn_gate.fill_(value)
+            block.ffw_gate.fill_(-value)
