@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flamingo.model.config import FlamingoConfig
@@ -60,7 +60,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"weights file {path} does not exist")
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"weights file {path} is not a readable safetensors file: {err}") from None
 
 

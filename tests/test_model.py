@@ -1,0 +1,280 @@
+"""The model is the paper's model: exact identity at init, per-image masking, batching, freezing,
+video, and the bad-input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, FEATURE_DIM, build_tiny, randomize_gates
+from transformers import AutoModelForCausalLM
+
+from flamingo.model.cross_attention import token_media_index
+from flamingo.model.flamingo import FlamingoInputError
+
+PROMPT = "a red circle<image> two green squares<|endofchunk|><image> This is a dax.<|endofchunk|><image> a wug"
+
+
+def encode(model, text: str) -> torch.Tensor:
+    return torch.tensor([model.tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def features(num_media: int, frames: int = 1, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, num_media, frames, 5, FEATURE_DIM, generator=g)
+
+
+def media_index_of(model, ids: torch.Tensor) -> torch.Tensor:
+    is_media = ids == model.media_token_id
+    batch = ids.shape[0]
+    zeros = torch.zeros(batch, dtype=torch.long)
+    return token_media_index(is_media, is_media.sum(1), torch.zeros(batch, dtype=torch.bool), zeros)
+
+
+# ------------------------------------------------------------------------------ init identity
+@pytest.mark.parametrize("family", FAMILIES)
+def test_init_logits_equal_frozen_lm(lm_dir, family):
+    """tanh(0) gates: Flamingo's logits are the frozen LM's, bit for bit, with and without images,
+    over any decoder stack (found without name special cases)."""
+    path = lm_dir(family)
+    model = build_tiny(path)
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = encode(model, PROMPT)
+    vocab = reference.get_output_embeddings().weight.shape[0]
+    old_ids = [i for i in range(vocab) if i not in (model.eoc_token_id, model.media_token_id)]
+    with torch.no_grad():
+        ours = model(ids, vision_features=features(3)).logits
+        # The reference sees the same input vectors (the added tokens' rows are ours).
+        ref = reference(inputs_embeds=model.input_embeddings(ids)).logits
+        text_ids = encode(model, "a red circle on a blue background")
+        ours_text = model(text_ids).logits
+        ref_text = reference(text_ids).logits
+    assert torch.equal(ours[..., old_ids], ref[..., old_ids])
+    assert torch.equal(ours_text[..., old_ids], ref_text[..., old_ids])
+    assert ours.shape[-1] >= model.media_token_id + 1  # the added tokens have logits
+    assert len(model.cross_attn_layers) == 2  # every=2 over 4 blocks, starting at the first
+
+
+def test_cross_attention_layers_follow_the_config(lm_dir):
+    model = build_tiny(lm_dir("gpt2"), **{"cross_attention.every": 3, "cross_attention.first_layer": 1})
+    assert sorted(model.cross_attn_layers) == [1]
+    model = build_tiny(lm_dir("gpt2"), **{"cross_attention.every": 1})
+    assert sorted(model.cross_attn_layers) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="first_layer"):
+        build_tiny(lm_dir("gpt2"), **{"cross_attention.first_layer": 4})
+
+
+# ---------------------------------------------------------------------------------- masking
+def capture_first_xattn(model):
+    """Record the cross-attention output (before gating) of the first GATED XATTN-DENSE layer.
+    Its input is the token embedding, so differences come from the mask alone."""
+    first = model.cross_attn_layers[min(model.cross_attn_layers)]
+    seen = []
+    handle = first.attn.register_forward_hook(lambda mod, args, out: seen.append(out.detach()))
+    return seen, handle
+
+
+@pytest.mark.parametrize("mode", ["previous", "all_previous", "next"])
+def test_changing_one_image_changes_only_the_tokens_that_see_it(lm_dir, mode):
+    model = build_tiny(lm_dir("llama"), **{"cross_attention.media_attention": mode})
+    randomize_gates(model)
+    ids = encode(model, PROMPT)
+    phi = media_index_of(model, ids)[0]
+    if mode == "next":
+        phi = token_media_index(ids == model.media_token_id, torch.tensor([3]), torch.tensor([True]),
+                                torch.tensor([0]))[0]
+    seen, handle = capture_first_xattn(model)
+    feats = features(3)
+    with torch.no_grad():
+        model(ids, vision_features=feats)
+        for j in range(3):
+            changed = feats.clone()
+            changed[0, j] += 1.0
+            model(ids, vision_features=changed)
+    handle.remove()
+    base = seen[0][0]
+    no_image = phi == 0
+    assert no_image.any()
+    assert torch.equal(base[no_image], torch.zeros_like(base[no_image]))  # exactly zero output
+    for j in range(3):
+        differs = (seen[j + 1][0] - base).abs().amax(-1) > 0
+        sees_j = (phi >= j + 1) & (phi > 0) if mode == "all_previous" else phi == j + 1
+        assert torch.equal(differs, sees_j), f"image {j + 1}: {differs.tolist()} vs {sees_j.tolist()}"
+
+
+def test_media_index_semantics():
+    # tokens: t <img1> t t <img2> t
+    is_media = torch.tensor([[0, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    n, zero = torch.tensor([2]), torch.tensor([0])
+    previous = token_media_index(is_media, n, torch.tensor([False]), zero)
+    nxt = token_media_index(is_media, n, torch.tensor([True]), zero)
+    assert previous.tolist() == [[0, 1, 1, 1, 2, 2]]
+    assert nxt.tolist() == [[1, 1, 2, 2, 2, 0]]  # after the last image: nothing
+    # cached decoding: 2 images already consumed, new tokens see image 2
+    assert token_media_index(torch.zeros(1, 3, dtype=torch.bool), n, torch.tensor([False]),
+                             torch.tensor([2])).tolist() == [[2, 2, 2]]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_text_before_first_image_does_not_depend_on_images(lm_dir, skip):
+    """Tokens before any image see no visual token: their logits are the same whatever the
+    images. With skip_tokens_without_media they are exactly the frozen LM's, even with open gates."""
+    path = lm_dir("llama")
+    model = build_tiny(path, **{"cross_attention.skip_tokens_without_media": skip})
+    randomize_gates(model)
+    ids = encode(model, PROMPT)
+    prefix = int((ids[0] == model.media_token_id).nonzero()[0, 0])
+    with torch.no_grad():
+        a = model(ids, vision_features=features(3, seed=1)).logits[:, :prefix]
+        b = model(ids, vision_features=features(3, seed=2)).logits[:, :prefix]
+        after_a = model(ids, vision_features=features(3, seed=1)).logits[:, prefix:]
+        after_b = model(ids, vision_features=features(3, seed=2)).logits[:, prefix:]
+    assert torch.equal(a, b)
+    assert not torch.allclose(after_a, after_b)
+    if skip:
+        reference = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            ref = reference(ids[:, :prefix]).logits
+        vocab = ref.shape[-1]
+        assert torch.allclose(a[..., :vocab], ref, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mpt"])
+def test_batch_with_different_image_counts_equals_each_sample_alone(lm_dir, family):
+    model = build_tiny(lm_dir(family))
+    randomize_gates(model)
+    texts = ["<image> a red circle<|endofchunk|><image> two green squares",
+             "This is a dax.<|endofchunk|><image> This is a",
+             "only text here"]
+    counts = [2, 1, 0]
+    feats = features(2, batch=3, seed=3)
+    singles = []
+    with torch.no_grad():
+        for b, text in enumerate(texts):
+            ids = encode(model, text)
+            f = feats[b:b + 1, :counts[b]] if counts[b] else None
+            singles.append(model(ids, vision_features=f).logits[0])
+        rows = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(r) for r in rows)
+        pad = model.tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        batched = model(ids, vision_features=feats, attention_mask=mask, num_media=torch.tensor(counts)).logits
+    for b, single in enumerate(singles):
+        assert torch.allclose(batched[b, :len(rows[b])], single, atol=1e-5, rtol=1e-5), b
+
+
+def test_cached_decoding_equals_full_forward(lm_dir):
+    """Feeding a prompt in two calls with the LM's KV cache gives the full call's logits: the
+    media index of the second call continues from `media_offset`."""
+    model = build_tiny(lm_dir("llama"))
+    randomize_gates(model)
+    ids = encode(model, PROMPT)
+    feats = features(3)
+    split = int((ids[0] == model.media_token_id).nonzero()[1, 0]) + 2  # after the second image
+    with torch.no_grad():
+        full = model(ids, vision_features=feats).logits
+        # media_offset given: the images of later calls may already be in `feats`
+        first = model(ids[:, :split], vision_features=feats, media_offset=torch.tensor([0]), use_cache=True)
+        offset = (ids[:, :split] == model.media_token_id).sum(1)
+        second = model(ids[:, split:], visual_tokens=first.visual_tokens, media_offset=offset,
+                       past_key_values=first.past_key_values, use_cache=True)
+    assert torch.allclose(torch.cat([first.logits, second.logits], 1), full, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- training
+def test_only_the_bridge_receives_gradients(lm_dir):
+    model = build_tiny(lm_dir("llama"))
+    model.train()
+    assert not model.lm.training  # frozen backbone stays in eval mode
+    ids = encode(model, PROMPT)
+    out = model(ids, vision_features=features(3), labels=ids)
+    out.loss.backward()
+    trainable = {id(p) for p in model.trainable_state_dict().values()}
+    assert trainable
+    for name, param in model.named_parameters():
+        if id(param) in trainable:
+            assert param.requires_grad and param.grad is not None, name
+        else:
+            assert not param.requires_grad and param.grad is None, name
+    # at init only the gates get a signal through tanh'(0) = 1; they do get one
+    gates = [b.attn_gate.grad for b in model.cross_attn_layers.values()]
+    assert all(g is not None and g.abs() > 0 for g in gates)
+    # the new token rows are the only trainable embedding rows, and they do learn
+    assert model.input_embeddings.new_rows.grad.abs().sum() > 0
+    assert model.input_embeddings.base.weight.grad is None
+
+
+def test_trainable_parameters_are_the_bridge(lm_dir):
+    model = build_tiny(lm_dir("gpt2"))  # tied embeddings: added rows tied too
+    keys = model.trainable_state_dict().keys()
+    prefixes = {k.split(".")[0] for k in keys}
+    assert prefixes == {"perceiver", "cross_attn", "new_token_embeddings"}
+    untied = build_tiny(lm_dir("llama"))
+    assert {k.split(".")[0] for k in untied.trainable_state_dict()} == {
+        "perceiver", "cross_attn", "new_token_embeddings", "new_token_logits"}
+
+
+# ------------------------------------------------------------------------------------ video
+def test_video_frames_and_temporal_interpolation(lm_dir):
+    model = build_tiny(lm_dir("llama"))  # 4 trained temporal embeddings
+    randomize_gates(model)
+    perceiver = model.perceiver
+    trained = perceiver.temporal_embeddings.detach()
+    assert torch.equal(perceiver.temporal_embedding(3), trained[:3])
+    stretched = perceiver.temporal_embedding(7).detach()  # 4 -> 7: step 0.5
+    assert torch.allclose(stretched[0], trained[0]) and torch.allclose(stretched[-1], trained[-1])
+    assert torch.allclose(stretched[1], (trained[0] + trained[1]) / 2, atol=1e-6)
+    assert torch.allclose(stretched[2], trained[1], atol=1e-6)
+    ids = encode(model, "<image> a video of a red ball<|endofchunk|>")
+    with torch.no_grad():
+        for frames in (4, 7):
+            out = model(ids, vision_features=features(1, frames=frames))
+            assert out.visual_tokens.shape == (1, 1, 4, FEATURE_DIM)
+            assert torch.isfinite(out.logits).all()
+        # frame order matters (temporal embeddings), so a video is not a bag of frames
+        video = features(1, frames=4)
+        a = model(ids, vision_features=video).logits
+        b = model(ids, vision_features=video.flip(2)).logits
+    assert not torch.allclose(a, b)
+
+
+# -------------------------------------------------------------------------------- bad input
+def test_bad_inputs_give_clear_errors(lm_dir):
+    model = build_tiny(lm_dir("llama"))
+    ids = encode(model, PROMPT)  # 3 <image> tokens
+    with pytest.raises(FlamingoInputError, match=r"3 <image> token\(s\) in the text but 2 image\(s\)"):
+        model(ids, vision_features=features(2))
+    with pytest.raises(FlamingoInputError, match=r"3 <image> token\(s\) in the text but 4 image\(s\)"):
+        model(ids, vision_features=features(4))
+    with pytest.raises(FlamingoInputError, match=r"but 0 image"):
+        model(ids)
+    with pytest.raises(FlamingoInputError, match=r"vision_features: expected shape \[B, N, T, S, D\], got \(3, 1, 5, 24\)"):
+        model(ids, vision_features=features(3)[0])
+    with pytest.raises(FlamingoInputError, match="no vision encoder"):
+        model(ids, pixel_values=torch.zeros(1, 3, 1, 3, 32, 32))
+    with pytest.raises(FlamingoInputError, match="one way only"):
+        model(ids, vision_features=features(3), visual_tokens=torch.zeros(1, 3, 4, FEATURE_DIM))
+    with pytest.raises(FlamingoInputError, match="num_media"):
+        model(ids, vision_features=features(3), num_media=torch.tensor([5]))
+    with pytest.raises(FlamingoInputError, match="input_ids: expected shape"):
+        model(ids[0])
+
+
+def test_lm_without_a_decoder_stack_is_refused(lm_dir):
+    from flamingo.model.language_model import DecoderStackNotFound, find_decoder_layers
+
+    class NoStack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"num_hidden_layers": 2})()
+            self.blocks = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+
+    with pytest.raises(DecoderStackNotFound, match="expected an nn.ModuleList of 2 identical blocks"):
+        find_decoder_layers(NoStack())
+    with pytest.raises(DecoderStackNotFound, match="has no attribute path 'model'"):
+        find_decoder_layers(NoStack(), "model.layers")
+    with pytest.raises(DecoderStackNotFound, match="expected an nn.ModuleList, got Sequential"):
+        find_decoder_layers(NoStack(), "blocks")
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir("opt"))
+    assert find_decoder_layers(lm)[0] == "model.decoder.layers"

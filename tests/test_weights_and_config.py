@@ -1,0 +1,102 @@
+"""Config files, the safetensors round trip, strict loading and the parameter report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny, randomize_gates, tiny_config
+from test_model import PROMPT, encode, features
+
+from flamingo import ConfigError, FlamingoConfig, LanguageModelConfig
+from flamingo.model.params import format_parameter_report, parameter_report
+from flamingo.model.weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_trainable_weights,
+    load_weights_file,
+    save_pretrained,
+)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_round_trip(tmp_path, suffix):
+    config = FlamingoConfig.openflamingo(LanguageModelConfig(name_or_path="some/lm"), cross_attn_every_n_layers=4)
+    config.save(tmp_path / f"c{suffix}")
+    loaded = FlamingoConfig.load(tmp_path / f"c{suffix}")
+    assert loaded == config
+    assert loaded.cross_attention_layers(32) == list(range(3, 32, 4))  # OpenFlamingo's convention
+    assert FlamingoConfig().cross_attention_layers(8) == list(range(8))  # the paper: from the first
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("perceiver:\n  depht: 3\n")
+    with pytest.raises(ConfigError, match=r"perceiver: unknown field\(s\) \['depht'\]"):
+        FlamingoConfig.load(bad)
+    bad.write_text("activation: relu\n")
+    with pytest.raises(ConfigError, match="activation: expected 'sqrelu' or 'gelu', got 'relu'"):
+        FlamingoConfig.load(bad)
+    bad.write_text("cross_attention:\n  every: 0\n")
+    with pytest.raises(ConfigError, match="cross_attention.every: expected an integer >= 1, got 0"):
+        FlamingoConfig.load(bad)
+    bad.write_text("lm: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        FlamingoConfig.load(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        FlamingoConfig.load(tmp_path / "missing.yaml")
+
+
+def test_save_load_round_trip_is_bit_exact(lm_dir, tmp_path):
+    path = lm_dir("llama")
+    model = build_tiny(path, seed=1)
+    randomize_gates(model, 0.3)
+    save_pretrained(model, tmp_path)
+    assert (tmp_path / CONFIG_FILE).is_file() and (tmp_path / WEIGHTS_FILE).is_file()
+    assert FlamingoConfig.load(tmp_path / CONFIG_FILE) == model.config
+
+    fresh = build_tiny(path, seed=2)
+    ids, feats = encode(model, PROMPT), features(3)
+    with torch.no_grad():
+        assert not torch.equal(fresh(ids, vision_features=feats).logits, model(ids, vision_features=feats).logits)
+        load_trainable_weights(fresh, load_weights_file(tmp_path / WEIGHTS_FILE))
+        for key, value in model.trainable_state_dict().items():
+            assert torch.equal(fresh.trainable_state_dict()[key], value), key
+        assert torch.equal(fresh(ids, vision_features=feats).logits, model(ids, vision_features=feats).logits)
+
+
+def test_loading_is_strict_and_lists_the_mismatch(lm_dir, tmp_path):
+    model = build_tiny(lm_dir("llama"))
+    tensors = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+    tensors.pop("perceiver.latents")
+    tensors["perceiver.extra"] = torch.zeros(1)
+    tensors["cross_attn.0.attn_gate"] = torch.zeros(2)
+    with pytest.raises(CheckpointError) as err:
+        load_trainable_weights(model, tensors, source="ckpt")
+    message = str(err.value)
+    assert "missing keys: perceiver.latents" in message
+    assert "unexpected keys: perceiver.extra" in message
+    assert "cross_attn.0.attn_gate: expected (), got (2,)" in message
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_weights_file(tmp_path / "junk.safetensors")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_weights_file(tmp_path / "none.safetensors")
+
+
+def test_parameter_report_counts_each_component_once(lm_dir):
+    model = build_tiny(lm_dir("llama"))
+    rows = {r.name: r for r in parameter_report(model)}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert sum(r.parameters for r in rows.values() if r.trainable) == trainable
+    assert sum(r.parameters for r in rows.values() if not r.trainable) == frozen
+    assert rows["perceiver resampler"].parameters == sum(p.numel() for p in model.perceiver.parameters())
+    assert rows["new token embeddings"].parameters == 2 * 2 * 32  # 2 tokens, input + output rows, width 32
+    text = format_parameter_report(list(rows.values()))
+    assert "gated xattn-dense layers" in text and "trainable" in text
+
+
+def test_tiny_config_sizes(lm_dir):
+    config = tiny_config(lm_dir("llama"))
+    assert config.perceiver.num_latents == 4 and config.activation == "sqrelu"
