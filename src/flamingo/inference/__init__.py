@@ -1,0 +1,1 @@
+"""Inference: generation over interleaved images and text."""
