@@ -254,8 +254,9 @@ class Flamingo(nn.Module):
 
         loss = None
         if labels is not None:
-            logits = out.logits[:, :-1].flatten(0, 1).float()
-            loss = F.cross_entropy(logits, labels[:, 1:].flatten().to(device), ignore_index=-100)
+            # Shift the labels rather than slicing the logits: no copy of the [B, L, V] logits.
+            targets = F.pad(labels[:, 1:].to(device), (0, 1), value=-100)
+            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return FlamingoOutput(logits=out.logits, loss=loss, past_key_values=getattr(out, "past_key_values", None),
                               visual_tokens=visual_tokens)
 
