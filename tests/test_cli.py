@@ -31,6 +31,6 @@ def test_params_on_a_bad_config_is_one_clear_line(tmp_path, capsys):
     bad.write_text("perceiver: {depth: -1}\n")
     assert main(["params", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"flamingo params: error: config field perceiver.depth: expected an integer >= 1, got -1"
+    assert err == "flamingo params: error: config field perceiver.depth: expected an integer >= 1, got -1"
     assert main(["params", str(tmp_path)]) == 2
     assert "not a saved Flamingo model directory" in capsys.readouterr().err

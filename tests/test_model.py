@@ -278,3 +278,15 @@ def test_lm_without_a_decoder_stack_is_refused(lm_dir):
         find_decoder_layers(NoStack(), "blocks")
     lm = AutoModelForCausalLM.from_pretrained(lm_dir("opt"))
     assert find_decoder_layers(lm)[0] == "model.decoder.layers"
+
+
+def test_loss_is_the_mean_next_token_nll_over_labelled_tokens(lm_dir):
+    model = build_tiny(lm_dir("llama"))
+    randomize_gates(model)
+    ids = encode(model, PROMPT)
+    labels = ids.masked_fill(ids == model.media_token_id, -100)
+    with torch.no_grad():
+        out = model(ids, vision_features=features(3), labels=labels)
+    logp = out.logits.log_softmax(-1)
+    terms = [-logp[0, t - 1, labels[0, t]] for t in range(1, ids.shape[1]) if labels[0, t] != -100]
+    assert torch.allclose(out.loss, torch.stack(terms).mean(), atol=1e-6)

@@ -115,7 +115,9 @@ class DecoupledEmbedding(nn.Module):
         super().__init__()
         self.base = base
         self.first_new_id = first_new_id
-        self.new_rows = nn.Parameter(_mean_output(base, first_new_id).expand(num_new, -1).clone())
+        # Raw table rows (mean of the existing ones), so a tied output head can share them.
+        mean_row = base.weight.detach()[:first_new_id].float().mean(0)
+        self.new_rows = nn.Parameter(mean_row.expand(num_new, -1).clone())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -129,7 +131,11 @@ class DecoupledEmbedding(nn.Module):
         is_new = input_ids >= self.first_new_id
         frozen = self.base(input_ids.masked_fill(is_new, 0))
         new_index = (input_ids - self.first_new_id).clamp(0, self.new_rows.shape[0] - 1)
-        new = F.embedding(new_index, self.new_rows).to(frozen.dtype)
+        new = F.embedding(new_index, self.new_rows)
+        scale = getattr(self.base, "embed_scale", None)  # embeddings that scale their rows (Gemma)
+        if scale is not None:
+            new = new * scale.to(new.dtype) if torch.is_tensor(scale) else new * scale
+        new = new.to(frozen.dtype)
         return torch.where(is_new[..., None], new, frozen)
 
 
@@ -167,19 +173,6 @@ class DecoupledLMHead(nn.Module):
         # The added ids sit right after the tokenizer's vocabulary: either beyond the frozen
         # table (appended) or over its unused padding rows (replaced).
         return torch.cat([logits[..., :start], new, logits[..., end:]], dim=-1)
-
-
-@torch.no_grad()
-def _mean_output(embedding: nn.Module, num_ids: int, chunk: int = 8192) -> torch.Tensor:
-    """Mean embedding over the existing vocabulary, computed through the module itself so that
-    embedding classes that scale their output (Gemma) get new rows on the same scale."""
-    device = embedding.weight.device
-    total = None
-    for start in range(0, num_ids, chunk):
-        ids = torch.arange(start, min(start + chunk, num_ids), device=device)
-        part = embedding(ids).float().sum(0)
-        total = part if total is None else total + part
-    return (total / num_ids).cpu()
 
 
 def add_special_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:

