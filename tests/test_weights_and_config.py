@@ -100,3 +100,34 @@ def test_parameter_report_counts_each_component_once(lm_dir):
 def test_tiny_config_sizes(lm_dir):
     config = tiny_config(lm_dir("llama"))
     assert config.perceiver.num_latents == 4 and config.activation == "sqrelu"
+
+
+def test_build_save_load_from_config_with_pixels(lm_dir, tmp_path, capsys):
+    """The whole path a user takes: a config naming backbones on disk -> build -> save -> load in
+    a fresh model -> identical outputs on image pixels; and `flamingo params` on the saved dir."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from flamingo.cli import main
+    from flamingo.model.weights import build_flamingo, load_pretrained
+
+    torch.manual_seed(0)
+    vision_dir = tmp_path / "clip"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(vision_dir)
+    config = tiny_config(lm_dir("llama"))
+    config.vision.name_or_path = str(vision_dir)
+    model = build_flamingo(config)
+    randomize_gates(model, 0.5)
+    save_pretrained(model, tmp_path / "model")
+    loaded = load_pretrained(tmp_path / "model")
+
+    pixels = torch.rand(1, 3, 1, 3, 32, 32)
+    ids = encode(model, PROMPT)
+    with torch.no_grad():
+        expected = model(ids, pixels).logits
+        assert torch.equal(loaded(ids, pixels).logits, expected)
+        assert not torch.equal(loaded(ids, pixels.flip(1)).logits, expected)  # the images matter
+
+    assert main(["params", str(tmp_path / "model")]) == 0
+    report = capsys.readouterr().out
+    assert "vision encoder (frozen)" in report and "perceiver resampler" in report
