@@ -50,7 +50,8 @@ def token_media_index(
 class MediaContext:
     """Everything the cross-attention layers need for one forward call.
 
-    visual_tokens: [B, M*R, D] resampled tokens of M (padded) media per sample, R tokens each.
+    visual_tokens: [B_media, M*R, D] resampled tokens of M (padded) media per row, R tokens each;
+        B_media divides the batch B, and consecutive groups of B / B_media rows share a row.
     token_media: [B, L] phi(token) for the tokens of this call (see `token_media_index`).
     attend_all_previous: [B] whether a sample sees all images up to phi (ablation) rather than
         image phi only.
@@ -141,9 +142,16 @@ class MaskedCrossAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor, has_media: torch.Tensor) -> torch.Tensor:
         q = self.to_q(self.norm(hidden)).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-        if keys.shape[0] != q.shape[0]:  # one set of visual tokens shared by several rows
-            keys, values = keys.expand(q.shape[0], -1, -1, -1), values.expand(q.shape[0], -1, -1, -1)
+        rows, media_rows = q.shape[0], keys.shape[0]
+        if rows != media_rows:
+            # Consecutive rows share one row of visual tokens (beams, candidate completions):
+            # fold them into the query axis instead of copying keys/values per row.
+            share, length = rows // media_rows, q.shape[2]
+            q = q.unflatten(0, (media_rows, share)).transpose(1, 2).flatten(2, 3)
+            mask = mask.reshape(media_rows, 1, share * length, -1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if rows != media_rows:
+            out = out.unflatten(2, (share, length)).transpose(1, 2).flatten(0, 1)
         out = out * has_media[:, None, :, None].to(out.dtype)  # no image before a token: exactly 0
         return self.to_out(out.transpose(1, 2).flatten(2))
 

@@ -72,7 +72,9 @@ class Flamingo(nn.Module):
         lm.requires_grad_(False)
         lm.eval()
         self.lm = lm
-        self._lm_takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+        lm_params = inspect.signature(lm.forward).parameters
+        self._lm_takes_position_ids = "position_ids" in lm_params
+        self._lm_takes_logits_to_keep = "logits_to_keep" in lm_params
 
         # Special tokens, decoupled: only their embedding/output rows are trainable.
         self.eoc_token_id, self.media_token_id = add_special_tokens(
@@ -193,6 +195,7 @@ class Flamingo(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         kv_cache: dict | None = None,
+        logits_to_keep: int = 0,
     ) -> FlamingoOutput:
         """Run Flamingo on interleaved text and media.
 
@@ -209,6 +212,10 @@ class Flamingo(nn.Module):
             media_offset [B]: images consumed by earlier calls whose KV cache is passed as
                 past_key_values (cached decoding); media then holds all images so far.
             kv_cache: a dict to keep the cross-attention keys/values of `visual_tokens` per layer.
+            logits_to_keep: if > 0, only the logits of the last so many positions are computed.
+
+        Media may be given for fewer rows than input_ids (visual_tokens [B / k, ...]): then each
+        run of k consecutive rows shares one row of media, without copies (beams, candidates).
         """
         if input_ids.ndim != 2:
             raise FlamingoInputError(f"input_ids: expected shape [B, L], got {tuple(input_ids.shape)}")
@@ -222,11 +229,14 @@ class Flamingo(nn.Module):
         if visual_tokens is None:
             visual_tokens = torch.zeros(batch, 0, self.config.perceiver.num_latents, self.perceiver.dim,
                                         dtype=self.perceiver.latents.dtype, device=device)
-        if visual_tokens.ndim != 4 or visual_tokens.shape[0] != batch:
-            raise FlamingoInputError(f"media: expected batch size {batch} (the batch of input_ids), "
+        media_rows = visual_tokens.shape[0] if visual_tokens.ndim == 4 else -1
+        if media_rows < 1 or batch % media_rows:
+            raise FlamingoInputError(f"media: expected a batch size dividing {batch} (the batch of input_ids), "
                                      f"got visual tokens of shape {tuple(visual_tokens.shape)}")
         slots = visual_tokens.shape[1]
-        num_media = self._real_media_mask(num_media, batch, slots, device).sum(1)
+        # Rows sharing one row of media (beams, candidates) see the same images.
+        num_media = self._real_media_mask(num_media, media_rows, slots, device).sum(1)
+        num_media = num_media.repeat_interleave(batch // media_rows)
 
         is_media = input_ids == self.media_token_id
         offset = (torch.zeros(batch, dtype=torch.long, device=device) if media_offset is None
@@ -245,6 +255,8 @@ class Flamingo(nn.Module):
 
         lm_kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask,
                                          past_key_values=past_key_values, use_cache=use_cache)
+        if logits_to_keep and labels is None and self._lm_takes_logits_to_keep:
+            lm_kwargs["logits_to_keep"] = logits_to_keep
         if attention_mask is not None and self._lm_takes_position_ids:
             # Positions count real tokens only, so left padding does not shift them.
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
