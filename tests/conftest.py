@@ -124,3 +124,31 @@ def randomize_gates(model, value: float = 0.7) -> None:
         for block in model.cross_attn_layers.values():
             block.attn_gate.fill_(value)
             block.ffw_gate.fill_(-value)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP vision tower (32 px, patch 8, width FEATURE_DIM) saved to disk."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=FEATURE_DIM, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(path)
+    return path
+
+
+def build_with_vision(lm_path, vision_path, seed: int = 0, **overrides):
+    """A Flamingo whose frozen vision encoder is the tiny CLIP at `vision_path`."""
+    from flamingo.model.weights import build_flamingo
+
+    config = tiny_config(lm_path, **overrides)
+    config.vision.name_or_path = str(vision_path)
+    torch.manual_seed(seed)
+    return build_flamingo(config)
+
+
+def solid_image(colour, size: int = 40):
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), colour)

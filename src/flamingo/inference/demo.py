@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from flamingo.inference.generation import greedy_generate
+from flamingo.inference.generation import GenerationConfig, generate
+from flamingo.inference.prompt import text_prompt
+from flamingo.inference.state import encode_prompts
 from flamingo.model.config import CrossAttentionConfig, FlamingoConfig, LanguageModelConfig, PerceiverConfig, VisionConfig
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.params import format_parameter_report, parameter_report
@@ -100,7 +102,8 @@ def run_demo(seed: int = 0, max_new_tokens: int = 12) -> None:
     gates = {i: round(float(torch.tanh(b.attn_gate.detach())), 3) for i, b in model.cross_attn_layers.items()}
     print(f"Cross-attention before LM blocks {sorted(gates)}; tanh gates at init: {gates}")
 
-    new_ids = greedy_generate(model, ids, pixel_values=pixels, max_new_tokens=max_new_tokens)
-    print(f"Greedy generation ({new_ids.shape[1]} tokens, cached): "
-          f"{model.tokenizer.decode(new_ids[0])!r}  <- untrained model: noise is expected")
+    state = encode_prompts(model, [text_prompt(text, images)], max_new_tokens=max_new_tokens)
+    result = generate(model, state, GenerationConfig(max_new_tokens=max_new_tokens))[0]
+    print(f"Greedy generation ({len(result.token_ids)} tokens, {result.finish_reason}; images encoded once, "
+          f"KV and cross-attention caches reused): {result.text!r}  <- untrained model: noise is expected")
     print(f"Done in {time.perf_counter() - start:.1f}s.")

@@ -1,46 +1,257 @@
-"""Greedy decoding with caches: the images are encoded once, the LM keeps its KV cache, and each
-cross-attention layer computes the keys/values of the visual tokens once for the whole decode."""
+"""Decoding from a `FlamingoState`: greedy, sampling (temperature, top-k, top-p), beam search
+with length penalty; stops at `<|endofchunk|>`, EOS or user stop strings; streams text.
+
+The images were encoded once when the state was made, the LM keeps its KV cache, and each
+cross-attention layer computed the keys/values of the visual tokens once; beams of a sample share
+them (they index the sample's media row).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 
-from flamingo.model.flamingo import Flamingo
+from flamingo.inference.state import FlamingoState
+from flamingo.model.flamingo import Flamingo, FlamingoInputError
+
+
+class GenerationConfigError(FlamingoInputError):
+    """A decoding option is out of range or options do not combine."""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 20
+    num_beams: int = 1  # > 1: beam search (the paper evaluates open-ended tasks with 3)
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    top_p: float = 1.0  # 1: no nucleus filtering
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_at_end_of_chunk: bool = True  # also stops at EOS
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise GenerationConfigError(message)
+
+        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+              f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
+        check(isinstance(self.num_beams, int) and self.num_beams >= 1,
+              f"num_beams: expected an integer >= 1, got {self.num_beams!r}")
+        check(self.temperature > 0, f"temperature: expected > 0, got {self.temperature!r}")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k: expected an integer >= 0, got {self.top_k!r}")
+        check(0 < self.top_p <= 1, f"top_p: expected a value in (0, 1], got {self.top_p!r}")
+        check(not (self.do_sample and self.num_beams > 1),
+              "do_sample with num_beams > 1: choose sampling or beam search")
+        self.stop_strings = tuple(self.stop_strings)
+        check(all(isinstance(s, str) and s for s in self.stop_strings),
+              f"stop_strings: expected non-empty strings, got {self.stop_strings!r}")
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # generated ids, without the stop token
+    text: str  # decoded, cut before any stop string
+    finish_reason: str  # "stop_token", "stop_string" or "length"
+    score: float | None = None  # beam search: the length-penalised log-probability
+    _stop_ids: list[int] = field(default_factory=list, repr=False)
+
+
+TokenCallback = Callable[[int, str], None]  # (row, new text)
+
+
+def stop_token_ids(model: Flamingo, config: GenerationConfig) -> set[int]:
+    if not config.stop_at_end_of_chunk:
+        return set()
+    eos = model.tokenizer.eos_token_id
+    return {model.eoc_token_id} | ({eos} if eos is not None else set())
+
+
+def _filtered_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    logits = logits.float() / config.temperature
+    if config.top_k:
+        kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = probs.cumsum(-1) - probs >= config.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _stop_string_cut(text: str, stops: tuple[str, ...]) -> int | None:
+    cuts = [text.find(s) for s in stops if s in text]
+    return min(cuts) if cuts else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that could be the start of a stop string: it is
+    not streamed until it is known not to be one."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
 
 
 @torch.no_grad()
-def greedy_generate(
-    model: Flamingo,
-    input_ids: torch.Tensor,
-    *,
-    pixel_values: torch.Tensor | None = None,
-    vision_features: torch.Tensor | None = None,
-    max_new_tokens: int = 20,
-    stop_token_ids: tuple[int, ...] | None = None,
-) -> torch.Tensor:
-    """Continue one prompt ([1, L] ids with its images) greedily; returns the new ids [1, n].
+def generate(model: Flamingo, state: FlamingoState, config: GenerationConfig | None = None,
+             on_text: TokenCallback | None = None) -> list[Generation]:
+    """Continue every sequence of `state` (which is left unchanged); one result per sequence.
 
-    Stops after `max_new_tokens` or at a stop token (default: `<|endofchunk|>` and EOS), which
-    is included in the output.
+    on_text(row, text) streams the new text of each row as it is decoded (greedy and sampling).
     """
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"greedy_generate takes one prompt of shape [1, L], got {tuple(input_ids.shape)}")
-    if stop_token_ids is None:
-        eos = model.tokenizer.eos_token_id
-        stop_token_ids = (model.eoc_token_id,) + ((eos,) if eos is not None else ())
-    kv_cache: dict = {}
-    out = model(input_ids, pixel_values=pixel_values, vision_features=vision_features,
-                use_cache=True, kv_cache=kv_cache)
-    visual_tokens, past = out.visual_tokens, out.past_key_values
-    media_offset = (input_ids == model.media_token_id).sum(1)
-    generated = []
-    next_id = out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(max_new_tokens):
-        generated.append(next_id)
-        if int(next_id) in stop_token_ids:
+    config = config or GenerationConfig()
+    if config.num_beams > 1:
+        if on_text is not None:
+            raise GenerationConfigError("streaming works with greedy decoding and sampling, not beam search")
+        return _beam_search(model, state, config)
+    return _sample_or_greedy(model, state, config, on_text)
+
+
+def _sample_or_greedy(model: Flamingo, state: FlamingoState, config: GenerationConfig,
+                      on_text: TokenCallback | None) -> list[Generation]:
+    work = state.repeat_rows(1)  # the caller's state stays as it was
+    rows = work.batch_size
+    stops = stop_token_ids(model, config)
+    generator = None
+    if config.do_sample:
+        generator = torch.Generator(device=work.next_token_logits.device)
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    ids: list[list[int]] = [[] for _ in range(rows)]
+    results: list[Generation | None] = [None] * rows
+    streamed = [0] * rows
+    pad = model.tokenizer.pad_token_id
+    for step in range(config.max_new_tokens):
+        logits = work.next_token_logits
+        if config.do_sample:
+            probs = _filtered_logits(logits, config).softmax(-1)
+            chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            chosen = logits.argmax(-1)
+        for row, token in enumerate(chosen.tolist()):
+            if results[row] is not None:
+                continue
+            if token in stops:
+                results[row] = Generation(ids[row], model.tokenizer.decode(ids[row]), "stop_token")
+            else:
+                ids[row].append(token)
+                text = model.tokenizer.decode(ids[row])
+                cut = _stop_string_cut(text, config.stop_strings)
+                if cut is not None:
+                    results[row] = Generation(ids[row], text[:cut], "stop_string")
+                elif step == config.max_new_tokens - 1:
+                    results[row] = Generation(ids[row], text, "length")
+                if on_text is not None:
+                    final = results[row] is not None
+                    visible = len(results[row].text) if final else len(text) - _held_back(text, config.stop_strings)
+                    shown = (results[row].text if final else text)[streamed[row]:visible]
+                    if shown:
+                        on_text(row, shown)
+                        streamed[row] = visible
+        if all(r is not None for r in results) or step == config.max_new_tokens - 1:
             break
-        out = model(next_id, visual_tokens=visual_tokens, media_offset=media_offset,
-                    past_key_values=past, use_cache=True, kv_cache=kv_cache)
-        past = out.past_key_values
-        next_id = out.logits[:, -1].argmax(-1, keepdim=True)
-    return torch.cat(generated, dim=1) if generated else input_ids.new_zeros(1, 0)
+        finished = torch.tensor([r is not None for r in results], device=chosen.device)
+        work.step(model, chosen.masked_fill(finished, pad)[:, None])
+    return [r if r is not None else Generation(ids[i], model.tokenizer.decode(ids[i]), "length")
+            for i, r in enumerate(results)]
+
+
+@dataclass
+class _Hypothesis:
+    score: float
+    token_ids: list[int]
+    reason: str
+    text: str
+
+
+def _beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig) -> list[Generation]:
+    width, samples = config.num_beams, state.batch_size
+    work = state.repeat_rows(width)  # row = sample * width + beam; beams share the sample's media
+    stops = stop_token_ids(model, config)
+    vocab = work.next_token_logits.shape[-1]
+    device = work.next_token_logits.device
+    # Only the first beam of each sample is live at the start, so the first step picks distinct tokens.
+    beam_scores = torch.full((samples, width), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0
+    beam_ids: list[list[int]] = [[] for _ in range(samples * width)]
+    finished: list[list[_Hypothesis]] = [[] for _ in range(samples)]
+    done = [False] * samples
+    pad = model.tokenizer.pad_token_id
+
+    def penalised(score: float, length: int) -> float:
+        return score / (max(length, 1) ** config.length_penalty)
+
+    for step in range(config.max_new_tokens):
+        logprobs = work.next_token_logits.float().log_softmax(-1).view(samples, width, vocab)
+        candidates = (beam_scores[..., None] + logprobs).view(samples, width * vocab)
+        top_scores, top_index = candidates.topk(2 * width, dim=-1)
+        top_scores, top_index = top_scores.tolist(), top_index.tolist()
+        next_rows, next_tokens, next_scores, next_ids = [], [], [], []
+        last_step = step == config.max_new_tokens - 1
+        for s in range(samples):
+            chosen = 0
+            for score, flat in zip(top_scores[s], top_index[s]):
+                if done[s] or chosen == width:
+                    break
+                if score == float("-inf"):
+                    continue
+                beam, token = divmod(flat, vocab)
+                row = s * width + beam
+                if token in stops:
+                    hyp = beam_ids[row]
+                    finished[s].append(_Hypothesis(penalised(score, len(hyp) + 1), hyp, "stop_token",
+                                                   model.tokenizer.decode(hyp)))
+                    continue
+                new_ids = beam_ids[row] + [token]
+                text = model.tokenizer.decode(new_ids)
+                cut = _stop_string_cut(text, config.stop_strings)
+                if cut is not None:
+                    finished[s].append(_Hypothesis(penalised(score, len(new_ids)), new_ids, "stop_string", text[:cut]))
+                    continue
+                next_rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(score)
+                next_ids.append(new_ids)
+                chosen += 1
+            if not done[s]:
+                alive = next_scores[len(next_scores) - chosen:]
+                if last_step:
+                    for score, ids in zip(alive, next_ids[len(next_ids) - chosen:]):
+                        finished[s].append(_Hypothesis(penalised(score, len(ids)), ids, "length",
+                                                       model.tokenizer.decode(ids)))
+                # Done when `width` hypotheses are finished and no live beam can beat the worst.
+                if len(finished[s]) >= width:
+                    worst = sorted(h.score for h in finished[s])[-width]
+                    if not alive or penalised(max(alive), step + 1) <= worst:
+                        done[s] = True
+            # keep the row structure: pad a finished sample's beams with dead copies
+            while chosen < width:
+                next_rows.append(s * width)
+                next_tokens.append(pad)
+                next_scores.append(float("-inf"))
+                next_ids.append(list(beam_ids[s * width]))
+                chosen += 1
+        if all(done) or last_step:
+            break
+        rows = torch.tensor(next_rows, device=device)
+        beam_scores = torch.tensor(next_scores, device=device).view(samples, width)
+        beam_ids = next_ids
+        work.reorder(rows)
+        work.step(model, torch.tensor(next_tokens, device=device)[:, None])
+
+    results = []
+    for s in range(samples):
+        best = max(finished[s], key=lambda h: h.score) if finished[s] else _Hypothesis(
+            float("-inf"), beam_ids[s * width], "length", model.tokenizer.decode(beam_ids[s * width]))
+        results.append(Generation(best.token_ids, best.text, best.reason, best.score))
+    return results

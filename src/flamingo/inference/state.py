@@ -1,0 +1,167 @@
+"""An encoded prompt batch that can be continued: the explicit cache of inference.
+
+`encode_prompts` runs prompts once; `extend` continues one encoded few-shot context with many
+queries without re-running the context (paper D.1: cost linear in the number of shots);
+`FlamingoState.step` feeds new tokens; `repeat_rows`/`reorder` serve beam search and scoring.
+
+What the state holds:
+- the LM's own KV cache (one row per sequence),
+- the visual tokens of the media rows, and per layer the cross-attention keys/values of those
+  tokens, computed once. Several consecutive sequences may share one media row (the beams of a
+  sample, the candidates of a prompt): they index it, nothing is copied per sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from flamingo.inference.prompt import Prompt, PromptError, context_length, encode_media
+from flamingo.model.flamingo import Flamingo
+
+
+@dataclass
+class FlamingoState:
+    past_key_values: Any  # the LM's cache, batch B
+    attention_mask: torch.Tensor  # [B, T] over everything seen so far (0 = padding)
+    visual_tokens: torch.Tensor  # [B_media, M, R, D]; B_media divides B
+    num_media: torch.Tensor  # [B_media] real media per media row (all consumed by the prompt)
+    next_token_logits: torch.Tensor  # [B, V] the prediction after the last token
+    kv_cache: dict  # layer index -> cross-attention keys/values of visual_tokens
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @property
+    def rows_per_media(self) -> int:
+        return self.batch_size // self.visual_tokens.shape[0]
+
+    def media_offset(self) -> torch.Tensor:
+        return self.num_media.repeat_interleave(self.rows_per_media)
+
+    def step(self, model: Flamingo, token_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+        """Feed token_ids [B, k] (no images); update the state; return their logits [B, kept, V]."""
+        mask = torch.cat([self.attention_mask, torch.ones_like(token_ids)], dim=1)
+        out = model(token_ids, visual_tokens=self.visual_tokens, num_media=self.num_media,
+                    media_offset=self.media_offset(), attention_mask=mask,
+                    past_key_values=self.past_key_values, use_cache=True, kv_cache=self.kv_cache,
+                    logits_to_keep=logits_to_keep)
+        self.past_key_values, self.attention_mask = out.past_key_values, mask
+        self.next_token_logits = out.logits[:, -1]
+        return out.logits
+
+    def repeat_rows(self, times: int) -> "FlamingoState":
+        """A new state with every sequence repeated `times` times in a row (the LM cache is
+        copied; media rows are shared, not copied)."""
+        cache = copy.deepcopy(self.past_key_values)
+        cache.batch_repeat_interleave(times)
+        return FlamingoState(cache, self.attention_mask.repeat_interleave(times, 0), self.visual_tokens,
+                             self.num_media, self.next_token_logits.repeat_interleave(times, 0), self.kv_cache)
+
+    def select_rows(self, rows: torch.Tensor) -> "FlamingoState":
+        """A new state made of the given sequences (any order, repeats allowed). Media rows are
+        shared when the selection keeps whole runs of equal media; otherwise they are gathered."""
+        rows = rows.to(self.attention_mask.device)
+        cache = copy.deepcopy(self.past_key_values)
+        cache.batch_select_indices(rows)
+        media_rows = rows // self.rows_per_media
+        runs = torch.unique_consecutive(media_rows, return_counts=True)
+        shareable = (runs[1] == runs[1][0]).all() and len(runs[0]) * int(runs[1][0]) == len(rows)
+        index = runs[0] if shareable else media_rows
+        kv = {layer: (k[index], v[index]) for layer, (k, v) in self.kv_cache.items()}
+        return FlamingoState(cache, self.attention_mask[rows], self.visual_tokens[index], self.num_media[index],
+                             self.next_token_logits[rows], kv)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """In place: sequence i becomes sequence rows[i]. Rows must stay within their media row
+        (as beam search guarantees: a beam only continues beams of the same sample)."""
+        self.past_key_values.reorder_cache(rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.next_token_logits = self.next_token_logits[rows]
+
+
+def _tokenize(model: Flamingo, texts: Sequence[str], add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask [B, L]."""
+    rows = [model.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    if any(len(r) == 0 for r in rows):
+        raise PromptError("a prompt is empty: it needs at least one token")
+    width = max(len(r) for r in rows)
+    pad = model.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _check_length(model: Flamingo, total: int, max_new_tokens: int) -> None:
+    limit = context_length(model)
+    if limit is not None and total + max_new_tokens > limit:
+        raise PromptError(f"the prompt has {total} tokens and {max_new_tokens} new tokens are asked for, "
+                          f"{total + max_new_tokens} in all, but the language model's context is {limit} tokens")
+
+
+def _check_media(model: Flamingo, prompts: Sequence[Prompt]) -> None:
+    token = model.config.media_token
+    for i, p in enumerate(prompts):
+        if p.text.count(token) != len(p.media):
+            raise PromptError(f"prompt {i}: {p.text.count(token)} {token} placeholder(s) but {len(p.media)} image(s)")
+
+
+@torch.no_grad()
+def encode_prompts(model: Flamingo, prompts: Sequence[Prompt], *, max_new_tokens: int = 0,
+                   add_special_tokens: bool = True) -> FlamingoState:
+    """Run a batch of prompts (left-padded) once and return the state after them."""
+    if not prompts:
+        raise PromptError("no prompt given")
+    _check_media(model, prompts)
+    ids, mask = _tokenize(model, [p.text for p in prompts], add_special_tokens)
+    _check_length(model, ids.shape[1], max_new_tokens)
+    device = model.perceiver.latents.device
+    visual_tokens, counts = encode_media(model, prompts)
+    kv: dict = {}
+    out = model(ids.to(device), visual_tokens=visual_tokens, num_media=counts, attention_mask=mask.to(device),
+                use_cache=True, kv_cache=kv, logits_to_keep=1)
+    return FlamingoState(out.past_key_values, mask.to(device), visual_tokens, counts, out.logits[:, -1], kv)
+
+
+@torch.no_grad()
+def extend(model: Flamingo, context: FlamingoState, queries: Sequence[Prompt], *,
+           max_new_tokens: int = 0) -> FlamingoState:
+    """Continue one encoded context (e.g. the few-shot support examples) with each query.
+
+    The context is not re-run: its LM cache is copied per query. Under the paper's masking a
+    query token can only see the last context image or its own, so only that one context image
+    is carried over (all of them in the "all_previous" ablation mode).
+    """
+    if context.batch_size != 1:
+        raise PromptError(f"extend continues one context, got a state of batch size {context.batch_size}")
+    if not queries:
+        raise PromptError("no query given")
+    _check_media(model, queries)
+    ids, query_mask = _tokenize(model, [q.text for q in queries], add_special_tokens=False)
+    _check_length(model, context.length + ids.shape[1], max_new_tokens)
+    device = context.attention_mask.device
+    num = len(queries)
+
+    context_media = int(context.num_media[0])
+    keep = 1 if model.config.cross_attention.media_attention == "previous" and context_media else context_media
+    carried = context.visual_tokens[:, context_media - keep:context_media].expand(num, -1, -1, -1)
+    query_tokens, query_counts = encode_media(model, queries)
+    visual_tokens = torch.cat([carried, query_tokens.to(carried.dtype)], dim=1)
+    num_media = query_counts + keep
+
+    cache = copy.deepcopy(context.past_key_values)
+    cache.batch_repeat_interleave(num)
+    mask = torch.cat([context.attention_mask.expand(num, -1), query_mask.to(device)], dim=1)
+    kv: dict = {}
+    out = model(ids.to(device), visual_tokens=visual_tokens, num_media=num_media,
+                media_offset=torch.full((num,), keep, device=device), attention_mask=mask,
+                past_key_values=cache, use_cache=True, kv_cache=kv, logits_to_keep=1)
+    return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv)

@@ -1,0 +1,195 @@
+"""Inference is exact: cached = uncached, beam-1 = greedy, few-shot context reuse = full prompt,
+batched = unbatched, scores = manual log-prob sums; stops and streaming behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_with_vision, randomize_gates, solid_image
+
+from flamingo.inference.generation import GenerationConfig, GenerationConfigError, generate
+from flamingo.inference.prompt import Prompt, PromptError, interleaved_prompt, text_prompt
+from flamingo.inference.scoring import rank_classes, score_candidates
+from flamingo.inference.state import encode_prompts, extend
+
+RED, BLUE, GREEN, GREY = (solid_image(c) for c in ("red", "blue", "green", "grey"))
+NO_STOP = dict(stop_at_end_of_chunk=False)
+
+
+@pytest.fixture(scope="module")
+def model(lm_dir, clip_dir):
+    m = build_with_vision(lm_dir("llama"), clip_dir)
+    randomize_gates(m)
+    return m.eval()
+
+
+def full_logits(model, prompt: Prompt, extra_ids=()):
+    """Uncached reference: the whole prompt (plus extra ids) in one forward pass."""
+    state_free_ids = model.tokenizer(prompt.text)["input_ids"] + list(extra_ids)
+    processor = model.vision_encoder.image_processor()
+    pixels = (torch.stack([processor.preprocess_video(m) for m in prompt.media])[None]
+              if prompt.media else None)
+    with torch.no_grad():
+        return model(torch.tensor([state_free_ids]), pixels).logits[0]
+
+
+def test_cached_decoding_equals_uncached_logits(model):
+    prompt = text_prompt("<image>An image of a red square.<|endofchunk|><image>An image of", [RED, BLUE])
+    result = generate(model, encode_prompts(model, [prompt]), GenerationConfig(max_new_tokens=6, **NO_STOP))[0]
+    assert len(result.token_ids) == 6
+    state = encode_prompts(model, [prompt])
+    for i, token in enumerate(result.token_ids):
+        reference = full_logits(model, prompt, result.token_ids[:i])[-1]
+        assert torch.allclose(state.next_token_logits[0], reference, atol=1e-4, rtol=1e-4), i
+        assert int(reference.argmax()) == token
+        state.step(model, torch.tensor([[token]]))
+
+
+def test_beam_width_one_equals_greedy_and_beams_rank_by_score(model):
+    prompts = [text_prompt("<image>An image of", [RED]), text_prompt("Output:<image> two", [GREEN])]
+    state = encode_prompts(model, prompts)
+    greedy = generate(model, state, GenerationConfig(max_new_tokens=5, **NO_STOP))
+    beam1 = generate(model, state, GenerationConfig(max_new_tokens=5, num_beams=1, **NO_STOP))
+    assert [g.token_ids for g in greedy] == [b.token_ids for b in beam1]
+    beam3 = generate(model, state, GenerationConfig(max_new_tokens=5, num_beams=3, length_penalty=0.0, **NO_STOP))
+    for b, result in enumerate(beam3):
+        # the beam's score is its true log-probability, and at least as good as greedy's
+        full = full_logits(model, prompts[b], result.token_ids[:-1])
+        n = len(result.token_ids)
+        logp = full[-n:].log_softmax(-1).gather(-1, torch.tensor(result.token_ids)[:, None]).sum()
+        assert result.score == pytest.approx(float(logp), abs=1e-3)
+        greedy_full = full_logits(model, prompts[b], greedy[b].token_ids[:-1])
+        greedy_logp = greedy_full[-n:].log_softmax(-1).gather(-1, torch.tensor(greedy[b].token_ids)[:, None]).sum()
+        assert result.score >= float(greedy_logp) - 1e-4
+
+
+def test_state_is_not_consumed_by_generation(model):
+    state = encode_prompts(model, [text_prompt("<image>An image of", [RED])])
+    before = state.next_token_logits.clone(), state.length
+    first = generate(model, state, GenerationConfig(max_new_tokens=4, **NO_STOP))
+    second = generate(model, state, GenerationConfig(max_new_tokens=4, num_beams=2, **NO_STOP))
+    assert torch.equal(state.next_token_logits, before[0]) and state.length == before[1]
+    assert first == generate(model, state, GenerationConfig(max_new_tokens=4, **NO_STOP))
+    assert second
+
+
+@pytest.mark.parametrize("mode", ["previous", "all_previous"])
+def test_few_shot_context_reuse_equals_full_prompts(lm_dir, clip_dir, mode):
+    m = build_with_vision(lm_dir("llama"), clip_dir, **{"cross_attention.media_attention": mode})
+    randomize_gates(m)
+    support = text_prompt("<image>Output: a red square.<|endofchunk|><image>Output: a blue square.<|endofchunk|>",
+                          [RED, BLUE])
+    queries = [text_prompt("<image>Output:", [GREEN]),
+               text_prompt("Look:<image> and<image> Output: two", [GREY, RED]),
+               text_prompt(" no image here, Output:", [])]
+    context = encode_prompts(m, [support])
+    state = extend(m, context, queries)
+    config = GenerationConfig(max_new_tokens=4, **NO_STOP)
+    reused = generate(m, state, config)
+    beams = generate(m, state, GenerationConfig(max_new_tokens=4, num_beams=2, **NO_STOP))
+    scores = score_candidates(m, state, ["a green square", "red"])
+    for i, query in enumerate(queries):
+        full = Prompt(support.text + query.text, support.media + query.media)
+        alone = encode_prompts(m, [full])
+        assert torch.allclose(state.next_token_logits[i], alone.next_token_logits[0], atol=1e-4, rtol=1e-4)
+        assert generate(m, alone, config)[0].token_ids == reused[i].token_ids
+        assert generate(m, alone, GenerationConfig(max_new_tokens=4, num_beams=2, **NO_STOP))[0].token_ids == \
+            beams[i].token_ids
+        alone_scores = score_candidates(m, alone, ["a green square", "red"])
+        assert torch.allclose(scores.sum_logprob[i], alone_scores.sum_logprob[0], atol=1e-3)
+
+
+def test_batched_prompts_equal_each_alone(model):
+    prompts = [text_prompt("<image>An image of a red<|endofchunk|><image>An image of", [RED, BLUE]),
+               text_prompt("Question: what is it? Answer:", []),
+               interleaved_prompt(["Look at this", [GREEN, GREY], " video. It shows"])]  # a 2-frame video
+    state = encode_prompts(model, prompts)
+    config = GenerationConfig(max_new_tokens=5, **NO_STOP)
+    batched = generate(model, state, config)
+    batched_beam = generate(model, state, GenerationConfig(max_new_tokens=5, num_beams=3, **NO_STOP))
+    for i, prompt in enumerate(prompts):
+        alone = encode_prompts(model, [prompt])
+        assert torch.allclose(state.next_token_logits[i], alone.next_token_logits[0], atol=1e-4, rtol=1e-4)
+        assert generate(model, alone, config)[0].token_ids == batched[i].token_ids
+        assert generate(model, alone, GenerationConfig(max_new_tokens=5, num_beams=3, **NO_STOP))[0].token_ids == \
+            batched_beam[i].token_ids
+
+
+def test_scores_equal_a_manual_sum_of_log_probs(model):
+    prompts = [text_prompt("<image>Output:", [RED]), text_prompt("<image>Output: a", [BLUE])]
+    candidates = [[" red circle", " blue", " a green square"], [" square"]]
+    scores = score_candidates(model, encode_prompts(model, prompts), candidates)
+    for b, options in enumerate(candidates):
+        for c, text in enumerate(options):
+            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            logits = full_logits(model, prompts[b], ids)
+            logp = logits[-len(ids) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).sum()
+            assert float(scores.sum_logprob[b, c]) == pytest.approx(float(logp), abs=1e-4)
+            assert int(scores.num_tokens[b, c]) == len(ids)
+    assert scores.sum_logprob[1, 1] == float("-inf")  # ragged lists are padded
+    order, values = rank_classes(model, encode_prompts(model, prompts), [" red", " blue", " green"], max_rows=2)
+    assert torch.equal(order, values.argsort(-1, descending=True))
+    assert torch.allclose(values, score_candidates(model, encode_prompts(model, prompts),
+                                                   [" red", " blue", " green"]).sum_logprob)
+
+
+def test_stops_at_end_of_chunk_and_stop_strings_and_streams(model):
+    prompt = text_prompt("<image>An image of", [RED])
+    state = encode_prompts(model, [prompt])
+    free = generate(model, state, GenerationConfig(max_new_tokens=8, **NO_STOP))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 8
+    stop = free.text[len(free.text) // 2: len(free.text) // 2 + 2]
+    assert stop.strip(), free.text
+    pieces = []
+    stopped = generate(model, state, GenerationConfig(max_new_tokens=8, stop_strings=(stop,), **NO_STOP),
+                       on_text=lambda row, text: pieces.append(text))[0]
+    assert stopped.finish_reason == "stop_string"
+    assert stopped.text == free.text[:free.text.find(stop)]
+    assert "".join(pieces) == stopped.text  # the stop string itself is never streamed
+
+    # Make <|endofchunk|> the model's favourite token: generation stops at once, without it.
+    with torch.no_grad():
+        model.output_head.new_rows[model.eoc_token_id - model.output_head.first_new_id] *= 0
+        bias = model.output_head.new_rows
+        saved = bias.clone()
+        hidden_direction = model.lm.get_output_embeddings().base.weight.mean(0)
+        bias[model.eoc_token_id - model.output_head.first_new_id] = 1e4 * hidden_direction.sign()
+    try:
+        ended = generate(model, encode_prompts(model, [prompt]), GenerationConfig(max_new_tokens=8))[0]
+        assert ended.finish_reason == "stop_token" and ended.token_ids == [] and ended.text == ""
+        beam = generate(model, encode_prompts(model, [prompt]), GenerationConfig(max_new_tokens=8, num_beams=3))[0]
+        assert beam.finish_reason == "stop_token"
+    finally:
+        with torch.no_grad():
+            model.output_head.new_rows.copy_(saved)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
+    state = encode_prompts(model, [text_prompt("<image>An image of", [RED])])
+    sample = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.5, seed=3, **NO_STOP)
+    assert generate(model, state, sample)[0].token_ids == generate(model, state, sample)[0].token_ids
+    top1 = GenerationConfig(max_new_tokens=6, do_sample=True, top_k=1, seed=4, **NO_STOP)
+    greedy = GenerationConfig(max_new_tokens=6, **NO_STOP)
+    assert generate(model, state, top1)[0].token_ids == generate(model, state, greedy)[0].token_ids
+    nucleus = GenerationConfig(max_new_tokens=6, do_sample=True, top_p=1e-6, seed=5, **NO_STOP)
+    assert generate(model, state, nucleus)[0].token_ids == generate(model, state, greedy)[0].token_ids
+
+
+def test_bad_requests_give_specific_errors(model, tmp_path):
+    with pytest.raises(PromptError, match=r"1 <image> placeholder\(s\) but 2 image\(s\)"):
+        text_prompt("<image> hi", [RED, BLUE])
+    with pytest.raises(PromptError, match="contains '<image>'"):
+        interleaved_prompt(["a <image> b", RED])
+    with pytest.raises(PromptError, match="expected text, a PIL image"):
+        interleaved_prompt([3])
+    long_text = "the quick brown fox " * 200
+    with pytest.raises(PromptError, match=r"tokens and 10 new tokens are asked for, \d+ in all, but the language "
+                                          r"model's context is 256 tokens"):
+        encode_prompts(model, [Prompt(long_text)], max_new_tokens=10)
+    for options, field in [(dict(temperature=0), "temperature"), (dict(top_p=1.5), "top_p"),
+                           (dict(num_beams=0), "num_beams"), (dict(max_new_tokens=0), "max_new_tokens"),
+                           (dict(do_sample=True, num_beams=2), "do_sample")]:
+        with pytest.raises(GenerationConfigError, match=field):
+            GenerationConfig(**options)
+    with pytest.raises(TypeError):
+        GenerationConfig(beams=3)  # unknown option names are refused by the dataclass
