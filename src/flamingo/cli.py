@@ -8,6 +8,8 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   flamingo demo                                  run a small Flamingo end to end, offline
+  flamingo generate --model of-9b --image cat.jpg --prompt "<image>An image of"
+  flamingo chat --model of-9b                    talk about images (/image PATH to attach one)
   flamingo params configs/openflamingo-9b.yaml   parameter counts per component (Table 1 style)
   flamingo params runs/my-model                  ... of a saved model directory
   flamingo convert-openflamingo checkpoint.pt --config configs/openflamingo-9b.yaml --out of9b
@@ -20,22 +22,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(seed=args.seed, max_new_tokens=args.max_new_tokens)
 
 
-def _load_model(spec: str):
-    from flamingo.model.config import FlamingoConfig
-    from flamingo.model.weights import CONFIG_FILE, build_flamingo, load_pretrained
-
-    path = Path(spec)
-    if path.is_dir():
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a saved Flamingo model directory (no {CONFIG_FILE})")
-        return load_pretrained(path)
-    return build_flamingo(FlamingoConfig.load(path))
-
-
 def _cmd_params(args: argparse.Namespace) -> None:
     from flamingo.model.params import format_parameter_report, parameter_report
 
-    print(format_parameter_report(parameter_report(_load_model(args.model))))
+    from flamingo.model.weights import load_model
+
+    print(format_parameter_report(parameter_report(load_model(args.model))))
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -44,6 +36,84 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
     out = convert_openflamingo(args.checkpoint, FlamingoConfig.load(args.config), args.out)
     print(f"converted {args.checkpoint} -> {out}")
+
+
+def _generation_config(args: argparse.Namespace):
+    from flamingo.inference.generation import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=getattr(args, "beams", 1),
+                            length_penalty=getattr(args, "length_penalty", 1.0), do_sample=args.sample,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            stop_strings=tuple(args.stop), stop_at_end_of_chunk=not args.no_stop_at_eoc)
+
+
+def _quiet_load(spec: str):
+    """Load a model without the LM loader's per-tensor progress bars and reports."""
+    import transformers
+
+    from flamingo.model.weights import load_model
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return load_model(spec)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import json
+
+    from flamingo.inference.generation import generate
+    from flamingo.inference.prompt import text_prompt
+    from flamingo.inference.state import encode_prompts
+
+    # Bad options, images and placeholders are reported before the (slow) model load.
+    config = _generation_config(args)
+    prompt = text_prompt(args.prompt, [Path(p) for p in args.image], max_pixels=args.max_pixels)
+    model = _quiet_load(args.model)
+    if model.config.media_token != "<image>":
+        prompt = text_prompt(args.prompt.replace("<image>", model.config.media_token), prompt.media)
+    state = encode_prompts(model, [prompt], max_new_tokens=config.max_new_tokens)
+    stream = args.stream and not args.json and config.num_beams == 1
+    on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
+    result = generate(model, state, config, on_text=on_text)[0]
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "images": args.image, "text": result.text,
+                          "new_tokens": len(result.token_ids), "finish_reason": result.finish_reason,
+                          "prompt_tokens": state.length, "score": result.score}))
+    elif stream:
+        print()
+    else:
+        print(result.text)
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from flamingo.inference.chat import run_chat
+
+    config = _generation_config(args)
+    model = _quiet_load(args.model)
+
+    def write(text: str) -> None:
+        print(text, end="", flush=True)
+
+    run_chat(model, config, read=input, write=write, max_pixels=args.max_pixels)
+
+
+def _add_decoding_options(parser: argparse.ArgumentParser, beams: bool) -> None:
+    from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
+
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--max-new-tokens", type=int, default=30, help="at most this many new tokens (default 30)")
+    if beams:
+        group.add_argument("--beams", type=int, default=1, help="beam search width; the paper evaluates with 3")
+        group.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length**this")
+    group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    group.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    group.add_argument("--no-stop-at-eoc", action="store_true", help="do not stop at <|endofchunk|> / EOS")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images with more pixels than this (decompression bombs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-new-tokens", type=int, default=12)
     demo.set_defaults(func=_cmd_demo)
+
+    model_help = "a saved model directory, a hub id (org/name) of one, or a config file (untrained bridge)"
+    gen = sub.add_parser(
+        "generate", help="continue an interleaved prompt of images and text",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  flamingo generate --model of-9b --image cat.jpg --prompt "<image>An image of"
+  flamingo generate --model of-9b --image a.jpg --image b.jpg --beams 3 \\
+      --prompt "<image>Output: two cats.<|endofchunk|><image>Output:"      # 1-shot captioning
+  flamingo generate --model of-9b --image q.jpg --json --prompt "<image>Question: what colour? Answer:"
+each <image> in the prompt takes the next --image, in order.""")
+    gen.add_argument("--model", required=True, help=model_help)
+    gen.add_argument("--prompt", required=True, help="text with one <image> placeholder per --image")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they come (greedy/sampling)")
+    _add_decoding_options(gen, beams=True)
+    gen.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser(
+        "chat", help="interactive dialogue about images (the paper's dialogue prompt)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""in the chat:
+  /image PATH   attach an image to your next message
+  /reset        forget the conversation
+  /quit         leave (Ctrl-D works too)""")
+    chat.add_argument("--model", required=True, help=model_help)
+    _add_decoding_options(chat, beams=False)
+    chat.set_defaults(func=_cmd_chat)
 
     params = sub.add_parser("params", help="parameter counts per component (frozen LM, vision, xattn, resampler)")
     params.add_argument("model", help="a config YAML/JSON file or a saved model directory")

@@ -80,3 +80,25 @@ def load_pretrained(directory: str | Path) -> Flamingo:
     model = build_flamingo(config)
     load_trainable_weights(model, load_weights_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
     return model
+
+
+def load_model(spec: str | Path) -> Flamingo:
+    """A model from a saved directory, a config file (fresh bridge), or a hub repository id
+    holding a saved directory (`config.yaml` + `bridge.safetensors`)."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{path} is not a saved Flamingo model directory (no {CONFIG_FILE})")
+        return load_pretrained(path)
+    if path.suffix in (".yaml", ".yml", ".json"):
+        return build_flamingo(FlamingoConfig.load(path))
+    if path.exists() or str(spec).count("/") != 1:
+        raise CheckpointError(f"model {spec!r}: expected a saved model directory, a config file or a hub id "
+                              f"like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(str(spec), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+    except Exception as err:  # offline, unknown repository, no access: one clear line
+        raise CheckpointError(f"model {spec!r} could not be fetched from the hub: {type(err).__name__}: {err}") from None
+    return load_pretrained(local)
