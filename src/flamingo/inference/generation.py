@@ -145,6 +145,10 @@ def _sample_or_greedy(model: Flamingo, state: FlamingoState, config: GenerationC
                 results[row] = Generation(ids[row], model.tokenizer.decode(ids[row]), "stop_token")
             else:
                 ids[row].append(token)
+                if not config.stop_strings and on_text is None:
+                    if step == config.max_new_tokens - 1:
+                        results[row] = Generation(ids[row], model.tokenizer.decode(ids[row]), "length")
+                    continue
                 text = model.tokenizer.decode(ids[row])
                 cut = _stop_string_cut(text, config.stop_strings)
                 if cut is not None:
@@ -171,7 +175,7 @@ class _Hypothesis:
     score: float
     token_ids: list[int]
     reason: str
-    text: str
+    text: str | None = None  # known only when cut at a stop string; decoded at the end otherwise
 
 
 def _beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig) -> list[Generation]:
@@ -209,15 +213,16 @@ def _beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig
                 row = s * width + beam
                 if token in stops:
                     hyp = beam_ids[row]
-                    finished[s].append(_Hypothesis(penalised(score, len(hyp) + 1), hyp, "stop_token",
-                                                   model.tokenizer.decode(hyp)))
+                    finished[s].append(_Hypothesis(penalised(score, len(hyp) + 1), hyp, "stop_token"))
                     continue
                 new_ids = beam_ids[row] + [token]
-                text = model.tokenizer.decode(new_ids)
-                cut = _stop_string_cut(text, config.stop_strings)
-                if cut is not None:
-                    finished[s].append(_Hypothesis(penalised(score, len(new_ids)), new_ids, "stop_string", text[:cut]))
-                    continue
+                if config.stop_strings:  # decoding every candidate costs time: only when needed
+                    text = model.tokenizer.decode(new_ids)
+                    cut = _stop_string_cut(text, config.stop_strings)
+                    if cut is not None:
+                        finished[s].append(_Hypothesis(penalised(score, len(new_ids)), new_ids, "stop_string",
+                                                       text[:cut]))
+                        continue
                 next_rows.append(row)
                 next_tokens.append(token)
                 next_scores.append(score)
@@ -227,8 +232,7 @@ def _beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig
                 alive = next_scores[len(next_scores) - chosen:]
                 if last_step:
                     for score, ids in zip(alive, next_ids[len(next_ids) - chosen:]):
-                        finished[s].append(_Hypothesis(penalised(score, len(ids)), ids, "length",
-                                                       model.tokenizer.decode(ids)))
+                        finished[s].append(_Hypothesis(penalised(score, len(ids)), ids, "length"))
                 # Done when `width` hypotheses are finished and no live beam can beat the worst.
                 if len(finished[s]) >= width:
                     worst = sorted(h.score for h in finished[s])[-width]
@@ -252,6 +256,7 @@ def _beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig
     results = []
     for s in range(samples):
         best = max(finished[s], key=lambda h: h.score) if finished[s] else _Hypothesis(
-            float("-inf"), beam_ids[s * width], "length", model.tokenizer.decode(beam_ids[s * width]))
-        results.append(Generation(best.token_ids, best.text, best.reason, best.score))
+            float("-inf"), beam_ids[s * width], "length")
+        text = best.text if best.text is not None else model.tokenizer.decode(best.token_ids)
+        results.append(Generation(best.token_ids, text, best.reason, best.score))
     return results
