@@ -290,3 +290,11 @@ def test_loss_is_the_mean_next_token_nll_over_labelled_tokens(lm_dir):
     logp = out.logits.log_softmax(-1)
     terms = [-logp[0, t - 1, labels[0, t]] for t in range(1, ids.shape[1]) if labels[0, t] != -100]
     assert torch.allclose(out.loss, torch.stack(terms).mean(), atol=1e-6)
+
+
+def test_a_batch_without_any_media_is_text_only(lm_dir):
+    model = build_tiny(lm_dir("llama"))
+    ids = encode(model, "only text here")
+    with torch.no_grad():
+        empty = model(ids, vision_features=torch.zeros(1, 0, 1, 5, FEATURE_DIM)).logits
+        assert torch.equal(empty, model(ids).logits)

@@ -165,6 +165,9 @@ each <image> in the prompt takes the next --image, in order.""")
     convert.add_argument("--config", required=True, help="our config describing the same architecture")
     convert.add_argument("--out", required=True, help="output model directory")
     convert.set_defaults(func=_cmd_convert)
+    from flamingo.data.cli import add_data_subcommands
+
+    add_data_subcommands(sub)
     return parser
 
 

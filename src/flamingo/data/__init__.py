@@ -1,2 +1,28 @@
-"""Training data: readers for interleaved documents, image-text and video-text pairs, the paper's
-processing, and batching."""
+"""Training data: readers for interleaved documents, image-text and video-text pairs (WebDataset
+shards, folders, JSONL), the paper's processing, and deterministic, resumable batching.
+
+    from flamingo.data import DatasetConfig, build_loader
+    loader = build_loader(DatasetConfig(name="m3w", kind="interleaved", path="shards/*.tar"),
+                          model.tokenizer, model.media_token_id, model.eoc_token_id,
+                          model.vision_encoder.image_processor(), seed=0, rank=0, world_size=1)
+    for batch in loader: ...                      # flamingo.data.batch.Batch
+    state = loader.state_dict()                   # position + counters, to save with a checkpoint
+"""
+
+from flamingo.data.batch import IGNORE_INDEX, Batch, TrainingSample, collate
+from flamingo.data.config import DataError, DatasetConfig
+from flamingo.data.loader import (
+    DataStats,
+    FlamingoLoader,
+    MultiLoader,
+    build_loader,
+    build_loader_for_model,
+    build_loaders,
+)
+from flamingo.data.shapes import ShapesDataset, make_shapes_dataset
+
+__all__ = [
+    "IGNORE_INDEX", "Batch", "TrainingSample", "collate", "DataError", "DatasetConfig", "DataStats",
+    "FlamingoLoader", "MultiLoader", "build_loader", "build_loader_for_model", "build_loaders",
+    "ShapesDataset", "make_shapes_dataset",
+]

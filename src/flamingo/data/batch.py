@@ -60,7 +60,7 @@ def collate(samples: Sequence[TrainingSample], pad_token_id: int) -> Batch:
     frames = {tuple(s.media.shape[1:]) for s in samples if s.media.shape[0]}
     if len(frames) > 1:
         raise ValueError(f"collate: media of different shapes in one batch: {sorted(frames)}")
-    shape = frames.pop() if frames else (1, 3, 1, 1)
+    shape = frames.pop() if frames else tuple(samples[0].media.shape[1:])
     pixel_values = torch.zeros(len(samples), int(counts.max()), *shape)
     for b, s in enumerate(samples):
         if s.media.shape[0]:

@@ -154,6 +154,9 @@ class Flamingo(nn.Module):
             raise FlamingoInputError(f"{name}: expected shape {expected}, got {tuple(source.shape)}")
         batch, slots = source.shape[:2]
         real = self._real_media_mask(num_media, batch, slots, source.device)
+        if not bool(real.any()):  # no media at all (e.g. a text-only batch): nothing to encode
+            return torch.zeros(batch, slots, self.config.perceiver.num_latents, self.perceiver.dim,
+                               dtype=self.perceiver.latents.dtype, device=source.device)
         chosen = source[real]  # [K, T, ...] only the real media, in sample order
         if pixel_values is not None:
             if self.vision_encoder is None:

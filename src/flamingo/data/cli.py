@@ -1,0 +1,355 @@
+"""`flamingo data`: convert a folder / JSONL file into WebDataset shards, validate a dataset
+(counts and bad samples by reason), and write the tiny shapes dataset.
+
+    flamingo data convert SRC OUT_DIR --kind pairs [--shard-size 1000] [--seed 0] [--no-shuffle]
+    flamingo data validate PATH --kind pairs [--json] [--strict]
+    flamingo data shapes OUT_DIR --kind interleaved [--n 32] [--seed 0]
+
+`add_data_subcommands(subparsers)` registers them on the `flamingo` command's subparsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flamingo.data.config import KINDS, DataError, DatasetConfig
+from flamingo.data.media import IMAGE_EXTS, VIDEO_EXTS, SkipSample
+from flamingo.data.sources import CAPTION_EXTS, Record, count_shard_samples, parse_json, resolve_paths
+
+_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+
+
+# ------------------------------------------------------------------------------- convert
+@dataclass
+class ConvertReport:
+    shards: list[Path] = field(default_factory=list)
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    images_dropped: Counter = field(default_factory=Counter)
+    messages: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = f"wrote {self.written} samples to {len(self.shards)} shard(s)"
+        if self.skipped:
+            text += "; skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+        if self.images_dropped:
+            text += "; images dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.images_dropped.items()))
+        return text
+
+
+def _image_ext(data: bytes, fallback: str = "jpg") -> str:
+    from PIL import Image
+
+    try:
+        return _FORMATS.get(Image.open(io.BytesIO(data)).format or "", fallback)
+    except Exception:  # noqa: BLE001 - corrupt data keeps a generic name; validate reports it
+        return fallback
+
+
+def _read(source: Any, name: str, missing: str) -> bytes:
+    if isinstance(source, Path):
+        if not source.is_file():
+            raise SkipSample(missing, f"{name}: file {source} does not exist")
+        return source.read_bytes()
+    return source
+
+
+def _suffix(source: Any, data: bytes, kinds: tuple[str, ...], fallback: str) -> str:
+    if isinstance(source, Path) and source.suffix.lower().lstrip(".") in kinds:
+        return source.suffix.lower().lstrip(".")
+    return _image_ext(data, fallback) if kinds is IMAGE_EXTS else fallback
+
+
+def _caption_of(record: Record, doc: dict | None) -> bytes:
+    for ext in CAPTION_EXTS:
+        if ext in record.fields:
+            return record.read(ext)
+    if isinstance(doc, dict):
+        for key in ("caption", "text"):
+            if isinstance(doc.get(key), str):
+                return doc[key].encode("utf-8")
+    raise SkipSample("missing_caption", f"{record.name}: no caption (.txt file or 'caption' field)")
+
+
+def _frames_fields(folder: Path) -> dict[str, bytes]:
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    if not files:
+        raise SkipSample("missing_video", f"frame folder {folder} has no image files")
+    return {f"frame{i:06d}.{f.suffix.lower().lstrip('.')}": f.read_bytes() for i, f in enumerate(files)}
+
+
+def _convert_record(record: Record, kind: str, frame_folder_fps: float, dropped: Counter) -> dict[str, bytes]:
+    """The members (extension -> bytes) of the shard sample of one folder/JSONL record."""
+    from flamingo.data.processing import parse_document, resolve_media
+
+    doc = None
+    if "jsonl" in record.fields:
+        doc = parse_json(record, "jsonl")
+        if not isinstance(doc, dict):
+            raise SkipSample("undecodable", f"{record.name}: expected a JSON object, got {type(doc).__name__}")
+    out: dict[str, bytes] = {}
+    if kind == "pairs":
+        out["txt"] = _caption_of(record, doc)
+        ext = next((e for e in IMAGE_EXTS if e in record.fields), None)
+        if ext is not None:
+            out[ext] = record.read(ext)
+        elif doc is not None and doc.get("image") is not None:
+            name, source = resolve_media(doc["image"], record)
+            data = _read(source, name, "missing_image")
+            out[_suffix(source, data, IMAGE_EXTS, "jpg")] = data
+        else:
+            raise SkipSample("missing_image", f"{record.name}: no image")
+        out["json"] = json.dumps({"source": record.name}).encode()
+    elif kind == "interleaved":
+        if doc is None:
+            doc = parse_json(record, "json")
+        texts: list[str | None] = []
+        images: list[str | None] = []
+        for seg_kind, value in parse_document(doc, record.name):
+            if seg_kind == "text":
+                texts.append(value)
+                images.append(None)
+                continue
+            try:
+                name, source = resolve_media(value, record)
+                data = _read(source, name, "missing_image")
+            except SkipSample as skip:
+                dropped[skip.reason] += 1
+                continue
+            member = f"img{sum(m is not None for m in images)}.{_suffix(source, data, IMAGE_EXTS, 'jpg')}"
+            out[member] = data
+            texts.append(None)
+            images.append(member)
+        out["json"] = json.dumps({"texts": texts, "images": images, "source": record.name}).encode()
+    else:
+        out["txt"] = _caption_of(record, doc)
+        fps = frame_folder_fps
+        ext = next((e for e in VIDEO_EXTS if e in record.fields), None)
+        frame_keys = [k for k in record.fields if k.startswith("frame")]
+        if ext is not None:
+            out[ext] = record.read(ext)
+        elif frame_keys:
+            out.update({k: record.read(k) for k in frame_keys})
+        elif doc is not None and doc.get("video") is not None:
+            name, source = resolve_media(doc["video"], record, "video")
+            if isinstance(doc.get("fps"), (int, float)):
+                fps = float(doc["fps"])
+            if isinstance(source, Path) and source.is_dir():
+                out.update(_frames_fields(source))
+            else:
+                data = _read(source, name, "missing_video")
+                out[_suffix(source, data, VIDEO_EXTS, "mp4")] = data
+        else:
+            raise SkipSample("missing_video", f"{record.name}: no video file, frame folder or 'video' field")
+        out["json"] = json.dumps({"source": record.name, "fps": fps}).encode()
+    return out
+
+
+def convert_to_shards(source: str, out_dir: str | Path, kind: str, shard_size: int = 1000, prefix: str = "shard",
+                      shuffle: bool = True, seed: int = 0, frame_folder_fps: float = 1.0) -> ConvertReport:
+    """Write the samples of a folder or JSONL file as WebDataset shards OUT_DIR/PREFIX-000000.tar...
+
+    Samples are written in a seeded random order (shuffle=True) so that reading shards in
+    order is already well mixed. Media bytes are copied as they are (validate decodes them);
+    samples whose files are missing are skipped and counted; interleaved documents lose the
+    images whose files are missing.
+    """
+    from webdataset import ShardWriter
+
+    from flamingo.data.sources import list_folder, list_jsonl
+
+    if kind not in KINDS:
+        raise DataError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise DataError(f"shard_size: expected an integer >= 1, got {shard_size!r}")
+    if "/" in prefix or "%" in prefix or not prefix:
+        raise DataError(f"prefix: expected a plain file name prefix, got {prefix!r}")
+    layout, paths = resolve_paths([source])
+    if layout == "shards":
+        raise DataError(f"{source}: already WebDataset shards; convert reads a folder or a .jsonl file")
+    records = list_folder(paths[0], kind) if layout == "folder" else list_jsonl(paths[0])
+    if shuffle:
+        records = [records[int(i)] for i in np.random.default_rng(seed).permutation(len(records))]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob(f"{prefix}-*.tar"))
+    if existing:
+        raise DataError(f"output folder {out} already has shards ({existing[0].name}, ...); "
+                        "choose an empty folder or another --prefix")
+    report = ConvertReport()
+    pattern = str(out / f"{prefix}-%06d.tar")
+    with ShardWriter(pattern, maxcount=shard_size, verbose=0, encoder=False, mtime=0) as writer:
+        for record in records:
+            try:
+                members = _convert_record(record, kind, frame_folder_fps, report.images_dropped)
+            except SkipSample as skip:
+                report.skipped[skip.reason] += 1
+                report.messages[skip.reason] = skip.message
+                continue
+            writer.write({"__key__": f"{report.written:09d}", **members})
+            report.written += 1
+    report.shards = sorted(out.glob(f"{prefix}-*.tar"))
+    if report.written == 0:
+        for shard in report.shards:
+            shard.unlink()
+        raise DataError(f"{source}: no sample could be converted ({report.summary()}); "
+                        + "; ".join(report.messages.values()))
+    return report
+
+
+# ------------------------------------------------------------------------------ validate
+@dataclass
+class ValidationReport:
+    path: str
+    kind: str
+    layout: str
+    shards: dict[str, int]
+    stats: Any  # DataStats
+
+    @property
+    def bad(self) -> int:
+        return self.stats.records - self.stats.samples
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "layout": self.layout, "shards": self.shards,
+                "ok": self.stats.samples, "bad": self.bad, **self.stats.as_dict()}
+
+    def summary(self) -> str:
+        lines = [f"{self.path}: {self.kind} data, {self.layout}"
+                 + (f", {len(self.shards)} shard(s)" if self.shards else ""),
+                 f"  records: {self.stats.records}   ok: {self.stats.samples}   bad: {self.bad}"]
+        for reason, count in sorted(self.stats.skipped.items()):
+            lines.append(f"  skipped {reason}: {count}   e.g. {self.stats.messages.get('skipped/' + reason, '')}")
+        for reason, count in sorted(self.stats.images_removed.items()):
+            lines.append(f"  images removed ({reason}): {count}   e.g. "
+                         f"{self.stats.messages.get('images_removed/' + reason, '')}")
+        return "\n".join(lines)
+
+
+class _CountingTokenizer:
+    """Stands in for a tokenizer when validating: one id per word (ids >= 10)."""
+
+    bos_token_id = None
+    pad_token_id = 0
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+        return {"input_ids": [[10 + len(w) for w in t.split()] for t in texts]}
+
+
+def validate_data(path: str | list[str], kind: str, workers: int = 0, **options: Any) -> ValidationReport:
+    """Read every sample once (in stored order) through the training pipeline (decoding, filters,
+    frame sampling; no augmentation, the whole document as one subsequence) and count the good
+    and the bad ones by reason. `options` are further DatasetConfig fields (e.g. min_image_side)."""
+    from flamingo.data.loader import FlamingoLoader
+    from flamingo.model.image_processing import ImageProcessor
+
+    big = 1 << 30
+    config = DatasetConfig(**{"name": "validate", "kind": kind, "path": path, "shuffle": False, "epochs": 1,
+                              "augment": False, "max_tokens": big, "max_images": big, "num_workers": workers,
+                              "batch_size": 1, **options})
+    loader = FlamingoLoader(config, _CountingTokenizer(), 1, 2, ImageProcessor(8, (0.5,) * 3, (0.5,) * 3))
+    for _ in loader.samples():
+        pass
+    shards = {str(p): count_shard_samples(p) for p in loader.source.shards}
+    return ValidationReport(str(path), kind, loader.source.layout, shards, loader.stats)
+
+
+# ----------------------------------------------------------------------------------- CLI
+def _cmd_convert(args: argparse.Namespace) -> None:
+    report = convert_to_shards(args.source, args.out, args.kind, shard_size=args.shard_size, prefix=args.prefix,
+                               shuffle=not args.no_shuffle, seed=args.seed, frame_folder_fps=args.frame_fps)
+    print(report.summary())
+    for reason, message in sorted(report.messages.items()):
+        print(f"  {reason}: e.g. {message}")
+    print(f"shards: {report.shards[0].parent}/{args.prefix}-{{000000..{len(report.shards) - 1:06d}}}.tar")
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    report = validate_data(args.path, args.kind, workers=args.workers)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
+    if args.strict and report.bad:
+        raise DataError(f"{report.bad} bad sample(s) of {report.stats.records} in {args.path} (--strict)")
+
+
+def _cmd_shapes(args: argparse.Namespace) -> None:
+    from flamingo.data.shapes import make_shapes_dataset
+
+    made = make_shapes_dataset(args.out, args.n, kind=args.kind, seed=args.seed, shard_size=args.shard_size)
+    print(f"wrote {made.n} {made.kind} samples: folder {made.folder}, JSONL {made.jsonl}, shards {made.shards}"
+          + (f", video files {made.video_files}" if made.video_files else ""))
+
+
+def add_data_subcommands(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `data` (with convert / validate / shapes) to the `flamingo` command's subparsers."""
+    data = subparsers.add_parser(
+        "data", help="convert data to WebDataset shards, validate datasets, make the tiny shapes dataset",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  flamingo data convert captions.jsonl shards/ --kind pairs --shard-size 1000
+  flamingo data convert docs/ shards/ --kind interleaved
+  flamingo data validate 'shards/*.tar' --kind pairs
+  flamingo data shapes tiny/ --kind interleaved --n 64
+layouts:
+  pairs        x.jpg + x.txt (folder or shards); JSONL {"image": path, "caption": text}
+  interleaved  x.json {"texts": [...], "images": [...]} (OBELICS) or {"text_list", "image_info"} (MMC4)
+  video        x.mp4 + x.txt, or a frame folder x/ + x.txt; JSONL {"video": path, "caption", "fps"}""")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    convert = sub.add_parser("convert", help="write a folder or JSONL file as WebDataset tar shards")
+    convert.add_argument("source", help="a folder of samples or a .jsonl file")
+    convert.add_argument("out", help="output folder for the shards")
+    convert.add_argument("--kind", required=True, choices=KINDS)
+    convert.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    convert.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    convert.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    convert.add_argument("--frame-fps", type=float, default=1.0,
+                         help="frame rate of frame folders (videos given as frames), default 1")
+    convert.set_defaults(func=_cmd_convert)
+
+    validate = sub.add_parser("validate", help="decode every sample; count good and bad samples by reason")
+    validate.add_argument("path", help="shards (glob, {a..b} pattern or folder of .tar), a folder, or a .jsonl")
+    validate.add_argument("--kind", required=True, choices=KINDS)
+    validate.add_argument("--json", action="store_true", help="print a JSON report")
+    validate.add_argument("--strict", action="store_true", help="exit with an error if any sample is bad")
+    validate.add_argument("--workers", type=int, default=0, help="decoding threads")
+    validate.set_defaults(func=_cmd_validate)
+
+    shapes = sub.add_parser("shapes", help="write the tiny coloured-shapes dataset (folder, JSONL, shards)")
+    shapes.add_argument("out", help="output folder")
+    shapes.add_argument("--kind", required=True, choices=KINDS)
+    shapes.add_argument("--n", type=int, default=32, help="number of samples (default 32)")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--shard-size", type=int, default=8)
+    shapes.set_defaults(func=_cmd_shapes)
+    return data
+
+
+register = add_data_subcommands
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `flamingo data ...` on its own (python -m flamingo.data.cli convert ...)."""
+    parser = argparse.ArgumentParser(prog="flamingo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_data_subcommands(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as err:
+        print(f"flamingo data: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
