@@ -168,6 +168,9 @@ each <image> in the prompt takes the next --image, in order.""")
     from flamingo.data.cli import add_data_subcommands
 
     add_data_subcommands(sub)
+    from flamingo.training.cli import register as add_training_subcommands
+
+    add_training_subcommands(sub)
     return parser
 
 

@@ -1,0 +1,181 @@
+"""Atomic training checkpoints: write a temporary folder, fsync, rename; keep the last K.
+
+A checkpoint is a folder `step-00001000/` under the checkpoint directory holding
+
+    config.yaml          the model's FlamingoConfig        } together a saved model directory:
+    bridge.safetensors   the trainable weights             } `load_pretrained(folder)` works
+    state.pt             optimizer, step, data positions, RNG states, counters (tensors and
+                         plain Python values only; read back with torch.load(weights_only=True))
+    train_config.yaml    the training config of the run
+
+It is written under a temporary name (`.tmp-step-...`), every file and the folder are fsynced,
+and only then is it renamed to its final name: a folder named `step-*` is always complete, and a
+crash at any moment leaves the previous checkpoints intact (the stale temporary folder is
+ignored and removed by the next save). Old checkpoints are first renamed away, then deleted, so
+a crash while pruning never leaves a half-deleted `step-*` folder either.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from flamingo.model.config import FlamingoConfig
+from flamingo.model.weights import CONFIG_FILE, WEIGHTS_FILE
+
+STATE_FILE = "state.pt"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+FORMAT = "flamingo-train-checkpoint-v1"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint folder is missing or unreadable."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `directory`, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms that cannot open folders (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_model_files(folder: Path, tensors: dict[str, torch.Tensor], model_config: FlamingoConfig) -> None:
+    """config.yaml + bridge.safetensors, as `flamingo.model.weights.save_pretrained` writes them."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "flamingo_weights": "bridge-v1"})
+    model_config.save(folder / CONFIG_FILE)
+
+
+def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
+                    model_config: FlamingoConfig, train_config_yaml: str | None = None,
+                    keep: int | None = None) -> Path:
+    """Atomically write checkpoint `step` under `directory`; then keep only the last `keep`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".tmp-step-*"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in directory.glob(".old-step-*"):  # left by a crash while pruning
+        shutil.rmtree(stale, ignore_errors=True)
+    name = checkpoint_name(step)
+    tmp = directory / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    write_model_files(tmp, tensors, model_config)
+    torch.save({"format": FORMAT, **state}, tmp / STATE_FILE)
+    if train_config_yaml is not None:
+        (tmp / TRAIN_CONFIG_FILE).write_text(train_config_yaml)
+    for path in tmp.iterdir():
+        _fsync_file(path)
+    _fsync_dir(tmp)
+    final = directory / name
+    if final.exists():  # the same step saved again (e.g. a run resumed from it)
+        old = directory / f".old-{name}-{os.getpid()}"
+        final.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    tmp.rename(final)
+    _fsync_dir(directory)
+    if keep is not None:
+        prune_checkpoints(directory, keep)
+    return final
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; returns what was removed."""
+    directory = Path(directory)
+    removed = []
+    for _, path in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        trash = directory / f".old-{path.name}-{os.getpid()}"
+        path.rename(trash)  # atomic: the step-* name disappears at once
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        _fsync_dir(directory)
+    return removed
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable weights, state) of a checkpoint folder; nothing is unpickled beyond tensors and
+    plain Python values."""
+    path = Path(path)
+    weights, state_file = path / WEIGHTS_FILE, path / STATE_FILE
+    if not weights.is_file() or not state_file.is_file():
+        raise CheckpointLoadError(f"{path} is not a training checkpoint (expected {WEIGHTS_FILE} and {STATE_FILE})")
+    try:
+        tensors = load_file(str(weights))
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any corruption: one clear message
+        raise CheckpointLoadError(f"checkpoint {path} is unreadable: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointLoadError(f"checkpoint {path}: {STATE_FILE} is not a {FORMAT} file")
+    return tensors, state
+
+
+# ---------------------------------------------------------------------------------- RNG states
+def rng_state() -> dict[str, torch.Tensor]:
+    """Python, NumPy, torch (and CUDA) generator states, as tensors only."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python_version": torch.tensor(version),
+        "python_state": torch.tensor(internal, dtype=torch.int64),
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_misc": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    gauss = state["python_gauss"].tolist()
+    random.setstate((int(state["python_version"]), tuple(int(x) for x in state["python_state"].tolist()),
+                     gauss[1] if gauss[0] else None))
+    pos, has_gauss, cached = state["numpy_misc"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))

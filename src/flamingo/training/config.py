@@ -1,0 +1,434 @@
+"""The training configuration: one YAML file mapped onto dataclasses, plus dotted overrides.
+
+    model: {...}            # a FlamingoConfig (see flamingo.model.config), or a path to its YAML
+    datasets:               # one entry per dataset; see `DatasetSpec`
+      - {name: m3w, kind: interleaved, path: "m3w/{000000..000999}.tar", weight: 1.0, batch_size: 8}
+    steps: 500000
+    optim: {lr: 1.0e-4, weight_decay: 0.1, grad_clip: 1.0}
+    schedule: {kind: constant, warmup_steps: 5000}
+    ...
+
+`load_train_config(path, ["optim.lr=3e-4", "model.cross_attention.every=2"])` reads the file,
+applies the overrides to the raw mapping (dotted keys; list items by index, `datasets.0.weight=0.5`;
+values parsed as YAML) and builds a validated `TrainConfig`. Every error is a `ConfigError` that
+names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from flamingo.model.config import ConfigError, FlamingoConfig
+
+Precision = Literal["fp32", "bf16"]
+FrozenDtype = Literal["auto", "float32", "bfloat16"]
+Objective = Literal["accumulate", "round_robin"]
+ScheduleKind = Literal["constant", "cosine"]
+Strategy = Literal["ddp", "fsdp"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass
+class DatasetSpec:
+    """One training dataset.
+
+    name: label (per-dataset losses, data positions); unique.
+    kind: "synthetic_shapes" (in-memory coloured shapes, `flamingo.training.synthetic`), or a kind
+        of the data pipeline ("interleaved", "pairs", "video": `flamingo.data.DatasetConfig`).
+    weight: lambda_m, the dataset's weight in the summed objective (paper: M3W 1.0, ALIGN 0.2,
+        LTIP 0.2, VTP 0.03).
+    batch_size: samples per micro-batch and device.
+    options: every other key of the entry, handed to the dataset as is (e.g. path, max_tokens,
+        max_images, p_next for the pipeline; images_per_sample for synthetic_shapes).
+    """
+
+    name: str
+    kind: str
+    weight: float = 1.0
+    batch_size: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat mapping of the YAML entry (and of the data pipeline's DatasetConfig)."""
+        return {"name": self.name, "kind": self.kind, "weight": self.weight, "batch_size": self.batch_size,
+                **self.options}
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (paper: lr 1e-4, weight decay 0.1 except the Perceiver Resampler, clipping 1.0).
+
+    no_decay: trainable parameters whose name (as in `Flamingo.trainable_state_dict`: perceiver.*,
+        cross_attn.<i>.*, new_token_embeddings.*, new_token_logits.*) equals or starts with one of
+        these prefixes get no weight decay. The paper excludes only the resampler.
+    decay_norms_biases_gates: the paper decays every other trainable parameter, LayerNorms, biases
+        and the tanh gates included (true); false also exempts every parameter with <= 1 dimension,
+        the common practice elsewhere.
+    grad_clip: global L2-norm clipping threshold; 0 disables clipping (the norm is still logged).
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    no_decay: list[str] = field(default_factory=lambda: ["perceiver"])
+    decay_norms_biases_gates: bool = True
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup from 0 to `optim.lr` over `warmup_steps` updates, then constant (the paper)
+    or a cosine decay to `min_lr_ratio * lr` at the last step."""
+
+    kind: ScheduleKind = "constant"
+    warmup_steps: int = 5000
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints every `every` updates (and at the end) under `dir` (default
+    RUN_DIR/checkpoints); the last `keep` are kept."""
+
+    dir: str | None = None
+    every: int = 1000
+    keep: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics every `every` updates into RUN_DIR/metrics.jsonl (and TensorBoard under
+    RUN_DIR/tensorboard when `tensorboard` is true); `progress_bar`: a tqdm bar on rank 0."""
+
+    every: int = 10
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    """How a multi-process run (torchrun, WORLD_SIZE > 1) shares the work; a single process
+    ignores this section.
+
+    strategy: "ddp" (replicated model, gradients all-reduced) or "fsdp" (FSDP2 `fully_shard` per
+        decoder block, the vision encoder, the resampler and the rest: frozen and trainable
+        weights, gradients and optimizer state sharded).
+    backend: "nccl" / "gloo"; null picks nccl on CUDA, gloo on CPU.
+    find_unused_parameters: DDP only; needed when some step leaves trainable parameters unused
+        (e.g. text-only batches never reach the resampler).
+    """
+
+    strategy: Strategy = "ddp"
+    backend: str | None = None
+    find_unused_parameters: bool = True
+    timeout_minutes: float = 30.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see the module docstring and configs/train/.
+
+    run_dir: where metrics, checkpoints and the final model go (null: runs/<config file stem>).
+    init_from: a saved model directory (config.yaml + bridge.safetensors) whose trainable
+        weights start the run (the model section must describe the same architecture).
+    steps: optimizer updates in all.
+    accumulation: micro-batches of every dataset per update (gradient accumulation).
+    objective: "accumulate" (every update sums the weighted losses of all datasets, the paper's
+        choice) or "round_robin" (update k uses dataset k mod M only, the paper's ablation).
+    precision: "fp32", or "bf16" autocast (trainable weights and optimizer state stay fp32).
+    frozen_dtype: storage dtype of the frozen LM and vision encoder; "auto" is bfloat16 with
+        bf16 precision on a CUDA device that supports it, else the dtype they were loaded in.
+    gradient_checkpointing: recompute each decoder block in the backward pass.
+    device: "auto" (CUDA when available), "cpu" or "cuda".
+    threads: torch CPU threads per process (null: torch's default; under torchrun on CPU,
+        the cores divided among the local processes).
+    max_nonfinite_in_a_row: stop when this many consecutive updates had a non-finite loss or
+        gradient norm (each one is skipped and counted).
+    """
+
+    model: FlamingoConfig
+    datasets: list[DatasetSpec]
+    run_dir: str | None = None
+    init_from: str | None = None
+    steps: int = 1000
+    accumulation: int = 1
+    objective: Objective = "accumulate"
+    precision: Precision = "fp32"
+    frozen_dtype: FrozenDtype = "auto"
+    gradient_checkpointing: bool = False
+    device: Device = "auto"
+    seed: int = 0
+    threads: int | None = None
+    max_nonfinite_in_a_row: int = 10
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, expected: str, got: Any) -> None:
+            if not ok:
+                raise ConfigError(f"train config field {name}: expected {expected}, got {got!r}")
+
+        check(isinstance(self.datasets, list) and len(self.datasets) > 0, "datasets", "a non-empty list",
+              self.datasets)
+        names = [d.name for d in self.datasets]
+        check(len(set(names)) == len(names), "datasets", "unique dataset names", names)
+        for i, d in enumerate(self.datasets):
+            check(isinstance(d.name, str) and bool(d.name), f"datasets.{i}.name", "a non-empty string", d.name)
+            check(isinstance(d.kind, str) and bool(d.kind), f"datasets.{i}.kind", "a non-empty string", d.kind)
+            check(math.isfinite(d.weight) and d.weight >= 0, f"datasets.{i}.weight", "a number >= 0", d.weight)
+            check(d.batch_size >= 1, f"datasets.{i}.batch_size", "an integer >= 1", d.batch_size)
+        check(self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        check(self.accumulation >= 1, "accumulation", "an integer >= 1", self.accumulation)
+        check(self.threads is None or self.threads >= 1, "threads", "null or an integer >= 1", self.threads)
+        check(self.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", "an integer >= 1",
+              self.max_nonfinite_in_a_row)
+        o, s, c, lg = self.optim, self.schedule, self.checkpoint, self.logging
+        check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "a number > 0", o.lr)
+        check(all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
+        check(o.eps > 0, "optim.eps", "a number > 0", o.eps)
+        check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+        check(o.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0: no clipping)", o.grad_clip)
+        check(s.warmup_steps >= 0, "schedule.warmup_steps", "an integer >= 0", s.warmup_steps)
+        check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
+        check(c.every >= 1, "checkpoint.every", "an integer >= 1", c.every)
+        check(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep)
+        check(lg.every >= 1, "logging.every", "an integer >= 1", lg.every)
+        check(self.distributed.timeout_minutes > 0, "distributed.timeout_minutes", "a number > 0",
+              self.distributed.timeout_minutes)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {d.name: d.weight for d in self.datasets}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "model":
+                out[f.name] = value.to_dict()
+            elif f.name == "datasets":
+                out[f.name] = [d.to_dict() for d in value]
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = _plain(dataclasses.asdict(value))
+            else:
+                out[f.name] = value
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "train config") -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        data = dict(data)
+        missing = [k for k in ("model", "datasets") if k not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing required section(s) {missing}")
+        model = data.pop("model")
+        if not isinstance(model, dict):
+            raise ConfigError(f"{source}: model: expected a mapping (a FlamingoConfig) or a path to one, "
+                              f"got {type(model).__name__}")
+        datasets = data.pop("datasets")
+        if not isinstance(datasets, list):
+            raise ConfigError(f"{source}: datasets: expected a list of mappings, got {type(datasets).__name__}")
+        kwargs = _fields_from_dict(cls, data, source, skip={"model", "datasets"})
+        return cls(model=FlamingoConfig.from_dict(model, source=f"{source}: model"),
+                   datasets=[_dataset_from_dict(d, f"{source}: datasets.{i}") for i, d in enumerate(datasets)],
+                   **kwargs)
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a training YAML, apply `key=value` overrides, validate. A `model:` given as a path
+    is read relative to the training config's folder; run_dir defaults to runs/<file stem>."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"train config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"train config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if isinstance(data.get("model"), str):
+        model_path = Path(data["model"])
+        if not model_path.is_absolute():
+            model_path = path.parent / model_path
+        if not model_path.is_file():
+            raise ConfigError(f"{path}: model: config file {model_path} does not exist")
+        data["model"] = yaml.safe_load(model_path.read_text())
+    for item in overrides:
+        apply_override(data, item)
+    if data.get("run_dir") is None:
+        data["run_dir"] = str(Path("runs") / path.stem)
+    return TrainConfig.from_dict(data, source=str(path))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str):
+        value = _number_or_str(value)
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set a dotted key in the raw config mapping (lists indexed by number)."""
+    parts, value = parse_override(item)
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where, item)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"override {item!r}: {where} is not a section (it is {node!r})")
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {item!r}: {where} is a value ({node!r}), not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, ".".join(parts), item)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, where: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {item!r}: {where} must index the list (0..{len(node) - 1})")
+    return int(part)
+
+
+def _number_or_str(text: str) -> Any:
+    # YAML 1.1 reads "3e-4" as a string; a number is what anyone writing it means.
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+# ------------------------------------------------------------------------- typed conversion
+def _dataset_from_dict(entry: Any, where: str) -> DatasetSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping with name, kind, ..., got {entry!r}")
+    for key in ("name", "kind"):
+        if key not in entry:
+            raise ConfigError(f"{where}: missing required field {key!r}")
+    entry = dict(entry)
+    if isinstance(entry.get("options"), dict):  # the to_dict() form nests nothing, but accept it
+        entry.update(entry.pop("options"))
+    known = {"name", "kind", "weight", "batch_size"}
+    options = {k: v for k, v in entry.items() if k not in known}
+    base = {k: v for k, v in entry.items() if k in known}
+    kwargs = _fields_from_dict(DatasetSpec, base, where, skip={"options"})
+    return DatasetSpec(options=options, **kwargs)
+
+
+def _fields_from_dict(cls: type, data: dict[str, Any], where: str, skip: set[str] = frozenset()) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+    out = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+            out[key] = tp(**_fields_from_dict(tp, value, f"{where}: {key}"))
+        else:
+            out[key] = _coerce(value, tp, f"{where}: {key}")
+    return out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not fit {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            value = _number_or_str(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{where}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(v, args[0], f"{where}.{i}") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

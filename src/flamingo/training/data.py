@@ -1,0 +1,85 @@
+"""What the trainer needs from data, and THE place where training datasets meet the pipeline.
+
+The trainer consumes, per dataset, a `BatchSource`: an iterable of `flamingo.data.batch.Batch`
+(for this rank) that can report and restore its position. `build_sources` makes one per entry of
+the config's `datasets:` list:
+
+- kind "synthetic_shapes": `flamingo.training.synthetic.ShapesSource` (in memory, no files);
+- any other kind: the data pipeline's `flamingo.data.loader.build_loader`, given the entry as its
+  `DatasetConfig` (name, kind, weight, batch_size and all other keys of the entry map one to
+  one onto its fields), the model's tokenizer, special-token ids and image processor, the run's
+  seed, this rank and the world size. `pipeline_source` is the only code that knows that API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+from flamingo.data.batch import Batch
+from flamingo.model.config import ConfigError
+from flamingo.model.flamingo import Flamingo
+from flamingo.training.config import DatasetSpec, TrainConfig
+
+SYNTHETIC_KIND = "synthetic_shapes"
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """One dataset's batches for one rank.
+
+    Iterating yields Batches from the current position on; `state_dict()` taken between two
+    batches describes the position right after the last batch yielded (so a source restored
+    with `load_state_dict` and iterated again yields what the original would have yielded
+    next). States must hold only plain Python values and tensors (they are saved in
+    checkpoints and read back with `torch.load(weights_only=True)`).
+    """
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _image_processor(model: Flamingo, spec: DatasetSpec) -> Any:
+    if model.vision_encoder is None:
+        raise ConfigError(f"dataset {spec.name!r}: the model has no vision encoder (it is fed precomputed "
+                          f"features), so images cannot be preprocessed for it")
+    return model.vision_encoder.image_processor()
+
+
+def synthetic_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
+    from flamingo.training.synthetic import OPTIONS, ShapesSource
+
+    unknown = sorted(set(spec.options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"dataset {spec.name!r} (kind {SYNTHETIC_KIND}): unknown field(s) {unknown}; "
+                          f"expected some of {['name', 'kind', 'weight', 'batch_size', *OPTIONS]}")
+    return ShapesSource(spec.name, model.tokenizer, model.media_token_id, model.eoc_token_id,
+                        _image_processor(model, spec), spec.batch_size, seed=seed, rank=rank,
+                        world_size=world_size, **spec.options)
+
+
+def pipeline_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
+    """THE integration point with the data pipeline (flamingo.data)."""
+    try:
+        from flamingo.data.config import DatasetConfig
+        from flamingo.data.loader import build_loader
+    except ImportError as err:
+        raise ConfigError(f"dataset {spec.name!r} (kind {spec.kind!r}) needs the data pipeline "
+                          f"(flamingo.data.loader.build_loader), which cannot be imported: {err}") from None
+    dataset_config = DatasetConfig.from_dict(spec.to_dict())
+    # The position is restored by the trainer through load_state_dict, so every loader starts at 0.
+    return build_loader(dataset_config, model.tokenizer, model.media_token_id, model.eoc_token_id,
+                        _image_processor(model, spec), seed=seed, rank=rank, world_size=world_size,
+                        start_position=0)
+
+
+def build_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
+    make = synthetic_source if spec.kind == SYNTHETIC_KIND else pipeline_source
+    return make(spec, model, seed, rank, world_size)
+
+
+def build_sources(config: TrainConfig, model: Flamingo, rank: int = 0, world_size: int = 1) -> dict[str, BatchSource]:
+    return {spec.name: build_source(spec, model, config.seed, rank, world_size) for spec in config.datasets}

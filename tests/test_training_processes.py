@@ -1,0 +1,142 @@
+"""Training across processes: a run killed with SIGKILL and resumed ends bit-exact with an
+uninterrupted one, and 2-process DDP and FSDP runs (CPU, gloo, torchrun) match one process with
+the same global batch, across a checkpoint written under one and resumed under the other."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_training import make_config, one_thread, tiny_train_dict  # noqa: F401 - fixture re-used
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                pass
+    return records
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "bridge.safetensors"))
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, lm_dir, clip_dir):
+    from flamingo.training.checkpoint import latest_checkpoint
+    from flamingo.training.trainer import train
+
+    steps, every = 14, 3
+    data = tiny_train_dict(lm_dir("llama"), clip_dir, tmp_path / "killed", steps=steps,
+                           checkpoint={"every": every, "keep": 2})
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+
+    # The uninterrupted reference (in this process; same thread count as the subprocesses).
+    reference = train(make_config({**data, "run_dir": str(tmp_path / "reference")}))
+    assert reference.step == steps
+
+    kill_after = random.randint(every + 1, steps - 4)  # any step after the first checkpoint
+    command = [sys.executable, "-m", "flamingo.training", "train", str(config_path)]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while not any(r["step"] >= kill_after for r in _metrics(killed)):
+            assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()}"
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(r["step"] for r in _metrics(killed))
+    assert killed_at < steps and not (killed / "final").exists(), f"killed after step {killed_at}: too late"
+    checkpoint = latest_checkpoint(killed / "checkpoints")
+    assert checkpoint is not None
+    resumed_from = int(checkpoint.name.split("-")[1])
+    assert every <= resumed_from <= killed_at
+
+    done = subprocess.run(command + ["--resume"], check=False, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"trained to step {steps}" in done.stdout
+
+    expected, got = _final_weights(tmp_path / "reference"), _final_weights(killed)
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, (f"killed after step {killed_at}, resumed from step {resumed_from}: "
+                           f"{len(different)} tensors differ, e.g. {different[:3]}")
+    # The metrics log reads as one run: every step once, the same losses as the reference.
+    records = _metrics(killed)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["loss"] for r in records] == [r["loss"] for r in _metrics(tmp_path / "reference")]
+
+
+def _torchrun(config_path: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "flamingo.training", "train", str(config_path), *overrides]
+    done = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-5000:])
+    return done
+
+
+def test_two_process_ddp_then_fsdp_resume_match_one_process_with_the_same_global_batch(tmp_path, lm_dir, clip_dir):
+    """2 ranks x batch B (torchrun, gloo on CPU) == 1 process x batch 2B: same samples, same
+    updates. Steps 1-2 run under DDP and checkpoint; steps 3-4 resume from that checkpoint under
+    FSDP (sharded frozen and trainable weights, gathered again for the final weights)."""
+    from flamingo.training.trainer import train
+
+    steps = 4
+    data = tiny_train_dict(lm_dir("llama"), clip_dir, tmp_path / "multi", steps=steps,
+                           checkpoint={"every": 2, "keep": 2})
+    data["datasets"][1]["batch_size"] = 1  # 2 ranks x 1 vs 1 x 2: uneven token counts per rank
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+
+    single = dict(data, run_dir=str(tmp_path / "single"),
+                  datasets=[dict(d, batch_size=2 * d["batch_size"]) for d in data["datasets"]])
+    reference = train(make_config(single))
+
+    def close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+        assert expected.keys() == got.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=2e-5, msg=name)
+
+    def checkpoint(run: str, step: int) -> dict[str, torch.Tensor]:
+        return load_file(str(tmp_path / run / "checkpoints" / f"step-{step:08d}" / "bridge.safetensors"))
+
+    _torchrun(config_path, "steps=2", "distributed.strategy=ddp")
+    records = _metrics(tmp_path / "multi")
+    assert [r["step"] for r in records] == [1, 2]
+    assert [r["loss"] for r in records] == pytest.approx([r.loss for r in reference.history[:2]], rel=1e-5)
+    close(checkpoint("multi", 2), checkpoint("single", 2))
+
+    _torchrun(config_path, f"steps={steps}", "distributed.strategy=fsdp", "--resume")
+    records = _metrics(tmp_path / "multi")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["loss"] for r in records] == pytest.approx([r.loss for r in reference.history], rel=1e-5)
+    assert [r["tokens"] for r in records] == [h.input_tokens for h in reference.history]
+    close(_final_weights(tmp_path / "multi"), _final_weights(tmp_path / "single"))
+    assert not all(torch.equal(checkpoint("multi", 2)[k], checkpoint("multi", 4)[k]) for k in checkpoint("multi", 2))
