@@ -174,8 +174,9 @@ each <image> in the prompt takes the next --image, in order.""")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run a subcommand; user mistakes end with one line on stderr and exit code 2."""
+    args = (parser or build_parser()).parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:

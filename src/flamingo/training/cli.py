@@ -89,17 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m flamingo.training` (what `torchrun -m` runs): the train and plot subcommands."""
+    from flamingo.cli import main as run
+
     parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo training")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        print(f"flamingo {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run(argv, parser)
 
 
 if __name__ == "__main__":
