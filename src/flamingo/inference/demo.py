@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
 
+from flamingo.data.shapes import draw_shape
 from flamingo.inference.generation import GenerationConfig, generate
 from flamingo.inference.prompt import text_prompt
 from flamingo.inference.state import encode_prompts
@@ -45,19 +45,6 @@ def local_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def render_shape(shape: str, colour: str, size: int = 256) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)], fill=colour)
-    return image
-
-
 def build_local_model(seed: int = 0) -> Flamingo:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -84,7 +71,7 @@ def run_demo(seed: int = 0, max_new_tokens: int = 12) -> None:
     print(f"  built in {time.perf_counter() - start:.1f}s\n")
     print(format_parameter_report(parameter_report(model)), "\n")
 
-    images = [render_shape("circle", "red"), render_shape("square", "blue"), render_shape("triangle", "green")]
+    images = [draw_shape("circle", "red", 224), draw_shape("square", "blue", 224), draw_shape("triangle", "green", 224)]
     processor = model.vision_encoder.image_processor()
     pixels = torch.stack([processor.preprocess_image(im) for im in images])[None, :, None]  # [1, N, T=1, 3, H, W]
     text = ("<image>An image of a red circle.<|endofchunk|>"

@@ -18,29 +18,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from flamingo.data.batch import IGNORE_INDEX, Batch, TrainingSample, collate
+from flamingo.data.shapes import COLOURS as DATA_COLOURS
+from flamingo.data.shapes import SHAPES, draw_shape
 from flamingo.model.config import ConfigError
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
-SHAPES = ("circle", "square", "triangle")
+# The four colours and three shapes of the in-memory set (a subset of flamingo.data.shapes').
+COLOURS = {c: DATA_COLOURS[c] for c in ("red", "green", "blue", "yellow")}
 OPTIONS = ("images_per_sample",)
 
 
-def draw_shape(shape: str, colour: str, size: int, rng: np.random.Generator) -> Image.Image:
-    image = Image.new("RGB", (size, size), (245, 245, 240))
-    draw = ImageDraw.Draw(image)
-    r = size * rng.uniform(0.2, 0.35)
-    cx, cy = (size / 2 + rng.uniform(-0.12, 0.12) * size for _ in range(2))
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return image
+def random_shape_image(shape: str, colour: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """A shape of random size and position (the renderer is flamingo.data.shapes.draw_shape)."""
+    radius = size * rng.uniform(0.2, 0.35)
+    centre = tuple(size / 2 + rng.uniform(-0.12, 0.12) * size for _ in range(2))
+    return draw_shape(shape, colour, size, centre=centre, radius=radius)
 
 
 class ShapesSource:
@@ -73,7 +67,7 @@ class ShapesSource:
         for _ in range(self.images_per_sample):
             colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            images.append(self.processor(draw_shape(shape, colour, 64, rng)))
+            images.append(self.processor(random_shape_image(shape, colour, 64, rng)))
             ids += [self.media_token_id, *self.captions[(colour, shape)], self.eoc_token_id]
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels = input_ids.masked_fill(input_ids == self.media_token_id, IGNORE_INDEX)
