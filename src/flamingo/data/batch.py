@@ -40,8 +40,8 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens that carry a loss."""
-        return int((self.labels != IGNORE_INDEX).sum())
+        """Next-token targets: labelled positions after the first (position 0 is never predicted)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def collate(samples: Sequence[TrainingSample], pad_token_id: int) -> Batch:

@@ -172,6 +172,8 @@ class DecoupledLMHead(nn.Module):
         start, end = self.first_new_id, self.first_new_id + self.num_new
         # The added ids sit right after the tokenizer's vocabulary: either beyond the frozen
         # table (appended) or over its unused padding rows (replaced).
+        if start == logits.shape[-1]:  # appended: no slice (a full-width slice costs a copy in backward)
+            return torch.cat([logits, new], dim=-1)
         return torch.cat([logits[..., :start], new, logits[..., end:]], dim=-1)
 
 
