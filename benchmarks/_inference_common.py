@@ -379,7 +379,6 @@ class Harness:
         """Same ids, next-token logits and greedy tokens for support + query `query`: OF's
         full-prompt forward / generate vs ours through the few-shot context path (context
         encoded once, query appended with `extend`) and through one full-prompt encode."""
-        import torch
         from flamingo.inference import GenerationConfig, encode_prompts, extend, generate
         from safetensors.torch import load_file
 

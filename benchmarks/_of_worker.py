@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import traceback
 from contextlib import suppress
 from pathlib import Path
