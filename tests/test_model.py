@@ -292,6 +292,34 @@ def test_loss_is_the_mean_next_token_nll_over_labelled_tokens(lm_dir):
     assert torch.allclose(out.loss, torch.stack(terms).mean(), atol=1e-6)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_loss_from_labelled_positions_only_equals_full_logits(lm_dir, family):
+    """The trainer asks for logits only where a next-token label exists (a 1-D logits_to_keep);
+    the summed NLL and the gradients must equal those from the full [B, L, V] logits, whether the
+    LM slices its hidden states itself or (GPT-2, OPT, ...) Flamingo slices the logits."""
+    from flamingo.training.trainer import labelled_positions, token_nll_sum
+
+    model = build_tiny(lm_dir(family))
+    randomize_gates(model)
+    ids = encode(model, PROMPT)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3:6] = ids[0, 3:6]
+    labels[0, -2:] = ids[0, -2:]
+    positions = labelled_positions(labels)
+    assert positions.tolist() == [2, 3, 4, ids.shape[1] - 3, ids.shape[1] - 2]
+    results = []
+    for keep in (0, positions):
+        model.zero_grad()
+        out = model(ids, vision_features=features(3), logits_to_keep=keep)
+        nll = token_nll_sum(out.logits, labels, None if isinstance(keep, int) else positions)
+        nll.backward()
+        results.append((nll.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (full, full_grads), (sparse, sparse_grads) = results
+    assert torch.allclose(full, sparse, atol=1e-5)
+    assert len(full_grads) == len(sparse_grads) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(full_grads, sparse_grads))
+
+
 def test_a_batch_without_any_media_is_text_only(lm_dir):
     model = build_tiny(lm_dir("llama"))
     ids = encode(model, "only text here")

@@ -54,6 +54,10 @@ class LanguageModelConfig:
     decoder_layers_path: dotted path of the decoder block list (e.g. "model.layers"); None finds
         it automatically from the model's structure.
     dtype: storage dtype of the frozen LM ("float32", "bfloat16", "float16").
+    name_or_path: a hub id, a directory, or "package:NAME" — the directory of an installed Python
+        package (found without importing it).
+    gguf_file: a GGUF file inside that directory; it is converted once to a cached safetensors
+        checkpoint (see flamingo.model.lm_source).
     """
 
     name_or_path: str = "HuggingFaceTB/SmolLM2-135M"
@@ -62,6 +66,7 @@ class LanguageModelConfig:
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     decoder_layers_path: str | None = None
+    gguf_file: str | None = None
 
 
 @dataclass

@@ -198,7 +198,7 @@ class Flamingo(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         kv_cache: dict | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> FlamingoOutput:
         """Run Flamingo on interleaved text and media.
 
@@ -215,7 +215,10 @@ class Flamingo(nn.Module):
             media_offset [B]: images consumed by earlier calls whose KV cache is passed as
                 past_key_values (cached decoding); media then holds all images so far.
             kv_cache: a dict to keep the cross-attention keys/values of `visual_tokens` per layer.
-            logits_to_keep: if > 0, only the logits of the last so many positions are computed.
+            logits_to_keep: if an int > 0, only the logits of the last so many positions are
+                computed; a 1-D tensor of positions keeps those (training: the positions that
+                have a next-token label, sparing the [B, L, V] head for the rest). Ignored with
+                `labels`.
 
         Media may be given for fewer rows than input_ids (visual_tokens [B / k, ...]): then each
         run of k consecutive rows shares one row of media, without copies (beams, candidates).
@@ -258,7 +261,8 @@ class Flamingo(nn.Module):
 
         lm_kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask,
                                          past_key_values=past_key_values, use_cache=use_cache)
-        if logits_to_keep and labels is None and self._lm_takes_logits_to_keep:
+        keep_some = isinstance(logits_to_keep, torch.Tensor) or logits_to_keep > 0
+        if keep_some and labels is None and self._lm_takes_logits_to_keep:
             lm_kwargs["logits_to_keep"] = logits_to_keep
         if attention_mask is not None and self._lm_takes_position_ids:
             # Positions count real tokens only, so left padding does not shift them.
@@ -267,12 +271,15 @@ class Flamingo(nn.Module):
         with media_context(context):
             out = self.lm(**lm_kwargs)
 
+        logits = out.logits
+        if keep_some and labels is None and not self._lm_takes_logits_to_keep:
+            logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
         loss = None
         if labels is not None:
             # Shift the labels rather than slicing the logits: no copy of the [B, L, V] logits.
             targets = F.pad(labels[:, 1:].to(device), (0, 1), value=-100)
             loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return FlamingoOutput(logits=out.logits, loss=loss, past_key_values=getattr(out, "past_key_values", None),
+        return FlamingoOutput(logits=logits, loss=loss, past_key_values=getattr(out, "past_key_values", None),
                               visual_tokens=visual_tokens)
 
     @staticmethod

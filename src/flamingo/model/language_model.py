@@ -16,6 +16,7 @@ from torch import nn
 
 from flamingo.model.config import LanguageModelConfig
 from flamingo.model.cross_attention import GatedCrossAttentionBlock, active_media_context
+from flamingo.model.lm_source import converted_gguf_checkpoint, resolve_package_path
 
 
 class DecoderStackNotFound(ValueError):
@@ -197,17 +198,20 @@ def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, Any]:
     """Load the frozen LM and its tokenizer from the hub or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    source = resolve_package_path(config.name_or_path)
+    if config.gguf_file:
+        source = str(converted_gguf_checkpoint(source, config.gguf_file))
     common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **common)
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
     kwargs: dict[str, Any] = dict(common, dtype=_DTYPES[config.dtype])
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     try:
-        lm = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ValueError as err:
         # Some architectures (e.g. MPT) have no SDPA path; they keep their own attention.
         if "attn_implementation" not in kwargs or "does not support" not in str(err):
             raise
         kwargs.pop("attn_implementation")
-        lm = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return lm, tokenizer
