@@ -1,0 +1,1 @@
+"""Few-shot evaluation suite (issue 6): benchmarks, protocol, metrics."""
