@@ -171,6 +171,9 @@ each <image> in the prompt takes the next --image, in order.""")
     from flamingo.training.cli import register as add_training_subcommands
 
     add_training_subcommands(sub)
+    from flamingo.evaluation.cli import register as add_eval_subcommand
+
+    add_eval_subcommand(sub)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""`flamingo eval`: the few-shot evaluation suite from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+EPILOG = """examples:
+  flamingo eval --model of-9b --task coco --shots 0,4,8,16,32 --trials 3 --data data.yaml --out runs/eval
+  flamingo eval --model of-9b --task vqav2,okvqa --shots 4,8 --data data.yaml --out runs/eval
+  flamingo eval --model of-9b --task imagenet --shots 16 --rices --ensemble --data data.yaml --out runs/in
+  torchrun --nproc-per-node 8 -m flamingo.evaluation --model of-9b --task coco --data data.yaml --out runs/eval
+an interrupted run continues where it stopped when run again with the same --out and options.
+outputs in --out: predictions/TASK.jsonl, results.json (settings, seeds, demo ids), results.md, results.png.
+data.yaml maps each task to its files, e.g.
+  tasks:
+    coco:
+      test:  {annotations: coco/dataset_coco.json, media: coco/images}
+      train: {annotations: coco/dataset_coco.json, media: coco/images}
+tasks: """
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from flamingo.evaluation.data_config import load_data_config
+    from flamingo.evaluation.settings import EvalSettings
+    from flamingo.evaluation.tasks import get_task
+
+    # Bad tasks, data config and options are reported before the (slow) model load.
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    for name in tasks:
+        get_task(name)
+    data = load_data_config(args.data)
+    for name in tasks:
+        data.task(name)
+    settings = EvalSettings(
+        shots=args.shots, trials=args.trials, rices=args.rices, ensemble=args.ensemble, split=args.split,
+        support_size=args.support_size, query_size=args.max_queries, seed=args.seed, demo_mode=args.demo_mode,
+        batch_size=args.batch_size, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+        length_normalize=args.length_normalize, video_frames=args.video_frames, video_fps=args.video_fps,
+        max_prompt_tokens=args.max_prompt_tokens)
+    settings.validate()
+
+    import torch
+
+    from flamingo.cli import _quiet_load
+    from flamingo.evaluation.suite import evaluate, world
+
+    rank, size = world()
+    if size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")  # only barriers: CPU collectives suffice
+    try:
+        model = _quiet_load(args.model)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and size > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        model.to(device)
+        results = evaluate(model, tasks, data, settings, args.out, model_name=str(args.model),
+                           cache_dir=args.cache_dir, progress=not args.no_progress)
+    finally:
+        if size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if results is not None:
+        print((Path(args.out) / "results.md").read_text(), end="")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from flamingo.evaluation.tasks import TASKS
+
+    p = sub.add_parser("eval", help="few-shot evaluation on the paper's benchmarks (resumable, torchrun)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG + ", ".join(TASKS))
+    p.add_argument("--model", required=True, help="a saved model directory, a hub id of one, or a config file")
+    p.add_argument("--task", required=True, help="task name(s), comma-separated")
+    p.add_argument("--data", required=True, type=Path, help="YAML file with each task's annotation and media paths")
+    p.add_argument("--out", required=True, type=Path, help="output directory (reused to resume)")
+    p.add_argument("--shots", type=_int_list, default=[0, 4, 8, 16, 32], help="comma-separated (default 0,4,8,16,32)")
+    p.add_argument("--trials", type=int, default=3, help="random demo draws per shot count (default 3)")
+    p.add_argument("--rices", action="store_true", help="retrieval-based demo selection (RICES)")
+    p.add_argument("--ensemble", action="store_true", help="close-ended: average over 6 demo orders")
+    p.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="test: test support + official split; validation: subsets of the train split")
+    p.add_argument("--support-size", type=int, default=2048, help="support set size (default 2048, B.1.4)")
+    p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded subset of this many queries")
+    p.add_argument("--demo-mode", choices=["shared", "per_query"], default="shared",
+                   help="shared: one random draw of demos per trial for all queries (fast); per_query: one per query")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
+    p.add_argument("--beams", type=int, default=3, help="beam width for open-ended tasks (paper: 3)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
+    p.add_argument("--length-normalize", action="store_true", help="close-ended: rank by mean log-likelihood")
+    p.add_argument("--video-frames", type=int, default=30, help="frames per video (paper: 30 at 3 FPS)")
+    p.add_argument("--video-fps", type=float, default=3.0)
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="OOC above this (default: the LM's context)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="RICES support features cache (default ~/.cache/flamingo/rices)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
