@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 MANIFEST = "flamingo-cache.json"
 _PACKAGE_SCHEME = "package:"
@@ -73,8 +74,13 @@ def _cache_is_valid(directory: Path, fingerprint: dict[str, object]) -> bool:
         return False
 
 
-def converted_gguf_checkpoint(directory: str, gguf_file: str, progress: bool = True) -> Path:
-    """A local Hugging Face checkpoint (safetensors + tokenizer) converted from `directory/gguf_file`."""
+def converted_gguf_checkpoint(directory: str, gguf_file: str, progress: bool = True,
+                              convert: Callable[[Path, Path, bool], None] | None = None) -> Path:
+    """A local Hugging Face checkpoint (safetensors + tokenizer) converted from `directory/gguf_file`.
+
+    convert(gguf, staging_dir, progress) writes the checkpoint files (default: transformers'
+    GGUF reader); this function owns the cache: key, validation, atomic publication.
+    """
     gguf = Path(directory) / gguf_file
     if not gguf.is_file():
         raise LanguageModelSourceError(f"GGUF file not found: {gguf}")
@@ -84,12 +90,30 @@ def converted_gguf_checkpoint(directory: str, gguf_file: str, progress: bool = T
     if _cache_is_valid(target, fingerprint):
         return target
     if target.exists():  # stale or damaged: rebuild from the GGUF file
+        if progress:
+            print(f"the cached conversion {target} is damaged or stale; rebuilding it", flush=True)
         shutil.rmtree(target, ignore_errors=True)
-    _convert(gguf, target, fingerprint, progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        (convert or convert_with_transformers)(gguf, staging, progress)
+        files = {p.name: (p.stat().st_size, _file_digest(p)) for p in staging.iterdir() if p.is_file()}
+        (staging / MANIFEST).write_text(json.dumps({"source": fingerprint, "files": files}, indent=1))
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished the same conversion first
+            if not _cache_is_valid(target, fingerprint):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
 
 
-def _convert(gguf: Path, target: Path, fingerprint: dict[str, object], progress: bool) -> None:
+def convert_with_transformers(gguf: Path, out: Path, progress: bool) -> None:
+    """Read a GGUF file with transformers (tokenizer conversion, dequantisation) and save it as a
+    plain safetensors checkpoint with its tokenizer in `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -113,19 +137,5 @@ def _convert(gguf: Path, target: Path, fingerprint: dict[str, object], progress:
     lm = AutoModelForCausalLM.from_config(config, dtype=quantized.dtype)
     lm.load_state_dict(quantized.state_dict(), strict=True)
     del quantized
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        lm.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        files = {p.name: (p.stat().st_size, _file_digest(p)) for p in staging.iterdir() if p.is_file()}
-        (staging / MANIFEST).write_text(json.dumps({"source": fingerprint, "files": files}, indent=1))
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process finished the same conversion first
-            if not _cache_is_valid(target, fingerprint):
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    lm.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

@@ -82,9 +82,14 @@ def load_pretrained(directory: str | Path) -> Flamingo:
     return model
 
 
-def load_model(spec: str | Path) -> Flamingo:
-    """A model from a saved directory, a config file (fresh bridge), or a hub repository id
-    holding a saved directory (`config.yaml` + `bridge.safetensors`)."""
+def load_model(spec: str | Path | None = None) -> Flamingo:
+    """A model from a saved directory, a config file (fresh bridge), a hub repository id
+    holding a saved directory (`config.yaml` + `bridge.safetensors`), or "embedded"/None: the
+    embedded default (offline, see flamingo.model.embedded)."""
+    from flamingo.model.embedded import EMBEDDED_MODEL, load_embedded
+
+    if spec is None or str(spec) == EMBEDDED_MODEL:
+        return load_embedded()
     path = Path(spec)
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():

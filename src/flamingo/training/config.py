@@ -41,13 +41,15 @@ class DatasetSpec:
     """One training dataset.
 
     name: label (per-dataset losses, data positions); unique.
-    kind: "synthetic_shapes" (in-memory coloured shapes, `flamingo.training.synthetic`), or a kind
+    kind: "synthetic_shapes" (in-memory coloured shapes), "procedural" (in-memory scenes and
+        few-shot episodes, `flamingo.data.procedural`; see `flamingo.training.synthetic`), or a kind
         of the data pipeline ("interleaved", "pairs", "video": `flamingo.data.DatasetConfig`).
     weight: lambda_m, the dataset's weight in the summed objective (paper: M3W 1.0, ALIGN 0.2,
         LTIP 0.2, VTP 0.03).
     batch_size: samples per micro-batch and device.
     options: every other key of the entry, handed to the dataset as is (e.g. path, max_tokens,
-        max_images, p_next for the pipeline; images_per_sample for synthetic_shapes).
+        max_images, p_next for the pipeline; images_per_sample for synthetic_shapes; tasks
+        {caption|qa|binding|induction: weight} and image_size for procedural).
     """
 
     name: str

@@ -4,7 +4,8 @@ The trainer consumes, per dataset, a `BatchSource`: an iterable of `flamingo.dat
 (for this rank) that can report and restore its position. `build_sources` makes one per entry of
 the config's `datasets:` list:
 
-- kind "synthetic_shapes": `flamingo.training.synthetic.ShapesSource` (in memory, no files);
+- kind "synthetic_shapes" / "procedural": `flamingo.training.synthetic.ShapesSource` /
+  `ProceduralSource` (generated in memory, no files);
 - any other kind: the data pipeline's `flamingo.data.loader.build_loader`, given the entry as its
   `DatasetConfig` (name, kind, weight, batch_size and all other keys of the entry map one to
   one onto its fields), the model's tokenizer, special-token ids and image processor, the run's
@@ -21,7 +22,7 @@ from flamingo.model.config import ConfigError
 from flamingo.model.flamingo import Flamingo
 from flamingo.training.config import DatasetSpec, TrainConfig
 
-SYNTHETIC_KIND = "synthetic_shapes"
+SYNTHETIC_KINDS = ("synthetic_shapes", "procedural")
 
 
 @runtime_checkable
@@ -50,15 +51,16 @@ def _image_processor(model: Flamingo, spec: DatasetSpec) -> Any:
 
 
 def synthetic_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
-    from flamingo.training.synthetic import OPTIONS, ShapesSource
+    from flamingo.training.synthetic import OPTIONS, ProceduralSource, ShapesSource
 
-    unknown = sorted(set(spec.options) - set(OPTIONS))
+    unknown = sorted(set(spec.options) - set(OPTIONS[spec.kind]))
     if unknown:
-        raise ConfigError(f"dataset {spec.name!r} (kind {SYNTHETIC_KIND}): unknown field(s) {unknown}; "
-                          f"expected some of {['name', 'kind', 'weight', 'batch_size', *OPTIONS]}")
-    return ShapesSource(spec.name, model.tokenizer, model.media_token_id, model.eoc_token_id,
-                        _image_processor(model, spec), spec.batch_size, seed=seed, rank=rank,
-                        world_size=world_size, **spec.options)
+        raise ConfigError(f"dataset {spec.name!r} (kind {spec.kind}): unknown field(s) {unknown}; "
+                          f"expected some of {['name', 'kind', 'weight', 'batch_size', *OPTIONS[spec.kind]]}")
+    source = ShapesSource if spec.kind == "synthetic_shapes" else ProceduralSource
+    return source(spec.name, model.tokenizer, model.media_token_id, model.eoc_token_id,
+                  _image_processor(model, spec), spec.batch_size, seed=seed, rank=rank,
+                  world_size=world_size, **spec.options)
 
 
 def pipeline_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
@@ -77,7 +79,7 @@ def pipeline_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, wo
 
 
 def build_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
-    make = synthetic_source if spec.kind == SYNTHETIC_KIND else pipeline_source
+    make = synthetic_source if spec.kind in SYNTHETIC_KINDS else pipeline_source
     return make(spec, model, seed, rank, world_size)
 
 

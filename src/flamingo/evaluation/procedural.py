@@ -1,0 +1,116 @@
+"""Few-shot learning measured on held-out procedural tasks (the embedded default's evaluation).
+
+Each task draws episodes from `flamingo.data.procedural` on its held-out split — object kinds,
+colours and made-up words never used in training — and asks the model to pick the answer among
+the episode's candidates by log-likelihood (paper 2.5, close-ended). With k shots the prompt
+holds k support chunks before the query; with 0 it holds the query alone, so 0-shot accuracy is
+what the model knows without examples (chance, for made-up words).
+
+Episodes are a pure function of (task, shots, seed, episode index), so a table is reproducible;
+all episodes of one shot count are scored in batched forward passes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from flamingo.data import procedural
+from flamingo.inference.prompt import interleaved_prompt
+from flamingo.inference.scoring import score_candidates
+from flamingo.inference.state import encode_prompts
+from flamingo.model.flamingo import Flamingo
+
+Episode = tuple[list[procedural.Segment], procedural.Segment, str, list[str]]
+
+
+@dataclass(frozen=True)
+class ProceduralTask:
+    name: str
+    description: str
+    make: Callable[[np.random.Generator, int, int], Episode]  # (rng, image size, shots) -> episode
+
+
+TASKS: dict[str, ProceduralTask] = {t.name: t for t in [
+    ProceduralTask("binding", "2-way: new words bound to held-out object kinds (\"This is a dax.\")",
+                   lambda rng, size, shots: procedural.binding_episode(rng, size, "eval", ways=2, shots=shots)),
+    ProceduralTask("binding-colours", "2-way: new words bound to held-out colours",
+                   lambda rng, size, shots: procedural.binding_episode(rng, size, "eval", ways=2, shots=shots,
+                                                                      by="colour")),
+    ProceduralTask("induction", "\"Output: X\", X the colour or the kind (held-out ones), shown only by example; "
+                   "6 candidates", lambda rng, size, shots: procedural.induction_episode(rng, size, "eval", shots=shots)),
+]}
+
+
+def episode_items(support: Sequence[procedural.Segment], query: procedural.Segment,
+                  end_of_chunk: str = "<|endofchunk|>") -> list[Any]:
+    """Interleaved prompt items: each support chunk is image, text, <|endofchunk|>; then the query."""
+    items: list[Any] = []
+    for segment in support:
+        items += [segment.image, "".join(piece for piece, _ in segment.text) + end_of_chunk]
+    return items + [query.image, "".join(piece for piece, _ in query.text)]
+
+
+def make_episode(task: str, shots: int, seed: int, index: int, image_size: int = 224) -> Episode:
+    if task not in TASKS:
+        raise ValueError(f"unknown procedural task {task!r}; expected one of {sorted(TASKS)}")
+    rng = np.random.default_rng([seed, shots, index, sum(map(ord, task))])
+    return TASKS[task].make(rng, image_size, shots)
+
+
+@torch.no_grad()
+def episode_accuracy(model: Flamingo, task: str, shots: int, seed: int, episodes: int,
+                     batch_size: int = 16) -> float:
+    """Fraction of episodes whose answer scores highest among its candidates (summed log-prob)."""
+    correct = 0
+    for start in range(0, episodes, batch_size):
+        batch = [make_episode(task, shots, seed, i) for i in range(start, min(start + batch_size, episodes))]
+        prompts = [interleaved_prompt(episode_items(s, q, model.config.end_of_chunk_token), model.config.media_token)
+                   for s, q, _, _ in batch]
+        state = encode_prompts(model, prompts)
+        scores = score_candidates(model, state, [candidates for _, _, _, candidates in batch])
+        best = scores.sum_logprob.argmax(1).tolist()
+        correct += sum(candidates[b] == answer for b, (_, _, answer, candidates) in zip(best, batch))
+    return correct / episodes
+
+
+@dataclass
+class ShotsResult:
+    task: str
+    shots: int
+    accuracies: list[float]  # one per seed
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accuracies)
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+
+
+def evaluate(model: Flamingo, tasks: Sequence[str], shots: Sequence[int], seeds: Sequence[int], episodes: int,
+             progress: Callable[[str], None] | None = None) -> list[ShotsResult]:
+    results = []
+    for task in tasks:
+        for k in shots:
+            accs = [episode_accuracy(model, task, k, seed, episodes) for seed in seeds]
+            results.append(ShotsResult(task, k, accs))
+            if progress:
+                progress(f"{task} {k}-shot: {100 * results[-1].mean:.1f}%")
+    return results
+
+
+def format_table(results: Sequence[ShotsResult]) -> str:
+    """A markdown table: one row per task, one column per shot count (mean ± std over seeds, %)."""
+    shots = sorted({r.shots for r in results})
+    tasks = list(dict.fromkeys(r.task for r in results))
+    cell = {(r.task, r.shots): f"{100 * r.mean:.1f} ± {100 * r.std:.1f}" for r in results}
+    lines = ["| task | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+             "|---|" + "---|" * len(shots)]
+    lines += [f"| {t} | " + " | ".join(cell.get((t, k), "") for k in shots) + " |" for t in tasks]
+    return "\n".join(lines)
