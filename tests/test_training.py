@@ -455,6 +455,22 @@ def test_bf16_autocast_on_cpu_keeps_fp32_master_weights(tmp_path, lm_dir, clip_d
     assert all(p.dtype == torch.float32 for p in default.model.parameters())
 
 
+def test_bf16_frozen_weights_with_a_batch_norm_encoder_and_procedural_data(tmp_path, lm_dir, clip_dir):
+    """EfficientNet's batch-norm statistics follow its bf16 weights (a mixed-dtype batch_norm
+    fails), and the procedural episodes train through the same loop."""
+    from flamingo.training.trainer import Trainer
+
+    data = tiny_train_dict(lm_dir("llama"), clip_dir, tmp_path / "run", steps=1, precision="bf16",
+                           frozen_dtype="bfloat16")
+    data["model"]["vision"] = {"kind": "efficientnet_lite0"}
+    data["datasets"] = [{"name": "episodes", "kind": "procedural", "weight": 1.0, "batch_size": 2,
+                         "tasks": {"binding": 1.0, "qa": 1.0}, "image_size": 64}]
+    result = Trainer(make_config(data)).fit()
+    assert math.isfinite(result.history[0].loss)
+    bn = [m for m in result.model.vision_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(m.running_var.dtype == torch.bfloat16 for m in bn)
+
+
 # ---------------------------------------------------------------------------- end to end
 def test_tiny_training_run_learns_to_read_the_images(tmp_path, caption_lm_dir, clip_dir):
     from flamingo.model.weights import load_pretrained
