@@ -326,3 +326,19 @@ def test_a_batch_without_any_media_is_text_only(lm_dir):
     with torch.no_grad():
         empty = model(ids, vision_features=torch.zeros(1, 0, 1, 5, FEATURE_DIM)).logits
         assert torch.equal(empty, model(ids).logits)
+
+
+def test_fresh_resampler_output_depends_on_the_image():
+    """Encoder features share a large common part across images; a fresh resampler must keep the
+    image-dependent rest visible in its output (with std-1 latents it drowned: the gates then
+    had nothing to open for)."""
+    from flamingo.model.config import PerceiverConfig
+    from flamingo.model.perceiver import PerceiverResampler
+
+    torch.manual_seed(0)
+    features = 0.7 * torch.randn(1, 1, 49, 64) + 0.3 * torch.randn(8, 1, 49, 64)
+    resampler = PerceiverResampler(PerceiverConfig(depth=2, num_latents=8, heads=2, head_dim=16, ffw_mult=2,
+                                                   max_frames=1, dim=32), 64, "sqrelu")
+    with torch.no_grad():
+        out = resampler(features)
+    assert (out.std(0).mean() / out.std()) > 0.1

