@@ -62,6 +62,7 @@ class MediaCache:
     def __init__(self, video: bool, sampling: VideoSampling, capacity: int = 256) -> None:
         self.video, self.sampling, self.capacity = video, sampling, capacity
         self._items: OrderedDict[str, list[Image.Image] | SkipSample] = OrderedDict()
+        self.failed: set[str] = set()  # ids whose media could not be read (reported in the results)
 
     def get(self, sample: Sample) -> list[Image.Image]:
         """Frames, or raises SkipSample."""
@@ -73,6 +74,7 @@ class MediaCache:
                 value = read_media(sample, self.video, self.sampling)
             except SkipSample as err:
                 value = err
+                self.failed.add(sample.id)
             self._items[sample.id] = value
             if len(self._items) > self.capacity:
                 self._items.popitem(last=False)

@@ -88,6 +88,10 @@ def evaluate(model: Flamingo, tasks: list[str], data: DataConfig, settings: Eval
     summaries: dict[str, Any] = {}
     for task in specs:
         subsets = load_subsets(task, data, settings)
+        if settings.ensemble and task.open_ended:
+            subsets.notes.append("ensembling applies to close-ended tasks only: not used here")
+        if task.zero_shot_only and any(s > 0 for s in settings.shots):
+            subsets.notes.append("zero-shot benchmark: only 0 shots evaluated")
         evaluator = TaskEvaluator(model, task, subsets, settings, rank=rank, world=size, progress=progress)
         if settings.rices and any(s > 0 for s in settings.shots) and not task.zero_shot_only:
             cache = cache_path(cache_dir or default_cache_dir(), model, task.name, settings.split)
@@ -102,15 +106,12 @@ def evaluate(model: Flamingo, tasks: list[str], data: DataConfig, settings: Eval
             evaluator.run(done, writer)
         finally:
             writer.close()
-        if settings.demo_mode == "shared":  # the demo ids of every trial, for the results
-            for shots, trial in evaluator.plan():
-                if (shots, trial) not in evaluator.trial_info and not (settings.rices and shots > 0):
-                    evaluator.shared_demos(shots, trial)
         _barrier(size)
         if rank == 0:
             records = merge_shards(predictions, task.name)
             summaries[task.name] = summarize(task, records, subsets.query, evaluator.plan(), evaluator.trial_info,
                                              subsets.notes, len(subsets.support))
+            summaries[task.name]["missing_media"]["support_unreadable"] = len(evaluator.media.failed)
     if rank != 0:
         return None
     results = _merge_previous(out_dir, {**identity, "tasks": summaries})
