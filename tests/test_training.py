@@ -179,6 +179,28 @@ def test_weight_decay_groups_exempt_only_the_resampler(lm_dir):
         torch.testing.assert_close(param.detach(), before[name] * factor, msg=name)
 
 
+def test_lr_scale_multiplies_the_learning_rate_by_longest_prefix(lm_dir):
+    from conftest import build_tiny
+
+    from flamingo.training.config import OptimConfig
+    from flamingo.training.optim import build_optimizer, set_learning_rate
+
+    model = build_tiny(lm_dir("llama"))
+    named = model.trainable_state_dict()
+    config = OptimConfig(lr=0.1, weight_decay=0.0, lr_scale={"perceiver": 0.0, "cross_attn": 0.5,
+                                                             "cross_attn.0.attn_gate": 2.0})
+    optimizer = build_optimizer(named, config)
+    set_learning_rate(optimizer, 0.1)
+    before = {k: v.detach().clone() for k, v in named.items()}
+    for p in named.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # Adam's first step moves every element by lr (its scaled one here)
+    for name, param in named.items():
+        lr = 0.0 if name.startswith("perceiver.") else 0.2 if name == "cross_attn.0.attn_gate" else \
+            0.05 if name.startswith("cross_attn.") else 0.1
+        torch.testing.assert_close(before[name] - param.detach(), torch.full_like(param, lr), msg=name)
+
+
 def test_warmup_then_constant_and_cosine():
     from flamingo.training.config import ScheduleConfig
     from flamingo.training.optim import learning_rate

@@ -75,6 +75,8 @@ class OptimConfig:
         and the tanh gates included (true); false also exempts every parameter with <= 1 dimension,
         the common practice elsewhere.
     grad_clip: global L2-norm clipping threshold; 0 disables clipping (the norm is still logged).
+    lr_scale: learning-rate multipliers by parameter-name prefix (longest prefix wins), e.g.
+        {perceiver: 0.1}; 0 freezes those parameters at their initial values.
     """
 
     lr: float = 1e-4
@@ -84,6 +86,7 @@ class OptimConfig:
     no_decay: list[str] = field(default_factory=lambda: ["perceiver"])
     decay_norms_biases_gates: bool = True
     grad_clip: float = 1.0
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,6 +208,9 @@ class TrainConfig:
         check(o.eps > 0, "optim.eps", "a number > 0", o.eps)
         check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
         check(o.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0: no clipping)", o.grad_clip)
+        check(isinstance(o.lr_scale, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
+                                                   for k, v in o.lr_scale.items()),
+              "optim.lr_scale", "a mapping of parameter-name prefixes to numbers >= 0", o.lr_scale)
         check(s.warmup_steps >= 0, "schedule.warmup_steps", "an integer >= 0", s.warmup_steps)
         check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
         check(c.every >= 1, "checkpoint.every", "an integer >= 1", c.every)

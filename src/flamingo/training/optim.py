@@ -26,21 +26,29 @@ def no_decay(name: str, param: torch.Tensor, config: OptimConfig) -> bool:
     return not config.decay_norms_biases_gates and param.ndim <= 1
 
 
+def lr_scale(name: str, config: OptimConfig) -> float:
+    """The learning-rate multiplier of `name`: that of the longest matching `lr_scale` prefix."""
+    matches = [p for p in config.lr_scale if name == p or name.startswith(p + ".")]
+    return float(config.lr_scale[max(matches, key=len)]) if matches else 1.0
+
+
 def parameter_groups(named_params: dict[str, nn.Parameter], config: OptimConfig) -> list[dict]:
-    """Two AdamW groups, "decay" (weight_decay) and "no_decay" (0), in a fixed order; each
-    carries `names`, the trainable-parameter names it holds (for inspection and logs)."""
-    groups = {"decay": ([], []), "no_decay": ([], [])}
+    """AdamW groups, "decay" (weight_decay) and "no_decay" (0) — split further by learning-rate
+    multiplier when `lr_scale` is set — in a fixed order; each carries `names`, the
+    trainable-parameter names it holds (for inspection and logs), and its `lr_scale`."""
+    groups: dict[tuple[str, float], tuple[list, list]] = {}
     seen: set[int] = set()
     for name, param in named_params.items():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        params, names = groups["no_decay" if no_decay(name, param, config) else "decay"]
+        key = ("no_decay" if no_decay(name, param, config) else "decay", lr_scale(name, config))
+        params, names = groups.setdefault(key, ([], []))
         params.append(param)
         names.append(name)
-    return [{"params": params, "names": names, "group": key,
-             "weight_decay": config.weight_decay if key == "decay" else 0.0}
-            for key, (params, names) in groups.items() if params]
+    return [{"params": params, "names": names, "group": kind, "lr_scale": scale,
+             "weight_decay": config.weight_decay if kind == "decay" else 0.0}
+            for (kind, scale), (params, names) in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
 
 
 def build_optimizer(named_params: dict[str, nn.Parameter], config: OptimConfig) -> torch.optim.AdamW:
@@ -70,7 +78,7 @@ def learning_rate(step: int, base_lr: float, schedule: ScheduleConfig, total_ste
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float,
