@@ -190,3 +190,27 @@ def test_unknown_task_and_bad_data_config(tmp_path):
     assert config.task("coco").test.annotations == tmp_path / "data" / "x.json"
     with pytest.raises(EvalDataError, match=r"d\.yaml: tasks: no entry for task 'vqav2' \(it has: coco\)"):
         config.task("vqav2")
+
+
+def test_a_field_the_task_does_not_read_is_an_error(tmp_path):
+    from flamingo.evaluation.settings import EvalSettings
+    from flamingo.evaluation.suite import load_subsets
+
+    (tmp_path / "d.yaml").write_text("tasks:\n  coco:\n    test: {annotations: k.json, media: img, questions: q.json}\n")
+    with pytest.raises(EvalDataError, match=r"d\.yaml: tasks\.coco\.test: task coco does not read questions "
+                                             r"\(it reads: annotations, media\)"):
+        load_subsets(get_task("coco"), load_data_config(tmp_path / "d.yaml"), EvalSettings())
+
+
+def test_example_data_config_covers_every_task_with_fields_it_reads():
+    from dataclasses import fields as dc_fields
+
+    from flamingo.evaluation.data_config import SplitPaths
+
+    config = load_data_config(Path(__file__).parents[1] / "configs" / "eval" / "data.example.yaml")
+    assert set(config.tasks) == set(TASKS)
+    for name, entry in config.tasks.items():
+        for split in (entry.test, entry.train):
+            if split is not None:
+                used = {f.name for f in dc_fields(SplitPaths) if getattr(split, f.name) is not None}
+                assert used <= set(TASKS[name].fields), name

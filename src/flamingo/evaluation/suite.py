@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flamingo.evaluation.data_config import DataConfig
+from flamingo.evaluation.data_config import DataConfig, SplitPaths
 from flamingo.evaluation.loaders import LOADERS
 from flamingo.evaluation.records import RecordWriter, merge_shards, read_all, record_key
 from flamingo.evaluation.report import summarize, write_reports
@@ -48,6 +49,12 @@ def _barrier(size: int) -> None:
 
 def load_subsets(task: TaskSpec, data: DataConfig, settings: EvalSettings) -> Subsets:
     paths = data.task(task.name)
+    for split, split_paths in (("test", paths.test), ("train", paths.train)):
+        unread = [f.name for f in fields(SplitPaths) if getattr(split_paths, f.name) is not None
+                  and f.name not in task.fields] if split_paths is not None else []
+        if unread:  # most likely a field meant for another task: say so rather than ignore it
+            raise EvalDataError(f"{data.path}: tasks.{task.name}.{split}: task {task.name} does not read "
+                                f"{', '.join(unread)} (it reads: {', '.join(task.fields)})")
     loader = LOADERS[task.loader]
     train = loader(paths.train, "train", f"tasks.{task.name}.train") if paths.train is not None else None
     test = loader(paths.test, "test", f"tasks.{task.name}.test")

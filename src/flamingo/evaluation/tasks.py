@@ -32,7 +32,7 @@ class TaskSpec:
     val_query_size: int | None = 1024  # B.1.4 validation query subset; None: per class
     max_new_tokens: int = 0  # open-ended only
     zero_shot_only: bool = False
-    fields: tuple[str, ...] = ("annotations", "media")  # data config fields it reads
+    fields: tuple[str, ...] = ("annotations", "media", "media_pattern")  # data config fields it reads
 
     @property
     def open_ended(self) -> bool:
@@ -85,8 +85,10 @@ def _t(name: str, loader: str, kind: Kind, metric: str, template: str, **kw: Any
 
 _VQA_FIELDS = ("questions", "annotations", "media", "media_pattern")
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    _t("coco", "karpathy", "caption", "CIDEr", CAPTION, val_query_size=5000, max_new_tokens=20),
-    _t("flickr30k", "karpathy", "caption", "CIDEr", CAPTION, val_query_size=5000, max_new_tokens=20),
+    _t("coco", "karpathy", "caption", "CIDEr", CAPTION, val_query_size=5000, max_new_tokens=20,
+       fields=("annotations", "media")),
+    _t("flickr30k", "karpathy", "caption", "CIDEr", CAPTION, val_query_size=5000, max_new_tokens=20,
+       fields=("annotations", "media")),
     _t("vqav2", "vqa", "vqa", "VQA accuracy", QA, max_new_tokens=5, fields=_VQA_FIELDS),
     _t("okvqa", "vqa", "vqa", "OK-VQA accuracy", QA, max_new_tokens=5, fields=_VQA_FIELDS),
     _t("textvqa", "textvqa", "vqa", "VQA accuracy", QA, max_new_tokens=10),
@@ -102,7 +104,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
        fields=("annotations", "media", "video_map", "media_pattern")),
     _t("ivqa", "ivqa", "vqa", "iVQA accuracy", QA, video=True, max_new_tokens=5),
     _t("nextqa", "nextqa", "vqa", "WUPS", QA, video=True, max_new_tokens=10,
-       fields=("annotations", "media", "video_map")),
+       fields=("annotations", "media", "video_map", "media_pattern")),
     _t("star", "star", "choice", "top-1", QA, video=True),
     _t("vatex", "vatex", "caption", "CIDEr", CAPTION, video=True, max_new_tokens=20),
     _t("youcook2", "youcook2", "caption", "CIDEr", CAPTION, video=True, max_new_tokens=20),
