@@ -7,8 +7,11 @@ log-likelihood (OpenFlamingo's `evaluate_classification` uses `normalize_length=
 
 - Ours: `FewShotContext(model, support).rank(queries, class_names, normalise_length=True)`:
   the support examples run once, the 16 queries are appended to that cache (`extend`), and the
-  1,600 (query, class) continuations are scored in chunks of 128 rows, one forward per chunk.
-  Timed from the PIL images (our preprocessing included).
+  1,600 (query, class) continuations are scored: a class name's first token from the query's own
+  next-token prediction, its other tokens by feeding it up to its last-but-one token, grouped by
+  length (no padding) in forwards of up to 128 rows made of whole queries (which then share
+  their visual tokens and cross-attention keys/values). Timed from the PIL images (our
+  preprocessing included).
 - OpenFlamingo: its evaluation loop (`evaluate_classification` -> `EvalModel.
   get_rank_classifications(use_cache=True, normalize_length=True)` -> `get_predicted_classnames`,
   reproduced in `_of_worker.py`): batches of 8 queries (eval's default --batch_size), each with

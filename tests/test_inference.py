@@ -133,6 +133,49 @@ def test_scores_equal_a_manual_sum_of_log_probs(model):
                                                    [" red", " blue", " green"]).sum_logprob)
 
 
+def test_scoring_chunks_by_length_and_prompt_equal_manual_sums(model):
+    """Candidates of 1-3+ tokens, ragged and shared lists, chunks smaller than a prompt's rows
+    and chunks spanning prompts with different image counts: every score is the manual sum."""
+    prompts = [text_prompt("<image>Output:", [RED]), text_prompt("Look:<image> and<image> Output:", [BLUE, GREEN]),
+               text_prompt(" no image, Output:", [])]
+    state = encode_prompts(model, prompts)
+    shared = [" red", " a blue square", " green circle", " grey", " a red circle here", " blue"]
+    ragged = [shared, [" square", " a green"], shared[::-1]]
+    manual = {}
+    for b, options in enumerate(ragged):
+        for text in set(options) | set(shared):
+            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            logits = full_logits(model, prompts[b], ids)
+            logp = logits[-len(ids) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).sum()
+            manual[b, text] = (float(logp), len(ids))
+    for candidates in (shared, ragged):
+        lists = candidates if isinstance(candidates[0], list) else [candidates] * len(prompts)
+        for max_rows in (1, 2, 5, 128):
+            scores = score_candidates(model, state, candidates, max_rows=max_rows)
+            for b, options in enumerate(lists):
+                for c, text in enumerate(options):
+                    logp, length = manual[b, text]
+                    assert float(scores.sum_logprob[b, c]) == pytest.approx(logp, abs=1e-4), (b, c, max_rows)
+                    assert int(scores.num_tokens[b, c]) == length
+    assert len({len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in shared}) >= 3
+
+
+def test_few_row_output_head_equals_the_linear_layer():
+    from flamingo.model.language_model import _few_rows_linear
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        linear = torch.nn.Linear(24, 300, bias=bias)
+        for shape in ((1, 24), (2, 1, 24), (3, 1, 24), (1, 5, 24), (16, 24), (4, 9, 24)):
+            hidden = torch.randn(shape)
+            with torch.no_grad():
+                out = _few_rows_linear(linear, hidden)
+            assert out.shape == (*shape[:-1], 300)
+            assert torch.allclose(out, linear(hidden), atol=1e-5, rtol=1e-5)
+        hidden = torch.randn(2, 24, requires_grad=True)
+        assert _few_rows_linear(linear, hidden).requires_grad  # with grad: the module itself
+
+
 def test_stops_at_end_of_chunk_and_stop_strings_and_streams(model):
     prompt = text_prompt("<image>An image of", [RED])
     state = encode_prompts(model, [prompt])

@@ -37,49 +37,91 @@ def score_candidates(model: Flamingo, state: FlamingoState, candidates: Sequence
     """Score each candidate continuation of each sequence of `state` (left unchanged).
 
     candidates: one list per sequence, or one list shared by all sequences (class names).
+
+    A candidate's first token is scored from the prompt's own next-token prediction (no forward
+    pass); the others need the candidate fed up to its last-but-one token. Candidates are
+    grouped by that length (no padding), and each forward pass takes up to `max_rows` of them,
+    by whole prompts where possible so that a prompt's rows share its visual tokens and
+    cross-attention keys/values.
     """
     batch = state.batch_size
     if candidates and isinstance(candidates[0], str):
         candidates = [list(candidates)] * batch
     if len(candidates) != batch:
         raise PromptError(f"expected one candidate list per prompt ({batch}), got {len(candidates)}")
-    token_lists = []
+    if max_rows < 1:
+        raise PromptError(f"max_rows: expected an integer >= 1, got {max_rows!r}")
+    tokenized: dict[str, list[int]] = {}
+    entries = []  # (prompt, slot, ids)
     for b, options in enumerate(candidates):
         if not options:
             raise PromptError(f"prompt {b}: no candidates to score")
-        for text in options:
-            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        for c, text in enumerate(options):
+            if text not in tokenized:
+                tokenized[text] = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenized[text]
             if not ids:
                 raise PromptError(f"prompt {b}: candidate {text!r} has no tokens")
-            token_lists.append((b, ids))
+            entries.append((b, c, ids))
 
     width = max(len(c) for c in candidates)
     sums = torch.full((batch, width), float("-inf"))
     counts = torch.zeros(batch, width, dtype=torch.long)
-    slot = [c for options in candidates for c in range(len(options))]
-    for start in range(0, len(token_lists), max_rows):
-        chunk = token_lists[start:start + max_rows]
-        chunk_sums, chunk_counts = _score_rows(model, state, chunk)
-        for i, (b, _) in enumerate(chunk):
-            sums[b, slot[start + i]] = chunk_sums[i]
-            counts[b, slot[start + i]] = chunk_counts[i]
+    prompt_index = torch.tensor([b for b, _, _ in entries])
+    slot_index = torch.tensor([c for _, c, _ in entries])
+    counts[prompt_index, slot_index] = torch.tensor([len(ids) for _, _, ids in entries])
+    first = state.next_token_logits.float().log_softmax(-1).cpu()  # [B, V]
+    sums[prompt_index, slot_index] = first[prompt_index, torch.tensor([ids[0] for _, _, ids in entries])]
+
+    by_length: dict[int, list[tuple[int, int, list[int]]]] = {}
+    for entry in entries:
+        if len(entry[2]) > 1:
+            by_length.setdefault(len(entry[2]), []).append(entry)
+    for group in by_length.values():
+        for chunk in _chunks(group, max_rows):
+            rest = _score_rows(model, state, chunk)
+            sums.index_put_((torch.tensor([b for b, _, _ in chunk]), torch.tensor([c for _, c, _ in chunk])),
+                            rest, accumulate=True)
     return CandidateScores(sums, counts)
 
 
-def _score_rows(model: Flamingo, state: FlamingoState, rows: list[tuple[int, list[int]]]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunks(group: list[tuple[int, int, list[int]]], max_rows: int) -> list[list[tuple[int, int, list[int]]]]:
+    """Split rows (in prompt order) into chunks of at most `max_rows`, by whole prompts where
+    they fit; a prompt with more rows than that is split evenly on its own."""
+    runs: list[list[tuple[int, int, list[int]]]] = []
+    for entry in group:
+        if runs and runs[-1][0][0] == entry[0]:
+            runs[-1].append(entry)
+        else:
+            runs.append([entry])
+    chunks: list[list[tuple[int, int, list[int]]]] = []
+    current: list[tuple[int, int, list[int]]] = []
+    for run in runs:
+        if len(run) > max_rows:
+            if current:
+                chunks.append(current)
+                current = []
+            pieces = -(-len(run) // max_rows)
+            size = -(-len(run) // pieces)
+            chunks += [run[i:i + size] for i in range(0, len(run), size)]
+        elif len(current) + len(run) > max_rows:
+            chunks.append(current)
+            current = list(run)
+        else:
+            current += run
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _score_rows(model: Flamingo, state: FlamingoState, rows: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+    """Summed log-probabilities of tokens 2.. of candidates of one length, one forward pass."""
     device = state.attention_mask.device
-    prompt_rows = torch.tensor([b for b, _ in rows], device=device)
-    work = state.select_rows(prompt_rows)
-    length = max(len(ids) for _, ids in rows)
-    pad = model.tokenizer.pad_token_id
-    ids = torch.tensor([t + [pad] * (length - len(t)) for _, t in rows], device=device)
-    real = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for _, t in rows], device=device)
-    first_logits = work.next_token_logits  # predicts the first candidate token
-    logits = work.step(model, ids, logits_to_keep=length)  # right padding never affects real tokens
-    predicting = torch.cat([first_logits[:, None], logits[:, :-1]], dim=1).float()
-    logprobs = predicting.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
-    return (logprobs * real).sum(1).cpu(), real.sum(1).cpu()
+    work = state.select_rows(torch.tensor([b for b, _, _ in rows], device=device), keep_logits=False)
+    ids = torch.tensor([t for _, _, t in rows], device=device)  # [R, n], all of one length
+    logits = work.step(model, ids[:, :-1], logits_to_keep=ids.shape[1] - 1)
+    logprobs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return logprobs.sum(1).cpu()
 
 
 @torch.no_grad()

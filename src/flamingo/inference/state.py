@@ -61,31 +61,54 @@ class FlamingoState:
     def repeat_rows(self, times: int) -> "FlamingoState":
         """A new state with every sequence repeated `times` times in a row (the LM cache is
         copied; media rows are shared, not copied)."""
-        cache = copy.deepcopy(self.past_key_values)
+        cache = _copy_cache(self.past_key_values)
         cache.batch_repeat_interleave(times)
         return FlamingoState(cache, self.attention_mask.repeat_interleave(times, 0), self.visual_tokens,
                              self.num_media, self.next_token_logits.repeat_interleave(times, 0), self.kv_cache)
 
-    def select_rows(self, rows: torch.Tensor) -> "FlamingoState":
+    def select_rows(self, rows: torch.Tensor, keep_logits: bool = True) -> "FlamingoState":
         """A new state made of the given sequences (any order, repeats allowed). Media rows are
-        shared when the selection keeps whole runs of equal media; otherwise they are gathered."""
+        shared when the selection keeps whole runs of equal media; otherwise they are gathered.
+        keep_logits=False leaves next_token_logits empty (for a caller that steps at once)."""
         rows = rows.to(self.attention_mask.device)
-        cache = copy.deepcopy(self.past_key_values)
+        cache = _copy_cache(self.past_key_values)
         cache.batch_select_indices(rows)
         media_rows = rows // self.rows_per_media
         runs = torch.unique_consecutive(media_rows, return_counts=True)
         shareable = (runs[1] == runs[1][0]).all() and len(runs[0]) * int(runs[1][0]) == len(rows)
         index = runs[0] if shareable else media_rows
         kv = {layer: (k[index], v[index]) for layer, (k, v) in self.kv_cache.items()}
+        logits = self.next_token_logits[rows] if keep_logits else self.next_token_logits[:0]
         return FlamingoState(cache, self.attention_mask[rows], self.visual_tokens[index], self.num_media[index],
-                             self.next_token_logits[rows], kv)
+                             logits, kv)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """In place: sequence i becomes sequence rows[i]. Rows must stay within their media row
         (as beam search guarantees: a beam only continues beams of the same sample)."""
+        if torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+            return  # every beam continues itself: nothing moves
         self.past_key_values.reorder_cache(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_token_logits = self.next_token_logits[rows]
+
+
+def _copy_cache(cache: Any) -> Any:
+    """An independent copy of an LM cache for a new state, without copying its tensors where
+    that is safe: the per-layer tensors of Hugging Face's dynamic cache layers are never written
+    in place (growing, reordering and selecting rows all make new tensors), so the copy can start
+    from the same ones. Any other cache is deep-copied."""
+    try:
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:  # older transformers: no cache layers
+        return copy.deepcopy(cache)
+    shared = {}
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    shared[id(tensor)] = tensor
+    return copy.deepcopy(cache, memo=shared)
 
 
 def _tokenize(model: Flamingo, texts: Sequence[str], add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +180,7 @@ def extend(model: Flamingo, context: FlamingoState, queries: Sequence[Prompt], *
     visual_tokens = torch.cat([carried, query_tokens.to(carried.dtype)], dim=1)
     num_media = query_counts + keep
 
-    cache = copy.deepcopy(context.past_key_values)
+    cache = _copy_cache(context.past_key_values)
     cache.batch_repeat_interleave(num)
     mask = torch.cat([context.attention_mask.expand(num, -1), query_mask.to(device)], dim=1)
     kv: dict = {}
