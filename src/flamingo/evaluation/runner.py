@@ -42,7 +42,6 @@ class _Row:
     """One prompt to run: query `query` (index in the batch) with demos `demos` in that order."""
 
     query: int
-    variant: int
     demos: tuple[Sample, ...]
     text_only: bool  # zero-shot: the demos' images are removed
 
@@ -182,8 +181,8 @@ class TaskEvaluator:
         rows: list[_Row] = []
         for i in live:
             query_ids = self.settings.demo_mode == "per_query" or self.settings.rices
-            for v, order in enumerate(self._variants(demos[i], shots, trial, batch[i] if query_ids else None)):
-                rows.append(_Row(i, v, order, text_only=shots == 0))
+            for order in self._variants(demos[i], shots, trial, batch[i] if query_ids else None):
+                rows.append(_Row(i, order, text_only=shots == 0))
         rows = self._drop_out_of_context(rows, batch, records, base)
         outputs = self._run_rows(rows, batch, frames)
         records.update(self._records(rows, outputs, batch, base, records))
