@@ -116,7 +116,6 @@ def write_data(root: Path, tokenizer, images, train: int, queries: int, seed: in
 
 def pixel_table(model, root: Path) -> Path:
     """{file name: pixel tensor} of every image, made by our processor, for OpenFlamingo's side."""
-    import torch
     from PIL import Image
     from safetensors.torch import save_file
 
