@@ -133,3 +133,14 @@ def test_the_shipped_bridge_reads_shapes(embedded, kind):
     prompt = interleaved_prompt([procedural.render(scene), "Question: What shape is this? Answer:"])
     scores = score_candidates(embedded, encode_prompts(embedded, [prompt]), [[f" {k}" for k in kinds]])
     assert kinds[int(scores.sum_logprob[0].argmax())] == kind
+
+
+def test_accuracy_table_shows_spread_only_across_seeds():
+    from flamingo.evaluation.procedural import ShotsResult, format_table
+
+    table = format_table([ShotsResult("binding", 0, [0.5, 0.75]), ShotsResult("binding", 4, [1.0, 1.0]),
+                          ShotsResult("induction", 0, [0.25])])
+    lines = table.splitlines()
+    assert lines[0] == "| task | 0-shot | 4-shot |"
+    assert lines[2] == "| binding | 62.5 ± 12.5 | 100.0 ± 0.0 |"
+    assert lines[3] == "| induction | 25.0 |  |"

@@ -109,7 +109,10 @@ def format_table(results: Sequence[ShotsResult]) -> str:
     """A markdown table: one row per task, one column per shot count (mean ± std over seeds, %)."""
     shots = sorted({r.shots for r in results})
     tasks = list(dict.fromkeys(r.task for r in results))
-    cell = {(r.task, r.shots): f"{100 * r.mean:.1f} ± {100 * r.std:.1f}" for r in results}
+    def cell_text(r: ShotsResult) -> str:  # no spread to show from a single seed
+        return f"{100 * r.mean:.1f}" + (f" ± {100 * r.std:.1f}" if len(r.accuracies) > 1 else "")
+
+    cell = {(r.task, r.shots): cell_text(r) for r in results}
     lines = ["| task | " + " | ".join(f"{k}-shot" for k in shots) + " |",
              "|---|" + "---|" * len(shots)]
     lines += [f"| {t} | " + " | ".join(cell.get((t, k), "") for k in shots) + " |" for t in tasks]
