@@ -65,6 +65,7 @@ The last line is `training throughput vs OpenFlamingo: X.XXx`.
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import math
 import os
 import statistics
@@ -88,7 +89,11 @@ LR, WEIGHT_DECAY, WARMUP = 1e-4, 0.1, 5000
 def import_train_one_epoch():
     """OpenFlamingo's training step function from the installed wheel."""
     C.import_openflamingo()  # stubs open_clip (only its factory needs it)
-    sys.modules.setdefault("wandb", types.ModuleType("wandb"))  # imported at module level, unused here
+    # wandb is imported at module level there, unused here; the stub needs a spec because
+    # accelerate (imported by transformers) probes packages with importlib.util.find_spec.
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    sys.modules.setdefault("wandb", wandb)
     try:
         from open_flamingo.train.train_utils import train_one_epoch
     except ImportError as err:
