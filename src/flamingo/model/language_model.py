@@ -218,7 +218,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, Any]:
-    """Load the frozen LM and its tokenizer from the hub or a local directory."""
+    """Load the frozen LM and its tokenizer from the hub, a local directory, or a GGUF file inside an
+    installed package (converted once into a cached checkpoint; see flamingo.model.lm_source)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_package_path(config.name_or_path)
