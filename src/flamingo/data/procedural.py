@@ -272,16 +272,13 @@ def qa_document(rng: np.random.Generator, size: int, split: Split = "train") -> 
 
 
 def binding_episode(rng: np.random.Generator, size: int, split: Split = "train", *, ways: int = 2, shots: int = 4,
-                    by: Literal["kind", "colour"] = "kind", words: bool = True) -> tuple[list[Segment], Segment, str, list[str]]:
-    """Support chunks binding labels to object kinds (or colours), then a query chunk.
-
-    words: new made-up words as labels ("This is a dax."); otherwise the category's own name
-        ("This is a pink." for colours — used to show new colours by example).
-    Returns (support, query, answer, candidate labels). The query's text is the prompt only.
-    """
+                    by: Literal["kind", "colour"] = "kind") -> tuple[list[Segment], Segment, str, list[str]]:
+    """Support chunks binding new made-up words to object kinds (or colours) — "This is a dax." —
+    then a query chunk. Returns (support, query, answer, candidate labels); the query's text is
+    the prompt only."""
     pool = kinds(split) if by == "kind" else colours(split)
     categories = [str(c) for c in rng.choice(pool, size=ways, replace=False)]
-    labels = [new_word(rng, split) for _ in categories] if words else list(categories)
+    labels = [new_word(rng, split) for _ in categories]
     while len(set(labels)) < ways:
         labels = [new_word(rng, split) for _ in categories]
     order = [i % ways for i in range(shots)]  # every category shown once before any repeats
@@ -327,7 +324,7 @@ def training_document(task: str, rng: np.random.Generator, size: int) -> list[Se
         if task == "binding":
             by = "kind" if rng.random() < 0.8 else "colour"
             support, query, answer, _ = binding_episode(rng, size, ways=2 + int(rng.integers(2)),
-                                                        shots=3 + int(rng.integers(5)), by=by, words=True)
+                                                        shots=3 + int(rng.integers(5)), by=by)
         else:
             support, query, answer, _ = induction_episode(rng, size, shots=2 + int(rng.integers(4)))
         query.text.append((answer, True))

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from flamingo.data.batch import IGNORE_INDEX, Batch, TrainingSample, collate
+from flamingo.data.procedural import training_document
 from flamingo.data.shapes import COLOURS as DATA_COLOURS
 from flamingo.data.shapes import SHAPES, draw_shape
 from flamingo.model.config import ConfigError
@@ -117,8 +118,6 @@ class ProceduralSource(InMemorySource):
     def __init__(self, name: str, tokenizer: Any, media_token_id: int, eoc_token_id: int, image_processor: Any,
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  tasks: dict[str, float] | None = None, image_size: int = 224) -> None:
-        from flamingo.data.procedural import training_document
-
         tasks = tasks or {"caption": 1.0}
         known = ("caption", "qa", "binding", "induction")
         if not isinstance(tasks, dict) or not tasks or any(t not in known or not isinstance(w, (int, float)) or w <= 0
@@ -133,13 +132,12 @@ class ProceduralSource(InMemorySource):
         self.task_probs = weights / weights.sum()
         # What the tokenizer puts in front of a text (a BOS or nothing), as at inference.
         self.prefix = tokenizer("", add_special_tokens=True)["input_ids"]
-        self._document = training_document
 
     def sample(self, index: int) -> TrainingSample:
         rng = np.random.default_rng([self.seed, index])
         task = self.task_names[int(rng.choice(len(self.task_names), p=self.task_probs))]
         ids, targets, images = list(self.prefix), [False] * len(self.prefix), []
-        for segment in self._document(task, rng, self.image_size):
+        for segment in training_document(task, rng, self.image_size):
             if segment.image is not None:
                 images.append(self.processor(segment.image))
                 ids.append(self.media_token_id)
