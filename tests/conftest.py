@@ -152,3 +152,22 @@ def solid_image(colour, size: int = 40):
     from PIL import Image
 
     return Image.new("RGB", (size, size), colour)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module, restored afterwards: tiny models run fastest and
+    deterministically on one, and on a busy machine OpenMP's spinning threads make every op many
+    times slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(lm_dir, clip_dir):
+    """A tiny Flamingo (llama LM, CLIP tower) with random non-zero gates, in eval mode."""
+    m = build_with_vision(lm_dir("llama"), clip_dir)
+    randomize_gates(m)
+    return m.eval()

@@ -8,10 +8,8 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import eval_fixtures as F
-from conftest import build_with_vision, randomize_gates
 from flamingo.cli import main
 from flamingo.evaluation import EvalSettings, evaluate, load_data_config
 from flamingo.evaluation.records import RecordWriter, merge_shards, read_all
@@ -20,21 +18,7 @@ from flamingo.evaluation.suite import load_subsets
 from flamingo.evaluation.tasks import get_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spinning
-    threads make every op many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model(lm_dir, clip_dir):
-    m = build_with_vision(lm_dir("llama"), clip_dir)
-    randomize_gates(m)
-    return m.eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import eval_fixtures as F
-from conftest import build_with_vision, randomize_gates
 from flamingo.evaluation.data_config import SplitPaths
 from flamingo.evaluation.loaders import LOADERS
 from flamingo.evaluation.media import read_media
@@ -22,21 +21,7 @@ from flamingo.evaluation.tasks import get_task
 from flamingo.inference import GenerationConfig, encode_prompts, generate, interleaved_prompt, score_candidates
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spinning
-    threads make every op many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model(lm_dir, clip_dir):
-    m = build_with_vision(lm_dir("llama"), clip_dir)
-    randomize_gates(m)
-    return m.eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

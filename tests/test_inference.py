@@ -16,13 +16,6 @@ RED, BLUE, GREEN, GREY = (solid_image(c) for c in ("red", "blue", "green", "grey
 NO_STOP = dict(stop_at_end_of_chunk=False)
 
 
-@pytest.fixture(scope="module")
-def model(lm_dir, clip_dir):
-    m = build_with_vision(lm_dir("llama"), clip_dir)
-    randomize_gates(m)
-    return m.eval()
-
-
 def full_logits(model, prompt: Prompt, extra_ids=()):
     """Uncached reference: the whole prompt (plus extra ids) in one forward pass."""
     state_free_ids = model.tokenizer(prompt.text)["input_ids"] + list(extra_ids)

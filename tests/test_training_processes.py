@@ -17,7 +17,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_training import make_config, one_thread, tiny_train_dict  # noqa: F401 - fixture re-used
+from test_training import make_config, tiny_train_dict
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _env() -> dict[str, str]:
