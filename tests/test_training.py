@@ -195,6 +195,32 @@ def test_lr_scale_multiplies_the_learning_rate_by_longest_prefix(lm_dir):
         torch.testing.assert_close(before[name] - param.detach(), torch.full_like(param, lr), msg=name)
 
 
+def test_lr_delay_keeps_a_prefix_frozen_then_warms_it_up(lm_dir):
+    from conftest import build_tiny
+
+    from flamingo.training.config import OptimConfig
+    from flamingo.training.optim import build_optimizer, set_learning_rate
+
+    model = build_tiny(lm_dir("llama"))
+    named = model.trainable_state_dict()
+    optimizer = build_optimizer(named, OptimConfig(lr=0.1, weight_decay=0.1, lr_scale={"perceiver": 0.5},
+                                                   lr_delay={"perceiver": 3}))
+    by_name = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    resampler = [p for n, p in named.items() if n.startswith("perceiver.")]
+    others = [p for n, p in named.items() if not n.startswith("perceiver.")]
+    expected = {0: 0.0, 2: 0.0, 3: 0.1 * 0.5 / 4, 4: 0.1 * 0.5 * 2 / 4, 6: 0.05, 50: 0.05}
+    for step, resampler_lr in expected.items():
+        set_learning_rate(optimizer, 0.1, step, warmup_steps=4)
+        assert [by_name[id(p)]["lr"] for p in resampler] == pytest.approx([resampler_lr] * len(resampler)), step
+        assert [by_name[id(p)]["lr"] for p in others] == pytest.approx([0.1] * len(others)), step
+    set_learning_rate(optimizer, 0.1, 0)
+    before = [p.detach().clone() for p in resampler]
+    for p in named.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # lr 0: neither the update nor the decoupled weight decay moves them
+    assert all(torch.equal(b, p) for b, p in zip(before, resampler))
+
+
 def test_warmup_then_constant_and_cosine():
     from flamingo.training.config import ScheduleConfig
     from flamingo.training.optim import learning_rate

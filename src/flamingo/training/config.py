@@ -77,6 +77,9 @@ class OptimConfig:
     grad_clip: global L2-norm clipping threshold; 0 disables clipping (the norm is still logged).
     lr_scale: learning-rate multipliers by parameter-name prefix (longest prefix wins), e.g.
         {perceiver: 0.1}; 0 freezes those parameters at their initial values.
+    lr_delay: updates during which parameters under a prefix stay at their initial values, e.g.
+        {perceiver: 300}; afterwards their learning rate warms up linearly over
+        schedule.warmup_steps updates (a second warmup, as for a newly unfrozen part).
     """
 
     lr: float = 1e-4
@@ -87,6 +90,7 @@ class OptimConfig:
     decay_norms_biases_gates: bool = True
     grad_clip: float = 1.0
     lr_scale: dict[str, float] = field(default_factory=dict)
+    lr_delay: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -211,6 +215,9 @@ class TrainConfig:
         check(isinstance(o.lr_scale, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
                                                    for k, v in o.lr_scale.items()),
               "optim.lr_scale", "a mapping of parameter-name prefixes to numbers >= 0", o.lr_scale)
+        check(isinstance(o.lr_delay, dict) and all(isinstance(k, str) and isinstance(v, int) and v >= 0
+                                                   for k, v in o.lr_delay.items()),
+              "optim.lr_delay", "a mapping of parameter-name prefixes to integers >= 0", o.lr_delay)
         check(s.warmup_steps >= 0, "schedule.warmup_steps", "an integer >= 0", s.warmup_steps)
         check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
         check(c.every >= 1, "checkpoint.every", "an integer >= 1", c.every)

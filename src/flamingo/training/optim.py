@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,29 +27,42 @@ def no_decay(name: str, param: torch.Tensor, config: OptimConfig) -> bool:
     return not config.decay_norms_biases_gates and param.ndim <= 1
 
 
+def _by_prefix(name: str, table: dict[str, Any], default: Any) -> Any:
+    """The value of the longest prefix in `table` that `name` equals or starts with (dotted)."""
+    matches = [p for p in table if name == p or name.startswith(p + ".")]
+    return table[max(matches, key=len)] if matches else default
+
+
 def lr_scale(name: str, config: OptimConfig) -> float:
     """The learning-rate multiplier of `name`: that of the longest matching `lr_scale` prefix."""
-    matches = [p for p in config.lr_scale if name == p or name.startswith(p + ".")]
-    return float(config.lr_scale[max(matches, key=len)]) if matches else 1.0
+    return float(_by_prefix(name, config.lr_scale, 1.0))
+
+
+def lr_delay(name: str, config: OptimConfig) -> int:
+    """Updates during which `name` stays frozen: that of the longest matching `lr_delay` prefix."""
+    return int(_by_prefix(name, config.lr_delay, 0))
 
 
 def parameter_groups(named_params: dict[str, nn.Parameter], config: OptimConfig) -> list[dict]:
     """AdamW groups, "decay" (weight_decay) and "no_decay" (0) — split further by learning-rate
-    multiplier when `lr_scale` is set — in a fixed order; each carries `names`, the
-    trainable-parameter names it holds (for inspection and logs), and its `lr_scale`."""
-    groups: dict[tuple[str, float], tuple[list, list]] = {}
+    multiplier and delay when `lr_scale` / `lr_delay` are set — in a fixed order; each carries
+    `names`, the trainable-parameter names it holds (for inspection and logs), its `lr_scale`
+    and its `lr_delay`."""
+    groups: dict[tuple[str, float, int], tuple[list, list]] = {}
     seen: set[int] = set()
     for name, param in named_params.items():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        key = ("no_decay" if no_decay(name, param, config) else "decay", lr_scale(name, config))
+        key = ("no_decay" if no_decay(name, param, config) else "decay", lr_scale(name, config),
+               lr_delay(name, config))
         params, names = groups.setdefault(key, ([], []))
         params.append(param)
         names.append(name)
-    return [{"params": params, "names": names, "group": kind, "lr_scale": scale,
+    return [{"params": params, "names": names, "group": kind, "lr_scale": scale, "lr_delay": delay,
              "weight_decay": config.weight_decay if kind == "decay" else 0.0}
-            for (kind, scale), (params, names) in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
+            for (kind, scale, delay), (params, names) in sorted(groups.items(),
+                                                                key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2]))]
 
 
 def build_optimizer(named_params: dict[str, nn.Parameter], config: OptimConfig) -> torch.optim.AdamW:
@@ -76,9 +90,15 @@ def learning_rate(step: int, base_lr: float, schedule: ScheduleConfig, total_ste
     return base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, step: int = 0, warmup_steps: int = 0) -> None:
+    """Sets each group's learning rate for update `step`: `lr` times the group's `lr_scale`, 0
+    while `step` < its `lr_delay`, then warmed up linearly over `warmup_steps` updates."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        delay = group.get("lr_delay", 0)
+        ramp = 1.0
+        if delay:
+            ramp = 0.0 if step < delay else min(1.0, (step - delay + 1) / max(1, warmup_steps))
+        group["lr"] = lr * group.get("lr_scale", 1.0) * ramp
 
 
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float,

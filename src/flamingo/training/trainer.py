@@ -301,7 +301,7 @@ class Trainer:
             grad_norm = float(clip_grad_norm(self.params, cfg.optim.grad_clip))
             ok = math.isfinite(grad_norm)
         if ok:
-            set_learning_rate(self.optimizer, lr)
+            set_learning_rate(self.optimizer, lr, self.step, cfg.schedule.warmup_steps)
             self.optimizer.step()
             self.nonfinite_in_a_row = 0
         else:
