@@ -96,6 +96,39 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, lm_dir, cli
     assert [r["loss"] for r in records] == [r["loss"] for r in _metrics(tmp_path / "reference")]
 
 
+def test_sigterm_stops_after_the_current_update_with_a_checkpoint(tmp_path, lm_dir, clip_dir):
+    """Preemption: SIGTERM ends the run between updates with a checkpoint of that exact update
+    (no periodic checkpoint is due), exit status 128 + 15, no final model; --resume finishes it."""
+    from flamingo.training.checkpoint import latest_checkpoint
+
+    steps = 40
+    run_dir = tmp_path / "run"
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_train_dict(lm_dir("llama"), clip_dir, run_dir, steps=steps,
+                                                          checkpoint={"every": 1000, "keep": 2})))
+    command = [sys.executable, "-m", "flamingo.training", "train", str(config_path)]
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _metrics(run_dir):
+        assert proc.poll() is None, f"the run ended before it could be stopped:\n{proc.stderr.read()}"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped_at = max(r["step"] for r in _metrics(run_dir))
+    assert stopped_at < steps, "the signal came too late to test anything"
+    assert f"stopped by SIGTERM at step {stopped_at}" in stderr and "--resume" in stderr
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == f"step-{stopped_at:08d}"
+    assert not (run_dir / "final").exists()
+
+    done = subprocess.run(command + ["--resume"], check=False, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"trained to step {steps}" in done.stdout and (run_dir / "final").is_dir()
+    assert [r["step"] for r in _metrics(run_dir)] == list(range(1, steps + 1))
+
+
 def _torchrun(config_path: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "flamingo.training", "train", str(config_path), *overrides]

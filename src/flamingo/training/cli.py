@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,7 +58,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     except TrainingError as err:
         print(f"flamingo train: error: {err}", file=sys.stderr)
         raise SystemExit(3) from None
-    if int(os.environ.get("RANK", "0")) == 0:
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if result.interrupted_by:
+        if main_rank:
+            print(f"flamingo train: stopped by {result.interrupted_by} at step {result.step}; checkpoint: "
+                  f"{result.last_checkpoint}; continue with: flamingo train {args.config} --resume", file=sys.stderr)
+        raise SystemExit(128 + getattr(signal.Signals, result.interrupted_by, signal.SIGTERM))
+    if main_rank:
         print(f"trained to step {result.step} ({result.skipped_steps} skipped); model: {result.final_dir}; "
               f"checkpoint: {result.last_checkpoint}")
 

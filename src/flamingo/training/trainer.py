@@ -25,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,8 @@ class TrainResult:
     last_checkpoint: Path | None
     final_dir: Path | None
     model: Flamingo
-    stopped_early: str | None = None  # why the run ended before `steps` (a finite dataset ended)
+    stopped_early: str | None = None  # why the run ended before `steps` (a finite dataset ended, a signal)
+    interrupted_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped it (checkpoint saved)
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -172,6 +174,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
+        self.signal_received: str | None = None  # set by the SIGTERM/SIGINT handler; acted on between updates
         self.tokens_seen = 0
         if resume_state is not None:
             self._restore(resume_state)
@@ -263,12 +266,18 @@ class Trainer:
                     break
                 batches.append(batch)
             micro[name] = batches
-        counts = torch.tensor([float(sum(b.num_tokens for b in micro[n])) for n in names] + [exhausted],
+        # One collective for the token counts and two flags, so every rank stops at the same update:
+        # a dataset ran out somewhere, or some rank got SIGTERM/SIGINT.
+        stop = 1.0 if self.signal_received else 0.0
+        counts = torch.tensor([float(sum(b.num_tokens for b in micro[n])) for n in names] + [exhausted, stop],
                               dtype=torch.float64)
         all_reduce_sum(counts, rt)
         if counts[-1] > 0:
+            self.signal_received = self.signal_received or "a signal on another rank"
             return None
-        target_counts = counts[:-1]
+        if counts[-2] > 0:
+            return None
+        target_counts = counts[:-2]
 
         lr = learning_rate(self.step, cfg.optim.lr, cfg.schedule, cfg.steps)
         passes = sum(len(micro[n]) for n in names)
@@ -335,11 +344,16 @@ class Trainer:
         started = time.perf_counter()
         stopped_early = None
         saved_at = self.step if self.resumed_from is not None else -1
+        final_dir = None
+        restore_handlers = self._handle_stop_signals()
         try:
             while self.step < cfg.steps:
                 result = self.train_step()
                 if result is None:
-                    stopped_early = f"a dataset ran out of data after {self.step} updates"
+                    if self.signal_received:
+                        stopped_early = f"stopped by {self.signal_received} after {self.step} updates"
+                    else:
+                        stopped_early = f"a dataset ran out of data after {self.step} updates"
                     if main:
                         print(f"flamingo train: {stopped_early}; stopping", file=sys.stderr)
                     break
@@ -372,13 +386,43 @@ class Trainer:
                 records.append(record)
             if saved_at != self.step:
                 self.save_checkpoint()
-            final_dir = self.save_final()
+            if not self.signal_received:  # a stopped run is not finished: resume it, then it is
+                final_dir = self.save_final()
         finally:
+            restore_handlers()
             if progress is not None:
                 progress.close()
             logger.close()
         return TrainResult(self.run_dir, self.step, self.skipped_steps, history, records, self.last_checkpoint,
-                           final_dir, unwrap(self.module), stopped_early)
+                           final_dir, unwrap(self.module), stopped_early, self.signal_received)
+
+    def _handle_stop_signals(self) -> Callable[[], None]:
+        """SIGTERM (schedulers' preemption, torchrun's shutdown) and SIGINT (Ctrl-C) end the run
+        cleanly after the current update, with a checkpoint; a second signal acts as usual.
+        Returns a function restoring the previous handlers (no-op off the main thread)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.signal_received:  # the second one: stop now
+                signal.signal(signum, previous[signum])
+                signal.raise_signal(signum)
+                return
+            self.signal_received = signal.Signals(signum).name
+            if self.runtime.is_main:
+                print(f"\nflamingo train: {self.signal_received} received; stopping after this update with a "
+                      f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        for sig in previous:
+            signal.signal(sig, handler)
+        return restore
 
     def _record(self, interval: list[StepResult], elapsed: float) -> dict[str, Any]:
         finite = [r for r in interval if not r.skipped]
