@@ -126,6 +126,9 @@ def test_config_file_model_reference_overrides_and_errors(tmp_path, lm_dir, clip
     assert "datasets.5 must index the list" in error("datasets.5.weight=1")
     assert "cross_attention" in error("model.cross_attention.every=0")
     assert "expected KEY=VALUE" in error("steps")
+    assert "datasets.0.min_images: expected >= 1 under distributed.strategy fsdp" in error(
+        "distributed.strategy=fsdp", "datasets.0.min_images=0")
+    assert load_train_config(path, ["distributed.strategy=ddp", "datasets.0.min_images=0"])
 
 
 def test_shipped_training_configs_parse():

@@ -201,6 +201,13 @@ class TrainConfig:
             check(isinstance(d.kind, str) and bool(d.kind), f"datasets.{i}.kind", "a non-empty string", d.kind)
             check(math.isfinite(d.weight) and d.weight >= 0, f"datasets.{i}.weight", "a number >= 0", d.weight)
             check(d.batch_size >= 1, f"datasets.{i}.batch_size", "an integer >= 1", d.batch_size)
+        if self.distributed.strategy == "fsdp":
+            for i, d in enumerate(self.datasets):
+                # A rank whose batch holds no image would skip the resampler's FSDP collectives
+                # while the other ranks wait in them: a hang, not an error.
+                check(d.options.get("min_images", 1) != 0, f"datasets.{i}.min_images",
+                      ">= 1 under distributed.strategy fsdp (every batch must hold an image on every rank)",
+                      d.options.get("min_images"))
         check(self.steps >= 1, "steps", "an integer >= 1", self.steps)
         check(self.accumulation >= 1, "accumulation", "an integer >= 1", self.accumulation)
         check(self.threads is None or self.threads >= 1, "threads", "null or an integer >= 1", self.threads)
