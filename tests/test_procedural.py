@@ -131,3 +131,28 @@ def test_procedural_source_labels_only_the_answers(lm_dir, clip_dir):
         assert model.media_token_id not in labelled
         assert labelled[-1] == model.eoc_token_id  # the answer's end of chunk is learned
     assert torch.equal(source.batch(0).input_ids, batch.input_ids)  # a pure function of the position
+
+
+def test_question_episode_answers_describe_the_query_scene():
+    rng = np.random.default_rng(2)
+    for attribute in ("kind", "colour"):
+        for _ in range(10):
+            support, query, answer, candidates = procedural.question_episode(rng, 32, shots=3, attribute=attribute)
+            truth = query.scene.kind if attribute == "kind" else query.scene.colour
+            assert answer == f" {truth}" and answer in candidates and len(candidates) == len(set(candidates)) == 9
+            for s in support:  # answered examples, each about its own scene
+                (question, _), (shown, is_target) = s.text
+                assert is_target and shown == f" {s.scene.kind if attribute == 'kind' else s.scene.colour}"
+                assert (s.scene.kind in question) == (attribute == "colour")
+
+
+def test_episode_items_can_replace_images_by_their_captions():
+    from flamingo.evaluation.procedural import episode_items
+
+    support, query, _, _ = procedural.binding_episode(np.random.default_rng(3), 32, "eval", ways=2, shots=2)
+    with_images = episode_items(support, query)
+    as_text = episode_items(support, query, images_as_text=True)
+    assert sum(not isinstance(item, str) for item in with_images) == 3
+    assert all(isinstance(item, str) for item in as_text) and len(as_text) == len(with_images)
+    caption = procedural.describe(query.scene)
+    assert as_text[-2] == caption[0].upper() + caption[1:] + ". " and as_text[-1] == "This is a"

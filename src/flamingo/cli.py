@@ -35,12 +35,13 @@ def _cmd_eval_procedural(args: argparse.Namespace) -> None:
     shots = _int_list(args.shots, "--shots")
     seeds = list(range(args.seeds))
     model = _quiet_load(args.model)
-    results = evaluate(model, tasks, shots, seeds, args.episodes, progress=lambda line: print(line, flush=True))
+    results = evaluate(model, tasks, shots, seeds, args.episodes, progress=lambda line: print(line, flush=True),
+                       images_as_text=args.images_as_text)
     table = format_table(results)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "model": args.model, "episodes": args.episodes, "seeds": seeds,
+            "model": args.model, "episodes": args.episodes, "seeds": seeds, "images_as_text": args.images_as_text,
             "results": [{"task": r.task, "shots": r.shots, "accuracies": r.accuracies, "mean": r.mean}
                         for r in results], "table": table}, indent=1))
 
@@ -166,14 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="""examples:
   flamingo eval-procedural                                  the embedded model, every task, 0/1/2/4/8 shots
   flamingo eval-procedural --task binding --shots 0,4 --seeds 5 --episodes 200 --json out.json
+  flamingo eval-procedural --task binding --images-as-text   the frozen LM alone, images given as captions
 tasks: binding (new words bound to held-out kinds), binding-colours (... to held-out colours),
-induction ("Output: X", the attribute shown only by example). Answers are ranked by log-likelihood.""")
+induction ("Output: X", the attribute shown only by example); perception: shape, colour (questions
+about new scenes of training kinds/colours). Answers are ranked by log-likelihood.""")
     evp.add_argument("--model", default="embedded", help="a saved model directory, hub id, or 'embedded'")
     evp.add_argument("--task", action="append", help="a task (repeatable; default: all)")
     evp.add_argument("--shots", default="0,1,2,4,8", help="comma-separated shot counts (default 0,1,2,4,8)")
     evp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one episode set each (default 3)")
     evp.add_argument("--episodes", type=int, default=100, help="episodes per seed and shot count (default 100)")
     evp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    evp.add_argument("--images-as-text", action="store_true",
+                     help="replace every image by its true caption (no images: the frozen LM's own in-context "
+                          "ability on the same episodes)")
     evp.set_defaults(func=_cmd_eval_procedural)
 
     model_help = ("a saved model directory, a hub id (org/name) of one, a config file (untrained bridge), or "

@@ -313,6 +313,22 @@ def induction_episode(rng: np.random.Generator, size: int, split: Split = "train
     return support, query, answer, [f" {w}" for w in (*colours(split), *kinds(split))]
 
 
+def question_episode(rng: np.random.Generator, size: int, split: Split = "train", *, shots: int = 4,
+                     attribute: Literal["kind", "colour"] = "kind") -> tuple[list[Segment], Segment, str, list[str]]:
+    """Perception: "What shape is this?" / "What colour is the X?" about new scenes, after `shots`
+    answered examples; candidates are every kind (or colour) of the split."""
+    def chunk(with_answer: bool) -> tuple[Segment, str]:
+        scene = sample_scene(rng, split)
+        question = "What shape is this?" if attribute == "kind" else f"What colour is the {scene.kind}?"
+        answer = f" {scene.kind if attribute == 'kind' else scene.colour}"
+        return Segment(render(scene, size), [(f"Question: {question} Answer:", False)]
+                       + ([(answer, True)] if with_answer else []), scene), answer
+
+    support = [chunk(True)[0] for _ in range(shots)]
+    query, answer = chunk(False)
+    return support, query, answer, [f" {w}" for w in (kinds(split) if attribute == "kind" else colours(split))]
+
+
 def training_document(task: str, rng: np.random.Generator, size: int) -> list[Segment]:
     """One training document of `task` (caption | qa | binding | induction); episode queries
     become ordinary chunks with their answers as targets."""

@@ -4,7 +4,10 @@ Each task draws episodes from `flamingo.data.procedural` on its held-out split â
 colours and made-up words never used in training â€” and asks the model to pick the answer among
 the episode's candidates by log-likelihood (paper 2.5, close-ended). With k shots the prompt
 holds k support chunks before the query; with 0 it holds the query alone, so 0-shot accuracy is
-what the model knows without examples (chance, for made-up words).
+what the model knows without examples (chance, for made-up words). Two perception tasks (shape,
+colour: questions about new scenes of training kinds and colours) show how well the bridge reads
+images at all. With `images_as_text` every image is replaced by its true caption and the episode
+is scored by the frozen LM alone: what the LM itself does with the same examples in text.
 
 Episodes are a pure function of (task, shots, seed, episode index), so a table is reproducible;
 all episodes of one shot count are scored in batched forward passes.
@@ -43,16 +46,28 @@ TASKS: dict[str, ProceduralTask] = {t.name: t for t in [
                                                                       by="colour")),
     ProceduralTask("induction", "\"Output: X\", X the colour or the kind (held-out ones), shown only by example; "
                    "6 candidates", lambda rng, size, shots: procedural.induction_episode(rng, size, "eval", shots=shots)),
+    ProceduralTask("shape", "perception: \"What shape is this?\" on new scenes of training kinds; 9 candidates",
+                   lambda rng, size, shots: procedural.question_episode(rng, size, "train", shots=shots)),
+    ProceduralTask("colour", "perception: \"What colour is the X?\" on new scenes of training colours; 9 candidates",
+                   lambda rng, size, shots: procedural.question_episode(rng, size, "train", shots=shots,
+                                                                        attribute="colour")),
 ]}
 
 
 def episode_items(support: Sequence[procedural.Segment], query: procedural.Segment,
-                  end_of_chunk: str = "<|endofchunk|>") -> list[Any]:
-    """Interleaved prompt items: each support chunk is image, text, <|endofchunk|>; then the query."""
+                  end_of_chunk: str = "<|endofchunk|>", images_as_text: bool = False) -> list[Any]:
+    """Interleaved prompt items: each support chunk is image, text, <|endofchunk|>; then the query.
+    With `images_as_text`, each image is replaced by its true caption ("A small red star. ")."""
+    def image(segment: procedural.Segment) -> Any:
+        if not images_as_text:
+            return segment.image
+        caption = procedural.describe(segment.scene)
+        return caption[0].upper() + caption[1:] + ". "
+
     items: list[Any] = []
     for segment in support:
-        items += [segment.image, "".join(piece for piece, _ in segment.text) + end_of_chunk]
-    return items + [query.image, "".join(piece for piece, _ in query.text)]
+        items += [image(segment), "".join(piece for piece, _ in segment.text) + end_of_chunk]
+    return items + [image(query), "".join(piece for piece, _ in query.text)]
 
 
 def make_episode(task: str, shots: int, seed: int, index: int, image_size: int = 224) -> Episode:
@@ -64,12 +79,13 @@ def make_episode(task: str, shots: int, seed: int, index: int, image_size: int =
 
 @torch.no_grad()
 def episode_accuracy(model: Flamingo, task: str, shots: int, seed: int, episodes: int,
-                     batch_size: int = 16) -> float:
+                     batch_size: int = 16, images_as_text: bool = False) -> float:
     """Fraction of episodes whose answer scores highest among its candidates (summed log-prob)."""
     correct = 0
     for start in range(0, episodes, batch_size):
         batch = [make_episode(task, shots, seed, i) for i in range(start, min(start + batch_size, episodes))]
-        prompts = [interleaved_prompt(episode_items(s, q, model.config.end_of_chunk_token), model.config.media_token)
+        prompts = [interleaved_prompt(episode_items(s, q, model.config.end_of_chunk_token, images_as_text),
+                                      model.config.media_token)
                    for s, q, _, _ in batch]
         state = encode_prompts(model, prompts)
         scores = score_candidates(model, state, [candidates for _, _, _, candidates in batch])
@@ -94,11 +110,11 @@ class ShotsResult:
 
 
 def evaluate(model: Flamingo, tasks: Sequence[str], shots: Sequence[int], seeds: Sequence[int], episodes: int,
-             progress: Callable[[str], None] | None = None) -> list[ShotsResult]:
+             progress: Callable[[str], None] | None = None, images_as_text: bool = False) -> list[ShotsResult]:
     results = []
     for task in tasks:
         for k in shots:
-            accs = [episode_accuracy(model, task, k, seed, episodes) for seed in seeds]
+            accs = [episode_accuracy(model, task, k, seed, episodes, images_as_text=images_as_text) for seed in seeds]
             results.append(ShotsResult(task, k, accs))
             if progress:
                 progress(f"{task} {k}-shot: {100 * results[-1].mean:.1f}%")
