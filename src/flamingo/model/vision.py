@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flamingo.model.config import ConfigError, VisionConfig
@@ -283,9 +284,11 @@ class EfficientNetLite0Encoder(VisionEncoder):
     FC_KEYS = ("_fc.weight", "_fc.bias")  # ImageNet classifier: not used for features
 
     def __init__(self, image_size: int | None = None, mean: tuple[float, float, float] | None = None,
-                 std: tuple[float, float, float] | None = None, weights_path: str | None = None) -> None:
-        super().__init__(feature_dim=1280, image_size=image_size or self.NATIVE_IMAGE_SIZE,
+                 std: tuple[float, float, float] | None = None, weights_path: str | None = None,
+                 colour_bins: int = 0) -> None:
+        super().__init__(feature_dim=1280 + colour_bins ** 3, image_size=image_size or self.NATIVE_IMAGE_SIZE,
                          mean=mean or (0.5, 0.5, 0.5), std=std or (0.5, 0.5, 0.5))
+        self.colour_bins = colour_bins
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as err:
@@ -308,7 +311,28 @@ class EfficientNetLite0Encoder(VisionEncoder):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.model.extract_features(pixels.to(self._param_dtype()))  # [K, 1280, h, w]
+        if self.colour_bins:
+            x = torch.cat([x, self.colour_histograms(pixels, x.shape[-2:]).to(x.dtype)], 1)
         return x.flatten(2).transpose(1, 2)
+
+    def colour_histograms(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """[K, 3, H, W] normalised pixels -> [K, bins**3, h, w]: per feature-map cell, the fraction
+        of its pixels in each RGB bin, scaled to the features' range (ReLU6 outputs, 0..6)."""
+        bins, (h, w) = self.colour_bins, grid
+        k, _, height, width = pixels.shape
+        mean = torch.tensor(self.mean, device=pixels.device)[:, None, None]
+        std = torch.tensor(self.std, device=pixels.device)[:, None, None]
+        level = ((pixels.float() * std + mean).clamp(0, 1) * bins).long().clamp(max=bins - 1)  # [K, 3, H, W]
+        colour = (level[:, 0] * bins + level[:, 1]) * bins + level[:, 2]  # [K, H, W]
+        rows = torch.arange(height, device=pixels.device) * h // height
+        cols = torch.arange(width, device=pixels.device) * w // width
+        cell = rows[:, None] * w + cols[None, :]  # [H, W] -> which feature-map cell
+        image = torch.arange(k, device=pixels.device)[:, None, None]
+        # One bincount instead of a [K, bins**3, H, W] one-hot (hundreds of MB for a batch).
+        counts = torch.bincount(((image * h * w + cell) * bins ** 3 + colour).flatten(),
+                                minlength=k * h * w * bins ** 3).view(k, h * w, bins ** 3).float()
+        per_cell = torch.bincount(cell.flatten(), minlength=h * w).float()[None, :, None]
+        return (6.0 * counts / per_cell).transpose(1, 2).reshape(k, bins ** 3, h, w)
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -320,6 +344,6 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
     if cfg.kind == "timm":
         return TimmVisionEncoder.from_name(cfg.name_or_path, pretrained=cfg.pretrained, **overrides)
     if cfg.kind == "efficientnet_lite0":
-        return EfficientNetLite0Encoder(**overrides)
+        return EfficientNetLite0Encoder(**overrides, colour_bins=cfg.colour_bins)
     raise ConfigError(f"config field vision.kind: expected one of clip, siglip, timm, efficientnet_lite0, "
                       f"got {cfg.kind!r}")
