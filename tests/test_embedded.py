@@ -98,10 +98,11 @@ def test_the_demo_runs_every_part(embedded):
     lines = []
     run_demo(episodes=2, say=lines.append, model=embedded)
     out = "\n".join(lines)
-    for part in ("1. Captioning", "2. Question answering", "3. New words", "4. The same with real photos",
-                 "6. Accuracy vs shots", "| binding |", "| induction |"):
+    for part in ("1. Captioning", "2. Question answering", "3. New words", "4. The task shown only by examples",
+                 "without the examples", "5. New words with real photos", "6. Captioning a real photo",
+                 "7. Accuracy vs shots", "| binding |", "| induction |"):
         assert part in out, part
-    assert out.count("answer: ") == 5
+    assert out.count("answer: ") == 7
 
 
 @pytest.mark.parametrize("argv, message", [

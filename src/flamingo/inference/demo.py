@@ -80,6 +80,14 @@ def run_demo(seed: int = 0, episodes: int = 24, say: Callable[[str], None] = pri
     _show(model, "3. New words bound to objects inside the prompt (kinds and words never seen in training)",
           items, names, say, answer)
 
+    support, query, answer, _ = procedural.induction_episode(rng, 224, "eval", shots=4)
+    for segment in (*support, query):
+        names[id(segment.image)] = procedural.describe(segment.scene)
+    _show(model, "4. The task shown only by examples (\"Output:\" then the colour or the shape; held-out ones)",
+          episode_items(support, query, model.config.end_of_chunk_token), names, say, answer)
+    _show(model, "   ... and the same query without the examples (zero-shot: the task is unknown)",
+          episode_items([], query, model.config.end_of_chunk_token), names, say, answer)
+
     photos = package_photos()
     if len(photos) >= 2:
         words = [procedural.new_word(rng, "eval") for _ in range(2)]
@@ -90,13 +98,13 @@ def run_demo(seed: int = 0, episodes: int = 24, say: Callable[[str], None] = pri
         names[id(a_again)] = f"photo: {a_name}, mirrored and cropped"
         items = [a, f"This is a {words[0]}.<|endofchunk|>", b, f"This is a {words[1]}.<|endofchunk|>",
                  a_again, "This is a"]
-        _show(model, "4. The same with real photos (scikit-image's data)", items, names, say, f" {words[0]}.")
-        _show(model, "5. Captioning a real photo (the bridge has only seen rendered shapes; expect it to "
+        _show(model, "5. New words with real photos (scikit-image's data)", items, names, say, f" {words[0]}.")
+        _show(model, "6. Captioning a real photo (the bridge has only seen rendered shapes; expect it to "
               "describe shapes and colours)", [photos[a_name]], names, say)
     else:
         say("\n(scikit-image is not installed: skipping the real photos; pip install scikit-image)")
 
-    say(f"\n6. Accuracy vs shots on held-out tasks ({episodes} episodes per cell, seed {seed}; chance: 50% for "
+    say(f"\n7. Accuracy vs shots on held-out tasks ({episodes} episodes per cell, seed {seed}; chance: 50% for "
         f"the 2-way bindings, 17% for induction). Full table: flamingo eval-procedural")
     results = evaluate(model, ["binding", "induction"], [0, 1, 2, 4], [seed], episodes)
     say(format_table(results))
