@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import eval_fixtures as F
+from flamingo.evaluation.aggregate import score_records
 from flamingo.evaluation.data_config import SplitPaths, load_data_config
 from flamingo.evaluation.loaders import LOADERS, rareact_caption
 from flamingo.evaluation.samples import EvalDataError, Sample
@@ -126,11 +127,27 @@ def test_video_formats(tmp_path):
         {"id": 1, "video_id": "r1", "start": 0, "end": 4, "verb": "wash", "noun": "phone", "annotation": 2}])
     (ra,) = LOADERS["rareact"](SplitPaths(annotations=tmp_path / "rareact.csv", media=tmp_path), "test", "x")
     assert ra.answers == ["cuts an onion"] and ra.extra["classes"] == ["cuts an onion", "washes a phone"]
+    # The clip keeps its rows for mWAP; actions[k] is the (verb, noun) of classes[k].
+    assert ra.extra["annotations"] == [("cut", "onion", 1), ("wash", "phone", 2)] and ra.extra["video_id"] == "r1"
+    assert ra.extra["actions"] == [("cut", "onion"), ("wash", "phone")]
 
 
 def test_rareact_caption_rule():
     assert rareact_caption("carry", "box") == "carries a box"
     assert rareact_caption("push", "apple") == "pushes an apple"
+    # RareAct's own verbs: regular spelling rules.
+    got = [rareact_caption(v, n) for v, n in [("spray", "door"), ("microwave", "phone"), ("deseed", "pepper"),
+                                              ("wash", "oven"), ("weigh", "egg"), ("hammer", "phone")]]
+    assert got == ["sprays a door", "microwaves a phone", "deseeds a pepper", "washes an oven", "weighs an egg",
+                   "hammers a phone"]
+    # Irregular forms and the "o" rule: consonant + o takes -es, vowel + o only -s.
+    assert [rareact_caption(v, "cup") for v in ("have", "be", "do", "go", "echo", "shampoo", "video", "quiz")] == [
+        "has a cup", "is a cup", "does a cup", "goes a cup", "echoes a cup", "shampoos a cup", "videos a cup",
+        "quizzes a cup"]
+    assert rareact_caption("pick up", "egg") == "picks up an egg"  # multi-word verbs conjugate the verb
+    # The article follows the sound, not only the first letter.
+    assert [rareact_caption("hold", n) for n in ("umbrella", "utensil", "unicorn", "hourglass", "hammer")] == [
+        "holds an umbrella", "holds a utensil", "holds a unicorn", "holds an hourglass", "holds a hammer"]
     clip = Sample("x", None, answers=["cuts an onion"])
     assert get_task("rareact").demo_text(clip) == "Caption: a person cuts an onion"
 
@@ -157,6 +174,53 @@ def test_bad_karpathy_file_names_file_and_field(tmp_path, content, message):
     with pytest.raises(EvalDataError) as err:
         LOADERS["karpathy"](SplitPaths(annotations=path, media=tmp_path), "test", "tasks.coco.test")
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_bad_ivqa_and_rareact_rows(tmp_path):
+    _csv(tmp_path / "i.csv", [{"video_id": "a", "start": 0, "end": 5, "question": "what?", "answer1": "",
+                               "answer2": "", "answer3": "", "answer4": "", "answer5": ""}])
+    with pytest.raises(EvalDataError, match=r"i\.csv: row 2: fields answer1, .*answer5 are all empty"):
+        LOADERS["ivqa"](SplitPaths(annotations=tmp_path / "i.csv", media=tmp_path), "test", "x")
+    row = {"id": 0, "video_id": "r1", "start": 0, "end": 4, "verb": "cut", "noun": "onion", "annotation": 1}
+    _csv(tmp_path / "r.csv", [row, {**row, "annotation": "yes"}])
+    with pytest.raises(EvalDataError, match=r"r\.csv: row 3: field 'annotation' should be 0-4, got 'yes'"):
+        LOADERS["rareact"](SplitPaths(annotations=tmp_path / "r.csv", media=tmp_path), "test", "x")
+    _csv(tmp_path / "r.csv", [{**row, "noun": " "}])
+    with pytest.raises(EvalDataError, match=r"r\.csv: row 2: fields 'verb' and 'noun' must not be empty"):
+        LOADERS["rareact"](SplitPaths(annotations=tmp_path / "r.csv", media=tmp_path), "test", "x")
+
+
+def test_ivqa_and_rareact_scores_use_their_official_metrics(tmp_path):
+    # iVQA: min(1, votes / 2) per question, not VQA accuracy.
+    _csv(tmp_path / "ivqa.csv", [
+        {"video_id": "a", "start": 0, "end": 5, "question": "what tool?", "answer1": "knife", "answer2": "knife",
+         "answer3": "blade", "answer4": "knife", "answer5": "saw"},
+        {"video_id": "b", "start": 2, "end": 9, "question": "what food?", "answer1": "egg", "answer2": "bread",
+         "answer3": "egg", "answer4": "toast", "answer5": "toast"}])
+    samples = LOADERS["ivqa"](SplitPaths(annotations=tmp_path / "ivqa.csv", media=tmp_path), "test", "x")
+    predictions = {"a_0_5": "Blade", "b_2_9": "an egg"}  # 1 vote -> 1/2; 2 votes -> 1
+    records = [{"id": s.id, "status": "ok", "prediction": predictions[s.id]} for s in samples]
+    ivqa = get_task("ivqa")
+    assert ivqa.metric == "iVQA accuracy"
+    assert score_records(ivqa, records, {s.id: s for s in samples}) == {"iVQA accuracy": pytest.approx(75.0)}
+
+    # RareAct: the mWAP of the metric tests' hand-computed case, each row its own clip.
+    from test_eval_metrics import RAREACT_ACTIONS, RAREACT_MWAP, RAREACT_ROWS, RAREACT_SCORES
+
+    _csv(tmp_path / "rareact.csv", [
+        {"id": i, "video_id": r.video_id, "start": 10 * i, "end": 10 * i + 10, "class_id": 0, "verb": r.verb,
+         "noun": r.noun, "annotation": r.annotation} for i, r in enumerate(RAREACT_ROWS)])
+    clips = LOADERS["rareact"](SplitPaths(annotations=tmp_path / "rareact.csv", media=tmp_path), "test", "x")
+    records = []
+    for i, clip in enumerate(clips):  # candidate scores in the task's class order
+        column = {a: RAREACT_SCORES[i][k] for k, a in enumerate(RAREACT_ACTIONS)}
+        records.append({"id": clip.id, "status": "ok", "scores": [column[a] for a in clip.extra["actions"]]})
+    records.append({"id": "gone", "status": "missing"})
+    rareact = get_task("rareact")
+    assert rareact.metric == "mWAP"
+    assert rareact.candidates(clips[0], [])[:2] == [" cuts a phone", " cuts an onion"]
+    got = score_records(rareact, records, {c.id: c for c in clips})
+    assert got == {"mWAP": pytest.approx(100 * RAREACT_MWAP)}
 
 
 def test_bad_vqa_and_csv_and_jsonl(tmp_path):

@@ -14,16 +14,20 @@ import pytest
 
 from flamingo.evaluation import metrics as M
 from flamingo.evaluation.metrics import (
+    RareActRow,
     cider,
+    ivqa_accuracy,
     mean_reciprocal_rank,
     normalize_vqa_answer,
     okvqa_accuracy,
     postprocess_caption_generation,
     postprocess_vqa_generation,
+    rareact_mwap,
     roc_auc,
     topk_accuracy,
     visdial_ndcg,
     vqa_accuracy,
+    weighted_average_precision,
     wups,
 )
 
@@ -147,6 +151,25 @@ def test_okvqa_accuracy_stems_both_sides() -> None:
     assert okvqa_accuracy("cat", ["dog"] * 10) == 0.0
     # Already stemmed answers (OK-VQA v1.1's "answer" field) still match.
     assert okvqa_accuracy("running", ["run"] * 10) == 1.0
+
+
+def test_ivqa_accuracy_hand_computed() -> None:
+    # min(1, #matching answers / 2) over all 5 answers (duplicates are votes), no leave-one-out.
+    answers = ["knife", "knife", "blade", "scissors", "knife"]
+    assert ivqa_accuracy("knife", answers) == 1.0  # 3 votes
+    assert ivqa_accuracy("blade", answers) == 0.5  # 1 vote
+    assert ivqa_accuracy("spoon", answers) == 0.0
+    assert ivqa_accuracy("pan", ["pan", "pan", "pot", "pot", "lid"]) == 1.0  # 2 votes suffice
+    # VQA accuracy differs on the same answers: 1 of 5 gives (4 x 1/3) / 5 there.
+    assert vqa_accuracy("blade", answers) == pytest.approx(4 / 15)
+    # Both sides normalised: case, punctuation, articles, number words.
+    assert ivqa_accuracy("A Knife.", answers) == 1.0
+    assert ivqa_accuracy("two", ["2", "two", "3", "three", "4"]) == 1.0
+    assert ivqa_accuracy("the bowl", ["Bowl", "plate", "plate", "cup", "mug"]) == 0.5
+    # No stemming: singular and plural are different answers in iVQA.
+    assert ivqa_accuracy("strawberry", ["strawberries"] * 5) == 0.0
+    with pytest.raises(ValueError, match="ground-truth"):
+        ivqa_accuracy("knife", [])
 
 
 # ---------------------------------------------------------------------------
@@ -311,6 +334,109 @@ def test_mean_reciprocal_rank() -> None:
         mean_reciprocal_rank([0])
     with pytest.raises(ValueError):
         mean_reciprocal_rank([])
+
+
+# ---------------------------------------------------------------------------
+# RareAct: weighted AP and mWAP
+# ---------------------------------------------------------------------------
+
+
+def test_weighted_average_precision_hand_computed() -> None:
+    # No ties, unit weights: mean precision at the positives' ranks (1/1, 2/3).
+    assert weighted_average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(5 / 6)
+    # A tie is one threshold: {pos, neg} at 0.5 gives P 1/2, R 1/2; then P 2/3, R 1.
+    tied = 0.5 * 0.5 + 0.5 * 2 / 3
+    assert weighted_average_precision([0.5, 0.5, 0.1], [1, 0, 1]) == pytest.approx(tied)
+    assert weighted_average_precision([0.5, 0.5, 0.1], [0, 1, 1]) == pytest.approx(tied)  # order-free
+    # Weights: positives weigh 0.5 and 1 (total 1.5). At 0.9: P 1, R 1/3; at 0.8 recall unchanged;
+    # at 0.7: P 1.5 / 2.5, R 1.
+    weighted = 1 / 3 * 1 + 2 / 3 * (1.5 / 2.5)
+    assert weighted_average_precision([0.9, 0.8, 0.7], [1, 0, 1], [0.5, 1, 1]) == pytest.approx(weighted)
+    # An integer weight is that many copies of the sample.
+    assert weighted_average_precision([0.9, 0.8, 0.7], [1, 0, 1], [2, 1, 1]) == pytest.approx(
+        weighted_average_precision([0.9, 0.9, 0.8, 0.7], [1, 1, 0, 1])
+    )
+    assert weighted_average_precision([0.1, 0.9], [0, 1]) == 1.0
+    with pytest.raises(ValueError, match="no positive"):
+        weighted_average_precision([0.1, 0.2], [0, 0])
+    with pytest.raises(ValueError, match="must match"):
+        weighted_average_precision([0.1, 0.2], [0, 1, 1])
+    with pytest.raises(ValueError, match="weights"):
+        weighted_average_precision([0.1, 0.2], [0, 1], [1, 0])
+
+
+def test_weighted_average_precision_matches_sklearn() -> None:
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        n = int(rng.integers(2, 50))
+        labels = rng.integers(0, 2, n)
+        labels[0] = 1
+        scores = rng.integers(0, 6, n) / 5  # coarse grid: many ties
+        weights = rng.uniform(0.1, 2.0, n)
+        assert weighted_average_precision(scores, labels, weights) == pytest.approx(
+            sklearn_metrics.average_precision_score(labels, scores, sample_weight=weights), abs=1e-12
+        )
+
+
+# Actions A (cut, onion), B (cut, phone), C (wash, phone), D (peel, corn). Rows: (video, verb, noun,
+# annotation); one score column per action. For A: positives rows 0, 1 (same video: 1/2 each);
+# negatives row 2 (its 0) and row 5 (C's positive, sharing nothing); hard negatives row 3 (its 3)
+# and row 4 (B's positive, same verb). Row 6 (C's 0) and row 7 (D's 0) are not A's.
+RAREACT_ACTIONS = [("cut", "onion"), ("cut", "phone"), ("wash", "phone"), ("peel", "corn")]
+RAREACT_ROWS = [
+    RareActRow("v1", "cut", "onion", 1),
+    RareActRow("v1", "cut", "onion", 1),
+    RareActRow("v2", "cut", "onion", 0),
+    RareActRow("v3", "cut", "onion", 3),
+    RareActRow("v4", "cut", "phone", 1),
+    RareActRow("v5", "wash", "phone", 1),
+    RareActRow("v6", "wash", "phone", 0),
+    RareActRow("v7", "peel", "corn", 0),
+]
+RAREACT_SCORES = [  # columns A, B, C, D
+    [0.9, 0.7, 0.75, 0.5],
+    [0.3, 0.4, 0.1, 0.5],
+    [0.8, 0.95, 0.99, 0.5],
+    [0.1, 0.95, 0.99, 0.5],
+    [0.5, 0.6, 0.2, 0.5],
+    [0.2, 0.6, 0.8, 0.5],
+    [0.99, 0.95, 0.9, 0.5],
+    [0.99, 0.99, 0.99, 0.5],
+]
+# A ranks row0 (pos .5) > row2 (neg 1) > row4 (hard 1) > row1 (pos .5) > row5 > row3:
+#   P 1 at R 1/2, then P 1/(3) at R 1 -> 1/2 + 1/6 (unweighted AP would be (1 + 2/4) / 2).
+# B: positive row 4; hard negatives rows 0, 1 (A's positives, video v1: 1/2 each) and 5 (C's
+#   positive, same noun); no negative. Row0 (.7, w .5) first, then the tie {row4, row5} at .6:
+#   P 1 / 2.5, R 1 -> 0.4. Rows 2, 3, 6, 7 (scored .95+) are not B's and do not count.
+# C: positive row 5; negatives row 6 (its 0), rows 0, 1 (A's positives); hard negative row 4.
+#   Row6 (.9) then row5 (.8): P 1/2 -> 0.5. D has no positive: skipped.
+RAREACT_MWAP = (2 / 3 + 0.4 + 0.5) / 3
+
+
+def test_rareact_mwap_hand_computed() -> None:
+    assert rareact_mwap(RAREACT_SCORES, RAREACT_ROWS, RAREACT_ACTIONS) == pytest.approx(RAREACT_MWAP)
+    # Row order is irrelevant.
+    order = [5, 2, 7, 0, 6, 3, 1, 4]
+    assert rareact_mwap([RAREACT_SCORES[i] for i in order], [RAREACT_ROWS[i] for i in order],
+                        RAREACT_ACTIONS) == pytest.approx(RAREACT_MWAP)
+    # Every row from its own video (all weights 1): A scores (1 + 2/4) / 2 and B 1/3 (row 0 now
+    # weighs 1 ahead of the tie), C still 1/2. So the weights do count videos, not clips.
+    unweighted = [r._replace(video_id=f"u{i}") for i, r in enumerate(RAREACT_ROWS)]
+    assert rareact_mwap(RAREACT_SCORES, unweighted, RAREACT_ACTIONS) == pytest.approx((0.75 + 1 / 3 + 0.5) / 3)
+
+
+def test_rareact_mwap_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"scores \(8, 3\) must be"):
+        rareact_mwap([s[:3] for s in RAREACT_SCORES], RAREACT_ROWS, RAREACT_ACTIONS)
+    with pytest.raises(ValueError, match="no score column"):
+        rareact_mwap(RAREACT_SCORES, RAREACT_ROWS[:7] + [RareActRow("v7", "peel", "kiwi", 0)], RAREACT_ACTIONS)
+    with pytest.raises(ValueError, match="annotation must be 0-4"):
+        rareact_mwap(RAREACT_SCORES, RAREACT_ROWS[:7] + [RareActRow("v7", "peel", "corn", 5)], RAREACT_ACTIONS)
+    with pytest.raises(ValueError, match="no action has a positive"):
+        rareact_mwap([[0.1]], [RareActRow("v", "peel", "corn", 0)], [("peel", "corn")])
 
 
 # ---------------------------------------------------------------------------

@@ -16,17 +16,6 @@ from flamingo.evaluation.samples import Sample
 from flamingo.evaluation.tasks import TaskSpec
 
 
-def average_precision(scores: Sequence[float], positive: Sequence[bool]) -> float:
-    """Non-interpolated AP: mean precision at the rank of each positive (best score first)."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    hits, total = 0, 0.0
-    for rank, i in enumerate(order, 1):
-        if positive[i]:
-            hits += 1
-            total += hits / rank
-    return total / hits if hits else float("nan")
-
-
 def _softmax_first(pair: Sequence[float]) -> float:
     top = max(pair)
     exp = [math.exp(v - top) for v in pair]
@@ -47,7 +36,7 @@ def score_records(task: TaskSpec, records: list[dict], samples: dict[str, Sample
         if task.name == "nextqa":
             values = [M.wups(r["prediction"], s.answers[0], 0.0) for r, s in zip(ok, refs)]
             return {task.metric: 100 * sum(values) / len(values)}
-        accuracy = M.okvqa_accuracy if task.name == "okvqa" else M.vqa_accuracy
+        accuracy = {"okvqa": M.okvqa_accuracy, "ivqa": M.ivqa_accuracy}.get(task.name, M.vqa_accuracy)
         values = [accuracy(r["prediction"], s.answers) for r, s in zip(ok, refs)]
         return {task.metric: 100 * sum(values) / len(values)}
     if task.kind == "binary":
@@ -69,12 +58,13 @@ def score_records(task: TaskSpec, records: list[dict], samples: dict[str, Sample
         ranks = [1 + sum(v > r["scores"][s.extra["gt_index"]] for v in r["scores"]) for r, s in zip(ok, refs)]
         out["MRR"] = 100 * M.mean_reciprocal_rank(ranks)
         return out
-    if task.kind == "retrieval":  # RareAct: AP per (verb, noun) class over the clips, averaged
-        classes = refs[0].extra["classes"]
-        aps = []
-        for c, name in enumerate(classes):
-            ap = average_precision([r["scores"][c] for r in ok], [name in s.answers for s in refs])
-            if not math.isnan(ap):
-                aps.append(ap)
-        return {task.metric: 100 * sum(aps) / len(aps)} if aps else {}
+    if task.kind == "retrieval":  # RareAct: mWAP over the annotation rows of the scored clips
+        rows, row_scores = [], []
+        for r, s in zip(ok, refs):  # a clip's scores stand for each of its rows (as the official matrix)
+            for verb, noun, annotation in s.extra["annotations"]:
+                rows.append(M.RareActRow(s.extra["video_id"], verb, noun, annotation))
+                row_scores.append(r["scores"])
+        if not any(row.annotation == 1 for row in rows):
+            return {}
+        return {task.metric: 100 * M.rareact_mwap(row_scores, rows, refs[0].extra["actions"])}
     raise ValueError(f"task {task.name}: no scoring for kind {task.kind!r}")

@@ -34,8 +34,9 @@ Formats (exactly what is read; anything else is an `EvalDataError` naming file a
   train = training, test = validation.
 - `kinetics`: Kinetics-700 CSV with columns label, youtube_id, time_start, time_end; video =
   media/"{label}/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4"; classes = sorted labels.
-- `rareact`: rareact.csv with columns video_id, start, end, verb, noun, annotation (1 = positive);
-  one sample per clip; video = media/"{video_id}.mp4".
+- `rareact`: rareact.csv with columns video_id, start, end, verb, noun, annotation (0 negative,
+  1 positive, 2-4 hard negatives); one sample per clip (video_id, start, end), keeping its rows for
+  mWAP; video = media/"{video_id}.mp4".
 """
 
 from __future__ import annotations
@@ -297,6 +298,8 @@ def load_ivqa(paths: SplitPaths, split: str, where: str) -> list[Sample]:
     for i, row in enumerate(rows):
         at = f"row {i + 2}"
         answers = [row[c] for c in answer_cols if row[c]]
+        if not answers:
+            raise EvalDataError(f"{path}: {at}: fields {', '.join(answer_cols)} are all empty")
         out.append(Sample(f"{row['video_id']}_{row['start']}_{row['end']}",
                           _media_file(paths, where, "{video_id}_{start}_{end}.mp4", row, path, at),
                           question=row["question"], answers=answers))
@@ -348,39 +351,72 @@ def load_kinetics(paths: SplitPaths, split: str, where: str) -> list[Sample]:
     return out
 
 
+# Third-person forms the spelling rules below get wrong (B.1.5 puts the verb in the third person).
+_THIRD_PERSON = {"be": "is", "have": "has", "quiz": "quizzes", "whiz": "whizzes", "gas": "gasses"}
+# Nouns whose article the first letter does not tell ("a uniform", "an hour").
+_ARTICLE_A = ("uni", "use", "usu", "ute", "eu", "one")
+_ARTICLE_AN = ("hour", "honest", "honor", "honour", "heir")
+
+
+def _third_person(verb: str) -> str:
+    low = verb.lower()
+    if low in _THIRD_PERSON:
+        return _THIRD_PERSON[low]
+    if low.endswith(("s", "sh", "ch", "x", "z")) or (low.endswith("o") and low[-2:-1] not in "aeiou"):
+        return verb + "es"  # pushes, goes, echoes (but shampoos, videos)
+    if low.endswith("y") and len(low) > 1 and low[-2] not in "aeiou":
+        return verb[:-1] + "ies"  # carries (but sprays)
+    return verb + "s"
+
+
 def rareact_caption(verb: str, noun: str) -> str:
-    """B.1.5: verb in the third person, an article before the noun ("cut", "onion" -> "cuts an
-    onion"). Rule-based (regular verbs; nouns starting with a vowel letter take "an")."""
+    """B.1.5: the verb in the third person, an article before the noun ("cut", "onion" -> "cuts an
+    onion"). English spelling rules plus a small table of irregular forms ("have" -> "has");
+    "an" before a vowel sound, judged by the first letter and a few exceptions ("a uniform",
+    "an hour"). A multi-word verb conjugates its first word ("pick up" -> "picks up")."""
     words = verb.split()
-    head = words[0]
-    if head.endswith(("s", "sh", "ch", "x", "z", "o")):
-        head += "es"
-    elif head.endswith("y") and len(head) > 1 and head[-2] not in "aeiou":
-        head = head[:-1] + "ies"
-    else:
-        head += "s"
-    article = "an" if noun[:1].lower() in "aeiou" else "a"
-    return " ".join([head, *words[1:], article, noun])
+    if not words or not noun.strip():
+        raise ValueError(f"rareact_caption: empty verb or noun in {(verb, noun)!r}")
+    low = noun.strip().lower()
+    vowel = low[:1] in "aeiou"
+    if low.startswith(_ARTICLE_A):
+        vowel = False
+    elif low.startswith(_ARTICLE_AN):
+        vowel = True
+    return " ".join([_third_person(words[0]), *words[1:], "an" if vowel else "a", noun.strip()])
 
 
 def load_rareact(paths: SplitPaths, split: str, where: str) -> list[Sample]:
     path = _need(paths, "annotations", where)
     rows = read_csv(path, "RareAct annotations", ("video_id", "start", "end", "verb", "noun", "annotation"))
-    clips: OrderedDict[tuple[str, str, str], list[str]] = OrderedDict()
-    for row in rows:
-        positives = clips.setdefault((row["video_id"], row["start"], row["end"]), [])
-        if row["annotation"].strip() == "1":
-            positives.append(rareact_caption(row["verb"], row["noun"]))
-    classes = sorted({rareact_caption(r["verb"], r["noun"]) for r in rows})
+    # One sample per clip; its rows (verb, noun, annotation), duplicates kept, feed mWAP.
+    clips: OrderedDict[tuple[str, str, str], list[tuple[str, str, int]]] = OrderedDict()
+    captions: dict[tuple[str, str], str] = {}
+    for i, row in enumerate(rows):
+        at = f"row {i + 2}"
+        verb, noun = (row["verb"] or "").strip(), (row["noun"] or "").strip()
+        if not verb or not noun:
+            raise EvalDataError(f"{path}: {at}: fields 'verb' and 'noun' must not be empty")
+        value = (row["annotation"] or "").strip()
+        if value not in ("0", "1", "2", "3", "4"):
+            raise EvalDataError(f"{path}: {at}: field 'annotation' should be 0-4, got {value!r}")
+        captions[(verb, noun)] = rareact_caption(verb, noun)
+        clips.setdefault((row["video_id"], row["start"], row["end"]), []).append((verb, noun, int(value)))
+    # Candidates in caption order; actions[k] is the (verb, noun) of classes[k].
+    actions = sorted(captions, key=lambda a: (captions[a], a))
+    classes = [captions[a] for a in actions]
     out = []
-    for (vid, start, end), positives in clips.items():
+    for (vid, start, end), annotations in clips.items():
         try:
             times = float(start), float(end)
         except ValueError:
             raise EvalDataError(f"{path}: video {vid}: start/end should be numbers") from None
+        positives = list(dict.fromkeys(captions[(v, n)] for v, n, a in annotations if a == 1))
         out.append(Sample(f"{vid}_{start}_{end}", _media_file(paths, where, "{video_id}.mp4", {"video_id": vid},
                                                               path, f"video {vid}"),
-                          answers=positives, start=times[0], end=times[1], extra={"classes": classes}))
+                          answers=positives, start=times[0], end=times[1],
+                          extra={"classes": classes, "actions": actions, "video_id": vid,
+                                 "annotations": annotations}))
     return out
 
 

@@ -10,13 +10,17 @@ metric                    reference
 :func:`cider`             pycocoevalcap ``Cider`` + ``PTBTokenizer`` (COCO, Flickr30K,
                           VATEX, YouCook2)
 :func:`vqa_accuracy`      official VQA evaluation script ``vqaEval.py`` (VQAv2,
-                          TextVQA, VizWiz, MSVD/MSRVTT-QA, iVQA)
+                          TextVQA, VizWiz, MSVD/MSRVTT-QA)
 :func:`okvqa_accuracy`    VQA accuracy on stemmed answers (OK-VQA)
+:func:`ivqa_accuracy`     iVQA's min(1, #matches / 2), as ``antoyang/just-ask`` (iVQA)
 :func:`roc_auc`           ``sklearn.metrics.roc_auc_score`` (HatefulMemes)
 :func:`topk_accuracy`     top-1/top-5 (ImageNet, Kinetics-700)
 :func:`visdial_ndcg`,     VisDial's official ``visdialch/metrics.py`` (NDCG, MRR)
 :func:`mean_reciprocal_rank`
 :func:`wups`              Malinowski & Fritz WUPS as NExT-QA's ``metrics.py``
+:func:`rareact_mwap`      RareAct's ``compute_score.py`` (mWAP; with
+                          :func:`weighted_average_precision`, sklearn's
+                          ``average_precision_score`` with sample weights)
 ========================  =====================================================
 """
 
@@ -27,25 +31,30 @@ import importlib.util
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
     "WORDNET_INSTALL_COMMAND",
+    "RareActRow",
     "WordNetUnavailableError",
     "cider",
+    "ivqa_accuracy",
     "mean_reciprocal_rank",
     "normalize_vqa_answer",
     "okvqa_accuracy",
     "postprocess_caption_generation",
     "postprocess_vqa_generation",
+    "rareact_mwap",
     "roc_auc",
     "topk_accuracy",
     "visdial_ndcg",
     "vqa_accuracy",
+    "weighted_average_precision",
     "wups",
 ]
 
@@ -297,6 +306,36 @@ def okvqa_accuracy(prediction: str, answers: list[str]) -> float:
 
 
 # ---------------------------------------------------------------------------
+# iVQA accuracy (Yang et al., 2021, "Just Ask"; code: antoyang/just-ask)
+# ---------------------------------------------------------------------------
+
+
+def ivqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """iVQA accuracy of one prediction against its ground-truth answers (0..1).
+
+    iVQA has 5 answers per question (duplicates are kept: they are the votes),
+    and an answer is right once 2 annotators gave it:
+    ``min(1, #answers equal to the prediction / 2)``; average over questions for
+    the dataset score. No leave-one-out subsets (unlike :func:`vqa_accuracy`): the
+    official code counts over all 5 (``answer_id`` holds each answer's count,
+    scored as ``(answer_id / 2).clamp(max=1)`` in ``train_videoqa.eval``).
+
+    Deviation: both sides go through :func:`normalize_vqa_answer` (case,
+    punctuation, articles, number words); the official code compares raw strings,
+    since its models pick an answer out of the annotations' own vocabulary. A
+    generated answer needs the normalisation, which only merges spellings of one
+    answer ("A knife." / "knife", "two" / "2"). No stemming: iVQA's annotation
+    instructions make singular and plural different answers ("strawberry" is not
+    "strawberries").
+    """
+    if not answers:
+        raise ValueError("ivqa_accuracy: at least one ground-truth answer is needed")
+    pred = normalize_vqa_answer(prediction)
+    matches = sum(normalize_vqa_answer(a) == pred for a in answers)
+    return min(1.0, matches / 2.0)
+
+
+# ---------------------------------------------------------------------------
 # Classification and retrieval
 # ---------------------------------------------------------------------------
 
@@ -386,6 +425,130 @@ def mean_reciprocal_rank(ranks: Sequence[int]) -> float:
     if (r < 1).any():
         raise ValueError("mean_reciprocal_rank: ranks are 1-based and must be >= 1")
     return float((1.0 / r).mean())
+
+
+# ---------------------------------------------------------------------------
+# RareAct mWAP (Miech et al., 2020; code: antoine77340/RareAct compute_score.py)
+# ---------------------------------------------------------------------------
+
+
+def weighted_average_precision(
+    scores: Sequence[float], positive: Sequence[bool], weights: Sequence[float] | None = None
+) -> float:
+    """Average precision with per-sample weights, as sklearn's ``average_precision_score``.
+
+    Over the distinct scores t, highest first: AP = sum of (R(t) - R(t')) * P(t),
+    t' the previous threshold (R = 0 before the first), where among the samples
+    scoring >= t the precision P = w(positives) / w(all) and the recall
+    R = w(positives) / w(every positive). Tied scores are one threshold, so the
+    input order never matters. Without weights (and ties) this is the mean of the
+    precisions at the ranks of the positives. RareAct's official script calls
+    ``average_precision_score(label, scores, sample_weight=...)``; this is that
+    formula, with no scikit-learn dependency.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    w = np.ones_like(s) if weights is None else np.asarray(weights, dtype=np.float64)
+    if s.ndim != 1 or s.shape != y.shape or s.shape != w.shape:
+        raise ValueError(
+            f"weighted_average_precision: scores {s.shape}, labels {y.shape} and weights {w.shape} must match"
+        )
+    if not np.isfinite(s).all():
+        raise ValueError("weighted_average_precision: scores must be finite")
+    if not (np.isfinite(w).all() and (w > 0).all()):
+        raise ValueError("weighted_average_precision: weights must be finite and > 0")
+    if not y.any():
+        raise ValueError("weighted_average_precision: no positive sample; AP is undefined")
+    order = np.argsort(-s, kind="mergesort")
+    s, y, w = s[order], y[order], w[order]
+    tp = np.cumsum(np.where(y, w, 0.0))
+    seen = np.cumsum(w)
+    # The last index of each run of equal scores: one threshold per distinct score.
+    ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
+    precision = tp[ends] / seen[ends]
+    recall = tp[ends] / tp[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+class RareActRow(NamedTuple):
+    """One row of RareAct's ``rareact.csv``: a clip of ``video_id`` annotated for (verb, noun).
+
+    ``annotation``: 1 positive, 0 negative, 2 hard negative (only the verb is right), 3 (only
+    the noun is right), 4 (verb and noun both there, but the verb not applied to the noun).
+    """
+
+    video_id: str
+    verb: str
+    noun: str
+    annotation: int
+
+
+def _per_video_weights(rows: Sequence[RareActRow], group: list[int]) -> list[float]:
+    # Each row weighs 1 / (rows of its video in the group): every video counts once.
+    counts = Counter(rows[i].video_id for i in group)
+    return [1.0 / counts[rows[i].video_id] for i in group]
+
+
+def rareact_mwap(
+    scores: Sequence[Sequence[float]], rows: Sequence[RareActRow], actions: Sequence[tuple[str, str]]
+) -> float:
+    """RareAct's mWAP: the mean over actions of the video-weighted average precision (0..1).
+
+    Exactly RareAct's official ``compute_score.py`` without sampling (its "mWAP";
+    with ``n_sampling`` it computes the mSAP variant instead). ``rows[i]`` is one
+    annotation row and ``scores[i][k]`` the model's score of that row's clip for
+    the (verb, noun) ``actions[k]`` (the script's 7607 x 149 prediction matrix).
+    For each action with at least one positive row, the ranked set is
+      positives: its rows annotated 1;
+      negatives: its rows annotated 0, and the rows positive for an action that
+      shares neither its verb nor its noun;
+      hard negatives: its rows annotated 2-4, and the rows positive for an action
+      that shares exactly one of its verb and noun.
+    Rows annotated 0 or 2-4 for other actions are not used. Within each of the
+    three groups a row weighs 1 / (the group's rows from the same YouTube video),
+    so a video with many annotated clips counts once per group. The action's
+    score is :func:`weighted_average_precision` with those weights; actions
+    without a positive are skipped, as in the script.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape != (len(rows), len(actions)):
+        raise ValueError(
+            f"rareact_mwap: scores {s.shape} must be (rows, actions) = ({len(rows)}, {len(actions)})"
+        )
+    column = {tuple(a): k for k, a in enumerate(actions)}
+    if len(column) != len(actions):
+        raise ValueError("rareact_mwap: actions must be distinct (verb, noun) pairs")
+    # Per action: positive, negative and hard negative row indices.
+    groups: dict[tuple[str, str], tuple[list[int], list[int], list[int]]] = {a: ([], [], []) for a in column}
+    for i, row in enumerate(rows):
+        action = (row.verb, row.noun)
+        if action not in column:
+            raise ValueError(f"rareact_mwap: row {i}: action {action} has no score column")
+        if row.annotation == 1:
+            groups[action][0].append(i)
+            for other, (_, negative, hard) in groups.items():
+                same_verb, same_noun = other[0] == row.verb, other[1] == row.noun
+                if same_verb != same_noun:
+                    hard.append(i)
+                elif not same_verb:
+                    negative.append(i)
+        elif row.annotation == 0:
+            groups[action][1].append(i)
+        elif row.annotation in (2, 3, 4):
+            groups[action][2].append(i)
+        else:
+            raise ValueError(f"rareact_mwap: row {i}: annotation must be 0-4, got {row.annotation!r}")
+    aps = []
+    for action, (positive, negative, hard) in groups.items():
+        if not positive:
+            continue
+        index = positive + negative + hard
+        weights = [w for g in (positive, negative, hard) for w in _per_video_weights(rows, g)]
+        labels = [True] * len(positive) + [False] * (len(negative) + len(hard))
+        aps.append(weighted_average_precision(s[index, column[action]], labels, weights))
+    if not aps:
+        raise ValueError("rareact_mwap: no action has a positive row; mWAP is undefined")
+    return float(np.mean(aps))
 
 
 # ---------------------------------------------------------------------------

@@ -109,7 +109,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     _t("vatex", "vatex", "caption", "CIDEr", CAPTION, video=True, max_new_tokens=20),
     _t("youcook2", "youcook2", "caption", "CIDEr", CAPTION, video=True, max_new_tokens=20),
     _t("kinetics700", "kinetics", "classification", "top-1", CAPTION, video=True, val_query_size=None),
-    _t("rareact", "rareact", "retrieval", "mAP", "Caption: a person {answer}", video=True, zero_shot_only=True),
+    _t("rareact", "rareact", "retrieval", "mWAP", "Caption: a person {answer}", video=True, zero_shot_only=True),
 ]}
 
 
