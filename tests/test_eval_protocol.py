@@ -77,6 +77,15 @@ def test_subsets_are_disjoint_deterministic_and_sized():
     assert len(make_subsets(task, train, test, split="test", query_size=7, **kw).query) == 7
 
 
+def test_a_zero_shot_only_task_without_train_split_holds_out_only_its_text_examples():
+    test = [Sample(f"t{i}", None, answers=["x"]) for i in range(30)]
+    sub = make_subsets(get_task("rareact"), None, test, split="test", support_size=2048, support_per_class=0,
+                       query_size=None, query_per_class=0, seed=0, zero_shot_examples=2)
+    assert len(sub.support) == 2 and len(sub.query) == 28
+    assert not {s.id for s in sub.support} & {s.id for s in sub.query}
+    assert "2 support samples held out" in sub.notes[0]
+
+
 def test_classification_subsets_are_per_class():
     train = [Sample(f"{c}{i}", None, label=c) for c in "abc" for i in range(10)]
     sub = make_subsets(get_task("imagenet"), train, train[:3], split="validation", support_size=0,

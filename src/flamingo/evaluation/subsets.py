@@ -53,9 +53,13 @@ def _per_class(samples: list[Sample], support: int, query: int, seed: int,
 
 def make_subsets(task: TaskSpec, train: list[Sample] | None, test: list[Sample], *, split: str,
                  support_size: int, support_per_class: int, query_size: int | None, query_per_class: int,
-                 seed: int) -> Subsets:
-    """Support and query samples for `split` ("test" or "validation")."""
+                 seed: int, zero_shot_examples: int = 2) -> Subsets:
+    """Support and query samples for `split` ("test" or "validation"). A zero-shot-only task
+    (RareAct) needs no more support than its zero-shot prompt's text-only examples: without a
+    train split, only those are held out of the evaluation split."""
     notes: list[str] = []
+    if task.zero_shot_only:
+        support_size = min(support_size, zero_shot_examples)
     if split not in ("test", "validation"):
         raise EvalDataError(f"split: expected 'test' or 'validation', got {split!r}")
     if train is None:

@@ -62,7 +62,8 @@ def load_subsets(task: TaskSpec, data: DataConfig, settings: EvalSettings) -> Su
         raise EvalDataError(f"task {task.name}: the test split has no samples")
     return make_subsets(task, train, test, split=settings.split, support_size=settings.support_size,
                         support_per_class=settings.support_per_class, query_size=settings.query_size,
-                        query_per_class=settings.query_per_class, seed=settings.seed)
+                        query_per_class=settings.query_per_class, seed=settings.seed,
+                        zero_shot_examples=settings.zero_shot_examples)
 
 
 def _check_run(out_dir: Path, identity: dict[str, Any]) -> None:
