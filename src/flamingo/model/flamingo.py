@@ -8,6 +8,7 @@ image it may attend to. Nothing is left on the model between calls.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from torch import nn
 
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, media_context, token_media_index
+from flamingo.model.fused_head_loss import DEFAULT_CHUNK, IGNORE_INDEX, NLLRequest, nll_request
 from flamingo.model.language_model import (
     DecoupledEmbedding,
     DecoupledLMHead,
@@ -33,9 +35,27 @@ class FlamingoInputError(ValueError):
     """Inputs that do not fit together (shapes, `<image>` tokens vs images)."""
 
 
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a target in some row: the only logits the loss needs."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token NLL of the labelled tokens (labels aligned with the inputs, -100 ignored),
+    computed in fp32; `Flamingo.forward(labels=...)` returns the same sum divided by the count.
+    With `positions`, `logits` hold only those positions (see `labelled_positions`)."""
+    labels = labels.to(logits.device)
+    if positions is None:
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    else:
+        targets = labels[:, positions.to(logits.device) + 1]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
 @dataclass
 class FlamingoOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when `nll_labels` asked for the loss alone
     loss: torch.Tensor | None = None
     past_key_values: Any = None
     visual_tokens: torch.Tensor | None = None  # [B, N, R, D], reusable by later calls
@@ -75,6 +95,10 @@ class Flamingo(nn.Module):
         lm_params = inspect.signature(lm.forward).parameters
         self._lm_takes_position_ids = "position_ids" in lm_params
         self._lm_takes_logits_to_keep = "logits_to_keep" in lm_params
+        # Training loss through the fused chunked head (`nll_labels`); switched off for an LM whose
+        # forward turns out not to return its head's output unchanged (see fused_head_loss).
+        self.fused_nll = True
+        self.nll_chunk = DEFAULT_CHUNK
 
         # Special tokens, decoupled: only their embedding/output rows are trainable.
         self.eoc_token_id, self.media_token_id = add_special_tokens(
@@ -199,6 +223,7 @@ class Flamingo(nn.Module):
         use_cache: bool = False,
         kv_cache: dict | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        nll_labels: torch.Tensor | None = None,
     ) -> FlamingoOutput:
         """Run Flamingo on interleaved text and media.
 
@@ -219,12 +244,22 @@ class Flamingo(nn.Module):
                 computed; a 1-D tensor of positions keeps those (training: the positions that
                 have a next-token label, sparing the [B, L, V] head for the rest). Ignored with
                 `labels`.
+            nll_labels [B, L]: training. Labels as `labels` (aligned with the inputs, -100
+                ignored); `loss` is then their summed next-token NLL (fp32) and `logits` None.
+                The output head and the NLL are computed together, chunk by chunk of labelled
+                tokens, without the [tokens, vocabulary] logits (`fused_head_loss`); LMs that
+                post-process their logits, or whose head is not ours, fall back to the logits of
+                the labelled positions only. Not with `labels` or `logits_to_keep`.
 
         Media may be given for fewer rows than input_ids (visual_tokens [B / k, ...]): then each
         run of k consecutive rows shares one row of media, without copies (beams, candidates).
         """
         if input_ids.ndim != 2:
             raise FlamingoInputError(f"input_ids: expected shape [B, L], got {tuple(input_ids.shape)}")
+        media_counts = num_media  # as given (a fallback call re-runs with it)
+        if nll_labels is not None and (labels is not None or use_cache or past_key_values is not None
+                                       or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)):
+            raise FlamingoInputError("nll_labels: not with labels, logits_to_keep or a KV cache")
         batch, device = input_ids.shape[0], input_ids.device
         given = [n for n, v in (("pixel_values", pixel_values), ("vision_features", vision_features),
                                 ("visual_tokens", visual_tokens)) if v is not None]
@@ -261,6 +296,13 @@ class Flamingo(nn.Module):
 
         lm_kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask,
                                          past_key_values=past_key_values, use_cache=use_cache)
+        request = None
+        if nll_labels is not None:
+            nll_labels = nll_labels.to(device)
+            if self._fused_nll_possible():
+                request = NLLRequest(F.pad(nll_labels[:, 1:], (0, 1), value=IGNORE_INDEX), self.nll_chunk)
+            else:  # logits of the labelled positions only
+                logits_to_keep = labelled_positions(nll_labels)
         keep_some = isinstance(logits_to_keep, torch.Tensor) or logits_to_keep > 0
         if keep_some and labels is None and self._lm_takes_logits_to_keep:
             lm_kwargs["logits_to_keep"] = logits_to_keep
@@ -268,8 +310,25 @@ class Flamingo(nn.Module):
             # Positions count real tokens only, so left padding does not shift them.
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             lm_kwargs["position_ids"] = positions[:, -input_ids.shape[1]:]
-        with media_context(context):
+        with media_context(context), (nll_request(request) if request is not None else contextlib.nullcontext()):
             out = self.lm(**lm_kwargs)
+
+        if nll_labels is not None:
+            if request is not None and not (request.loss is not None and not request.failed
+                                            and request.probe_intact(out.logits)):
+                # The LM did not return its head's output as it is: never try again on this model.
+                self.fused_nll = False
+                return self.forward(input_ids, attention_mask=attention_mask, num_media=media_counts,
+                                    visual_tokens=visual_tokens, attend_next=attend_next,
+                                    media_offset=media_offset, kv_cache=kv_cache, nll_labels=nll_labels)
+            if request is not None:
+                loss = request.loss
+            else:
+                logits = out.logits
+                if not self._lm_takes_logits_to_keep:
+                    logits = logits[:, logits_to_keep]
+                loss = token_nll_sum(logits, nll_labels, logits_to_keep)
+            return FlamingoOutput(logits=None, loss=loss, visual_tokens=visual_tokens)
 
         logits = out.logits
         if keep_some and labels is None and not self._lm_takes_logits_to_keep:
@@ -281,6 +340,12 @@ class Flamingo(nn.Module):
             loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return FlamingoOutput(logits=logits, loss=loss, past_key_values=getattr(out, "past_key_values", None),
                               visual_tokens=visual_tokens)
+
+    def _fused_nll_possible(self) -> bool:
+        head = self.lm.get_output_embeddings()
+        if not self.fused_nll or not isinstance(head, DecoupledLMHead) or not isinstance(head.base, nn.Linear):
+            return False
+        return not any(p.requires_grad for p in head.base.parameters())
 
     @staticmethod
     def _check_media_counts(counts: torch.Tensor, num_media: torch.Tensor, offset: torch.Tensor,

@@ -16,6 +16,7 @@ from torch import nn
 
 from flamingo.model.config import LanguageModelConfig
 from flamingo.model.cross_attention import GatedCrossAttentionBlock, active_media_context
+from flamingo.model.fused_head_loss import active_nll_request
 from flamingo.model.lm_source import converted_gguf_checkpoint, resolve_package_path
 
 
@@ -167,6 +168,9 @@ class DecoupledLMHead(nn.Module):
         return self.base.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        request = active_nll_request()
+        if request is not None:  # training: the summed NLL instead of logits (see fused_head_loss)
+            return request(self, hidden)
         logits = _few_rows_linear(self.base, hidden)
         bias = None if self.new_bias is None else self.new_bias.to(hidden.dtype)
         new = F.linear(hidden, self.new_rows.to(hidden.dtype), bias).to(logits.dtype)

@@ -35,11 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from flamingo.data.batch import IGNORE_INDEX, Batch
+from flamingo.data.batch import Batch
 from flamingo.model.config import ConfigError
-from flamingo.model.flamingo import Flamingo
+from flamingo.model.flamingo import Flamingo, labelled_positions, token_nll_sum  # noqa: F401 (re-exported)
 from flamingo.model.weights import load_trainable_weights, load_weights_file
 from flamingo.training import checkpoint as ckpt
 from flamingo.training.activation_checkpointing import enable_gradient_checkpointing
@@ -92,24 +91,6 @@ class TrainResult:
     model: Flamingo
     stopped_early: str | None = None  # why the run ended before `steps` (a finite dataset ended, a signal)
     interrupted_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped it (checkpoint saved)
-
-
-def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose next token is a target in some row: the only logits the loss needs."""
-    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-
-
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed next-token NLL of the labelled tokens (labels aligned with the inputs, -100 ignored),
-    computed in fp32; `Flamingo.forward(labels=...)` returns the same sum divided by the count.
-    With `positions`, `logits` hold only those positions (see `labelled_positions`)."""
-    labels = labels.to(logits.device)
-    if positions is None:
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    else:
-        targets = labels[:, positions.to(logits.device) + 1]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
 
 
 class Trainer:
@@ -292,11 +273,10 @@ class Trainer:
                 nll_sums[-1] += float(batch.attention_mask.sum())
                 with gradient_sync(self.module, rt, sync=done == passes):
                     with self.autocast():
-                        positions = labelled_positions(batch.labels)
-                        out = self.module(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
+                        # The summed NLL of the labelled tokens, without materialising their logits.
+                        nll = self.module(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
                                           num_media=batch.num_media, attend_next=batch.attend_next,
-                                          logits_to_keep=positions)
-                    nll = token_nll_sum(out.logits, batch.labels, positions)
+                                          nll_labels=batch.labels).loss
                     (nll * scale).backward()
                 nll_sums[j] += float(nll.detach())
         sync_replicated_grads(unwrap(self.module), rt)
