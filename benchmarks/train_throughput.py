@@ -286,18 +286,16 @@ def check_equivalence(built) -> list[tuple[str, float, float]]:
 
 def bare_steps(built):
     """Forward + backward only (same objective weights, no clipping / optimizer), per side."""
-    from flamingo.training.trainer import token_nll_sum
-
     ours, of = built["ours"], built["of"]
     counts = {n: max(1, b.num_tokens) for n, b in built["batches"].items()}
     weights = {"laion": LAION_MULT, "mmc4": MMC4_MULT}
 
-    def ours_fb():
+    def ours_fb():  # as Trainer.train_step calls the model (fused output head + NLL)
         ours.zero_grad(set_to_none=True)
         for name, b in built["batches"].items():
-            logits = ours(b.input_ids, b.pixel_values, attention_mask=b.attention_mask, num_media=b.num_media,
-                          attend_next=b.attend_next).logits
-            (token_nll_sum(logits, b.labels) * (weights[name] / counts[name])).backward()
+            nll = ours(b.input_ids, b.pixel_values, attention_mask=b.attention_mask, num_media=b.num_media,
+                       attend_next=b.attend_next, nll_labels=b.labels).loss
+            (nll * (weights[name] / counts[name])).backward()
         ours.zero_grad(set_to_none=True)
 
     def of_fb():
