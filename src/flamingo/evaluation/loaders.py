@@ -406,17 +406,17 @@ def load_rareact(paths: SplitPaths, split: str, where: str) -> list[Sample]:
     actions = sorted(captions, key=lambda a: (captions[a], a))
     classes = [captions[a] for a in actions]
     out = []
-    for (vid, start, end), annotations in clips.items():
+    for (vid, start, end), rows in clips.items():
         try:
             times = float(start), float(end)
         except ValueError:
             raise EvalDataError(f"{path}: video {vid}: start/end should be numbers") from None
-        positives = list(dict.fromkeys(captions[(v, n)] for v, n, a in annotations if a == 1))
+        positives = list(dict.fromkeys(captions[(v, n)] for v, n, a in rows if a == 1))
         out.append(Sample(f"{vid}_{start}_{end}", _media_file(paths, where, "{video_id}.mp4", {"video_id": vid},
                                                               path, f"video {vid}"),
                           answers=positives, start=times[0], end=times[1],
                           extra={"classes": classes, "actions": actions, "video_id": vid,
-                                 "annotations": annotations}))
+                                 "annotations": rows}))
     return out
 
 
