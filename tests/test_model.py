@@ -297,7 +297,7 @@ def test_training_loss_from_labelled_positions_only_equals_full_logits(lm_dir, f
     """The trainer asks for logits only where a next-token label exists (a 1-D logits_to_keep);
     the summed NLL and the gradients must equal those from the full [B, L, V] logits, whether the
     LM slices its hidden states itself or (GPT-2, OPT, ...) Flamingo slices the logits."""
-    from flamingo.training.trainer import labelled_positions, token_nll_sum
+    from flamingo.model.flamingo import labelled_positions, token_nll_sum
 
     model = build_tiny(lm_dir(family))
     randomize_gates(model)

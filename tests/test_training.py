@@ -260,7 +260,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(lm_dir, clip_dir):
 
     from flamingo.model.cross_attention import GatedCrossAttentionBlock
     from flamingo.training.activation_checkpointing import enable_gradient_checkpointing
-    from flamingo.training.trainer import token_nll_sum
+    from flamingo.model.flamingo import token_nll_sum
 
     model = build_with_vision(lm_dir("llama"), clip_dir, **{"cross_attention.every": 1})
     randomize_gates(model)
@@ -519,9 +519,10 @@ def test_bf16_frozen_weights_with_a_batch_norm_encoder_and_procedural_data(tmp_p
 # ---------------------------------------------------------------------------- end to end
 def test_tiny_training_run_learns_to_read_the_images(tmp_path, caption_lm_dir, clip_dir):
     from flamingo.model.weights import load_pretrained
+    from flamingo.model.flamingo import token_nll_sum
     from flamingo.training.metrics import read_metrics
     from flamingo.training.plot import plot_run
-    from flamingo.training.trainer import token_nll_sum, train
+    from flamingo.training.trainer import train
 
     data = tiny_train_dict(caption_lm_dir, clip_dir, tmp_path / "run", steps=60,
                            datasets=[{"name": "shapes", "kind": "synthetic_shapes", "batch_size": 8},

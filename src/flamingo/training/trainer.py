@@ -38,7 +38,7 @@ import torch
 
 from flamingo.data.batch import Batch
 from flamingo.model.config import ConfigError
-from flamingo.model.flamingo import Flamingo, labelled_positions, token_nll_sum  # noqa: F401 (re-exported)
+from flamingo.model.flamingo import Flamingo
 from flamingo.model.weights import load_trainable_weights, load_weights_file
 from flamingo.training import checkpoint as ckpt
 from flamingo.training.activation_checkpointing import enable_gradient_checkpointing
