@@ -518,8 +518,8 @@ def test_bf16_frozen_weights_with_a_batch_norm_encoder_and_procedural_data(tmp_p
 
 # ---------------------------------------------------------------------------- end to end
 def test_tiny_training_run_learns_to_read_the_images(tmp_path, caption_lm_dir, clip_dir):
-    from flamingo.model.weights import load_pretrained
     from flamingo.model.flamingo import token_nll_sum
+    from flamingo.model.weights import load_pretrained
     from flamingo.training.metrics import read_metrics
     from flamingo.training.plot import plot_run
     from flamingo.training.trainer import train
