@@ -27,6 +27,7 @@ import math
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -366,7 +367,10 @@ class Trainer:
                 records.append(record)
             if saved_at != self.step:
                 self.save_checkpoint()
-            if not self.signal_received:  # a stopped run is not finished: resume it, then it is
+            # A signal during the last update stops nothing: the run is finished. Otherwise a stopped
+            # run is not, and --resume finishes it.
+            interrupted_by = self.signal_received if self.step < cfg.steps else None
+            if interrupted_by is None:
                 final_dir = self.save_final()
         finally:
             restore_handlers()
@@ -374,14 +378,12 @@ class Trainer:
                 progress.close()
             logger.close()
         return TrainResult(self.run_dir, self.step, self.skipped_steps, history, records, self.last_checkpoint,
-                           final_dir, unwrap(self.module), stopped_early, self.signal_received)
+                           final_dir, unwrap(self.module), stopped_early, interrupted_by)
 
     def _handle_stop_signals(self) -> Callable[[], None]:
         """SIGTERM (schedulers' preemption, torchrun's shutdown) and SIGINT (Ctrl-C) end the run
         cleanly after the current update, with a checkpoint; a second signal acts as usual.
         Returns a function restoring the previous handlers (no-op off the main thread)."""
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
