@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -296,20 +297,28 @@ def binding_episode(rng: np.random.Generator, size: int, split: Split = "train",
     return support, chunk(target, None), f" {labels[target]}.", [f" {w}." for w in labels]
 
 
+def _answered_episode(rng: np.random.Generator, size: int, split: Split, shots: int,
+                      prompt_and_answer: Callable[[Scene], tuple[str, str]]) -> tuple[list[Segment], Segment, str]:
+    """`shots` chunks of a new scene each, its prompt and its answer (a target), then a query
+    chunk whose text is the prompt only. Returns (support, query, the query's answer)."""
+    def chunk(with_answer: bool) -> tuple[Segment, str]:
+        scene = sample_scene(rng, split)
+        prompt, answer = prompt_and_answer(scene)
+        return Segment(render(scene, size), [(prompt, False)] + ([(answer, True)] if with_answer else []),
+                       scene), answer
+
+    support = [chunk(True)[0] for _ in range(shots)]
+    query, answer = chunk(False)
+    return support, query, answer
+
+
 def induction_episode(rng: np.random.Generator, size: int, split: Split = "train", *, shots: int = 4,
                       attribute: str | None = None) -> tuple[list[Segment], Segment, str, list[str]]:
     """"Output: X" chunks where X is the colour or the kind of the object, fixed per episode and
     shown only by example; candidates are every colour and kind word of the split."""
     attribute = attribute or _pick(rng, ("colour", "kind"))
-
-    def chunk(with_answer: bool) -> tuple[Segment, str]:
-        scene = sample_scene(rng, split)
-        answer = f" {scene.colour if attribute == 'colour' else scene.kind}"
-        return Segment(render(scene, size), [("Output:", False)] + ([(answer, True)] if with_answer else []),
-                       scene), answer
-
-    support = [chunk(True)[0] for _ in range(shots)]
-    query, answer = chunk(False)
+    support, query, answer = _answered_episode(
+        rng, size, split, shots, lambda scene: ("Output:", f" {scene.colour if attribute == 'colour' else scene.kind}"))
     return support, query, answer, [f" {w}" for w in (*colours(split), *kinds(split))]
 
 
@@ -317,15 +326,12 @@ def question_episode(rng: np.random.Generator, size: int, split: Split = "train"
                      attribute: Literal["kind", "colour"] = "kind") -> tuple[list[Segment], Segment, str, list[str]]:
     """Perception: "What shape is this?" / "What colour is the X?" about new scenes, after `shots`
     answered examples; candidates are every kind (or colour) of the split."""
-    def chunk(with_answer: bool) -> tuple[Segment, str]:
-        scene = sample_scene(rng, split)
-        question = "What shape is this?" if attribute == "kind" else f"What colour is the {scene.kind}?"
-        answer = f" {scene.kind if attribute == 'kind' else scene.colour}"
-        return Segment(render(scene, size), [(f"Question: {question} Answer:", False)]
-                       + ([(answer, True)] if with_answer else []), scene), answer
+    def prompt_and_answer(scene: Scene) -> tuple[str, str]:
+        if attribute == "kind":
+            return "Question: What shape is this? Answer:", f" {scene.kind}"
+        return f"Question: What colour is the {scene.kind}? Answer:", f" {scene.colour}"
 
-    support = [chunk(True)[0] for _ in range(shots)]
-    query, answer = chunk(False)
+    support, query, answer = _answered_episode(rng, size, split, shots, prompt_and_answer)
     return support, query, answer, [f" {w}" for w in (kinds(split) if attribute == "kind" else colours(split))]
 
 

@@ -65,6 +65,11 @@ def run_demo(seed: int = 0, episodes: int = 24, say: Callable[[str], None] = pri
         names[id(image)] = procedural.describe(scene)
         return image
 
+    def named_episode_items(support: Sequence[procedural.Segment], query: procedural.Segment) -> list[Any]:
+        for segment in (*support, query):
+            names[id(segment.image)] = procedural.describe(segment.scene)
+        return episode_items(support, query, model.config.end_of_chunk_token)
+
     scene = procedural.sample_scene(rng)
     _show(model, "1. Captioning a rendered image (zero-shot)", [scene_image(scene)], names, say,
           procedural.describe(scene))
@@ -74,19 +79,14 @@ def run_demo(seed: int = 0, episodes: int = 24, say: Callable[[str], None] = pri
     _show(model, "2. Question answering", [scene_image(scene), question], names, say, scene.colour)
 
     support, query, answer, _ = procedural.binding_episode(rng, 224, "eval", ways=2, shots=4)
-    items = episode_items(support, query, model.config.end_of_chunk_token)
-    for segment in (*support, query):
-        names[id(segment.image)] = procedural.describe(segment.scene)
     _show(model, "3. New words bound to objects inside the prompt (kinds and words never seen in training)",
-          items, names, say, answer)
+          named_episode_items(support, query), names, say, answer)
 
     support, query, answer, _ = procedural.induction_episode(rng, 224, "eval", shots=4)
-    for segment in (*support, query):
-        names[id(segment.image)] = procedural.describe(segment.scene)
     _show(model, "4. The task shown only by examples (\"Output:\" then the colour or the shape; held-out ones)",
-          episode_items(support, query, model.config.end_of_chunk_token), names, say, answer)
+          named_episode_items(support, query), names, say, answer)
     _show(model, "   ... and the same query without the examples (zero-shot: the task is unknown)",
-          episode_items([], query, model.config.end_of_chunk_token), names, say, answer)
+          named_episode_items([], query), names, say, answer)
 
     photos = package_photos()
     if len(photos) >= 2:
