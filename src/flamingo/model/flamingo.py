@@ -336,8 +336,8 @@ class Flamingo(nn.Module):
         loss = None
         if labels is not None:
             # Shift the labels rather than slicing the logits: no copy of the [B, L, V] logits.
-            targets = F.pad(labels[:, 1:].to(device), (0, 1), value=-100)
-            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            targets = F.pad(labels[:, 1:].to(device), (0, 1), value=IGNORE_INDEX)
+            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return FlamingoOutput(logits=logits, loss=loss, past_key_values=getattr(out, "past_key_values", None),
                               visual_tokens=visual_tokens)
 
