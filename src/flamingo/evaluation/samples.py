@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flamingo.errors import UserError
 
-class EvalDataError(ValueError):
+
+class EvalDataError(UserError):
     """An evaluation input (data config, annotation file, task name) that cannot be used."""
 
 

@@ -17,12 +17,14 @@ from typing import Any, Literal
 
 import yaml
 
+from flamingo.errors import UserError
+
 Activation = Literal["sqrelu", "gelu"]
 MediaAttention = Literal["previous", "all_previous", "next"]
 VisionKind = Literal["clip", "siglip", "timm", "efficientnet_lite0"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration file or value is invalid; the message names the field."""
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, media_context, token_media_index
 from flamingo.model.fused_head_loss import DEFAULT_CHUNK, IGNORE_INDEX, NLLRequest, nll_request
@@ -31,7 +32,7 @@ from flamingo.model.language_model import (
 from flamingo.model.perceiver import PerceiverResampler
 
 
-class FlamingoInputError(ValueError):
+class FlamingoInputError(UserError):
     """Inputs that do not fit together (shapes, `<image>` tokens vs images)."""
 
 

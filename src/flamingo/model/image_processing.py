@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from flamingo.errors import UserError
+
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: far above any training image, far below a bomb
 _EXIF_ORIENTATION = 0x0112
 
 
-class ImageProcessingError(ValueError):
+class ImageProcessingError(UserError):
     """An image cannot be loaded or preprocessed; the message names the problem (and the file)."""
 
 

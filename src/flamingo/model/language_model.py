@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flamingo.errors import UserError
 from flamingo.model.config import LanguageModelConfig
 from flamingo.model.cross_attention import GatedCrossAttentionBlock, active_media_context
 from flamingo.model.fused_head_loss import active_nll_request
 from flamingo.model.lm_source import converted_gguf_checkpoint, resolve_package_path
 
 
-class DecoderStackNotFound(ValueError):
+class DecoderStackNotFound(UserError):
     """The LM's list of decoder blocks could not be located."""
 
 

@@ -21,11 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from flamingo.errors import UserError
+
 MANIFEST = "flamingo-cache.json"
 _PACKAGE_SCHEME = "package:"
 
 
-class LanguageModelSourceError(ValueError):
+class LanguageModelSourceError(UserError):
     """The LM's files are missing or unusable (with what to install or fix)."""
 
 

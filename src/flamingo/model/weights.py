@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.flamingo import Flamingo
 
@@ -19,7 +20,7 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "bridge.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint does not match the model (missing, unexpected or mis-shaped tensors)."""
 
 

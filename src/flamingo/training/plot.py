@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flamingo.errors import UserError
 from flamingo.training.metrics import METRICS_FILE, read_metrics
 
 
-class PlotError(ValueError):
+class PlotError(UserError):
     """Nothing to plot (no run directory, no metrics)."""
 
 
