@@ -114,60 +114,93 @@ def generate(model: Flamingo, state: FlamingoState, config: GenerationConfig | N
     if config.num_beams > 1:
         if on_text is not None:
             raise GenerationConfigError("streaming works with greedy decoding and sampling, not beam search")
-        return _beam_search(model, state, config)
+        return [best[0] for best in beam_search(model, state, config)]
     return _sample_or_greedy(model, state, config, on_text)
+
+
+def choose_next_tokens(logits: torch.Tensor, config: GenerationConfig,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row of logits [B, V]: argmax, or a draw (temperature, top-k,
+    top-p) when config.do_sample."""
+    if not config.do_sample:
+        return logits.argmax(-1)
+    probs = _filtered_logits(logits, config).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def sampling_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """A generator seeded from config.seed (a random seed when None); None for greedy decoding."""
+    if not config.do_sample:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    return generator
+
+
+class SequenceDecoder:
+    """The text side of decoding one sequence: collects its tokens, ends it at a stop token, a
+    stop string or max_new_tokens (then `result` is set), and tells which new text may be shown.
+    Text that could be the start of a stop string, or an incomplete UTF-8 character, is held back
+    until the next tokens decide."""
+
+    def __init__(self, model: Flamingo, config: GenerationConfig, stream: bool = False) -> None:
+        self.tokenizer = model.tokenizer
+        self.stop_ids = stop_token_ids(model, config)
+        self.stop_strings = config.stop_strings
+        self.max_new_tokens = config.max_new_tokens
+        self.stream = stream
+        self.ids: list[int] = []
+        self.result: Generation | None = None
+        self.streamed = 0  # characters of text already shown
+
+    def add(self, token: int) -> str:
+        """Take the next token; return the newly visible text ("" when not streaming)."""
+        if token in self.stop_ids:
+            self.result = Generation(self.ids, self.tokenizer.decode(self.ids), "stop_token")
+            return self._shown(self.result.text)
+        self.ids.append(token)
+        last = len(self.ids) == self.max_new_tokens
+        if not self.stop_strings and not self.stream:  # decoding every step costs time: only when needed
+            if last:
+                self.result = Generation(self.ids, self.tokenizer.decode(self.ids), "length")
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        cut = _stop_string_cut(text, self.stop_strings)
+        if cut is not None:
+            self.result = Generation(self.ids, text[:cut], "stop_string")
+        elif last:
+            self.result = Generation(self.ids, text, "length")
+        if self.result is not None:
+            return self._shown(self.result.text)
+        held = max(_held_back(text, self.stop_strings), len(text) - len(text.rstrip("\ufffd")))
+        return self._shown(text[:len(text) - held])
+
+    def _shown(self, visible: str) -> str:
+        if not self.stream:
+            return ""
+        shown = visible[self.streamed:]
+        self.streamed = max(self.streamed, len(visible))
+        return shown
 
 
 def _sample_or_greedy(model: Flamingo, state: FlamingoState, config: GenerationConfig,
                       on_text: TokenCallback | None) -> list[Generation]:
     work = state.repeat_rows(1)  # the caller's state stays as it was
-    rows = work.batch_size
-    stops = stop_token_ids(model, config)
-    generator = None
-    if config.do_sample:
-        generator = torch.Generator(device=work.next_token_logits.device)
-        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    ids: list[list[int]] = [[] for _ in range(rows)]
-    results: list[Generation | None] = [None] * rows
-    streamed = [0] * rows
+    generator = sampling_generator(config, work.next_token_logits.device)
+    decoders = [SequenceDecoder(model, config, stream=on_text is not None) for _ in range(work.batch_size)]
     pad = model.tokenizer.pad_token_id
     for step in range(config.max_new_tokens):
-        logits = work.next_token_logits
-        if config.do_sample:
-            probs = _filtered_logits(logits, config).softmax(-1)
-            chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        else:
-            chosen = logits.argmax(-1)
+        chosen = choose_next_tokens(work.next_token_logits, config, generator)
         for row, token in enumerate(chosen.tolist()):
-            if results[row] is not None:
-                continue
-            if token in stops:
-                results[row] = Generation(ids[row], model.tokenizer.decode(ids[row]), "stop_token")
-            else:
-                ids[row].append(token)
-                if not config.stop_strings and on_text is None:
-                    if step == config.max_new_tokens - 1:
-                        results[row] = Generation(ids[row], model.tokenizer.decode(ids[row]), "length")
-                    continue
-                text = model.tokenizer.decode(ids[row])
-                cut = _stop_string_cut(text, config.stop_strings)
-                if cut is not None:
-                    results[row] = Generation(ids[row], text[:cut], "stop_string")
-                elif step == config.max_new_tokens - 1:
-                    results[row] = Generation(ids[row], text, "length")
-                if on_text is not None:
-                    final = results[row] is not None
-                    visible = len(results[row].text) if final else len(text) - _held_back(text, config.stop_strings)
-                    shown = (results[row].text if final else text)[streamed[row]:visible]
-                    if shown:
-                        on_text(row, shown)
-                        streamed[row] = visible
-        if all(r is not None for r in results) or step == config.max_new_tokens - 1:
+            if decoders[row].result is None:
+                shown = decoders[row].add(token)
+                if shown and on_text is not None:
+                    on_text(row, shown)
+        if all(d.result is not None for d in decoders):
             break
-        finished = torch.tensor([r is not None for r in results], device=chosen.device)
+        finished = torch.tensor([d.result is not None for d in decoders], device=chosen.device)
         work.step(model, chosen.masked_fill(finished, pad)[:, None])
-    return [r if r is not None else Generation(ids[i], model.tokenizer.decode(ids[i]), "length")
-            for i, r in enumerate(results)]
+    return [d.result for d in decoders]  # every sequence ends by max_new_tokens
 
 
 @dataclass
@@ -178,7 +211,13 @@ class _Hypothesis:
     text: str | None = None  # known only when cut at a stop string; decoded at the end otherwise
 
 
-def _beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig) -> list[Generation]:
+@torch.no_grad()
+def beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig,
+                num_return: int = 1) -> list[list[Generation]]:
+    """Beam search from every sequence of `state` (left unchanged): per sequence, its best
+    `num_return` (<= num_beams) hypotheses, best first."""
+    if not 1 <= num_return <= config.num_beams:
+        raise GenerationConfigError(f"num_return: expected 1 to num_beams ({config.num_beams}), got {num_return!r}")
     width, samples = config.num_beams, state.batch_size
     work = state.repeat_rows(width)  # row = sample * width + beam; beams share the sample's media
     stops = stop_token_ids(model, config)
@@ -255,8 +294,8 @@ def _beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig
 
     results = []
     for s in range(samples):
-        best = max(finished[s], key=lambda h: h.score) if finished[s] else _Hypothesis(
-            float("-inf"), beam_ids[s * width], "length")
-        text = best.text if best.text is not None else model.tokenizer.decode(best.token_ids)
-        results.append(Generation(best.token_ids, text, best.reason, best.score))
+        ranked = sorted(finished[s], key=lambda h: h.score, reverse=True)[:num_return] or [
+            _Hypothesis(float("-inf"), beam_ids[s * width], "length")]
+        results.append([Generation(h.token_ids, h.text if h.text is not None else model.tokenizer.decode(h.token_ids),
+                                   h.reason, h.score) for h in ranked])
     return results

@@ -12,11 +12,13 @@ and raises `ImageProcessingError` naming the file, so a data loader can skip or 
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -185,25 +187,39 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageProcessingError(f"image path {path} is not a regular file")
     if path.stat().st_size == 0:
         raise ImageProcessingError(f"image file {path} is empty (0 bytes)")
+    with open(path, "rb") as f:
+        return _decode_checked(f, f"image file {path}", max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """`load_image` for encoded bytes (an upload, a data URL): the same checks, the message names
+    the image by `name` (e.g. "messages[0].content[1]")."""
+    if not data:
+        raise ImageProcessingError(f"{name} is empty (0 bytes)")
+    return _decode_checked(io.BytesIO(data), name, max_pixels)
+
+
+def _decode_checked(stream: BinaryIO, what: str, max_pixels: int) -> Image.Image:
+    """Decode an image from an open binary stream; `what` names it in error messages."""
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(f)  # lazy: reads the header only
+            image = Image.open(stream)  # lazy: reads the header only
             w, h = image.size
             if w * h > max_pixels:
                 raise ImageProcessingError(
-                    f"image file {path} is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels} "
+                    f"{what} is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels} "
                     "(possible decompression bomb)")
             if w == 0 or h == 0:
-                raise ImageProcessingError(f"image file {path} has zero size ({w}x{h})")
+                raise ImageProcessingError(f"{what} has zero size ({w}x{h})")
             image.load()  # decode now, inside the try, so truncated/corrupt data fails here
     except ImageProcessingError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageProcessingError(f"image file {path} is too large (possible decompression bomb): {err}") from None
+        raise ImageProcessingError(f"{what} is too large (possible decompression bomb): {err}") from None
     except UnidentifiedImageError:
-        raise ImageProcessingError(f"image file {path} is not in a supported image format") from None
+        raise ImageProcessingError(f"{what} is not in a supported image format") from None
     except Exception as err:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, ...
         raise ImageProcessingError(
-            f"image file {path} could not be decoded (truncated or corrupt?): {type(err).__name__}: {err}") from None
+            f"{what} could not be decoded (truncated or corrupt?): {type(err).__name__}: {err}") from None
     return image

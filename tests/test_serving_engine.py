@@ -1,0 +1,199 @@
+"""The serving engine gives the same answers as the inference API, whatever runs beside a request;
+its queue is bounded, cancelled requests free their slots, seeded sampling is reproducible."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+
+import pytest
+import torch
+from conftest import solid_image
+
+from flamingo.errors import UserError
+from flamingo.inference import generate_text, score_candidates, text_prompt
+from flamingo.inference.generation import GenerationConfig, beam_search
+from flamingo.inference.state import encode_prompts
+from flamingo.serving.engine import (
+    Delta,
+    Engine,
+    EngineConfig,
+    EngineOverloaded,
+    EngineRequest,
+    SamplingParams,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+COLOURS = ("red", "blue", "green", "grey", "yellow", "purple")
+
+
+def png(colour: str) -> bytes:
+    buffer = io.BytesIO()
+    solid_image(colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def run(coroutine_function, model, config: EngineConfig | None = None):
+    """Run `coroutine_function(engine)` against a started engine; stop it afterwards."""
+    async def main():
+        engine = Engine(model, config)
+        await engine.start()
+        try:
+            return await coroutine_function(engine)
+        finally:
+            await engine.stop()
+    return asyncio.run(main())
+
+
+async def collect(stream) -> tuple[dict[int, str], dict[int, Delta]]:
+    texts: dict[int, str] = {}
+    final: dict[int, Delta] = {}
+    async for delta in stream:
+        assert delta.index not in final, "a delta after the choice finished"
+        texts[delta.index] = texts.get(delta.index, "") + delta.text
+        if delta.finish_reason is not None:
+            final[delta.index] = delta
+    return texts, final
+
+
+def reference(model, text: str, colours, **options) -> str:
+    prompt = text_prompt(text, [solid_image(c) for c in colours])
+    return generate_text(model, prompt, **options)
+
+
+# Prompts of different lengths and image counts (0 to 3); some share a few-shot prefix.
+SUPPORT = "<image>Output: a red square.<|endofchunk|><image>Output: a blue circle.<|endofchunk|>"
+REQUESTS = [
+    (SUPPORT + "<image>Output:", ("red", "blue", "green")),
+    ("<image>An image of", ("grey",)),
+    ("Question: what colour is the ball? Answer:", ()),
+    (SUPPORT + "<image>Output: a", ("red", "blue", "yellow")),
+    ("<image>Look at<image> these two. They are", ("purple", "red")),
+    ("the quick brown fox", ()),
+    (SUPPORT + "<image>Output:", ("red", "blue", "purple")),
+    ("<image>This is a dax.<|endofchunk|><image>This is a", ("green", "blue")),
+]
+
+
+def test_engine_greedy_equals_generate_text_and_reports_usage(model):
+    text, colours = REQUESTS[0]
+
+    async def go(engine):
+        return await collect(engine.generate(EngineRequest(text, [png(c) for c in colours],
+                                                           SamplingParams(max_tokens=8))))
+
+    texts, final = run(go, model)
+    expected = reference(model, text, colours, max_new_tokens=8)
+    assert texts == {0: expected}
+    prompt_tokens = len(model.tokenizer(text)["input_ids"])
+    assert final[0].prompt_tokens == prompt_tokens and 1 <= final[0].completion_tokens <= 8
+    assert final[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_requests_equal_each_alone(model):
+    params = [SamplingParams(max_tokens=3 + i % 4 * 2, stop=("e",) if i == 5 else ()) for i in range(len(REQUESTS))]
+
+    async def go(engine):
+        async def one(i):
+            await asyncio.sleep(0.01 * i)  # join at different steps
+            text, colours = REQUESTS[i]
+            return await collect(engine.generate(EngineRequest(text, [png(c) for c in colours], params[i])))
+        return await asyncio.gather(*(one(i) for i in range(len(REQUESTS))))
+
+    results = run(go, model, EngineConfig(max_running=4))
+    for i, ((text, colours), (texts, final)) in enumerate(zip(REQUESTS, results)):
+        expected = reference(model, text, colours, max_new_tokens=params[i].max_tokens, stop_strings=params[i].stop)
+        assert texts[0] == expected, i
+
+
+def test_seeded_sampling_is_reproducible_and_equals_generate_text(model):
+    text, colours = REQUESTS[1]
+    params = SamplingParams(max_tokens=6, temperature=0.9, top_p=0.95, seed=7, n=2)
+
+    async def go(engine):
+        request = EngineRequest(text, [png(c) for c in colours], params)
+        return [await collect(engine.generate(request)) for _ in range(2)]
+
+    (first, _), (second, _) = run(go, model)
+    assert first == second
+    for choice in range(2):  # choice i draws with seed + i
+        assert first[choice] == reference(model, text, colours, max_new_tokens=6, do_sample=True, temperature=0.9,
+                                          top_p=0.95, seed=7 + choice)
+
+
+def test_beam_search_returns_the_n_best_hypotheses(model):
+    text, colours = REQUESTS[4]
+
+    async def go(engine):
+        return await collect(engine.generate(EngineRequest(text, [png(c) for c in colours],
+                                                           SamplingParams(max_tokens=5, num_beams=3, n=2))))
+
+    texts, final = run(go, model)
+    prompt = text_prompt(text, [solid_image(c) for c in colours])
+    best = beam_search(model, encode_prompts(model, [prompt]), GenerationConfig(max_new_tokens=5, num_beams=3),
+                       num_return=2)[0]
+    assert texts == {0: best[0].text, 1: best[1].text}
+    assert best[0].score >= best[1].score and set(final) == {0, 1}
+
+
+def test_rank_equals_score_candidates(model):
+    text, colours = REQUESTS[0]
+    candidates = [" a green square.", " red", " a blue circle."]
+
+    async def go(engine):
+        return await engine.rank(text, [png(c) for c in colours], candidates)
+
+    scores = run(go, model)
+    state = encode_prompts(model, [text_prompt(text, [solid_image(c) for c in colours])])
+    expected = score_candidates(model, state, [candidates]).sum_logprob[0]
+    assert torch.allclose(torch.tensor(scores), expected, atol=1e-4)
+
+
+def test_full_queue_raises_engine_overloaded(model):
+    async def go():
+        engine = Engine(model, EngineConfig(max_queue=2))  # not started: nothing leaves the queue
+        request = EngineRequest("<image>An image of", [png("red")], SamplingParams(max_tokens=2))
+        streams = [engine.generate(request), engine.generate(request)]
+        with pytest.raises(EngineOverloaded):
+            engine.generate(request)
+        return streams, engine.metrics.requests_rejected.labels("queue_full")._value.get()
+
+    _, rejected = asyncio.run(go())
+    assert rejected == 1
+
+
+def test_cancelling_a_stream_frees_its_slot(model):
+    async def go(engine):
+        long = engine.generate(EngineRequest("the quick brown fox", [],
+                                             SamplingParams(max_tokens=200, stop=("never",))))
+        await long.__anext__()
+        await long.aclose()  # the client went away
+        with pytest.raises(StopAsyncIteration):
+            await long.__anext__()
+        # with one slot, this request can only finish if the cancelled one left it
+        texts, final = await asyncio.wait_for(
+            collect(engine.generate(EngineRequest("<image>An image of", [png("red")], SamplingParams(max_tokens=3)))),
+            timeout=120)
+        return texts, final
+
+    texts, final = run(go, model, EngineConfig(max_running=1))
+    assert texts[0] == reference(model, "<image>An image of", ("red",), max_new_tokens=3)
+
+
+@pytest.mark.parametrize("text, images, params, field", [
+    ("<image>Output:", [], {}, "images"),
+    ("Output:", [b"not an image"], {}, "images"),
+    ("<image>Output:", [b"not an image"], {}, "images[0]"),
+    ("Output:", [], {"max_tokens": 0}, "max_tokens"),
+    ("Output:", [], {"top_p": 0}, "top_p"),
+    ("Output:", [], {"n": 3, "num_beams": 2}, "n"),
+    ("Output:", [], {"temperature": -1}, "temperature"),
+    ("Output:", [], {"max_tokens": 10_000}, "max_tokens"),
+])
+def test_bad_requests_raise_at_once_naming_the_field(model, text, images, params, field):
+    async def go():
+        engine = Engine(model)
+        with pytest.raises(UserError, match=re.escape(field)):
+            engine.generate(EngineRequest(text, images, SamplingParams(**params)))
+    asyncio.run(go())
