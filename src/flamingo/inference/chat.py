@@ -20,6 +20,7 @@ from flamingo.model.image_processing import DEFAULT_MAX_PIXELS, load_image
 
 DIALOGUE_PROMPT = ("This is a conversation between a human, User, and an intelligent visual AI, Flamingo. "
                    "User sends images, and Flamingo describes them.\n")
+DIALOGUE_STOP_STRINGS = ("\nUser:", "User:")  # the model would go on to write the user's next turn
 HELP = "type a message; /image PATH attaches an image to your next message; /reset clears the history; /quit ends"
 
 
@@ -43,7 +44,7 @@ def run_chat(model: Flamingo, config: GenerationConfig, read: Callable[[str], st
     Returns the history."""
     media = model.config.media_token
     eoc = model.config.end_of_chunk_token
-    config.stop_strings = tuple(config.stop_strings) + ("\nUser:", "User:")
+    config.stop_strings = tuple(config.stop_strings) + DIALOGUE_STOP_STRINGS
     limit = context_length(model)
     history: list[Turn] = []
     pending: list[Image.Image] = []

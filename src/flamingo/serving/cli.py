@@ -1,0 +1,104 @@
+"""`flamingo serve`: the OpenAI-compatible server, the rank extension and the chat page."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  flamingo serve                                   the embedded model on http://127.0.0.1:8000 (offline)
+  flamingo serve --model my-flamingo --device cuda --port 9000
+  FLAMINGO_API_KEY=secret flamingo serve --host 0.0.0.0    every /v1 request needs 'Authorization: Bearer secret'
+  flamingo serve --allowed-local-media-path /data/images  image_url may name files under /data/images
+endpoints: POST /v1/chat/completions, /v1/completions, /v1/rank; GET /v1/models, /health, /metrics, / (chat page)"""
+
+
+def model_name(spec: str) -> str:
+    """The name clients use for the served model: `flamingo-embedded`, a directory's name, or the hub id."""
+    if spec == "embedded":
+        return "flamingo-embedded"
+    path = Path(spec)
+    return path.resolve().name if path.exists() else spec
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import torch
+    import uvicorn
+
+    from flamingo.errors import UserError
+    from flamingo.serving.app import create_app
+    from flamingo.serving.engine import Engine, EngineConfig
+    from flamingo.serving.limits import ServerSettings
+
+    # Option mistakes are reported before the (slow) model load.
+    settings = ServerSettings(
+        model_name=args.model_name or model_name(args.model), api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+        max_n=args.max_n, max_beams=args.max_beams, allow_url_fetch=args.allow_url_fetch,
+        allowed_local_media_path=args.allowed_local_media_path)
+    engine_config = EngineConfig(max_queue=args.max_queue, max_running=args.max_running,
+                                 prefix_cache_bytes=args.prefix_cache_mb << 20, max_prompt_tokens=args.max_prompt_tokens)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available here")
+    if not _is_loopback(args.host) and settings.api_key is None:
+        print(f"flamingo serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)
+    from flamingo.cli import _quiet_load
+
+    model = _quiet_load(args.model).to(args.device).eval()
+    app = create_app(Engine(model, engine_config), settings)
+    print(f"serving {settings.model_name} on http://{args.host}:{args.port} (chat page at /)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from flamingo.serving.limits import ServerSettings
+
+    defaults = ServerSettings()
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("--model", default="embedded",
+                   help="a saved model directory, a hub id (org/name), or 'embedded' (the default, offline)")
+    p.add_argument("--model-name", help="the model id clients send (default: from --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (one model per device; run one server "
+                                                   "per GPU behind a load balancer to use several)")
+    p.add_argument("--api-key", default=os.environ.get("FLAMINGO_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $FLAMINGO_API_KEY, else none)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    media = p.add_argument_group("image sources (data: URLs are always accepted)")
+    media.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) image URLs (timeout + size cap)")
+    media.add_argument("--allowed-local-media-path", type=Path, metavar="DIR",
+                       help="accept file:// URLs and paths of images under DIR (nothing outside it)")
+    limits = p.add_argument_group("limits")
+    for name, help_text in [("max_body_bytes", "request body size"), ("max_images", "images per request"),
+                            ("max_image_bytes", "encoded size of one image"),
+                            ("max_image_pixels", "pixels of one image (read from its header)"),
+                            ("max_tokens", "cap of a request's max_tokens"),
+                            ("default_max_tokens", "max_tokens of a request that gives none"),
+                            ("max_n", "choices per request (n)"), ("max_beams", "beam width (num_beams)")]:
+        limits.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                            help=f"{help_text} (default {getattr(defaults, name)})")
+    limits.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="prompt length in tokens (default: the language model's context)")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--max-queue", type=int, default=64, help="waiting requests; beyond: HTTP 429 (default 64)")
+    engine.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
+    engine.add_argument("--prefix-cache-mb", type=int, default=1024,
+                        help="memory bound of the shared prompt-prefix cache (default 1024)")
+    p.set_defaults(func=_cmd_serve)

@@ -1,0 +1,169 @@
+"""Images of a request: from data URLs, and only when the operator allows it from http(s) URLs or
+files under one folder; checked (byte size, format, pixel count from the header, full decode)
+before they reach the engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import urllib.parse
+import warnings
+from pathlib import Path
+
+import anyio
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from flamingo.serving.limits import RequestError, ServerSettings
+
+# Formats PIL decodes by itself (no external programs, unlike EPS); anything else is refused.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+MAX_REDIRECTS = 3
+
+
+def _short(text: str, limit: int = 48) -> str:
+    """A value quoted in an error message, never unbounded."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _too_big(param: str, size: int, cap: int) -> RequestError:
+    return RequestError(f"{param}: the image is {size} bytes, more than the limit of {cap} bytes", param,
+                        code="image_too_large")
+
+
+class MediaResolver:
+    """Turns the `url` of an image_url part (or an `images` entry) into checked image bytes."""
+
+    def __init__(self, settings: ServerSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def load(self, url: str, param: str) -> bytes:
+        scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
+        if scheme == "data":
+            data = self._data_url(url, param)
+        elif scheme in ("http", "https"):
+            data = await self._fetch(url, param)
+        elif scheme in ("file", ""):
+            data = await anyio.to_thread.run_sync(self._local_file, url, param)
+        else:
+            raise RequestError(f"{param}: unsupported URL scheme {_short(scheme)}; expected a data:image/...;base64 "
+                               f"URL", param, code="invalid_image_url")
+        await anyio.to_thread.run_sync(check_image, data, param, self.settings.max_image_pixels)
+        return data
+
+    def _data_url(self, url: str, param: str) -> bytes:
+        header, sep, payload = url.partition(",")
+        media_type, *options = header[len("data:"):].split(";")
+        if not sep or "base64" not in options or not media_type.lower().startswith("image/"):
+            raise RequestError(f"{param}: expected a data URL like data:image/png;base64,<data>, got "
+                               f"{_short(url)}", param, code="invalid_image_url")
+        cap = self.settings.max_image_bytes
+        if len(payload) // 4 * 3 > cap + 2:  # before decoding anything
+            raise _too_big(param, len(payload) // 4 * 3, cap)
+        try:
+            data = base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"{param}: the data URL's payload is not valid base64", param,
+                               code="invalid_image_url") from None
+        if len(data) > cap:
+            raise _too_big(param, len(data), cap)
+        return data
+
+    async def _fetch(self, url: str, param: str) -> bytes:
+        if not self.settings.allow_url_fetch:
+            raise RequestError(f"{param}: http(s) image URLs are refused by this server (start it with "
+                               f"--allow-url-fetch to fetch them); send the image as a data URL", param,
+                               code="url_fetch_disabled")
+        if self._client is None:
+            self._client = httpx.AsyncClient(transport=self._transport, follow_redirects=True,
+                                             max_redirects=MAX_REDIRECTS, timeout=self.settings.url_fetch_timeout_s)
+        cap = self.settings.max_image_bytes
+        try:
+            with anyio.fail_after(self.settings.url_fetch_timeout_s):  # in all: a slow trickle times out too
+                async with self._client.stream("GET", url) as response:
+                    if response.status_code != 200:
+                        raise RequestError(f"{param}: fetching the image failed with HTTP {response.status_code}",
+                                           param, code="image_fetch_failed")
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > cap:
+                        raise _too_big(param, int(declared), cap)
+                    data = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        data += chunk
+                        if len(data) > cap:
+                            raise _too_big(param, len(data), cap)
+                    return bytes(data)
+        except TimeoutError:
+            raise RequestError(f"{param}: fetching the image took longer than {self.settings.url_fetch_timeout_s} s",
+                               param, code="image_fetch_failed") from None
+        except httpx.HTTPError as err:
+            raise RequestError(f"{param}: fetching the image failed: {type(err).__name__}", param,
+                               code="image_fetch_failed") from None
+
+    def _local_file(self, url: str, param: str) -> bytes:
+        root = self.settings.allowed_local_media_path
+        if root is None:
+            raise RequestError(f"{param}: local files are refused by this server (start it with "
+                               f"--allowed-local-media-path DIR to serve images from DIR); send the image as a "
+                               f"data URL", param, code="local_media_disabled")
+        if url.lower().startswith("file:"):
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.netloc not in ("", "localhost"):
+                raise RequestError(f"{param}: file URLs must name a local file (file:///path)", param,
+                                   code="invalid_image_url")
+            text = urllib.parse.unquote(parsed.path)
+        else:
+            text = url
+        path = Path(text)
+        if "\x00" in text or ".." in path.parts:
+            raise RequestError(f"{param}: the path may not contain '..' or NUL characters", param,
+                               code="invalid_image_url")
+        resolved = (path if path.is_absolute() else root / path).resolve()  # follows symlinks
+        if not resolved.is_relative_to(root):
+            raise RequestError(f"{param}: {_short(text)} is outside the allowed media folder", param,
+                               code="invalid_image_url")
+        if not resolved.is_file():
+            raise RequestError(f"{param}: no image file {_short(text)} in the allowed media folder", param,
+                               code="invalid_image_url")
+        cap = self.settings.max_image_bytes
+        with open(resolved, "rb") as f:
+            data = f.read(cap + 1)
+        if len(data) > cap:
+            raise _too_big(param, resolved.stat().st_size, cap)
+        return data
+
+
+def check_image(data: bytes, param: str, max_pixels: int) -> None:
+    """Refuse anything that is not a decodable PNG/JPEG/GIF/WebP/BMP of at most `max_pixels`; the
+    pixel count comes from the header, before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:  # reads the header only
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise RequestError(f"{param}: the image is {width}x{height} = {width * height} pixels, more "
+                                       f"than the limit of {max_pixels}", param, code="image_too_large")
+                if width == 0 or height == 0:
+                    raise RequestError(f"{param}: the image has zero size", param, code="invalid_image")
+                image.load()
+    except RequestError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(f"{param}: the image has too many pixels (possible decompression bomb)", param,
+                           code="image_too_large") from None
+    except UnidentifiedImageError:
+        raise RequestError(f"{param}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})", param,
+                           code="invalid_image") from None
+    except Exception as err:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, ...
+        raise RequestError(f"{param}: the image could not be decoded (truncated or corrupt?): "
+                           f"{type(err).__name__}", param, code="invalid_image") from None

@@ -1,0 +1,232 @@
+"""OpenAI's request and response formats, mapped onto Flamingo prompts and engine requests.
+
+Chat messages become the paper's dialogue prompt (B.1.6, as `flamingo chat` builds it):
+
+    <preamble>User: <image>What is this?\nFlamingo: A cat.<|endofchunk|>\nUser: And this?\nFlamingo:
+
+Completions take the paper's interleaved prompt as it is: `<image>` where each image of the
+`images` list (an extension field) goes. Numeric fields are validated by pydantic; content parts,
+stop strings and the server's caps are checked here, each error naming its field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from flamingo.inference.chat import DIALOGUE_PROMPT, DIALOGUE_STOP_STRINGS
+from flamingo.serving.engine import SamplingParams
+from flamingo.serving.limits import RequestError, ServerSettings
+
+MAX_STOP_CHARS = 128
+MAX_CANDIDATE_CHARS = 1000
+
+
+class _Request(BaseModel):
+    # Clients send fields we do not use (user, logprobs, frequency_penalty, ...): ignored, as OpenAI-compatible
+    # servers do; every field we use is validated.
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Request):
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # 0 or absent: greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1)
+    stop: Any = None  # a string or a list of strings (checked below)
+    seed: StrictInt | None = Field(None, ge=0, lt=1 << 63)
+    num_beams: StrictInt = Field(1, ge=1, description="beam search width (extension; the paper uses 3)")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any = None  # a string or a list of content parts (checked below)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any  # a string (or a list holding one string)
+    images: list[str] = Field(default_factory=list, description="one image URL per <image> (extension)")
+
+
+class RankRequest(_Request):
+    prompt: str
+    images: list[str] = Field(default_factory=list)
+    candidates: list[str] = Field(min_length=1)
+
+
+@dataclass
+class PromptSpec:
+    """A prompt before its images are loaded: text with one media token per image URL."""
+
+    text: str
+    image_urls: list[tuple[str, str]] = field(default_factory=list)  # (url, the field it came from)
+
+
+# ------------------------------------------------------------------------------------ requests
+def sampling_params(body: _Sampling, settings: ServerSettings, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+    max_tokens_field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    max_tokens = getattr(body, max_tokens_field) or settings.default_max_tokens
+    if max_tokens > settings.max_tokens:
+        raise RequestError(f"{max_tokens_field}: {max_tokens} is more than this server's limit of "
+                           f"{settings.max_tokens}", max_tokens_field)
+    if body.n > settings.max_n:
+        raise RequestError(f"n: {body.n} is more than this server's limit of {settings.max_n}", "n")
+    if body.num_beams > settings.max_beams:
+        raise RequestError(f"num_beams: {body.num_beams} is more than this server's limit of {settings.max_beams}",
+                           "num_beams")
+    temperature = body.temperature or 0.0
+    if body.num_beams > 1:
+        if temperature > 0:
+            raise RequestError("temperature: beam search (num_beams > 1) is deterministic; use temperature 0",
+                               "temperature")
+        if body.n > body.num_beams:
+            raise RequestError(f"n: beam search returns at most num_beams={body.num_beams} choices, got "
+                               f"n={body.n}", "n")
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                          top_p=1.0 if body.top_p is None else body.top_p, n=body.n,
+                          stop=_stop_strings(body.stop, settings) + extra_stop, seed=body.seed,
+                          num_beams=body.num_beams)
+
+
+def _stop_strings(stop: Any, settings: ServerSettings) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise RequestError(f"stop: expected a string or a list of strings of 1 to {MAX_STOP_CHARS} characters",
+                           "stop")
+    if len(stops) > settings.max_stop:
+        raise RequestError(f"stop: {len(stops)} stop strings, more than the limit of {settings.max_stop}", "stop")
+    return tuple(stops)
+
+
+def _check_text(text: str, param: str, special: tuple[str, ...]) -> str:
+    for token in special:
+        if token in text:
+            raise RequestError(f"{param}: the text contains the model's special token {token!r}; send images as "
+                               f"image_url parts", param)
+    return text
+
+
+def chat_prompt(messages: list[ChatMessage], media_token: str, end_of_chunk: str) -> PromptSpec:
+    """The dialogue prompt of a conversation; images go where their parts are, in user messages."""
+    special = (media_token, end_of_chunk)
+    system, turns, urls = [], [], []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}].content"
+        if message.role in ("system", "developer"):
+            if turns:
+                raise RequestError(f"messages[{i}].role: system messages must come before the conversation",
+                                   f"messages[{i}].role")
+            system.append(_check_text(_text_only(message.content, param), param, special))
+        elif message.role == "assistant":
+            reply = _check_text(_text_only(message.content, param), param, special)
+            turns.append(f"Flamingo: {reply.strip()}{end_of_chunk}\n")
+        else:
+            turns.append(f"User: {_user_content(message.content, param, media_token, special, urls)}\n")
+    if messages[-1].role != "user":
+        raise RequestError(f"messages[{len(messages) - 1}].role: the last message must be the user's, got "
+                           f"{messages[-1].role!r}", f"messages[{len(messages) - 1}].role")
+    preamble = "\n".join(s.strip() for s in system) + "\n" if system else DIALOGUE_PROMPT
+    return PromptSpec(preamble + "".join(turns) + "Flamingo:", urls)
+
+
+def _text_only(content: Any, param: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(_part_text(p, f"{param}[{j}]") for j, p in enumerate(content))
+    raise RequestError(f"{param}: system and assistant messages take text only (a string or text parts)", param)
+
+
+def _part_text(part: dict, param: str) -> str:
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise RequestError(f"{param}.text: expected a string", f"{param}.text")
+    return text
+
+
+def _user_content(content: Any, param: str, media_token: str, special: tuple[str, ...],
+                  urls: list[tuple[str, str]]) -> str:
+    if isinstance(content, str):
+        return _check_text(content, param, special)
+    if not isinstance(content, list) or not content:
+        raise RequestError(f"{param}: expected a string or a non-empty list of content parts", param)
+    pieces = []
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            pieces.append(_check_text(_part_text(part, where), f"{where}.text", special))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise RequestError(f"{where}.image_url.url: expected a URL string", f"{where}.image_url.url")
+            urls.append((url, f"{where}.image_url.url"))
+            pieces.append(media_token)
+        else:
+            raise RequestError(f"{where}.type: expected 'text' or 'image_url' parts", f"{where}.type")
+    return "".join(pieces)
+
+
+def completion_prompt(body: CompletionRequest | RankRequest, media_token: str) -> PromptSpec:
+    """The interleaved prompt: `<image>` (or the model's own media token) where each image goes."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("prompt: expected a non-empty string (one prompt per request)", "prompt")
+    text = prompt.replace("<image>", media_token)
+    if text.count(media_token) != len(body.images):
+        raise RequestError(f"images: the prompt has {text.count(media_token)} <image> placeholder(s) but "
+                           f"{len(body.images)} image(s) were given; put one <image> where each image goes",
+                           "images")
+    return PromptSpec(text, [(url, f"images[{i}]") for i, url in enumerate(body.images)])
+
+
+def check_candidates(candidates: list[str], settings: ServerSettings, special: tuple[str, ...]) -> None:
+    if len(candidates) > settings.max_candidates:
+        raise RequestError(f"candidates: {len(candidates)} candidates, more than the limit of "
+                           f"{settings.max_candidates}", "candidates")
+    for i, candidate in enumerate(candidates):
+        if not candidate or len(candidate) > MAX_CANDIDATE_CHARS:
+            raise RequestError(f"candidates[{i}]: expected 1 to {MAX_CANDIDATE_CHARS} characters", f"candidates[{i}]")
+        _check_text(candidate, f"candidates[{i}]", special)
+
+
+# ----------------------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

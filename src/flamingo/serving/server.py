@@ -1,0 +1,39 @@
+"""Running the app under uvicorn in a background thread, on a free loopback port: for tests, the
+load benchmark and the page screenshot (`flamingo serve` runs uvicorn in the foreground)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+
+class BackgroundServer:
+    """`with BackgroundServer(app) as server: httpx.get(server.url + "/health")`."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", startup_timeout_s: float = 60.0) -> None:
+        self.app, self.host, self.startup_timeout_s = app, host, startup_timeout_s
+        self.url = ""
+
+    def __enter__(self) -> "BackgroundServer":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, 0))
+        self.url = f"http://{self.host}:{sock.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)

@@ -1,0 +1,428 @@
+"""The HTTP server (`flamingo serve`): answers equal the library's greedy output, the official
+`openai` client talks to it, every limit and refusal is a 4xx naming its field (never a 500), client
+disconnects cancel the engine's sequence, and a bounded load test loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from conftest import solid_image
+from PIL import Image
+from prometheus_client import CollectorRegistry
+from starlette.testclient import TestClient
+
+from flamingo.inference import generate_text, text_prompt
+from flamingo.inference.chat import DIALOGUE_STOP_STRINGS, Turn, build_prompt
+from flamingo.inference.scoring import score_candidates
+from flamingo.inference.state import encode_prompts
+from flamingo.serving.engine import Delta, Engine, EngineOverloaded
+from flamingo.serving.limits import RequestError, ServerSettings, ServerSettingsError
+from flamingo.serving.loadtest import mixed_requests, png_data_url, run_load
+from flamingo.serving.server import BackgroundServer
+from flamingo.serving.app import create_app
+from flamingo.serving.openai_format import ChatMessage, chat_prompt
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RED, BLUE = solid_image("red"), solid_image("blue")
+RED_URL, BLUE_URL = png_data_url(RED), png_data_url(BLUE)
+
+
+def image_message(text: str, *urls: str) -> dict:
+    return {"role": "user", "content": [*({"type": "image_url", "image_url": {"url": u}} for u in urls),
+                                        {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with TestClient(create_app(Engine(model), ServerSettings(model_name="tiny"))) as c:
+        yield c
+
+
+class FakeEngine:
+    """The engine contract with a scripted answer ("a red square"), for refusals, overload, errors
+    and disconnects; `hold` makes it wait after its first delta until the request is cancelled."""
+
+    def __init__(self, model, hold: bool = False, fail: Exception | None = None) -> None:
+        self.model, self.hold, self.fail = model, hold, fail
+        self.metrics = SimpleNamespace(registry=CollectorRegistry())
+        self.overloaded = False
+        self.requests, self.closed = [], []
+        self.first_sent, self.cancelled = threading.Event(), threading.Event()
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def generate(self, request):
+        if self.overloaded:
+            raise EngineOverloaded("queue full")
+        self.requests.append(request)
+        return self._deltas(request)
+
+    async def _deltas(self, request):
+        try:
+            if self.fail is not None:
+                raise self.fail
+            for i in range(request.params.n):
+                yield Delta(i, " a red", None)
+                self.first_sent.set()
+                if self.hold:
+                    await asyncio.Event().wait()  # until cancelled
+                yield Delta(i, " square", "stop", prompt_tokens=7, completion_tokens=3)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled.set()
+            raise
+        finally:
+            self.closed.append(request.request_id)
+
+    async def rank(self, text, images, candidates):
+        return [float(-i) for i in range(len(candidates))]
+
+
+def fake_client(model, **settings) -> TestClient:
+    engine = FakeEngine(model)
+    client = TestClient(create_app(engine, ServerSettings(model_name="tiny", **settings)))
+    client.engine = engine
+    return client
+
+
+def sse_chunks(text: str) -> list[dict]:
+    lines = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+# ------------------------------------------------------------------------------ exact answers
+def test_chat_prompt_is_the_dialogue_prompt_of_flamingo_chat(model):
+    messages = [ChatMessage(role="user", content=[{"type": "image_url", "image_url": {"url": RED_URL}},
+                                                  {"type": "text", "text": "What is this?"}]),
+                ChatMessage(role="assistant", content="A red square."),
+                ChatMessage(role="user", content="And now?")]
+    spec = chat_prompt(messages, "<image>", "<|endofchunk|>")
+    expected = build_prompt(model, [Turn("User: <image>What is this?\nFlamingo:", [RED]),
+                                    Turn(" A red square.<|endofchunk|>\n"), Turn("User: And now?\nFlamingo:")])
+    assert spec.text == expected.text
+    assert spec.image_urls == [(RED_URL, "messages[0].content[0].image_url.url")]
+
+
+def test_chat_answers_equal_generate_text_streamed_or_not(client, model):
+    messages = [image_message("What colour is this?", RED_URL)]
+    prompt = chat_prompt([ChatMessage(**m) for m in messages], "<image>", "<|endofchunk|>")
+    expected = generate_text(model, text_prompt(prompt.text, [RED]), max_new_tokens=6,
+                             stop_strings=DIALOGUE_STOP_STRINGS)
+    assert expected
+    body = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 6}).json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == expected
+    assert body["usage"]["completion_tokens"] >= 1
+    response = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "stream": True,
+                                                         "stream_options": {"include_usage": True}})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_chunks(response.text)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == expected
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == body["usage"]
+
+
+def test_completions_beams_and_rank_equal_the_library(client, model):
+    prompt = "<image>Output: a red square.<|endofchunk|><image>Output:"
+    expected = generate_text(model, text_prompt(prompt, [RED, BLUE]), max_new_tokens=5)
+    request = {"prompt": prompt, "images": [RED_URL, BLUE_URL], "max_tokens": 5}
+    body = client.post("/v1/completions", json=request).json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == expected
+    chunks = sse_chunks(client.post("/v1/completions", json={**request, "stream": True}).text)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    beams = generate_text(model, text_prompt(prompt, [RED, BLUE]), max_new_tokens=5, num_beams=3)
+    body = client.post("/v1/completions", json={**request, "num_beams": 3}).json()
+    assert body["choices"][0]["text"] == beams
+
+    state = encode_prompts(model, [text_prompt("<image>This is a", [RED])])
+    scores = score_candidates(model, state, [" dax.", " wug.", " blicket."]).sum_logprob[0].tolist()
+    ranked = client.post("/v1/rank", json={"prompt": "<image>This is a", "images": [RED_URL],
+                                           "candidates": [" dax.", " wug.", " blicket."]}).json()["results"]
+    assert [r["index"] for r in ranked] == sorted(range(3), key=lambda i: -scores[i])
+    assert [r["logprob"] for r in ranked] == pytest.approx(sorted(scores, reverse=True), abs=1e-3)
+
+
+def test_the_openai_client_talks_to_the_server(client, model):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="unused", http_client=client)
+    assert [m.id for m in api.models.list().data] == ["tiny"]
+    messages = [image_message("What is this?", BLUE_URL)]
+    answer = api.chat.completions.create(model="tiny", messages=messages, max_tokens=5)
+    assert answer.choices[0].message.content and answer.usage.prompt_tokens > 0
+    stream = api.chat.completions.create(model="tiny", messages=messages, max_tokens=5, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+        answer.choices[0].message.content
+    completion = api.completions.create(model="tiny", prompt="<image>An image of", max_tokens=4,
+                                        extra_body={"images": [RED_URL]})
+    assert completion.choices[0].text == generate_text(model, text_prompt("<image>An image of", [RED]),
+                                                       max_new_tokens=4)
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model="tiny", messages=messages, max_tokens=100_000)
+    assert refused.value.body["param"] == "max_tokens"
+
+
+# ------------------------------------------------------------------------ limits and refusals
+def _bomb_png() -> str:
+    buffer = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buffer, format="PNG")  # a few kB that decode to 25 megapixels
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _truncated_png() -> str:
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 50).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()[:2000]).decode()
+
+
+def _chat(content, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": content}], **extra}
+
+
+def _image(url: str) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+
+
+REFUSALS = [
+    # (endpoint, body, status, param)
+    ("chat", _chat("hi", max_tokens=1000), 400, "max_tokens"),
+    ("chat", _chat("hi", max_completion_tokens=1000), 400, "max_completion_tokens"),
+    ("chat", _chat("hi", max_tokens=0), 400, "max_tokens"),
+    ("chat", _chat("hi", max_tokens="5"), 400, "max_tokens"),
+    ("chat", _chat("hi", n=9), 400, "n"),
+    ("chat", _chat("hi", num_beams=9), 400, "num_beams"),
+    ("chat", _chat("hi", num_beams=2, n=3), 400, "n"),
+    ("chat", _chat("hi", num_beams=2, temperature=0.7), 400, "temperature"),
+    ("chat", _chat("hi", temperature=3), 400, "temperature"),
+    ("chat", _chat("hi", top_p=0), 400, "top_p"),
+    ("chat", _chat("hi", seed=-1), 400, "seed"),
+    ("chat", _chat("hi", stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ("chat", _chat("hi", stop=[""]), 400, "stop"),
+    ("chat", _chat("hi", stop=7), 400, "stop"),
+    ("chat", _chat("hi", stream="yes"), 400, "stream"),
+    ("chat", _chat("hi", model="gpt-4"), 404, "model"),
+    ("chat", {"messages": []}, 400, "messages"),
+    ("chat", {}, 400, "messages"),
+    ("chat", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400,
+     "messages[1].role"),
+    ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                           {"role": "user", "content": "c"}]}, 400, "messages[1].role"),
+    ("chat", {"messages": [{"role": "system", "content": _image(RED_URL)}, {"role": "user", "content": "c"}]},
+     400, "messages[0].content"),
+    ("chat", _chat(42), 400, "messages[0].content"),
+    ("chat", _chat([{"type": "audio", "audio": "x"}]), 400, "messages[0].content[0].type"),
+    ("chat", _chat([{"type": "text", "text": 5}]), 400, "messages[0].content[0].text"),
+    ("chat", _chat([{"type": "image_url", "image_url": {}}]), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat("look: <image>"), 400, "messages[0].content"),
+    ("chat", _chat([{"type": "text", "text": "<|endofchunk|>"}]), 400, "messages[0].content[0].text"),
+    ("chat", _chat(_image(RED_URL) * 3), 400, "messages"),  # 3 images, the limit is 2
+    ("chat", _chat(_image("data:image/png;base64,!!!notbase64")), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image("data:text/plain;base64,aGVsbG8=")), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image("data:image/png;base64," + base64.b64encode(b"not an image").decode())), 400,
+     "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image(_truncated_png())), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image(_bomb_png())), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image("data:image/png;base64," + "A" * 300_000)), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image("https://example.com/cat.png")), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image("file:///etc/passwd")), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image("/etc/passwd")), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image("ftp://example.com/cat.png")), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat("word " * 3000), 400, "messages"),  # over the prompt token cap
+    ("chat", _chat("x" * 200_000), 400, "messages"),  # refused before tokenizing
+    ("completions", {"prompt": "<image>a"}, 400, "images"),
+    ("completions", {"prompt": "a", "images": [RED_URL]}, 400, "images"),
+    ("completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {"prompt": ""}, 400, "prompt"),
+    ("completions", {"prompt": "<image>a", "images": [5]}, 400, "images[0]"),
+    ("completions", {"prompt": "<image>a", "images": ["https://example.com/x.png"]}, 400, "images[0]"),
+    ("completions", {"prompt": "the quick brown fox " * 16, "max_tokens": 100}, 400, "max_tokens"),  # > context
+    ("rank", {"prompt": "a", "candidates": []}, 400, "candidates"),
+    ("rank", {"prompt": "a", "candidates": ["x"] * 65}, 400, "candidates"),
+    ("rank", {"prompt": "a", "candidates": ["ok", ""]}, 400, "candidates[1]"),
+    ("rank", {"prompt": "a", "candidates": ["<image>"]}, 400, "candidates[0]"),
+    ("rank", {"prompt": "<image>a", "images": [], "candidates": ["x"]}, 400, "images"),
+]
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "rank": "/v1/rank"}
+
+
+@pytest.fixture(scope="module")
+def limited(model):
+    with fake_client(model, max_images=2, max_image_bytes=200_000, max_image_pixels=1_000_000, max_tokens=100,
+                     max_n=8, max_beams=8, max_prompt_tokens=2000) as client:
+        yield client
+
+
+@pytest.mark.parametrize("endpoint, body, status, param", REFUSALS)
+def test_every_refusal_is_a_4xx_naming_its_field(limited, endpoint, body, status, param):
+    response = limited.post(PATHS[endpoint], json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["message"].startswith(param) and len(error["message"]) < 400
+    assert error["type"] == "invalid_request_error"
+
+
+def test_refusals_never_reach_the_engine_or_the_500_handler(limited):
+    before = len(limited.engine.requests)
+    limited.post("/v1/chat/completions", json=_chat("hi", n=9))
+    limited.post("/v1/chat/completions", json=_chat(_image(_bomb_png())))
+    assert len(limited.engine.requests) == before
+    metrics = limited.get("/metrics").text
+    assert "flamingo_http_internal_errors_total 0.0" in metrics
+    assert 'flamingo_http_requests_total{endpoint="/v1/chat/completions",status="400"}' in metrics
+
+
+def test_body_cap_is_checked_before_the_body_is_read(model):
+    with fake_client(model, max_body_bytes=1000) as client:
+        ok = client.post("/v1/chat/completions", json=_chat("hi"))
+        assert ok.status_code == 200
+        too_big = client.post("/v1/chat/completions", json=_chat("x" * 2000))
+        assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+        assert too_big.json()["error"]["param"] == "body"
+
+        def chunks():  # no Content-Length: the cap is counted while reading
+            yield b'{"messages": [{"role": "user", "content": "'
+            for _ in range(100):
+                yield b"x" * 100
+
+        assert client.post("/v1/chat/completions", content=chunks()).status_code == 413
+        invalid = client.post("/v1/chat/completions", content=b"{bad json",
+                              headers={"Content-Type": "application/json"})
+        assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "body"
+
+
+def test_api_key_is_required_on_the_api_only(model):
+    with fake_client(model, api_key="s3cret") as client:
+        assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            refused = client.post("/v1/chat/completions", json=_chat("hi"), headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+            assert refused.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/models").status_code == 401
+        ok = client.post("/v1/chat/completions", json=_chat("hi"), headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == " a red square"
+
+
+def test_full_queue_is_429_and_engine_bugs_are_a_bare_500(model):
+    with fake_client(model) as client:
+        client.engine.overloaded = True
+        busy = client.post("/v1/chat/completions", json=_chat("hi", stream=True))
+        assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
+        assert busy.headers["retry-after"] == "1"
+    engine = FakeEngine(model, fail=RuntimeError("secret internal detail"))
+    with TestClient(create_app(engine, ServerSettings()), raise_server_exceptions=False) as client:
+        broken = client.post("/v1/chat/completions", json=_chat("hi"))
+        assert broken.status_code == 500 and "secret" not in broken.text
+        assert broken.json()["error"]["type"] == "internal_error"
+        assert "flamingo_http_internal_errors_total 1.0" in client.get("/metrics").text
+
+
+def test_engine_user_errors_are_400(model):
+    from flamingo.inference.prompt import PromptError
+
+    engine = FakeEngine(model, fail=PromptError("max_tokens: too many for the context"))
+    with TestClient(create_app(engine, ServerSettings())) as client:
+        response = client.post("/v1/chat/completions", json=_chat("hi"))
+        assert response.status_code == 400 and response.json()["error"]["message"].startswith("max_tokens")
+
+
+def test_url_fetch_when_allowed_has_a_size_cap_and_reports_failures(model):
+    png = base64.b64decode(RED_URL.split(",")[1])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/red.png":
+            return httpx.Response(200, content=png)
+        if request.url.path == "/huge.png":
+            return httpx.Response(200, content=b"\x89PNG" + b"0" * 5000)
+        return httpx.Response(404)
+
+    engine = FakeEngine(model)
+    app = create_app(engine, ServerSettings(allow_url_fetch=True, max_image_bytes=4000),
+                     http_transport=httpx.MockTransport(handler))
+    with TestClient(app) as client:
+        assert client.post("/v1/chat/completions", json=_chat(_image("http://images.test/red.png"))).status_code == 200
+        assert engine.requests[-1].images == [png]
+        for path, code in [("/huge.png", "image_too_large"), ("/missing.png", "image_fetch_failed")]:
+            error = client.post("/v1/chat/completions", json=_chat(_image("http://images.test" + path))).json()
+            assert error["error"]["code"] == code and error["error"]["param"] == "messages[0].content[0].image_url.url"
+
+
+def test_local_files_only_strictly_under_the_allowed_folder(model, tmp_path):
+    media, outside = tmp_path / "media", tmp_path / "outside"
+    media.mkdir(), outside.mkdir()
+    RED.save(media / "red.png")
+    RED.save(outside / "secret.png")
+    (media / "escape.png").symlink_to(outside / "secret.png")
+    (media / "link").symlink_to(outside)
+    with fake_client(model, allowed_local_media_path=media) as client:
+        for url in ("red.png", f"file://{media}/red.png", str(media / "red.png")):
+            assert client.post("/v1/chat/completions", json=_chat(_image(url))).status_code == 200, url
+        for url in ("escape.png", "link/secret.png", "../outside/secret.png", str(outside / "secret.png"),
+                    f"file://{outside}/secret.png", "file://otherhost/red.png", "missing.png", "/etc/passwd"):
+            response = client.post("/v1/chat/completions", json=_chat(_image(url)))
+            assert response.status_code == 400, url
+            assert response.json()["error"]["param"] == "messages[0].content[0].image_url.url"
+
+
+def test_server_settings_are_validated(tmp_path):
+    with pytest.raises(ServerSettingsError, match="max_images"):
+        ServerSettings(max_images=0)
+    with pytest.raises(ServerSettingsError, match="allowed_local_media_path"):
+        ServerSettings(allowed_local_media_path=tmp_path / "missing")
+    assert issubclass(RequestError, ValueError)
+
+
+def test_models_health_metrics_and_page(client):
+    assert client.get("/health").json()["status"] == "ok"
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["id"] == "tiny" and card["media_token"] == "<image>"
+    client.post("/v1/chat/completions", json=_chat("hi", max_tokens=2))
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'flamingo_http_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics.text
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>Flamingo</title>" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "readStream" in client.get("/static/app.js").text
+    assert client.get("/v1/nothing").status_code == 404 and client.get("/v1/nothing").json()["error"]
+
+
+# ------------------------------------------------------------------- live server: disconnects, load
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_the_engine_sequence(model, stream):
+    engine = FakeEngine(model, hold=True)
+    body = json.dumps(_chat("hi", stream=stream)).encode()
+    with BackgroundServer(create_app(engine, ServerSettings())) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                               b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert engine.first_sent.wait(30)
+        # the connection is closed mid-answer
+        assert engine.cancelled.wait(30), "the engine's sequence was not cancelled"
+        assert engine.closed == [engine.requests[0].request_id]
+        if not stream:
+            assert "flamingo_http_client_disconnects_total 1.0" in httpx.get(server.url + "/metrics").text
+
+
+def test_bounded_load_loses_nothing(model):
+    images = [png_data_url(solid_image(c)) for c in ("red", "blue", "green", "grey")]
+    with BackgroundServer(create_app(Engine(model), ServerSettings(model_name="tiny"))) as server:
+        result = asyncio.run(run_load(server.url, mixed_requests(40, images, "tiny", max_tokens=4), concurrency=8,
+                                      request_timeout_s=120))
+    print(result.summary())
+    assert result.server_errors == 0 and result.lost == 0, result.problems
+    assert result.statuses[200] == 40 and len(result.latencies_s) == 40 and result.ttfts_s
