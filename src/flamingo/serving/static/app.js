@@ -192,7 +192,10 @@ async function sendChat(event) {
     const response = await post("/v1/chat/completions",
       { model: server.model, messages: history.concat([message]), stream: true, ...settings() }, controller.signal);
     await readStream(response, (chunk) => {
-      for (const choice of chunk.choices) if (choice.delta && choice.delta.content) out.textContent += choice.delta.content;
+      // the model's reply starts after "Flamingo:", usually with a space: not shown
+      for (const choice of chunk.choices) {
+        if (choice.delta && choice.delta.content) out.textContent = (out.textContent + choice.delta.content).trimStart();
+      }
     });
     history.push(message, { role: "assistant", content: out.textContent });
   } catch (e) {
