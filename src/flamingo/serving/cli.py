@@ -56,6 +56,28 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text[:32]!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text[:32]!r}")
+    return int(text)
+
+
+def _folder(text: str) -> Path:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text[:200]!r} is not a directory")
+    return Path(text)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -75,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a saved model directory, a hub id (org/name), or 'embedded' (the default, offline)")
     p.add_argument("--model-name", help="the model id clients send (default: from --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (one model per device; run one server "
                                                    "per GPU behind a load balancer to use several)")
     p.add_argument("--api-key", default=os.environ.get("FLAMINGO_API_KEY"),
@@ -83,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     media = p.add_argument_group("image sources (data: URLs are always accepted)")
     media.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) image URLs (timeout + size cap)")
-    media.add_argument("--allowed-local-media-path", type=Path, metavar="DIR",
+    media.add_argument("--allowed-local-media-path", type=_folder, metavar="DIR",
                        help="accept file:// URLs and paths of images under DIR (nothing outside it)")
     limits = p.add_argument_group("limits")
     for name, help_text in [("max_body_bytes", "request body size"), ("max_images", "images per request"),
@@ -92,13 +114,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                             ("max_tokens", "cap of a request's max_tokens"),
                             ("default_max_tokens", "max_tokens of a request that gives none"),
                             ("max_n", "choices per request (n)"), ("max_beams", "beam width (num_beams)")]:
-        limits.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+        limits.add_argument("--" + name.replace("_", "-"), type=_positive_int, default=getattr(defaults, name),
                             help=f"{help_text} (default {getattr(defaults, name)})")
-    limits.add_argument("--max-prompt-tokens", type=int, default=None,
+    limits.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
                         help="prompt length in tokens (default: the language model's context)")
     engine = p.add_argument_group("engine")
-    engine.add_argument("--max-queue", type=int, default=64, help="waiting requests; beyond: HTTP 429 (default 64)")
-    engine.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
-    engine.add_argument("--prefix-cache-mb", type=int, default=1024,
+    engine.add_argument("--max-queue", type=_positive_int, default=64, help="waiting requests; beyond: HTTP 429 (default 64)")
+    engine.add_argument("--max-running", type=_positive_int, default=16, help="sequences decoded together (default 16)")
+    engine.add_argument("--prefix-cache-mb", type=_positive_int, default=1024,
                         help="memory bound of the shared prompt-prefix cache (default 1024)")
     p.set_defaults(func=_cmd_serve)
