@@ -32,7 +32,7 @@ from flamingo.serving.engine import Delta, Engine, EngineOverloaded, EngineReque
 from flamingo.serving.limits import RequestError, ServerSettings
 from flamingo.serving.media import MediaResolver
 from flamingo.serving.openai_format import (
-    ChatCompletionRequest, CompletionRequest, PromptSpec, RankRequest, _Sampling, chat_prompt, check_candidates,
+    ChatCompletionRequest, CompletionRequest, PromptSpec, RankRequest, SamplingFields, chat_prompt, check_candidates,
     completion_prompt, error_body, new_id, now, sampling_params, usage)
 
 logger = logging.getLogger("flamingo.serving")
@@ -190,8 +190,9 @@ class _Server:
             raise RequestError(f"model: this server serves {self.settings.model_name!r}, not {name[:64]!r}",
                                "model", status=404, code="model_not_found")
 
-    async def engine_request(self, spec: PromptSpec, param: str, images_param: str, max_new_tokens: int,
-                             params: Any = None) -> EngineRequest:
+    async def prepare(self, spec: PromptSpec, param: str, images_param: str,
+                      max_new_tokens: int) -> tuple[str, list[bytes]]:
+        """The prompt's text and checked image bytes; cheap checks first (image count, length), then the images."""
         if len(spec.image_urls) > self.settings.max_images:
             raise RequestError(f"{images_param}: {len(spec.image_urls)} images, more than the limit of "
                                f"{self.settings.max_images} per request", images_param, code="too_many_images")
@@ -200,8 +201,7 @@ class _Server:
             raise RequestError(f"max_tokens: the prompt has {prompt_tokens} tokens and max_tokens is {max_new_tokens}, "
                                f"{prompt_tokens + max_new_tokens} in all, more than the model's context of "
                                f"{self.context} tokens", "max_tokens", code="context_length_exceeded")
-        images = [await self.resolver.load(url, where) for url, where in spec.image_urls]
-        return EngineRequest(text=spec.text, images=images, params=params, request_id=new_id("req"))
+        return spec.text, [await self.resolver.load(url, where) for url, where in spec.image_urls]
 
     def count_tokens(self, text: str, param: str) -> int:
         cap = self.prompt_cap
@@ -219,23 +219,23 @@ class _Server:
         self.check_model(body.model)
         params = sampling_params(body, self.settings, extra_stop=DIALOGUE_STOP_STRINGS)
         spec = chat_prompt(body.messages, self.media_token, self.end_of_chunk)
-        engine_request = await self.engine_request(spec, "messages", "messages", params.max_tokens, params)
-        return await self.respond(request, body, engine_request, chat=True)
+        text, images = await self.prepare(spec, "messages", "messages", params.max_tokens)
+        return await self.respond(request, body, EngineRequest(text, images, params, new_id("chatcmpl")), chat=True)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
         params = sampling_params(body, self.settings)
         spec = completion_prompt(body, self.media_token)
-        engine_request = await self.engine_request(spec, "prompt", "images", params.max_tokens, params)
-        return await self.respond(request, body, engine_request, chat=False)
+        text, images = await self.prepare(spec, "prompt", "images", params.max_tokens)
+        return await self.respond(request, body, EngineRequest(text, images, params, new_id("cmpl")), chat=False)
 
     async def rank(self, body: RankRequest, request: Request) -> Response:
         self.check_model(body.model)
         check_candidates(body.candidates, self.settings, (self.media_token, self.end_of_chunk))
         spec = completion_prompt(body, self.media_token)
         longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in body.candidates)
-        inputs = await self.engine_request(spec, "prompt", "images", longest)
-        scores = await _until_disconnected(request, self.engine.rank(inputs.text, inputs.images, body.candidates))
+        text, images = await self.prepare(spec, "prompt", "images", longest)
+        scores = await _until_disconnected(request, self.engine.rank(text, images, body.candidates))
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return JSONResponse({
             "id": new_id("rank"), "object": "rank", "created": now(), "model": self.settings.model_name,
@@ -250,7 +250,8 @@ class _Server:
         }]}
 
     # -------------------------------------------------------------------------- responses
-    async def respond(self, request: Request, body: _Sampling, engine_request: EngineRequest, chat: bool) -> Response:
+    async def respond(self, request: Request, body: SamplingFields, engine_request: EngineRequest,
+                      chat: bool) -> Response:
         deltas = self.engine.generate(engine_request)  # may refuse at once (EngineOverloaded, UserError)
         handed_over = False
         try:

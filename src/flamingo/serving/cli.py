@@ -42,7 +42,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_n=args.max_n, max_beams=args.max_beams, allow_url_fetch=args.allow_url_fetch,
         allowed_local_media_path=args.allowed_local_media_path)
     engine_config = EngineConfig(max_queue=args.max_queue, max_running=args.max_running,
-                                 prefix_cache_bytes=args.prefix_cache_mb << 20, max_prompt_tokens=args.max_prompt_tokens)
+                                 prefix_cache_bytes=args.prefix_cache_mb << 20,
+                                 max_prompt_tokens=args.max_prompt_tokens)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available here")
     if not _is_loopback(args.host) and settings.api_key is None:
@@ -119,7 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
                         help="prompt length in tokens (default: the language model's context)")
     engine = p.add_argument_group("engine")
-    engine.add_argument("--max-queue", type=_positive_int, default=64, help="waiting requests; beyond: HTTP 429 (default 64)")
+    engine.add_argument("--max-queue", type=_positive_int, default=64,
+                        help="waiting requests; beyond: HTTP 429 (default 64)")
     engine.add_argument("--max-running", type=_positive_int, default=16, help="sequences decoded together (default 16)")
     engine.add_argument("--prefix-cache-mb", type=_positive_int, default=1024,
                         help="memory bound of the shared prompt-prefix cache (default 1024)")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from flamingo.inference.chat import DIALOGUE_PROMPT, DIALOGUE_STOP_STRINGS
+from flamingo.inference.chat import DIALOGUE_PROMPT
 from flamingo.serving.engine import SamplingParams
 from flamingo.serving.limits import RequestError, ServerSettings
 
@@ -37,7 +37,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _Sampling(_Request):
+class SamplingFields(_Request):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # 0 or absent: greedy
     top_p: float | None = Field(None, gt=0, le=1)
@@ -55,12 +55,12 @@ class ChatMessage(BaseModel):
     content: Any = None  # a string or a list of content parts (checked below)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: Any  # a string (or a list holding one string)
     images: list[str] = Field(default_factory=list, description="one image URL per <image> (extension)")
 
@@ -80,7 +80,7 @@ class PromptSpec:
 
 
 # ------------------------------------------------------------------------------------ requests
-def sampling_params(body: _Sampling, settings: ServerSettings, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+def sampling_params(body: SamplingFields, settings: ServerSettings, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
     max_tokens_field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     max_tokens = getattr(body, max_tokens_field) or settings.default_max_tokens
     if max_tokens > settings.max_tokens:
