@@ -377,6 +377,17 @@ def test_local_files_only_strictly_under_the_allowed_folder(model, tmp_path):
             assert response.json()["error"]["param"] == "messages[0].content[0].image_url.url"
 
 
+@pytest.mark.parametrize("argv, expect", [
+    (["--max-images", "0"], "--max-images"), (["--max-tokens", "lots"], "--max-tokens"),
+    (["--port", "70000"], "--port"), (["--allowed-local-media-path", "/no/such/folder"], "--allowed-local-media-path"),
+    (["--default-max-tokens", "600"], "default_max_tokens"),
+])
+def test_serve_options_are_checked_before_the_model_loads(argv, expect, tmp_path):
+    from bad_input import run_cli
+
+    run_cli(["serve", "--model", str(tmp_path / "not-loaded"), *argv], expect=expect, watch=[tmp_path], one_line=False)
+
+
 def test_server_settings_are_validated(tmp_path):
     with pytest.raises(ServerSettingsError, match="max_images"):
         ServerSettings(max_images=0)

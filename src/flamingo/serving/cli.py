@@ -34,12 +34,13 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from flamingo.serving.limits import ServerSettings
 
     # Option mistakes are reported before the (slow) model load.
+    default_max_tokens = args.default_max_tokens or min(ServerSettings.default_max_tokens, args.max_tokens)
     settings = ServerSettings(
         model_name=args.model_name or model_name(args.model), api_key=args.api_key,
         max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens, default_max_tokens=min(args.default_max_tokens, args.max_tokens),
-        max_n=args.max_n, max_beams=args.max_beams, allow_url_fetch=args.allow_url_fetch,
+        max_tokens=args.max_tokens, default_max_tokens=default_max_tokens, max_n=args.max_n,
+        max_beams=args.max_beams, allow_url_fetch=args.allow_url_fetch,
         allowed_local_media_path=args.allowed_local_media_path)
     engine_config = EngineConfig(max_queue=args.max_queue, max_running=args.max_running,
                                  prefix_cache_bytes=args.prefix_cache_mb << 20,
@@ -113,10 +114,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                             ("max_image_bytes", "encoded size of one image"),
                             ("max_image_pixels", "pixels of one image (read from its header)"),
                             ("max_tokens", "cap of a request's max_tokens"),
-                            ("default_max_tokens", "max_tokens of a request that gives none"),
                             ("max_n", "choices per request (n)"), ("max_beams", "beam width (num_beams)")]:
         limits.add_argument("--" + name.replace("_", "-"), type=_positive_int, default=getattr(defaults, name),
                             help=f"{help_text} (default {getattr(defaults, name)})")
+    limits.add_argument("--default-max-tokens", type=_positive_int, default=None,
+                        help=f"max_tokens of a request that gives none (default {defaults.default_max_tokens}, "
+                             f"at most --max-tokens)")
     limits.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
                         help="prompt length in tokens (default: the language model's context)")
     engine = p.add_argument_group("engine")
