@@ -234,6 +234,10 @@ REFUSALS = [
     ("chat", _chat(_image("data:image/png;base64," + base64.b64encode(b"not an image").decode())), 400,
      "messages[0].content[0].image_url.url"),
     ("chat", _chat(_image(_truncated_png())), 400, "messages[0].content[0].image_url.url"),
+    # PostScript would run Ghostscript inside PIL: only PNG, JPEG, GIF, WebP and BMP are opened
+    ("chat", _chat(_image("data:image/eps;base64," + base64.b64encode(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n").decode())), 400,
+     "messages[0].content[0].image_url.url"),
     ("chat", _chat(_image(_bomb_png())), 400, "messages[0].content[0].image_url.url"),
     ("chat", _chat(_image("data:image/png;base64," + "A" * 300_000)), 400, "messages[0].content[0].image_url.url"),
     ("chat", _chat(_image("https://example.com/cat.png")), 400, "messages[0].content[0].image_url.url"),
