@@ -21,7 +21,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from flamingo.model.config import VisionConfig
+from flamingo.model.config import ConfigError, VisionConfig
 from flamingo.model.image_processing import ImageProcessor
 from flamingo.model.vision import (
     CLIP_MEAN,
@@ -164,10 +164,12 @@ def test_wrong_input_shapes_give_clear_errors(clip_models):
         enc(torch.zeros(1, 1, 1, 3, 32, 32, dtype=torch.uint8))
 
 
-def test_output_needs_no_grad_even_if_parent_unfreezes(clip_models):
+def test_frozen_output_needs_no_grad_and_an_unfrozen_encoder_can_be_trained(clip_models):
     enc = HFVisionEncoder.from_model(clip_models[0])
-    enc.requires_grad_(True)  # e.g. a careless parent.requires_grad_(True)
-    assert not enc(pixels(b=1, n=1)).requires_grad  # forward runs under no_grad
+    assert not enc(pixels(b=1, n=1)).requires_grad  # frozen: no graph is built
+    enc.requires_grad_(True)  # fine-tuning (Flamingo decides when: config.unfreeze.vision)
+    enc(pixels(b=1, n=1)).sum().backward()
+    assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
 
 
 def test_end_to_end_from_pil(clip_models):
@@ -257,6 +259,18 @@ def test_timm_token_sequence_drops_prefix_tokens(stub_timm):
     with torch.no_grad():
         tokens = enc.model.forward_features(x.flatten(0, 2))
     torch.testing.assert_close(out.flatten(0, 2), tokens[:, 1:])
+
+
+def test_timm_fixed_size_vit_refuses_another_resolution(stub_timm):
+    enc = build_vision_encoder(VisionConfig(kind="timm", name_or_path="tiny_vit", image_size=64))
+    assert enc.image_size == 64  # no patch embedding of a fixed size: any resolution
+    TinyViT.patch_embed = types.SimpleNamespace(img_size=(32, 32), strict_img_size=True)
+    try:
+        with pytest.raises(ConfigError, match="takes only 32 px inputs"):
+            build_vision_encoder(VisionConfig(kind="timm", name_or_path="tiny_vit", image_size=64))
+        assert build_vision_encoder(VisionConfig(kind="timm", name_or_path="tiny_vit", image_size=32)).image_size == 32
+    finally:
+        del TinyViT.patch_embed
 
 
 def test_timm_nhwc_feature_map():

@@ -120,11 +120,29 @@ class CrossAttentionConfig:
 
 
 @dataclass
+class UnfreezeConfig:
+    """Backbone parts trained together with the bridge (fine-tuning, paper B.2.2); by default
+    both backbones stay frozen, as in pretraining.
+
+    vision: train the whole vision encoder (it stays in inference mode: BatchNorm statistics and
+        dropout as in its pretraining).
+    lm_blocks: indices of LM decoder blocks to train (the other blocks, the embeddings and the
+        output head stay frozen).
+    Their weights are saved with the bridge (`Flamingo.trainable_state_dict`: vision_encoder.*,
+    lm_blocks.<i>.*), so a model directory holds everything that differs from the backbones.
+    """
+
+    vision: bool = False
+    lm_blocks: list[int] = field(default_factory=list)
+
+
+@dataclass
 class FlamingoConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    unfreeze: UnfreezeConfig = field(default_factory=UnfreezeConfig)
     activation: Activation = "sqrelu"  # of the trainable FFWs; the frozen LM keeps its own
     bias: bool = False  # biases in the trainable linear layers
     media_token: str = "<image>"
@@ -166,6 +184,12 @@ class FlamingoConfig:
               and self.media_token != self.end_of_chunk_token,
               "media_token/end_of_chunk_token", "two different non-empty strings",
               (self.media_token, self.end_of_chunk_token))
+        u = self.unfreeze
+        check(isinstance(u.vision, bool), "unfreeze.vision", "true or false", u.vision)
+        check(isinstance(u.lm_blocks, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                    for i in u.lm_blocks)
+              and len(set(u.lm_blocks)) == len(u.lm_blocks), "unfreeze.lm_blocks",
+              "a list of distinct LM block indices (integers >= 0)", u.lm_blocks)
 
     def cross_attention_layers(self, num_lm_layers: int) -> list[int]:
         """Indices of the LM blocks that get a GATED XATTN-DENSE layer in front of them."""
@@ -204,7 +228,7 @@ class FlamingoConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
         sections = {"vision": VisionConfig, "lm": LanguageModelConfig, "perceiver": PerceiverConfig,
-                    "cross_attention": CrossAttentionConfig}
+                    "cross_attention": CrossAttentionConfig, "unfreeze": UnfreezeConfig}
         top_fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - top_fields)
         if unknown:

@@ -123,12 +123,33 @@ class Flamingo(nn.Module):
 
         self.decoder_layers_path, layers = find_decoder_layers(lm, config.lm.decoder_layers_path)
         lm_dim = hidden_size(lm)
+        self.unfrozen_backbone = self._unfreeze(config, layers)
         self.cross_attn_layers: dict[int, GatedCrossAttentionBlock] = {}
         for idx in config.cross_attention_layers(len(layers)):
             block = GatedCrossAttentionBlock(lm_dim, self.perceiver.dim, config.cross_attention,
                                              config.activation, config.bias)
             layers[idx] = FlamingoDecoderLayer(layers[idx], block, idx)
             self.cross_attn_layers[idx] = block
+
+    def _unfreeze(self, config: FlamingoConfig, layers: nn.ModuleList) -> dict[str, nn.Module]:
+        """Make the backbone parts `config.unfreeze` names trainable; returns them by saved-weight
+        prefix (vision_encoder, lm_blocks.<i>)."""
+        from flamingo.model.config import ConfigError
+
+        chosen: dict[str, nn.Module] = {}
+        if config.unfreeze.vision:
+            if self.vision_encoder is None:
+                raise ConfigError("config field unfreeze.vision: this model has no vision encoder (it is fed "
+                                  "precomputed features), so there is none to train")
+            chosen["vision_encoder"] = self.vision_encoder
+        for idx in sorted(config.unfreeze.lm_blocks):
+            if idx >= len(layers):
+                raise ConfigError(f"config field unfreeze.lm_blocks: expected block indices < {len(layers)} "
+                                  f"(the LM's number of blocks), got {idx}")
+            chosen[f"lm_blocks.{idx}"] = layers[idx]
+        for module in chosen.values():
+            module.requires_grad_(True)
+        return chosen
 
     # ------------------------------------------------------------------------ module plumbing
     @property
@@ -148,12 +169,14 @@ class Flamingo(nn.Module):
         return self
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        """The trained bridge, under LM-independent names (these prefix the saved weights)."""
+        """The trained bridge, under LM-independent names (these prefix the saved weights), then
+        the backbone parts unfrozen by `config.unfreeze` (vision_encoder, lm_blocks.<i>)."""
         modules: dict[str, nn.Module] = {"perceiver": self.perceiver}
         modules.update({f"cross_attn.{idx}": block for idx, block in self.cross_attn_layers.items()})
         modules["new_token_embeddings"] = self.input_embeddings
         if not self.tied_new_rows:
             modules["new_token_logits"] = self.output_head
+        modules.update(self.unfrozen_backbone)
         return modules
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -187,7 +210,8 @@ class Flamingo(nn.Module):
             if self.vision_encoder is None:
                 raise FlamingoInputError("pixel_values given but this model has no vision encoder; "
                                          "pass vision_features instead")
-            with torch.no_grad():  # frozen: no activations kept for backward
+            # Frozen: no activations kept for backward.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and "vision_encoder" in self.unfrozen_backbone):
                 features = self.vision_encoder(chosen[:, None])[:, 0]
         else:
             features = chosen

@@ -76,9 +76,9 @@ class VisionEncoder(nn.Module):
         """[K, 3, H, W] normalised pixels -> [K, S, D] features."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, N, T, 3, H, W] -> [B, N, T, S, D]."""
+        """[B, N, T, 3, H, W] -> [B, N, T, S, D]. Gradients flow when the caller enables them and
+        the encoder is unfrozen (fine-tuning); `Flamingo.encode_media` runs a frozen one under no_grad."""
         if not torch.is_tensor(pixel_values):
             raise TypeError(f"{type(self).__name__}: expected pixel_values as a torch.Tensor, "
                             f"got {type(pixel_values).__name__}")
@@ -122,6 +122,10 @@ class HFVisionEncoder(VisionEncoder):
         default_mean, default_std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
         super().__init__(feature_dim=cfg.hidden_size, image_size=image_size or cfg.image_size,
                          mean=mean or default_mean, std=std or default_std)
+        patch = getattr(cfg, "patch_size", None)
+        if patch and self.image_size % patch:
+            raise ConfigError(f"config field vision.image_size: expected a multiple of the {kind} patch size {patch} "
+                              f"(other sizes would crop the image), got {self.image_size}")
         self.kind = kind
         self.model = model
         # Another resolution than the checkpoint's needs interpolated position embeddings.
@@ -220,6 +224,12 @@ class TimmVisionEncoder(VisionEncoder):
                  mean: tuple[float, float, float] | None = None,
                  std: tuple[float, float, float] | None = None) -> None:
         data_size, data_mean, data_std = _timm_data_config(model)
+        fixed = _fixed_input_size(model)
+        if image_size is not None and fixed is not None and image_size != fixed:
+            raise ConfigError(f"config field vision.image_size: timm model {type(model).__name__} takes only "
+                              f"{fixed} px inputs (a patch embedding with position embeddings for that size), "
+                              f"got {image_size}; use a convolutional model (e.g. the NFNet family) for another "
+                              f"resolution, or vision.image_size null")
         super().__init__(feature_dim=model.num_features, image_size=image_size or data_size,
                          mean=mean or data_mean, std=std or data_std)
         self.model = model
@@ -246,6 +256,16 @@ class TimmVisionEncoder(VisionEncoder):
             return x[:, self.num_prefix_tokens:]
         raise ValueError(f"{type(self.model).__name__}.forward_features returned shape {list(x.shape)}; expected "
                          f"[K, {d}, h, w], [K, h, w, {d}] or [K, S, {d}] (num_features={d})")
+
+
+def _fixed_input_size(model: nn.Module) -> int | None:
+    """The only input side a timm model accepts (ViT-style patch embedding with a strict size and
+    no dynamic resizing), or None when any size works (convolutional nets)."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or getattr(model, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
+        return None
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def _timm_data_config(model: nn.Module) -> tuple[int, tuple, tuple]:

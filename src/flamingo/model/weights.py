@@ -36,10 +36,15 @@ def save_pretrained(model: Flamingo, directory: str | Path) -> Path:
     return directory
 
 
-def load_trainable_weights(model: Flamingo, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy `tensors` into the model's trainable parameters; the key sets must match exactly."""
+def load_trainable_weights(model: Flamingo, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
+                           backbone_defaults: bool = False) -> None:
+    """Copy `tensors` into the model's trainable parameters; the key sets must match exactly,
+    except that with `backbone_defaults` the unfrozen backbone parts (`config.unfreeze`) may be
+    absent: they keep their pretrained values (a bridge-only model starting a fine-tuning run)."""
     expected = model.trainable_state_dict()
-    missing = sorted(set(expected) - set(tensors))
+    optional = ({f"{prefix}.{name}" for prefix, module in model.unfrozen_backbone.items()
+                 for name, _ in module.named_parameters()} if backbone_defaults else set())
+    missing = sorted(set(expected) - set(tensors) - optional)
     unexpected = sorted(set(tensors) - set(expected))
     mis_shaped = sorted(f"{k}: expected {tuple(expected[k].shape)}, got {tuple(tensors[k].shape)}"
                         for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
@@ -52,7 +57,8 @@ def load_trainable_weights(model: Flamingo, tensors: dict[str, torch.Tensor], so
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
     with torch.no_grad():
         for key, param in expected.items():
-            param.copy_(tensors[key].to(param.dtype))
+            if key in tensors:
+                param.copy_(tensors[key].to(param.dtype))
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -91,20 +97,29 @@ def load_model(spec: str | Path | None = None) -> Flamingo:
 
     if spec is None or str(spec) == EMBEDDED_MODEL:
         return load_embedded()
+    if Path(spec).suffix in (".yaml", ".yml", ".json") and not Path(spec).is_dir():
+        return build_flamingo(FlamingoConfig.load(spec))
+    return load_pretrained(model_directory(spec))
+
+
+def model_directory(spec: str | Path) -> Path:
+    """The local saved model directory of `spec`: a directory, a hub id holding one (fetched),
+    or "embedded" (the embedded default's, inside this package)."""
+    from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL
+
+    if str(spec) == EMBEDDED_MODEL:
+        return ASSETS
     path = Path(spec)
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise CheckpointError(f"{path} is not a saved Flamingo model directory (no {CONFIG_FILE})")
-        return load_pretrained(path)
-    if path.suffix in (".yaml", ".yml", ".json"):
-        return build_flamingo(FlamingoConfig.load(path))
+        return path
     if path.exists() or str(spec).count("/") != 1:
         raise CheckpointError(f"model {spec!r}: expected a saved model directory, a config file or a hub id "
                               f"like 'org/name'")
     from huggingface_hub import snapshot_download
 
     try:
-        local = snapshot_download(str(spec), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+        return Path(snapshot_download(str(spec), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
     except Exception as err:  # offline, unknown repository, no access: one clear line
         raise CheckpointError(f"model {spec!r} could not be fetched from the hub: {type(err).__name__}: {err}") from None
-    return load_pretrained(local)

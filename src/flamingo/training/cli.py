@@ -1,4 +1,4 @@
-"""`flamingo train` and `flamingo plot`: `register(subparsers)` adds them to the main CLI.
+"""`flamingo train`, `finetune`, `wise-ft` and `plot`: `register(subparsers)` adds them to the main CLI.
 
 Run standalone as `python -m flamingo.training train ...` (same arguments).
 """
@@ -9,7 +9,9 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 TRAIN_EPILOG = """examples:
   flamingo train configs/train/tiny-cpu.yaml
@@ -36,37 +38,97 @@ class _Intermixed:
             self._intermixing = False
 
 
+def _split_resume(args: argparse.Namespace) -> None:
+    """`--resume key=value`: an override, not a checkpoint."""
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.append(args.resume)
+        args.resume = "auto"
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from flamingo.training.config import load_train_config
 
-    if args.resume and "=" in args.resume and not Path(args.resume).exists():
-        args.overrides.append(args.resume)  # `--resume key=value`: an override, not a checkpoint
-        args.resume = "auto"
-
+    _split_resume(args)
     config = load_train_config(args.config, args.overrides)
     if args.print_config:
         print(config.to_yaml(), end="")
         return
-    import transformers
+    from flamingo.training.trainer import train
 
-    from flamingo.training.trainer import TrainingError, train
+    _quiet_transformers()
+    _run_training("train", args.config, lambda: train(config, resume=args.resume))
+
+
+def _quiet_transformers() -> None:
+    import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def _run_training(command: str, config_path: str, run: Callable[[], Any]) -> Any:
+    """Run `run()` (returning a TrainResult, or a tuple starting with one), report how it ended;
+    exit 3 on a TrainingError, 128 + signal number when a signal stopped it."""
+    from flamingo.training.trainer import TrainingError
+
     try:
-        result = train(config, resume=args.resume)
+        out = run()
     except TrainingError as err:
-        print(f"flamingo train: error: {err}", file=sys.stderr)
+        print(f"flamingo {command}: error: {err}", file=sys.stderr)
         raise SystemExit(3) from None
+    result = out[0] if isinstance(out, tuple) else out
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if result.interrupted_by:
         if main_rank:
-            print(f"flamingo train: stopped by {result.interrupted_by} at step {result.step}; checkpoint: "
-                  f"{result.last_checkpoint}; continue with: flamingo train {args.config} --resume", file=sys.stderr)
+            print(f"flamingo {command}: stopped by {result.interrupted_by} at step {result.step}; checkpoint: "
+                  f"{result.last_checkpoint}; continue with: flamingo {command} {config_path} --resume",
+                  file=sys.stderr)
         raise SystemExit(128 + getattr(signal.Signals, result.interrupted_by, signal.SIGTERM))
     if main_rank:
         print(f"trained to step {result.step} ({result.skipped_steps} skipped); model: {result.final_dir}; "
               f"checkpoint: {result.last_checkpoint}")
+    return out
+
+
+FINETUNE_EPILOG = """examples:
+  flamingo finetune configs/finetune/tiny-vqa.yaml                     # the embedded model on generated VQA data
+  flamingo finetune configs/finetune/vqav2.yaml train.steps=500 unfreeze.vision=false --wise-alpha 0.5
+  flamingo finetune configs/finetune/vqav2.yaml --resume               # continue from the latest checkpoint
+  torchrun --nproc_per_node 8 -m flamingo.training finetune configs/finetune/vqav2.yaml
+  flamingo eval --model runs/vqav2/final --task vqav2 --shots 0 --data data.yaml --out runs/vqav2/eval
+overrides are dotted KEY=VALUE pairs of the fine-tuning config (training fields under train.).
+outputs in train.run_dir: metrics.jsonl, checkpoints/, final/ (a model directory), wise-ft-ALPHA/."""
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    import yaml
+
+    from flamingo.training.finetune import load_finetune_config
+
+    _split_resume(args)
+    overrides = list(args.overrides)
+    if args.wise_alpha:
+        overrides.append(f"wise_alpha=[{', '.join(map(str, args.wise_alpha))}]")
+    config = load_finetune_config(args.config, overrides)
+    if args.print_config:
+        import dataclasses
+
+        print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
+        return
+    from flamingo.training.finetune import finetune
+
+    _quiet_transformers()
+    _, wise_dirs = _run_training("finetune", args.config, lambda: finetune(config, resume=args.resume))
+    if wise_dirs:
+        print("WiSE-FT models: " + ", ".join(str(d) for d in wise_dirs))
+
+
+def _cmd_wise_ft(args: argparse.Namespace) -> None:
+    from flamingo.model.weights import model_directory
+    from flamingo.training.wise_ft import wise_ft
+
+    out = wise_ft(model_directory(args.zero_shot), model_directory(args.fine_tuned), args.alpha, args.out)
+    print(f"WiSE-FT model (alpha {args.alpha:g}): {out}")
 
 
 def _cmd_plot(args: argparse.Namespace) -> None:
@@ -77,7 +139,7 @@ def _cmd_plot(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `train` and `plot` subcommands to the `flamingo` command line."""
+    """Add the `train`, `finetune`, `wise-ft` and `plot` subcommands to the `flamingo` command line."""
     train = subparsers.add_parser(
         "train", help="train the Flamingo bridge (resampler, xattn layers) from a training config",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
@@ -89,6 +151,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_cmd_train)
     train.__class__ = type("TrainArgumentParser", (_Intermixed, type(train)), {})
 
+    finetune = subparsers.add_parser(
+        "finetune", help="fine-tune a model on a benchmark's training split (paper B.2.2), optionally with WiSE-FT",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FINETUNE_EPILOG)
+    finetune.add_argument("config", help="fine-tuning config YAML (see configs/finetune/)")
+    finetune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, dotted keys")
+    finetune.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                          help="continue the run: from its latest checkpoint (no value), or from CHECKPOINT")
+    finetune.add_argument("--wise-alpha", type=float, action="append", default=[], metavar="ALPHA",
+                          help="also write the WiSE-FT model (1-ALPHA)*base + ALPHA*fine-tuned to "
+                               "RUN_DIR/wise-ft-ALPHA (repeatable; replaces the config's wise_alpha)")
+    finetune.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    finetune.set_defaults(func=_cmd_finetune)
+    finetune.__class__ = type("FinetuneArgumentParser", (_Intermixed, type(finetune)), {})
+
+    wise = subparsers.add_parser(
+        "wise-ft", help="WiSE-FT: interpolate the weights of a model and its fine-tuned version",
+        description="Write (1-alpha)*ZERO_SHOT + alpha*FINE_TUNED over every weight that can differ (the bridge "
+                    "and the backbone parts either model unfroze) as a model directory.")
+    wise.add_argument("zero_shot", help="the zero-shot model: a saved model directory, a hub id or 'embedded'")
+    wise.add_argument("fine_tuned", help="its fine-tuned version (a saved model directory)")
+    wise.add_argument("--alpha", type=float, required=True, help="weight of the fine-tuned model, in [0, 1]")
+    wise.add_argument("--out", required=True, help="output model directory")
+    wise.set_defaults(func=_cmd_wise_ft)
+
     plot = subparsers.add_parser("plot", help="PNG plots of a training run: losses per dataset, gate values per layer")
     plot.add_argument("run_dir", help="the run directory (holding metrics.jsonl)")
     plot.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
@@ -96,7 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m flamingo.training` (what `torchrun -m` runs): the train and plot subcommands."""
+    """`python -m flamingo.training` (what `torchrun -m` runs): the training subcommands."""
     from flamingo.cli import main as run
 
     parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo training")

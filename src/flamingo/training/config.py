@@ -42,7 +42,9 @@ class DatasetSpec:
 
     name: label (per-dataset losses, data positions); unique.
     kind: "synthetic_shapes" (in-memory coloured shapes), "procedural" (in-memory scenes and
-        few-shot episodes, `flamingo.data.procedural`; see `flamingo.training.synthetic`), or a kind
+        few-shot episodes, `flamingo.data.procedural`; see `flamingo.training.synthetic`), "task"
+        (a benchmark's training annotations in the evaluation's prompt format, options task, data,
+        ...: `flamingo.training.finetune`), or a kind
         of the data pipeline ("interleaved", "pairs", "video": `flamingo.data.DatasetConfig`).
     weight: lambda_m, the dataset's weight in the summed objective (paper: M3W 1.0, ALIGN 0.2,
         LTIP 0.2, VTP 0.03).
@@ -148,7 +150,8 @@ class TrainConfig:
 
     run_dir: where metrics, checkpoints and the final model go (null: runs/<config file stem>).
     init_from: a saved model directory (config.yaml + bridge.safetensors) whose trainable
-        weights start the run (the model section must describe the same architecture).
+        weights start the run (the model section must describe the same architecture; backbone
+        parts unfrozen by model.unfreeze and absent from it start from their pretrained values).
     steps: optimizer updates in all.
     accumulation: micro-batches of every dataset per update (gradient accumulation).
     objective: "accumulate" (every update sums the weighted losses of all datasets, the paper's

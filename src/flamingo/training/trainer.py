@@ -136,7 +136,8 @@ class Trainer:
 
             path = Path(config.init_from)
             path = path / WEIGHTS_FILE if path.is_dir() else path
-            load_trainable_weights(model, load_weights_file(path), source=str(path))
+            # A bridge-only model may start a run that unfreezes backbone parts (fine-tuning).
+            load_trainable_weights(model, load_weights_file(path), source=str(path), backbone_defaults=True)
         self.resumed_from = resume_from
 
         self._setup_precision(model)

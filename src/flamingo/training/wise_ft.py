@@ -1,0 +1,93 @@
+"""WiSE-FT (Wortsman et al., 2022, "Robust fine-tuning of zero-shot models"): the weight-space
+ensemble theta = (1 - alpha) * theta_zero_shot + alpha * theta_fine_tuned of a model and its
+fine-tuned version, which keeps much of the zero-shot model's robustness at the fine-tuned
+model's accuracy.
+
+Every parameter that can differ between the two is interpolated: the bridge, and the backbone
+parts either of them unfroze (`FlamingoConfig.unfreeze`); a part unfrozen in one model only has
+its pretrained backbone value in the other. Everything else is the same frozen backbone in both.
+The result is a normal model directory: the fine-tuned model's config (its resolution) with the
+union of both unfrozen sets. alpha 0 and 1 give the two endpoints bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flamingo.errors import UserError
+from flamingo.model.config import FlamingoConfig, UnfreezeConfig
+from flamingo.model.weights import CONFIG_FILE, WEIGHTS_FILE, build_flamingo, load_weights_file
+from flamingo.training.checkpoint import write_model_files
+
+# Config fields that may differ: what is trained, and the input resolution (the same weights).
+_FREE_FIELDS = ("unfreeze", "vision.image_size")
+
+
+class WiseFTError(UserError):
+    """The two models cannot be interpolated (different architectures or backbones)."""
+
+
+def _flat(config: FlamingoConfig) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def interpolate(zero_shot: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor],
+                alpha: float) -> dict[str, torch.Tensor]:
+    """(1 - alpha) * zero_shot + alpha * fine_tuned per tensor (computed in float32, stored in the
+    fine-tuned dtype); alpha 0 / 1 return the endpoints exactly."""
+    if not 0 <= alpha <= 1:
+        raise WiseFTError(f"--alpha: expected a number in [0, 1], got {alpha!r}")
+    out = {}
+    for key, tuned in fine_tuned.items():
+        if alpha == 0:
+            out[key] = zero_shot[key].clone()
+        elif alpha == 1:
+            out[key] = tuned.clone()
+        else:
+            out[key] = torch.lerp(zero_shot[key].float(), tuned.float(), alpha).to(tuned.dtype)
+    return out
+
+
+def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float, out_dir: str | Path) -> Path:
+    """Write the WiSE-FT model of two saved model directories into `out_dir`; see the module docstring."""
+    zero_shot_dir, fine_tuned_dir = Path(zero_shot_dir), Path(fine_tuned_dir)
+    zs_config = FlamingoConfig.load(zero_shot_dir / CONFIG_FILE)
+    ft_config = FlamingoConfig.load(fine_tuned_dir / CONFIG_FILE)
+    ft_config.unfreeze = UnfreezeConfig(zs_config.unfreeze.vision or ft_config.unfreeze.vision,
+                                        sorted(set(zs_config.unfreeze.lm_blocks) | set(ft_config.unfreeze.lm_blocks)))
+    model = build_flamingo(ft_config)  # pretrained backbones: the value of a part the other model kept frozen
+    pretrained = {k: v.detach() for k, v in model.trainable_state_dict().items()}
+    backbone = {f"{prefix}.{name}" for prefix, module in model.unfrozen_backbone.items()
+                for name, _ in module.named_parameters()}
+    endpoints = [_endpoint(directory, pretrained, backbone) for directory in (zero_shot_dir, fine_tuned_dir)]
+    # Same tensors; the backbones (and the rest of the architecture) must be the same too.
+    zs_fields, ft_fields = _flat(zs_config), _flat(ft_config)
+    for key in ft_fields:
+        if not key.startswith(_FREE_FIELDS) and zs_fields.get(key) != ft_fields[key]:
+            raise WiseFTError(f"{zero_shot_dir} and {fine_tuned_dir} are not the same model: config field {key} is "
+                              f"{zs_fields.get(key)!r} vs {ft_fields[key]!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_model_files(out_dir, interpolate(endpoints[0], endpoints[1], alpha), ft_config)
+    return out_dir
+
+
+def _endpoint(directory: Path, pretrained: dict[str, torch.Tensor], backbone: set[str]) -> dict[str, torch.Tensor]:
+    """A model's value of every interpolated tensor: its saved weights, and the pretrained value
+    of the backbone parts it did not train."""
+    tensors = load_weights_file(directory / WEIGHTS_FILE)
+    for key in sorted(set(tensors) | set(pretrained)):
+        here = tuple(tensors[key].shape) if key in tensors else None
+        there = tuple(pretrained[key].shape) if key in pretrained else None
+        if here != there and not (here is None and key in backbone):
+            raise WiseFTError(f"{directory / WEIGHTS_FILE} does not match the other model: first differing tensor "
+                              f"{key} (shape {here or 'absent'} here, {there or 'absent'} in the other)")
+    return {key: tensors.get(key, value) for key, value in pretrained.items()}
