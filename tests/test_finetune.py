@@ -202,3 +202,14 @@ def test_lm_blocks_in_reduced_precision_need_bf16_autocast(setup):
                                                train={"frozen_dtype": "bfloat16"}))
     with pytest.raises(ConfigError, match="train.precision: bf16"):
         config.train_config(setup / "base")
+
+
+def test_shipped_fine_tuning_configs_parse():
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).parent.parent / "configs" / "finetune").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"tiny-vqa.yaml", "vqav2.yaml"}
+    for path in paths:
+        config = load_finetune_config(path)
+        assert config.task == "vqav2" and config.unfreeze.vision and config.image_size
+        assert config.train["run_dir"] == f"runs/{path.stem}"

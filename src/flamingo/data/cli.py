@@ -281,7 +281,12 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
 
 def _cmd_shapes(args: argparse.Namespace) -> None:
-    from flamingo.data.shapes import make_shapes_dataset
+    from flamingo.data.shapes import make_shapes_dataset, make_shapes_vqa
+
+    if args.kind == "vqa":
+        print(f"wrote {args.n} shape images with questions in the VQAv2 format; data config "
+              f"{make_shapes_vqa(args.out, args.n, seed=args.seed)}")
+        return
 
     made = make_shapes_dataset(args.out, args.n, kind=args.kind, seed=args.seed, shard_size=args.shard_size)
     print(f"wrote {made.n} {made.kind} samples: folder {made.folder}, JSONL {made.jsonl}, shards {made.shards}"
@@ -298,6 +303,7 @@ def add_data_subcommands(subparsers: Any) -> argparse.ArgumentParser:
   flamingo data convert docs/ shards/ --kind interleaved
   flamingo data validate 'shards/*.tar' --kind pairs
   flamingo data shapes tiny/ --kind interleaved --n 64
+  flamingo data shapes tiny-vqa/ --kind vqa --n 64    # VQAv2 format + data.yaml (flamingo eval / finetune)
 layouts:
   pairs        x.jpg + x.txt (folder or shards); JSONL {"image": path, "caption": text}
   interleaved  x.json {"texts": [...], "images": [...]} (OBELICS) or {"text_list", "image_info"} (MMC4)
@@ -324,9 +330,10 @@ layouts:
     validate.add_argument("--workers", type=int, default=0, help="decoding threads")
     validate.set_defaults(func=_cmd_validate)
 
-    shapes = sub.add_parser("shapes", help="write the tiny coloured-shapes dataset (folder, JSONL, shards)")
+    shapes = sub.add_parser("shapes", help="write the tiny coloured-shapes dataset (folder, JSONL, shards; "
+                                           "vqa: VQAv2-format files + data.yaml for eval/finetune)")
     shapes.add_argument("out", help="output folder")
-    shapes.add_argument("--kind", required=True, choices=KINDS)
+    shapes.add_argument("--kind", required=True, choices=(*KINDS, "vqa"))
     shapes.add_argument("--n", type=int, default=32, help="number of samples (default 32)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--shard-size", type=int, default=8)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
 
 from flamingo.data.config import KINDS, DataError
@@ -166,3 +167,34 @@ def make_shapes_dataset(directory: str | Path, n: int, kind: str = "pairs", seed
     convert_to_shards(str(folder), shards_dir, kind, shard_size=shard_size, shuffle=False,
                       frame_folder_fps=video_fps)
     return ShapesDataset(root, kind, n, folder, jsonl, str(shards_dir / "*.tar"), captions, videos_dir)
+
+
+def make_shapes_vqa(directory: str | Path, n: int, seed: int = 0, image_size: int = 64,
+                    test_fraction: float = 0.25) -> Path:
+    """Write `n` shape images with a question each in the official VQAv2 format (questions and
+    annotations JSON, COCO_<subtype>_<id>.jpg images) split into train and test, plus the
+    `data.yaml` that `flamingo eval` / `flamingo finetune` read (task vqav2). Questions: "What
+    colour is the <shape>?" or "What shape is this?". Returns the data config's path."""
+    if not isinstance(n, int) or n < 2:
+        raise DataError(f"n: expected an integer >= 2, got {n!r}")
+    root = Path(directory)
+    rng = np.random.default_rng(seed)
+    n_test = max(1, int(n * test_fraction))
+    splits = {}
+    for split, subtype, ids in (("train", "train2014", range(n - n_test)), ("test", "val2014", range(n - n_test, n))):
+        (root / subtype).mkdir(parents=True, exist_ok=True)
+        questions, annotations = [], []
+        for i in ids:
+            shape, colour = _random_shape(rng)
+            _shape_image(rng, image_size, shape, colour).save(root / subtype / f"COCO_{subtype}_{i:012d}.jpg")
+            question, answer = (("What shape is this?", shape) if rng.random() < 0.5
+                                else (f"What colour is the {shape}?", colour))
+            questions.append({"question_id": i, "image_id": i, "question": question})
+            annotations.append({"question_id": i, "image_id": i, "answers": [{"answer": answer}] * 10})
+        (root / f"{split}_questions.json").write_text(json.dumps({"data_subtype": subtype, "questions": questions}))
+        (root / f"{split}_annotations.json").write_text(json.dumps({"annotations": annotations}))
+        splits[split] = {"questions": f"{split}_questions.json", "annotations": f"{split}_annotations.json",
+                         "media": subtype}
+    config = root / "data.yaml"
+    config.write_text(yaml.safe_dump({"tasks": {"vqav2": splits}}, sort_keys=False))
+    return config

@@ -235,8 +235,8 @@ class FinetuneConfig:
 
 def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
     """Read a fine-tuning YAML and apply dotted `key=value` overrides (e.g. train.steps=10,
-    unfreeze.vision=false). `data` is read relative to the file; train.run_dir defaults to
-    runs/<file stem>."""
+    unfreeze.vision=false). The file's `data` is relative to the file (an override's to the working
+    directory); train.run_dir defaults to runs/<file stem>."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"fine-tuning config file {path} does not exist")
@@ -246,13 +246,13 @@ def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...
         raise ConfigError(f"fine-tuning config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if isinstance(data.get("data"), str) and not Path(data["data"]).is_absolute():
+        data["data"] = str(path.parent / data["data"])  # before the overrides: theirs are as typed
     for item in overrides:
         apply_override(data, item)
     missing = [k for k in ("base", "task", "data") if k not in data]
     if missing:
         raise ConfigError(f"{path}: missing required field(s) {missing}")
-    if isinstance(data["data"], str) and not Path(data["data"]).is_absolute():
-        data["data"] = str(path.parent / data["data"])
     train = data.get("train") or {}
     if not isinstance(train, dict):
         raise ConfigError(f"{path}: train: expected a mapping of training-config fields, got {train!r}")
