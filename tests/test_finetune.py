@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import eval_fixtures as F
+from bad_input import run_cli
 from conftest import build_with_vision, randomize_gates
 from flamingo.cli import main
 from flamingo.model.config import ConfigError
@@ -150,7 +151,7 @@ def test_cli_finetune_higher_resolution_wise_ft_and_eval(setup, capsys):
     assert set(results["tasks"]["vqav2"]["shots"]) == {"0", "1"}
 
 
-def test_wise_ft_interpolates_and_refuses_mismatched_models(setup, lm_dir, clip_dir, tmp_path, capsys):
+def test_wise_ft_interpolates_and_refuses_mismatched_models(setup, lm_dir, clip_dir, tmp_path):
     result, _ = finetune(load_finetune_config(write_config(setup, "wise", unfreeze={"lm_blocks": [2]})))
     half = load_file(str(wise_ft(setup / "base", result.final_dir, 0.5, tmp_path / "half") / WEIGHTS_FILE))
     zero_shot, tuned = load_file(str(setup / "base" / WEIGHTS_FILE)), load_file(str(result.final_dir / WEIGHTS_FILE))
@@ -173,10 +174,10 @@ def test_wise_ft_interpolates_and_refuses_mismatched_models(setup, lm_dir, clip_
     save_pretrained(other, tmp_path / "deeper")
     with pytest.raises(WiseFTError, match=r"first differing tensor perceiver\.layers\.2\."):
         wise_ft(tmp_path / "deeper", result.final_dir, 0.5, tmp_path / "x")
-    assert main(["wise-ft", str(tmp_path / "deeper"), str(result.final_dir), "--alpha", "0.5",
-                 "--out", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "first differing tensor perceiver.layers.2." in err[0]
+    run_cli(["wise-ft", str(tmp_path / "deeper"), str(result.final_dir), "--alpha", "0.5", "--out",
+             str(tmp_path / "x")], expect="first differing tensor perceiver.layers.2.", watch=[setup, tmp_path])
+    run_cli(["wise-ft", str(setup / "base"), str(result.final_dir), "--alpha", "2", "--out", str(tmp_path / "y")],
+            expect="--alpha", watch=[setup, tmp_path])
     save_pretrained(build_with_vision(lm_dir("llama"), clip_dir, activation="gelu"), tmp_path / "gelu")
     with pytest.raises(WiseFTError, match="config field activation is 'gelu' vs 'sqrelu'"):
         wise_ft(tmp_path / "gelu", result.final_dir, 0.5, tmp_path / "x")
@@ -190,11 +191,9 @@ def test_wise_ft_interpolates_and_refuses_mismatched_models(setup, lm_dir, clip_
     ({"train": {"datasets": []}}, "other than model, datasets and init_from"),
     ({"wise_alpha": [1.5]}, "wise_alpha"),
 ])
-def test_bad_fine_tuning_configs_are_one_line_errors(setup, capsys, fields, message):
+def test_bad_fine_tuning_configs_are_one_line_errors(setup, fields, message):
     path = write_config(setup, "bad", **fields)
-    assert main(["finetune", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    run_cli(["finetune", str(path)], expect=message, watch=[setup])
 
 
 def test_lm_blocks_in_reduced_precision_need_bf16_autocast(setup):

@@ -43,8 +43,7 @@ def interpolate(zero_shot: dict[str, torch.Tensor], fine_tuned: dict[str, torch.
                 alpha: float) -> dict[str, torch.Tensor]:
     """(1 - alpha) * zero_shot + alpha * fine_tuned per tensor (computed in float32, stored in the
     fine-tuned dtype); alpha 0 / 1 return the endpoints exactly."""
-    if not 0 <= alpha <= 1:
-        raise WiseFTError(f"--alpha: expected a number in [0, 1], got {alpha!r}")
+    _check_alpha(alpha)
     out = {}
     for key, tuned in fine_tuned.items():
         if alpha == 0:
@@ -56,8 +55,14 @@ def interpolate(zero_shot: dict[str, torch.Tensor], fine_tuned: dict[str, torch.
     return out
 
 
+def _check_alpha(alpha: float) -> None:
+    if not 0 <= alpha <= 1:
+        raise WiseFTError(f"--alpha: expected a number in [0, 1], got {alpha!r}")
+
+
 def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float, out_dir: str | Path) -> Path:
     """Write the WiSE-FT model of two saved model directories into `out_dir`; see the module docstring."""
+    _check_alpha(alpha)
     zero_shot_dir, fine_tuned_dir = Path(zero_shot_dir), Path(fine_tuned_dir)
     zs_config = FlamingoConfig.load(zero_shot_dir / CONFIG_FILE)
     ft_config = FlamingoConfig.load(fine_tuned_dir / CONFIG_FILE)
