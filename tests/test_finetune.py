@@ -131,6 +131,9 @@ def test_resume_from_a_mid_run_checkpoint_is_exact(setup):
 
 def test_cli_finetune_higher_resolution_wise_ft_and_eval(setup, capsys):
     path = write_config(setup, "cli", unfreeze={"vision": True}, image_size=48)
+    assert main(["finetune", str(path), "--print-config", "batch_size=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["batch_size"] == 3 and printed["unfreeze"] == {"vision": True, "lm_blocks": []}
     assert main(["finetune", str(path), "train.steps=2", "--wise-alpha", "0", "--wise-alpha", "1"]) == 0
     out = capsys.readouterr().out
     assert "trained to step 2" in out and "wise-ft-0" in out and "wise-ft-1" in out

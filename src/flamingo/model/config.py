@@ -124,10 +124,11 @@ class UnfreezeConfig:
     """Backbone parts trained together with the bridge (fine-tuning, paper B.2.2); by default
     both backbones stay frozen, as in pretraining.
 
-    vision: train the whole vision encoder (it stays in inference mode: BatchNorm statistics and
-        dropout as in its pretraining).
+    vision: train the whole vision encoder.
     lm_blocks: indices of LM decoder blocks to train (the other blocks, the embeddings and the
         output head stay frozen).
+    Unfrozen backbones still run in inference mode (BatchNorm statistics and dropout as in
+    their pretraining).
     Their weights are saved with the bridge (`Flamingo.trainable_state_dict`: vision_encoder.*,
     lm_blocks.<i>.*), so a model directory holds everything that differs from the backbones.
     """

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flamingo.errors import UserError
-from flamingo.model.config import FlamingoConfig
+from flamingo.model.config import ConfigError, FlamingoConfig
 from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, media_context, token_media_index
 from flamingo.model.fused_head_loss import DEFAULT_CHUNK, IGNORE_INDEX, NLLRequest, nll_request
 from flamingo.model.language_model import (
@@ -134,8 +134,6 @@ class Flamingo(nn.Module):
     def _unfreeze(self, config: FlamingoConfig, layers: nn.ModuleList) -> dict[str, nn.Module]:
         """Make the backbone parts `config.unfreeze` names trainable; returns them by saved-weight
         prefix (vision_encoder, lm_blocks.<i>)."""
-        from flamingo.model.config import ConfigError
-
         chosen: dict[str, nn.Module] = {}
         if config.unfreeze.vision:
             if self.vision_encoder is None:
@@ -179,6 +177,11 @@ class Flamingo(nn.Module):
         modules.update(self.unfrozen_backbone)
         return modules
 
+    def unfrozen_backbone_names(self) -> set[str]:
+        """Names (as in `trainable_state_dict`) of the unfrozen backbone parameters."""
+        return {f"{prefix}.{name}" for prefix, module in self.unfrozen_backbone.items()
+                for name, _ in module.named_parameters()}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{name}": param
                 for prefix, module in self.trainable_modules().items()
@@ -210,7 +213,7 @@ class Flamingo(nn.Module):
             if self.vision_encoder is None:
                 raise FlamingoInputError("pixel_values given but this model has no vision encoder; "
                                          "pass vision_features instead")
-            # Frozen: no activations kept for backward.
+            # A frozen encoder keeps no activations for backward; an unfrozen one (fine-tuning) trains.
             with torch.set_grad_enabled(torch.is_grad_enabled() and "vision_encoder" in self.unfrozen_backbone):
                 features = self.vision_encoder(chosen[:, None])[:, 0]
         else:

@@ -42,8 +42,7 @@ def load_trainable_weights(model: Flamingo, tensors: dict[str, torch.Tensor], so
     except that with `backbone_defaults` the unfrozen backbone parts (`config.unfreeze`) may be
     absent: they keep their pretrained values (a bridge-only model starting a fine-tuning run)."""
     expected = model.trainable_state_dict()
-    optional = ({f"{prefix}.{name}" for prefix, module in model.unfrozen_backbone.items()
-                 for name, _ in module.named_parameters()} if backbone_defaults else set())
+    optional = model.unfrozen_backbone_names() if backbone_defaults else set()
     missing = sorted(set(expected) - set(tensors) - optional)
     unexpected = sorted(set(tensors) - set(expected))
     mis_shaped = sorted(f"{k}: expected {tuple(expected[k].shape)}, got {tuple(tensors[k].shape)}"

@@ -138,32 +138,31 @@ def _cmd_plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _run_parser(subparsers: argparse._SubParsersAction, name: str, help: str, epilog: str, config_help: str,
+                func: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+    """A subcommand that runs a config: CONFIG [KEY=VALUE ...] [--resume [CHECKPOINT]] [--print-config]."""
+    parser = subparsers.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=epilog)
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, dotted keys")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="continue the run: from its latest checkpoint (no value), or from CHECKPOINT")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.set_defaults(func=func)
+    parser.__class__ = type(f"{name.title()}ArgumentParser", (_Intermixed, type(parser)), {})
+    return parser
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `train`, `finetune`, `wise-ft` and `plot` subcommands to the `flamingo` command line."""
-    train = subparsers.add_parser(
-        "train", help="train the Flamingo bridge (resampler, xattn layers) from a training config",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
-    train.add_argument("config", help="training config YAML (see configs/train/)")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, dotted keys")
-    train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                       help="continue the run: from its latest checkpoint (no value), or from CHECKPOINT")
-    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    train.set_defaults(func=_cmd_train)
-    train.__class__ = type("TrainArgumentParser", (_Intermixed, type(train)), {})
-
-    finetune = subparsers.add_parser(
-        "finetune", help="fine-tune a model on a benchmark's training split (paper B.2.2), optionally with WiSE-FT",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FINETUNE_EPILOG)
-    finetune.add_argument("config", help="fine-tuning config YAML (see configs/finetune/)")
-    finetune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, dotted keys")
-    finetune.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                          help="continue the run: from its latest checkpoint (no value), or from CHECKPOINT")
+    _run_parser(subparsers, "train", "train the Flamingo bridge (resampler, xattn layers) from a training config",
+                TRAIN_EPILOG, "training config YAML (see configs/train/)", _cmd_train)
+    finetune = _run_parser(subparsers, "finetune", "fine-tune a model on a benchmark's training split (paper "
+                           "B.2.2), optionally with WiSE-FT", FINETUNE_EPILOG,
+                           "fine-tuning config YAML (see configs/finetune/)", _cmd_finetune)
     finetune.add_argument("--wise-alpha", type=float, action="append", default=[], metavar="ALPHA",
                           help="also write the WiSE-FT model (1-ALPHA)*base + ALPHA*fine-tuned to "
                                "RUN_DIR/wise-ft-ALPHA (repeatable; replaces the config's wise_alpha)")
-    finetune.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    finetune.set_defaults(func=_cmd_finetune)
-    finetune.__class__ = type("FinetuneArgumentParser", (_Intermixed, type(finetune)), {})
 
     wise = subparsers.add_parser(
         "wise-ft", help="WiSE-FT: interpolate the weights of a model and its fine-tuned version",

@@ -283,14 +283,7 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     """Read a training YAML, apply `key=value` overrides, validate. A `model:` given as a path
     is read relative to the training config's folder; run_dir defaults to runs/<file stem>."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"train config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"train config file {path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "train config")
     if isinstance(data.get("model"), str):
         model_path = Path(data["model"])
         if not model_path.is_absolute():
@@ -303,6 +296,19 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     if data.get("run_dir") is None:
         data["run_dir"] = str(Path("runs") / path.stem)
     return TrainConfig.from_dict(data, source=str(path))
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a ConfigError naming the file otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

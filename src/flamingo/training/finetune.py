@@ -46,14 +46,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from flamingo.data.batch import IGNORE_INDEX, TrainingSample
 from flamingo.data.loader import DataStats
 from flamingo.data.media import SkipSample
 from flamingo.data.processing import Outcome
 from flamingo.model.config import ConfigError, FlamingoConfig, UnfreezeConfig
-from flamingo.training.config import TrainConfig, _fields_from_dict, apply_override
+from flamingo.training.config import TrainConfig, _fields_from_dict, apply_override, read_yaml_mapping
 from flamingo.training.synthetic import InMemorySource
 
 TASK_OPTIONS = ("task", "data", "split", "max_tokens", "video_frames", "video_fps")
@@ -238,14 +237,7 @@ def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...
     unfreeze.vision=false). The file's `data` is relative to the file (an override's to the working
     directory); train.run_dir defaults to runs/<file stem>."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"fine-tuning config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"fine-tuning config file {path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "fine-tuning config")
     if isinstance(data.get("data"), str) and not Path(data["data"]).is_absolute():
         data["data"] = str(path.parent / data["data"])  # before the overrides: theirs are as typed
     for item in overrides:

@@ -70,8 +70,7 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
                                         sorted(set(zs_config.unfreeze.lm_blocks) | set(ft_config.unfreeze.lm_blocks)))
     model = build_flamingo(ft_config)  # pretrained backbones: the value of a part the other model kept frozen
     pretrained = {k: v.detach() for k, v in model.trainable_state_dict().items()}
-    backbone = {f"{prefix}.{name}" for prefix, module in model.unfrozen_backbone.items()
-                for name, _ in module.named_parameters()}
+    backbone = model.unfrozen_backbone_names()
     endpoints = [_endpoint(directory, pretrained, backbone) for directory in (zero_shot_dir, fine_tuned_dir)]
     # Same tensors; the backbones (and the rest of the architecture) must be the same too.
     zs_fields, ft_fields = _flat(zs_config), _flat(ft_config)
