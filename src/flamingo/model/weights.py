@@ -104,9 +104,10 @@ def load_model(spec: str | Path | None = None) -> Flamingo:
 def model_directory(spec: str | Path) -> Path:
     """The local saved model directory of `spec`: a directory, a hub id holding one (fetched),
     or "embedded" (the embedded default's, inside this package)."""
-    from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL
+    from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL, check_backbone_packages
 
     if str(spec) == EMBEDDED_MODEL:
+        check_backbone_packages()  # its backbones are built from them next
         return ASSETS
     path = Path(spec)
     if path.is_dir():

@@ -51,17 +51,21 @@ from flamingo.data.batch import IGNORE_INDEX, TrainingSample
 from flamingo.data.loader import DataStats
 from flamingo.data.media import SkipSample
 from flamingo.data.processing import Outcome
+from flamingo.evaluation.data_config import load_data_config
+from flamingo.evaluation.loaders import LOADERS
+from flamingo.evaluation.media import VideoSampling, read_media
+from flamingo.evaluation.tasks import get_task
 from flamingo.model.config import ConfigError, FlamingoConfig, UnfreezeConfig
 from flamingo.training.config import TrainConfig, _fields_from_dict, apply_override, read_yaml_mapping
 from flamingo.training.synthetic import InMemorySource
 
-TASK_OPTIONS = ("task", "data", "split", "max_tokens", "video_frames", "video_fps")
-# Reading another sample in place of one whose media is unreadable: at most this many tries.
+TASK_OPTIONS = ("task", "data", "max_tokens", "video_frames", "video_fps")
+# Samples tried in place of one that cannot be used (unreadable media, too long) before giving up.
 MAX_REPLACEMENTS = 64
 
 
 class TaskSource(InMemorySource):
-    """Training batches of one benchmark split, in the evaluation's prompt format (module docstring).
+    """Training batches of a benchmark's train split, in the evaluation's prompt format (module docstring).
 
     Sample `index` is sample `permutation_e[index mod n]` of epoch e = index // n, the
     permutation seeded by (seed, dataset name, e): a pure function of the index, so batches are
@@ -72,31 +76,24 @@ class TaskSource(InMemorySource):
 
     def __init__(self, name: str, tokenizer: Any, media_token_id: int, eoc_token_id: int, image_processor: Any,
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, *, task: str,
-                 data: str, split: str = "train", max_tokens: int = 512, video_frames: int = 8,
+                 data: str, max_tokens: int = 512, video_frames: int = 8,
                  video_fps: float = 1.0) -> None:
-        from flamingo.evaluation.data_config import load_data_config
-        from flamingo.evaluation.loaders import LOADERS
-        from flamingo.evaluation.media import VideoSampling
-        from flamingo.evaluation.tasks import get_task
-
         super().__init__(name, tokenizer, batch_size, seed, rank, world_size)
         where = f"dataset {name!r}"
         self.task = get_task(task)
         if self.task.zero_shot_only or self.task.kind == "retrieval":
             raise ConfigError(f"{where}: task {task!r} is evaluated zero-shot only; it has no training format")
-        if split not in ("train", "test"):
-            raise ConfigError(f"{where}: split: expected 'train' or 'test', got {split!r}")
         if not (isinstance(max_tokens, int) and max_tokens >= 4):
             raise ConfigError(f"{where}: max_tokens: expected an integer >= 4, got {max_tokens!r}")
         if not (isinstance(video_frames, int) and video_frames >= 1 and video_fps > 0):
             raise ConfigError(f"{where}: video_frames / video_fps: expected an integer >= 1 and a number > 0, "
                               f"got {video_frames!r} / {video_fps!r}")
-        paths = getattr(load_data_config(data).task(task), split)
+        paths = load_data_config(data).task(task).train
         if paths is None:
-            raise ConfigError(f"{data}: tasks.{task} has no {split} split to fine-tune on")
-        self.samples = LOADERS[self.task.loader](paths, split, f"tasks.{task}.{split}")
+            raise ConfigError(f"{data}: tasks.{task} has no train split to fine-tune on")
+        self.samples = LOADERS[self.task.loader](paths, "train", f"tasks.{task}.train")
         if not self.samples:
-            raise ConfigError(f"{data}: tasks.{task}.{split} holds no samples")
+            raise ConfigError(f"{data}: tasks.{task}.train holds no samples")
         self.tokenizer, self.processor = tokenizer, image_processor
         self.media_token_id, self.eoc_token_id = media_token_id, eoc_token_id
         self.max_tokens = max_tokens
@@ -119,8 +116,6 @@ class TaskSource(InMemorySource):
 
     def build(self, sample: Any, rng: np.random.Generator) -> TrainingSample:
         """One evaluation sample as a training sample; raises SkipSample."""
-        from flamingo.evaluation.media import read_media
-
         query = self._text_ids(self.task.query_text(sample))
         answer = self._text_ids(" " + self._answer(sample, rng)) + [self.eoc_token_id]
         head = [*self.prefix, self.media_token_id, *query]
@@ -186,8 +181,6 @@ class FinetuneConfig:
     train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from flamingo.evaluation.tasks import get_task
-
         def check(ok: bool, name: str, expected: str, got: Any) -> None:
             if not ok:
                 raise ConfigError(f"fine-tuning config field {name}: expected {expected}, got {got!r}")
@@ -205,7 +198,7 @@ class FinetuneConfig:
     def dataset(self) -> dict[str, Any]:
         """The `kind: task` dataset entry of the training config."""
         return {"name": self.task, "kind": "task", "batch_size": self.batch_size, "task": self.task,
-                "data": self.data, "split": "train", "max_tokens": self.max_tokens,
+                "data": self.data, "max_tokens": self.max_tokens,
                 "video_frames": self.video_frames, "video_fps": self.video_fps}
 
     def model_config(self, base_dir: Path) -> FlamingoConfig:
