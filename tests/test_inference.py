@@ -10,7 +10,7 @@ from conftest import build_with_vision, randomize_gates, solid_image
 from flamingo.inference.generation import GenerationConfig, GenerationConfigError, generate
 from flamingo.inference.prompt import Prompt, PromptError, interleaved_prompt, text_prompt
 from flamingo.inference.scoring import rank_classes, score_candidates
-from flamingo.inference.state import encode_prompts, extend
+from flamingo.inference.state import FlamingoState, encode_prompts, extend
 
 RED, BLUE, GREEN, GREY = (solid_image(c) for c in ("red", "blue", "green", "grey"))
 NO_STOP = dict(stop_at_end_of_chunk=False)
@@ -229,3 +229,26 @@ def test_bad_requests_give_specific_errors(model, tmp_path):
             GenerationConfig(**options)
     with pytest.raises(TypeError):
         GenerationConfig(beams=3)  # unknown option names are refused by the dataclass
+
+
+def test_concatenated_states_continue_as_each_alone(model):
+    """Sequences of different lengths and image counts in one batch (as the serving engine
+    joins requests to its running batch): each continues exactly as it would alone, also after
+    the longest ones leave and the all-padding columns are dropped."""
+    prompts = [text_prompt("<image>An image of a red<|endofchunk|><image>An image of", [RED, BLUE]),
+               text_prompt("Question: what is it? Answer:", []),
+               text_prompt("<image>Output:", [GREEN])]
+    alone = [encode_prompts(model, [p]) for p in prompts]
+    shared = encode_prompts(model, [prompts[2]]).repeat_rows(2)  # two rows sharing one media row
+    state = FlamingoState.concat([alone[0], alone[1], shared])
+    assert state.batch_size == 4 and state.visual_tokens.shape[:2] == (4, 2)
+    tokens = torch.tensor([[5], [7], [9], [11]])
+    state.step(model, tokens)
+    for row, (single, token) in enumerate(zip([alone[0], alone[1], alone[2], alone[2].repeat_rows(1)], tokens)):
+        single.step(model, token[None])
+        assert torch.allclose(state.next_token_logits[row], single.next_token_logits[0], atol=1e-4, rtol=1e-4), row
+    short = state.select_rows(torch.tensor([2, 3])).without_leading_padding()
+    assert short.length == alone[2].length
+    short.step(model, torch.tensor([[3], [3]]))
+    alone[2].step(model, torch.tensor([[3]]))
+    assert torch.allclose(short.next_token_logits[0], alone[2].next_token_logits[0], atol=1e-4, rtol=1e-4)

@@ -92,19 +92,85 @@ def test_engine_greedy_equals_generate_text_and_reports_usage(model):
 
 
 def test_concurrent_requests_equal_each_alone(model):
+    """8 requests of different lengths and image counts (0 to 3), 4 decode slots: the first four
+    are prefilled together, the others join the running batch as slots free up (at different
+    steps), and every answer equals the request's answer alone."""
     params = [SamplingParams(max_tokens=3 + i % 4 * 2, stop=("e",) if i == 5 else ()) for i in range(len(REQUESTS))]
 
-    async def go(engine):
-        async def one(i):
-            await asyncio.sleep(0.01 * i)  # join at different steps
-            text, colours = REQUESTS[i]
-            return await collect(engine.generate(EngineRequest(text, [png(c) for c in colours], params[i])))
-        return await asyncio.gather(*(one(i) for i in range(len(REQUESTS))))
+    async def go():
+        engine = Engine(model, EngineConfig(max_running=4, prefix_cache_bytes=0))
+        streams = [engine.generate(EngineRequest(text, [png(c) for c in colours], params[i]))
+                   for i, (text, colours) in enumerate(REQUESTS)]  # all queued before the engine starts
+        await engine.start()
+        try:
+            return await asyncio.gather(*(collect(stream) for stream in streams))
+        finally:
+            await engine.stop()
 
-    results = run(go, model, EngineConfig(max_running=4))
+    results = asyncio.run(go())
     for i, ((text, colours), (texts, final)) in enumerate(zip(REQUESTS, results)):
         expected = reference(model, text, colours, max_new_tokens=params[i].max_tokens, stop_strings=params[i].stop)
         assert texts[0] == expected, i
+
+
+def test_requests_joining_at_random_times_equal_each_alone(model):
+    async def go(engine):
+        async def one(i):
+            await asyncio.sleep(0.02 * i)
+            text, colours = REQUESTS[i]
+            return await collect(engine.generate(EngineRequest(text, [png(c) for c in colours],
+                                                               SamplingParams(max_tokens=6, n=1 + i % 2))))
+        return await asyncio.gather(*(one(i) for i in range(len(REQUESTS))))
+
+    results = run(go, model, EngineConfig(max_running=5))
+    for i, ((text, colours), (texts, _)) in enumerate(zip(REQUESTS, results)):
+        expected = reference(model, text, colours, max_new_tokens=6)
+        assert texts == {c: expected for c in range(1 + i % 2)}, i
+
+
+def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
+    """The support set is encoded once (a miss), then reused (hits); the answers equal those of
+    the whole prompt encoded from scratch; the prefix tokenizes alone as inside the prompt."""
+    queries = [REQUESTS[0], REQUESTS[3], REQUESTS[6], REQUESTS[0]]
+
+    async def go(engine):
+        answers = []
+        for text, colours in queries:  # one at a time: the first misses, the others hit
+            texts, _ = await collect(engine.generate(EngineRequest(text, [png(c) for c in colours],
+                                                                   SamplingParams(max_tokens=6))))
+            answers.append(texts[0])
+        split = engine._split(text_prompt(text, [solid_image(c) for c in colours]),
+                              model.tokenizer(text)["input_ids"], [png(c) for c in colours])
+        return answers, split, engine.metrics
+
+    answers, split, metrics = run(go, model)
+    for (text, colours), answer in zip(queries, answers):
+        assert answer == reference(model, text, colours, max_new_tokens=6)
+    assert answers[0] == answers[3]
+    assert metrics.prefix_cache_misses._value.get() == 1 and metrics.prefix_cache_hits._value.get() == 3
+    assert split.prefix.text == SUPPORT and len(split.prefix.media) == 2 and len(split.suffix.media) == 1
+    ids = model.tokenizer(split.prefix.text)["input_ids"] + model.tokenizer(
+        split.suffix.text, add_special_tokens=False)["input_ids"]
+    assert ids == model.tokenizer(REQUESTS[0][0])["input_ids"]
+
+
+def test_prefix_cache_is_bounded_by_bytes_and_evicts_the_least_recently_used(model):
+    other_support = "<image>Output: a green star.<|endofchunk|>"
+
+    async def go(engine):
+        for text, colours in [(SUPPORT + "<image>Output:", ("red", "blue", "green")),
+                              (other_support + "<image>Output:", ("green", "red"))]:
+            await collect(engine.generate(EngineRequest(text, [png(c) for c in colours], SamplingParams(max_tokens=2))))
+        return engine.prefix_cache, engine.metrics
+
+    async def size(engine):  # the bytes of one support state: the bound below holds one, never two
+        await collect(engine.generate(EngineRequest(SUPPORT + "<image>Output:", [png(c) for c in ("red", "blue", "green")],
+                                                    SamplingParams(max_tokens=1))))
+        return engine.prefix_cache.bytes
+    one_entry = run(size, model)
+    cache, metrics = run(go, model, EngineConfig(prefix_cache_bytes=one_entry + 100))
+    assert len(cache.entries) == 1 and cache.bytes <= one_entry + 100
+    assert metrics.prefix_cache_evictions._value.get() == 1 and metrics.prefix_cache_bytes._value.get() == cache.bytes
 
 
 def test_seeded_sampling_is_reproducible_and_equals_generate_text(model):

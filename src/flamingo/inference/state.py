@@ -91,6 +91,89 @@ class FlamingoState:
         self.attention_mask = self.attention_mask[rows]
         self.next_token_logits = self.next_token_logits[rows]
 
+    def media_per_sequence(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """visual_tokens, num_media and cross-attention keys/values with one media row per
+        sequence (shared rows are repeated)."""
+        share = self.rows_per_media
+        if share == 1:
+            return self.visual_tokens, self.num_media, self.kv_cache
+        kv = {layer: (k.repeat_interleave(share, 0), v.repeat_interleave(share, 0))
+              for layer, (k, v) in self.kv_cache.items()}
+        return self.visual_tokens.repeat_interleave(share, 0), self.num_media.repeat_interleave(share), kv
+
+    @staticmethod
+    def concat(states: Sequence["FlamingoState"]) -> "FlamingoState":
+        """One state holding the sequences of all `states`, in order (e.g. requests joining a
+        running decode batch). Shorter histories are left-padded, masked, to the longest; every
+        sequence gets its own media row, padded to the most media slots (padding slots lie beyond
+        its `num_media`, so no token attends to them)."""
+        if len(states) == 1:
+            return states[0]
+        length = max(s.length for s in states)
+        per_state = [_cache_layers(s.past_key_values) for s in states]
+        layers = [(torch.cat([_pad(k, length - s.length, dim=2, left=True) for s, (k, _) in zip(states, kvs)]),
+                   torch.cat([_pad(v, length - s.length, dim=2, left=True) for s, (_, v) in zip(states, kvs)]))
+                  for kvs in zip(*per_state)]
+        mask = torch.cat([_pad(s.attention_mask, length - s.length, dim=1, left=True) for s in states])
+        media = [s.media_per_sequence() for s in states]
+        slots = max(tokens.shape[1] for tokens, _, _ in media)
+        visual_tokens = torch.cat([_pad(tokens, slots - tokens.shape[1], dim=1) for tokens, _, _ in media])
+        kv = {}
+        for layer in sorted({layer for _, _, layer_kv in media for layer in layer_kv}):
+            like = next(layer_kv[layer][0] for _, _, layer_kv in media if layer in layer_kv)
+            width = slots * visual_tokens.shape[2]  # keys per row: slots x tokens per media
+            parts = [layer_kv.get(layer) or (like.new_zeros(len(tokens), like.shape[1], 0, like.shape[3]),) * 2
+                     for tokens, _, layer_kv in media]
+            kv[layer] = (torch.cat([_pad(k, width - k.shape[2], dim=2) for k, _ in parts]),
+                         torch.cat([_pad(v, width - v.shape[2], dim=2) for _, v in parts]))
+        logits = torch.cat([s.next_token_logits for s in states])
+        return FlamingoState(_cache_from_layers(states[0].past_key_values, layers), mask, visual_tokens,
+                             torch.cat([n for _, n, _ in media]), logits, kv)
+
+    def without_leading_padding(self) -> "FlamingoState":
+        """The same sequences without the leading positions that are padding in every row (left
+        behind when the longest sequences of a batch leave it)."""
+        real = self.attention_mask.any(0).nonzero()
+        start = int(real[0, 0]) if len(real) else self.length
+        if start == 0:
+            return self
+        layers = [(k[:, :, start:], v[:, :, start:]) for k, v in _cache_layers(self.past_key_values)]
+        return FlamingoState(_cache_from_layers(self.past_key_values, layers), self.attention_mask[:, start:],
+                             self.visual_tokens, self.num_media, self.next_token_logits, self.kv_cache)
+
+    def nbytes(self) -> int:
+        """Memory held by the state's tensors."""
+        tensors = [t for kv in _cache_layers(self.past_key_values) for t in kv]
+        tensors += [self.attention_mask, self.visual_tokens, self.num_media, self.next_token_logits]
+        tensors += [t for kv in self.kv_cache.values() for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _pad(tensor: torch.Tensor, amount: int, dim: int, left: bool = False) -> torch.Tensor:
+    """Zero-pad `amount` positions on one side of dimension `dim`."""
+    if amount == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = amount
+    zeros = tensor.new_zeros(shape)
+    return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
+
+
+def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys/values [B, heads, T, head_dim] of each layer of a Hugging Face dynamic cache."""
+    layers = []
+    for keys, values, sliding_window in cache:
+        if sliding_window is not None:
+            raise NotImplementedError("padding and concatenating LM caches needs full attention in every layer; "
+                                      "this LM has sliding-window layers")
+        layers.append((keys, values))
+    return layers
+
+
+def _cache_from_layers(like: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A cache of the type of `like` holding the given keys/values per layer."""
+    return type(like)(ddp_cache_data=layers)
+
 
 def _copy_cache(cache: Any) -> Any:
     """An independent copy of an LM cache for a new state, without copying its tensors where

@@ -1,15 +1,25 @@
-"""The serving engine: requests in, streamed text deltas out.
+"""The serving engine: requests in, streamed text deltas out, many requests in one decode batch.
 
-Model compute runs in one background thread (it blocks); each request's deltas reach its asyncio
-consumer through `loop.call_soon_threadsafe`. Requests are validated when submitted (a bad prompt
-or option raises at once, before any delta), wait in a bounded queue (`EngineOverloaded` when it
-is full), and a consumer that stops iterating cancels its request.
+- Continuous (iteration-level) batching: the running sequences are one `FlamingoState` batch
+  (LM KV cache, visual tokens, cross-attention keys/values). Before every decode step, waiting
+  requests are prefilled together and concatenated into it (`FlamingoState.concat`: left-padded
+  histories, media rows padded to the most images); finished and cancelled sequences leave it
+  after every step. Beam search and ranking requests run as a batch of their own, between steps.
+- Prefix cache: a prompt is split before its last image; the state after the prefix (text and
+  image bytes, hashed) is kept in an LRU bounded by bytes and continued with `extend`, so the
+  few-shot support set of a task is encoded once for all users. A hit computes exactly what a
+  miss computes (the miss encodes the prefix, stores it, then extends it the same way).
+- Model compute runs in one background thread (it blocks); each request's deltas reach its
+  asyncio consumer through `loop.call_soon_threadsafe`. Requests are validated when submitted (a
+  bad prompt or option raises at once, before any delta), wait in a bounded queue
+  (`EngineOverloaded` when it is full), and a consumer that stops iterating cancels its request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import collections
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,13 +28,22 @@ from typing import AsyncIterator
 import torch
 
 from flamingo.errors import UserError
-from flamingo.inference.generation import Generation, GenerationConfig, beam_search, generate
-from flamingo.inference.prompt import Prompt, PromptError, context_length
+from flamingo.inference.generation import (
+    Generation,
+    GenerationConfig,
+    SequenceDecoder,
+    beam_search,
+    choose_next_tokens,
+    sampling_generator,
+)
+from flamingo.inference.prompt import Prompt, context_length
 from flamingo.inference.scoring import score_candidates
-from flamingo.inference.state import encode_prompts
+from flamingo.inference.state import FlamingoState, encode_prompts, extend
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.image_processing import decode_image
 from flamingo.serving.metrics import EngineMetrics
+
+MIN_TEXT_PREFIX_TOKENS = 32  # a prefix without images is cached only from this length on
 
 
 class EngineRequestError(UserError):
@@ -110,25 +129,51 @@ _FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "length": "lengt
 _END = object()  # the last item of a stream
 
 
+@dataclass
+class _Split:
+    """A prompt cut before its last image: the cacheable prefix and the rest."""
+
+    key: str  # hash of the prefix's token ids and image bytes
+    prefix: Prompt
+    suffix: Prompt
+
+
 class _Job:
     """A submitted request: its decoded prompt, and the channel back to its consumer's loop."""
 
-    def __init__(self, prompt: Prompt, prompt_tokens: int, params: SamplingParams,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.prompt, self.prompt_tokens, self.params = prompt, prompt_tokens, params
+    def __init__(self, prompt: Prompt, prompt_tokens: int, split: _Split | None, params: SamplingParams,
+                 loop: asyncio.AbstractEventLoop, candidates: list[str] | None = None) -> None:
+        self.prompt, self.prompt_tokens, self.split, self.params = prompt, prompt_tokens, split, params
+        self.candidates = candidates  # a ranking job
         self.loop = loop
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.cancelled = False  # set by the consumer's side; read by the engine thread
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
-        self.candidates: list[str] | None = None  # a ranking job
+        self.unfinished_choices = params.n
+
+    @property
+    def runs_alone(self) -> bool:
+        """Ranking and beam search run as a batch of their own, not in the decode batch."""
+        return self.candidates is not None or self.params.num_beams > 1
 
     def send(self, item: object) -> None:
-        """From the engine thread: hand a Delta, an exception or _END to the consumer."""
+        """From the engine thread: hand a Delta, a result, an exception or _END to the consumer."""
         try:
             self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
         except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
             self.cancelled = True
+
+
+@dataclass
+class _Sequence:
+    """One choice of a job in the running batch."""
+
+    job: _Job
+    choice: int
+    config: GenerationConfig
+    decoder: SequenceDecoder
+    generator: torch.Generator | None
 
 
 class RequestStream:
@@ -170,6 +215,36 @@ class RequestStream:
         self._cancel()
 
 
+class PrefixCache:
+    """Encoded prompt prefixes (batch-1 states, never modified), least recently used first out,
+    within a byte budget."""
+
+    def __init__(self, capacity_bytes: int, metrics: EngineMetrics) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.metrics = metrics
+        self.entries: collections.OrderedDict[str, tuple[FlamingoState, int]] = collections.OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: str) -> FlamingoState | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: str, state: FlamingoState) -> None:
+        size = state.nbytes()
+        if size > self.capacity_bytes or key in self.entries:
+            return
+        while self.bytes + size > self.capacity_bytes:
+            _, (_, dropped) = self.entries.popitem(last=False)
+            self.bytes -= dropped
+            self.metrics.prefix_cache_evictions.inc()
+        self.entries[key] = (state, size)
+        self.bytes += size
+        self.metrics.prefix_cache_bytes.set(self.bytes)
+
+
 class Engine:
     """Serves one model. Usage (inside a running event loop):
 
@@ -183,13 +258,14 @@ class Engine:
     def __init__(self, model: Flamingo, config: EngineConfig | None = None) -> None:
         self.model = model.eval()
         self.config = config or EngineConfig()
-        if self.config.max_queue < 1 or self.config.max_running < 1:
-            raise EngineRequestError(f"max_queue and max_running: expected integers >= 1, got "
-                                     f"{self.config.max_queue} and {self.config.max_running}")
+        if self.config.max_queue < 1 or self.config.max_running < 1 or self.config.prefix_cache_bytes < 0:
+            raise EngineRequestError(f"max_queue, max_running: expected integers >= 1, prefix_cache_bytes >= 0; got "
+                                     f"{self.config.max_queue}, {self.config.max_running}, "
+                                     f"{self.config.prefix_cache_bytes}")
         self.metrics = EngineMetrics()
-        self._waiting: queue.Queue = queue.Queue()
-        self._waiting_count = 0
-        self._lock = threading.Lock()
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.metrics)
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -201,9 +277,11 @@ class Engine:
             self._thread.start()
 
     async def stop(self) -> None:
+        """Stop the engine thread; requests still running or waiting end with an error."""
         if self._thread is not None:
-            self._stopping = True
-            self._waiting.put(None)  # wake the thread
+            with self._wake:
+                self._stopping = True
+                self._wake.notify()
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
 
@@ -211,107 +289,232 @@ class Engine:
     def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
         """Submit a request; its deltas arrive through the returned iterator. Raises
         EngineOverloaded when the queue is full and a UserError for a bad request, at once."""
-        if not isinstance(request.params, SamplingParams):
+        params = request.params
+        if not isinstance(params, SamplingParams):
             raise EngineRequestError("params: expected SamplingParams")
-        prompt, prompt_tokens = self._prompt(request.text, request.images, request.params.max_tokens)
-        job = _Job(prompt, prompt_tokens, request.params, asyncio.get_running_loop())
+        if params.num_beams == 1 and params.n > self.config.max_running:
+            raise EngineRequestError(f"n: at most {self.config.max_running} (the engine's concurrent sequences), "
+                                     f"got {params.n}")
+        job = _Job(*self._prompt(request.text, request.images, params.max_tokens), params,
+                   asyncio.get_running_loop())
         self._submit(job)
         return RequestStream(job)
 
     async def rank(self, text: str, images: list[bytes], candidates: list[str]) -> list[float]:
         """Total log-likelihood of each candidate continuation of the prompt."""
-        if not candidates or not all(isinstance(c, str) and c for c in candidates):
-            raise EngineRequestError("candidates: expected a non-empty list of non-empty strings")
-        for i, c in enumerate(candidates):
-            if not self.model.tokenizer(c, add_special_tokens=False)["input_ids"]:
-                raise EngineRequestError(f"candidates[{i}]: has no tokens")
-        prompt, prompt_tokens = self._prompt(text, images, 0)
-        job = _Job(prompt, prompt_tokens, SamplingParams(max_tokens=1), asyncio.get_running_loop())
-        job.candidates = list(candidates)
+        if not isinstance(candidates, list) or not candidates:
+            raise EngineRequestError("candidates: expected a non-empty list of strings")
+        for i, candidate in enumerate(candidates):
+            if not isinstance(candidate, str) or not self.model.tokenizer(candidate, add_special_tokens=False)[
+                    "input_ids"]:
+                raise EngineRequestError(f"candidates[{i}]: expected a string of at least one token")
+        job = _Job(*self._prompt(text, images, 0), SamplingParams(max_tokens=1), asyncio.get_running_loop(),
+                   candidates=list(candidates))
         self._submit(job)
         async for scores in RequestStream(job):  # one item: the scores
             return scores
         raise asyncio.CancelledError
 
-    def _prompt(self, text: str, images: list[bytes], max_new_tokens: int) -> tuple[Prompt, int]:
-        """Check and decode a prompt: placeholders vs images, token limits, image data."""
+    def _prompt(self, text: str, images: list[bytes], max_new_tokens: int) -> tuple[Prompt, int, _Split | None]:
+        """Check and decode a prompt (placeholders vs images, token limits, image data) and find
+        its cacheable prefix."""
         if not isinstance(text, str) or not text:
             raise EngineRequestError("text: expected a non-empty prompt")
         token = self.model.config.media_token
         if text.count(token) != len(images):
             raise EngineRequestError(f"images: the prompt has {text.count(token)} {token} placeholder(s) but "
                                      f"{len(images)} image(s) were given")
-        prompt_tokens = len(self.model.tokenizer(text)["input_ids"])
+        ids = self.model.tokenizer(text)["input_ids"]
         limit = self.config.max_prompt_tokens
-        if limit is not None and prompt_tokens > limit:
-            raise EngineRequestError(f"prompt: {prompt_tokens} tokens, more than the limit of {limit}")
+        if limit is not None and len(ids) > limit:
+            raise EngineRequestError(f"prompt: {len(ids)} tokens, more than the limit of {limit}")
         context = context_length(self.model)
-        if context is not None and prompt_tokens + max_new_tokens > context:
-            raise EngineRequestError(f"max_tokens: the prompt has {prompt_tokens} tokens and {max_new_tokens} new "
+        if context is not None and len(ids) + max_new_tokens > context:
+            raise EngineRequestError(f"max_tokens: the prompt has {len(ids)} tokens and {max_new_tokens} new "
                                      f"tokens are asked for, more than the model's context of {context}")
-        media = [[decode_image(data, name=f"images[{i}]")] for i, data in enumerate(images)]
-        return Prompt(text, media), prompt_tokens
+        prompt = Prompt(text, [[decode_image(data, name=f"images[{i}]")] for i, data in enumerate(images)])
+        return prompt, len(ids), self._split(prompt, ids, images)
+
+    def _split(self, prompt: Prompt, ids: list[int], images: list[bytes]) -> _Split | None:
+        """Cut the prompt before its last image when the part before is worth caching and
+        tokenizes on its own exactly as inside the whole prompt."""
+        token = self.model.config.media_token
+        cut = prompt.text.rfind(token)
+        if self.config.prefix_cache_bytes == 0 or cut <= 0:
+            return None
+        images_before = prompt.text[:cut].count(token)
+        prefix_ids = self.model.tokenizer(prompt.text[:cut])["input_ids"]
+        if images_before == 0 and len(prefix_ids) < MIN_TEXT_PREFIX_TOKENS:
+            return None
+        suffix_ids = self.model.tokenizer(prompt.text[cut:], add_special_tokens=False)["input_ids"]
+        if prefix_ids + suffix_ids != ids:  # the tokenizer would merge across the cut: no caching
+            return None
+        digest = hashlib.sha256(repr(prefix_ids).encode())
+        for data in images[:images_before]:
+            digest.update(hashlib.sha256(data).digest())
+        return _Split(digest.hexdigest(), Prompt(prompt.text[:cut], prompt.media[:images_before]),
+                      Prompt(prompt.text[cut:], prompt.media[images_before:]))
 
     def _submit(self, job: _Job) -> None:
-        with self._lock:
-            if self._waiting_count >= self.config.max_queue:
+        with self._wake:
+            if len(self._waiting) >= self.config.max_queue:
                 self.metrics.requests_rejected.labels("queue_full").inc()
                 raise EngineOverloaded(f"the queue is full ({self.config.max_queue} requests waiting)")
-            self._waiting_count += 1
-            self.metrics.queue_length.set(self._waiting_count)
-        self._waiting.put(job)
+            self._waiting.append(job)
+            self.metrics.queue_length.set(len(self._waiting))
+            self._wake.notify()
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
-        while not self._stopping:
-            job = self._waiting.get()
-            if job is None:
-                continue
-            with self._lock:
-                self._waiting_count -= 1
-                self.metrics.queue_length.set(self._waiting_count)
+        state: FlamingoState | None = None
+        running: list[_Sequence] = []
+        with torch.no_grad():
+            while True:
+                joining = self._take_waiting(room=self.config.max_running - len(running), block=not running)
+                if joining is None:  # stopping
+                    break
+                for job in [j for j in joining if j.runs_alone]:
+                    self._guarded([job], lambda job=job: self._run_alone(job))
+                joining = [j for j in joining if not j.runs_alone]
+                if joining:
+                    new = self._guarded(joining, lambda: self._prefill(joining))
+                    if new is not None:
+                        state = new[0] if state is None else FlamingoState.concat([state, new[0]])
+                        running += new[1]
+                if running:
+                    result = self._guarded(list(dict.fromkeys(s.job for s in running)),
+                                          lambda: self._decode_step(state, running))
+                    state, running = result if result is not None else (None, [])
+                self.metrics.running_sequences.set(len(running))
+        error = RuntimeError("the engine stopped")
+        for job in {s.job for s in running} | set(self._waiting):
+            job.send(error)
+        self._waiting.clear()
+
+    def _take_waiting(self, room: int, block: bool) -> list[_Job] | None:
+        """Waiting jobs that fit in `room` free sequence slots, first come first served (None:
+        the engine is stopping). Blocks until there is one when `block`."""
+        with self._wake:
+            while block and not self._waiting and not self._stopping:
+                self._wake.wait()
+            if self._stopping:
+                return None
+            taken = []
+            while self._waiting:
+                job = self._waiting[0]
+                if job.cancelled:
+                    self._waiting.popleft()
+                    continue
+                if not job.runs_alone and job.params.n > room:
+                    break
+                taken.append(self._waiting.popleft())
+                room -= 0 if job.runs_alone else job.params.n
+            self.metrics.queue_length.set(len(self._waiting))
+            return taken
+
+    def _guarded(self, jobs: list[_Job], work):
+        """Run `work`; if it fails, its jobs end with the error (a UserError as it is, anything
+        else as an engine error) and the engine goes on serving the others."""
+        try:
+            return work()
+        except Exception as error:  # noqa: BLE001 - the consumers get it; the engine keeps serving
+            failure = error if isinstance(error, UserError) else RuntimeError(f"engine error: {error!r}")
+            for job in jobs:
+                job.send(failure)
+                job.send(_END)
+            return None
+
+    def _encode(self, jobs: list[_Job]) -> tuple[FlamingoState, list[_Job]]:
+        """Prefill the prompts of `jobs`: one row each, in the returned order. Prompts with a
+        cached (or cacheable) prefix continue it; the others are encoded together."""
+        plain = [job for job in jobs if job.split is None]
+        by_prefix: dict[str, list[_Job]] = {}
+        for job in jobs:
+            if job.split is not None:
+                by_prefix.setdefault(job.split.key, []).append(job)
+        states, order = [], []
+        if plain:
+            states.append(encode_prompts(self.model, [job.prompt for job in plain]))
+            order += plain
+        for key, group in by_prefix.items():
+            context = self.prefix_cache.get(key)
+            if context is None:
+                self.metrics.prefix_cache_misses.inc()
+                context = encode_prompts(self.model, [group[0].split.prefix])
+                self.prefix_cache.put(key, context)
+                self.metrics.prefix_cache_hits.inc(len(group) - 1)
+            else:
+                self.metrics.prefix_cache_hits.inc(len(group))
+            states.append(extend(self.model, context, [job.split.suffix for job in group]))
+            order += group
+        return FlamingoState.concat(states), order
+
+    def _prefill(self, jobs: list[_Job]) -> tuple[FlamingoState, list[_Sequence]]:
+        """The joining jobs' prompts encoded, one row per choice, and their sequences."""
+        state, order = self._encode(jobs)
+        if any(job.params.n > 1 for job in order):
+            rows = [row for row, job in enumerate(order) for _ in range(job.params.n)]
+            state = state.select_rows(torch.tensor(rows, device=state.attention_mask.device))
+        device = state.next_token_logits.device
+        sequences = []
+        for job in order:
+            for choice in range(job.params.n):
+                config = job.params.generation_config(choice)
+                sequences.append(_Sequence(job, choice, config, SequenceDecoder(self.model, config, stream=True),
+                                           sampling_generator(config, device)))
+        return state, sequences
+
+    def _decode_step(self, state: FlamingoState, running: list[_Sequence]
+                     ) -> tuple[FlamingoState | None, list[_Sequence]]:
+        """Choose every sequence's next token, stream it, drop the sequences that ended or were
+        cancelled, and feed the others' tokens to the model."""
+        logits = state.next_token_logits
+        tokens = logits.argmax(-1)
+        for row, sequence in enumerate(running):
+            if sequence.generator is not None:
+                tokens[row] = choose_next_tokens(logits[row:row + 1], sequence.config, sequence.generator)[0]
+        keep = []
+        for row, (sequence, token) in enumerate(zip(running, tokens.tolist())):
+            job = sequence.job
             if job.cancelled:
                 continue
-            try:
-                with torch.no_grad():
-                    if job.candidates is not None:
-                        self._rank(job)
-                    else:
-                        self._generate(job)
-            except Exception as error:  # noqa: BLE001 - the consumer gets it; the engine keeps serving
-                job.send(error if isinstance(error, UserError) else RuntimeError(f"engine error: {error!r}"))
+            shown = sequence.decoder.add(token)
+            self.metrics.generated_tokens.inc()
+            if job.first_token_at is None:
+                job.first_token_at = time.perf_counter()
+                self.metrics.time_to_first_token.observe(job.first_token_at - job.submitted)
+            if shown:
+                job.send(Delta(sequence.choice, shown, None))
+            if sequence.decoder.result is not None:
+                self._finish(job, sequence.choice, sequence.decoder.result)
+            else:
+                keep.append(row)
+        if not keep:
+            return None, []
+        if len(keep) < len(running):
+            state = state.select_rows(torch.tensor(keep, device=tokens.device), keep_logits=False)
+            state = state.without_leading_padding()
+        state.step(self.model, tokens[keep][:, None])
+        return state, [running[row] for row in keep]
+
+    def _run_alone(self, job: _Job) -> None:
+        """A ranking or beam search job, as a batch of its own."""
+        state, _ = self._encode([job])
+        if job.candidates is not None:
+            job.send(score_candidates(self.model, state, [job.candidates]).sum_logprob[0].tolist())
             job.send(_END)
-
-    def _rank(self, job: _Job) -> None:
-        state = encode_prompts(self.model, [job.prompt])
-        job.send(score_candidates(self.model, state, [job.candidates]).sum_logprob[0].tolist())
-
-    def _generate(self, job: _Job) -> None:
-        params = job.params
-        state = encode_prompts(self.model, [job.prompt], max_new_tokens=params.max_tokens)
-        self.metrics.running_sequences.set(params.n)
-        if params.num_beams > 1:
-            results = beam_search(self.model, state, params.generation_config(), num_return=params.n)[0]
-            for choice, result in enumerate(results):
-                self._first_token(job)
-                job.send(Delta(choice, result.text, None))
-                self._finish(job, choice, result)
-        for choice in range(params.n if params.num_beams == 1 else 0):
-            def on_text(row: int, text: str, choice: int = choice) -> None:
-                self._first_token(job)
-                job.send(Delta(choice, text, None))
-
-            self._finish(job, choice, generate(self.model, state, params.generation_config(choice), on_text)[0])
-            if job.cancelled:
-                break
-        self.metrics.running_sequences.set(0)
-        self.metrics.request_latency.observe(time.perf_counter() - job.submitted)
+            return
+        results = beam_search(self.model, state, job.params.generation_config(), num_return=job.params.n)[0]
+        job.first_token_at = time.perf_counter()
+        self.metrics.time_to_first_token.observe(job.first_token_at - job.submitted)
+        for choice, result in enumerate(results):
+            self.metrics.generated_tokens.inc(len(result.token_ids))
+            job.send(Delta(choice, result.text, None))
+            self._finish(job, choice, result)
 
     def _finish(self, job: _Job, choice: int, result: Generation) -> None:
-        self.metrics.generated_tokens.inc(len(result.token_ids))
         job.send(Delta(choice, "", _FINISH_REASONS[result.finish_reason], job.prompt_tokens, len(result.token_ids)))
-
-    def _first_token(self, job: _Job) -> None:
-        if job.first_token_at is None:
-            job.first_token_at = time.perf_counter()
-            self.metrics.time_to_first_token.observe(job.first_token_at - job.submitted)
+        job.unfinished_choices -= 1
+        if job.unfinished_choices == 0:
+            self.metrics.request_latency.observe(time.perf_counter() - job.submitted)
+            job.send(_END)
