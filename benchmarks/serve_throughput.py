@@ -1,0 +1,172 @@
+"""Serving throughput: our engine vs a sequential baseline, on the embedded default model.
+
+The same 64 requests, all arriving at once: 32 few-shot requests (8-shot prompts
+`<image>Output: <caption>.<|endofchunk|>` over one shared support set, then a query image) and
+32 chat requests (the paper's dialogue prompt, one image, a question), greedy, up to
+`--max-tokens` new tokens.
+
+- Ours: `flamingo.serving.engine.Engine` in this process (continuous batching up to
+  `--max-running` sequences, the prefix cache: the support set is encoded once).
+- Baseline: one request at a time, Hugging Face-style: each prompt encoded from scratch (its
+  images re-encoded, no state shared between requests), then KV-cached greedy decoding
+  (`encode_prompts` + `generate`, i.e. `generate_text`).
+
+Printed: requests/s and generated tokens/s of each, p50/p95 latency (arrival to last token),
+the answers that differ between the two, and the time to first token of prefix-cache hits (8
+few-shot requests sent one at a time to the idle, warm engine) vs the baseline's for the same
+prompts. Both sides run in-process (not through HTTP).
+
+    flock /tmp/flamingo-cpu.lock python benchmarks/serve_throughput.py [--requests 64] [--max-tokens 16]
+
+The last line is `serving throughput vs sequential baseline: X.XXx` (baseline time / ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from flamingo.data.procedural import describe, render, sample_scene
+from flamingo.inference.chat import DIALOGUE_PROMPT
+from flamingo.inference.generation import GenerationConfig, generate
+from flamingo.inference.prompt import Prompt
+from flamingo.inference.state import encode_prompts
+from flamingo.model.image_processing import decode_image
+from flamingo.model.weights import load_model
+from flamingo.serving.engine import Engine, EngineConfig, EngineRequest, SamplingParams
+
+CHAT_STOPS = ("\nUser:", "User:")
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_requests(count: int, shots: int, max_tokens: int, seed: int = 0) -> list[EngineRequest]:
+    """Few-shot and chat requests, alternating; the few-shot ones share one support set."""
+    rng = np.random.default_rng(seed)
+    support = [sample_scene(rng) for _ in range(shots)]
+    support_text = "".join(f"<image>Output: {describe(scene)}.<|endofchunk|>" for scene in support)
+    support_images = [png(render(scene)) for scene in support]
+    requests = []
+    for i in range(count):
+        scene = sample_scene(rng)
+        if i % 2 == 0:
+            requests.append(EngineRequest(support_text + "<image>Output:", support_images + [png(render(scene))],
+                                          SamplingParams(max_tokens=max_tokens)))
+        else:
+            question = f"What colour is the {scene.kind}?" if i % 4 == 1 else "What shape is this?"
+            requests.append(EngineRequest(f"{DIALOGUE_PROMPT}User: <image>{question}\nFlamingo:", [png(render(scene))],
+                                          SamplingParams(max_tokens=max_tokens, stop=CHAT_STOPS)))
+    return requests
+
+
+def baseline_one(model, request: EngineRequest) -> tuple[str, int, float]:
+    """(text, generated tokens, seconds to the first visible text) of one request, from scratch."""
+    start = time.perf_counter()
+    first: list[float] = []
+    prompt = Prompt(request.text, [[decode_image(data)] for data in request.images])
+    state = encode_prompts(model, [prompt], max_new_tokens=request.params.max_tokens)
+    config = GenerationConfig(max_new_tokens=request.params.max_tokens, stop_strings=request.params.stop)
+    result = generate(model, state, config, on_text=lambda row, text: first or first.append(time.perf_counter()))[0]
+    return result.text, len(result.token_ids), (first[0] if first else time.perf_counter()) - start
+
+
+def run_baseline(model, requests: list[EngineRequest]) -> dict:
+    start = time.perf_counter()
+    texts, tokens, latencies = [], 0, []
+    for request in requests:
+        text, generated, _ = baseline_one(model, request)
+        texts.append(text)
+        tokens += generated
+        latencies.append(time.perf_counter() - start)  # all arrived at `start`
+    return {"seconds": time.perf_counter() - start, "texts": texts, "tokens": tokens, "latencies": latencies}
+
+
+async def engine_one(engine: Engine, request: EngineRequest, start: float, stream=None) -> tuple[str, int, float, float]:
+    """(text, generated tokens, time to first text, latency), times from `start`."""
+    text, tokens, first = "", 0, None
+    async for delta in stream or engine.generate(request):
+        if delta.text and first is None:
+            first = time.perf_counter() - start
+        text += delta.text
+        if delta.finish_reason is not None:
+            tokens = delta.completion_tokens
+    return text, tokens, first if first is not None else time.perf_counter() - start, time.perf_counter() - start
+
+
+async def run_engine(engine: Engine, requests: list[EngineRequest]) -> dict:
+    start = time.perf_counter()
+    streams = [engine.generate(request) for request in requests]  # all arrive at once
+    results = await asyncio.gather(*(engine_one(engine, r, start, s) for r, s in zip(requests, streams)))
+    return {"seconds": time.perf_counter() - start, "texts": [r[0] for r in results],
+            "tokens": sum(r[1] for r in results), "latencies": [r[3] for r in results]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def report(name: str, run: dict, count: int) -> None:
+    lat = run["latencies"]
+    print(f"{name:9s} {run['seconds']:7.2f} s   {count / run['seconds']:6.2f} requests/s   "
+          f"{run['tokens'] / run['seconds']:7.1f} tokens/s   latency p50 {percentile(lat, 50):6.2f} s  "
+          f"p95 {percentile(lat, 95):6.2f} s")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    model = load_model("embedded")
+    requests = make_requests(args.requests, args.shots, args.max_tokens)
+    probes = [r for r in make_requests(2 * args.ttft_probes, args.shots, args.max_tokens, seed=1)[::2]]
+    probes = [EngineRequest(requests[0].text, requests[0].images[:-1] + p.images[-1:], p.params) for p in probes]
+    print(f"{len(requests)} requests ({sum(len(r.images) > 1 for r in requests)} {args.shots}-shot, the others "
+          f"chat), max {args.max_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}")
+
+    baseline_one(model, requests[1])  # warm-up (allocator, kernels)
+    engine = Engine(model, EngineConfig(max_queue=max(64, args.requests), max_running=args.max_running))
+    await engine.start()
+    try:
+        await engine_one(engine, requests[1], time.perf_counter())  # warm-up (the chat prompt has no image prefix)
+        ours = await run_engine(engine, requests)
+        baseline = run_baseline(model, requests)
+        report("baseline", baseline, len(requests))
+        report("engine", ours, len(requests))
+        differ = [i for i, (a, b) in enumerate(zip(ours["texts"], baseline["texts"])) if a != b]
+        print(f"answers that differ between the two: {len(differ)} of {len(requests)} {differ[:10]}")
+
+        # Time to first token of prefix-cache hits: the support set is cached by now.
+        hits_before = engine.metrics.prefix_cache_hits._value.get()
+        engine_ttft = [(await engine_one(engine, probe, time.perf_counter()))[2] for probe in probes]
+        assert engine.metrics.prefix_cache_hits._value.get() - hits_before == len(probes), "expected cache hits"
+        baseline_ttft = [baseline_one(model, probe)[2] for probe in probes]
+    finally:
+        await engine.stop()
+    ours_ttft, base_ttft = statistics.median(engine_ttft), statistics.median(baseline_ttft)
+    print(f"time to first token, {args.shots}-shot prompt, prefix-cache hit: {ours_ttft * 1000:.0f} ms vs baseline "
+          f"{base_ttft * 1000:.0f} ms (medians of {len(probes)}): {base_ttft / ours_ttft:.2f}x")
+    cache = engine.metrics
+    print(f"prefix cache: {cache.prefix_cache_hits._value.get():.0f} hits, {cache.prefix_cache_misses._value.get():.0f} "
+          f"misses, {cache.prefix_cache_bytes._value.get() / 2**20:.1f} MiB")
+    print(f"serving throughput vs sequential baseline: {baseline['seconds'] / ours['seconds']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--shots", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-running", type=int, default=16)
+    parser.add_argument("--ttft-probes", type=int, default=8)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
