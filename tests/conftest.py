@@ -87,6 +87,41 @@ def lm_dir(tmp_path_factory):
     return make
 
 
+REMOTE_CODE = """import os
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Path(os.environ.get("FLAMINGO_TEST_CODE_RAN", os.devnull)).write_text("the model's own code ran")
+
+
+class MarkedConfig(LlamaConfig):
+    model_type = "marked"
+
+
+class MarkedForCausalLM(LlamaForCausalLM):
+    config_class = MarkedConfig
+"""
+
+
+@pytest.fixture(scope="session")
+def remote_code_lm_dir(lm_dir, tmp_path_factory):
+    """A tiny LM that comes with its own Python code (`auto_map`, as MPT's hub repo has): loading
+    it with trust_remote_code runs that code, which writes the file named by the environment
+    variable FLAMINGO_TEST_CODE_RAN."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("lm-remote-code")
+    shutil.copytree(lm_dir("llama"), path, dirs_exist_ok=True)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="marked", architectures=["MarkedForCausalLM"],
+                  auto_map={"AutoConfig": "marked.MarkedConfig", "AutoModelForCausalLM": "marked.MarkedForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "marked.py").write_text(REMOTE_CODE)
+    return path
+
+
 FEATURE_DIM = 24
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import struct
+import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,7 @@ from flamingo.data.shapes import draw_shape
 from flamingo.data.sources import Record
 from flamingo.model.image_processing import ImageProcessor
 from flamingo.model.language_model import add_special_tokens
+from flamingo.outputs import OutputExistsError
 
 MEDIA, EOC = 1000, 1001
 
@@ -56,6 +61,24 @@ def shape_png(shape="circle", colour="red", size=64, width=None):
     if width is not None:
         image = image.resize((width, size))
     return png(image)
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header announces width x height pixels (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def bad_checksum_png() -> bytes:
+    """A PNG whose pixels decode but whose IDAT checksum is wrong: only PIL's verify notices."""
+    data = bytearray(shape_png())
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start:start + 4])[0]
+    data[start + 8 + length + 3] ^= 0xFF  # the last byte of the chunk's CRC
+    return bytes(data)
 
 
 def make_processor(tok, processor, **overrides):
@@ -358,16 +381,18 @@ def write_bad_pairs(folder: Path):
 def test_convert_and_validate_counts(tmp_path):
     write_bad_pairs(tmp_path / "src")
     report = convert_to_shards(str(tmp_path / "src"), tmp_path / "shards", "pairs", shard_size=3)
-    assert report.written == 6 and dict(report.skipped) == {"missing_caption": 1}
+    # Images are decoded before they enter a shard: the corrupt one is skipped and counted.
+    assert report.written == 5 and dict(report.skipped) == {"missing_caption": 1, "corrupt_image": 1}
+    assert "bad.jpg" in report.messages["corrupt_image"]
     assert [p.name for p in report.shards] == ["shard-000000.tar", "shard-000001.tar"]
     checked = validate_data(str(tmp_path / "shards" / "*.tar"), "pairs")
-    assert checked.layout == "shards" and sorted(checked.shards.values()) == [3, 3]
-    assert (checked.stats.records, checked.stats.samples, dict(checked.stats.skipped)) == (6, 5, {"corrupt_image": 1})
+    assert checked.layout == "shards" and sorted(checked.shards.values()) == [2, 3]
+    assert (checked.stats.records, checked.stats.samples, dict(checked.stats.skipped)) == (5, 5, {})
     folder = validate_data(str(tmp_path / "src"), "pairs")
     assert (folder.stats.records, folder.stats.samples) == (7, 5)
     assert dict(folder.stats.skipped) == {"corrupt_image": 1, "missing_caption": 1}
     assert "bad.jpg" in folder.stats.messages["skipped/corrupt_image"]
-    with pytest.raises(DataError, match="already has shards"):
+    with pytest.raises(OutputExistsError, match="already has shards"):
         convert_to_shards(str(tmp_path / "src"), tmp_path / "shards", "pairs")
 
 
@@ -377,12 +402,12 @@ def test_data_command_line(tmp_path, capsys):
     write_bad_pairs(tmp_path / "src")
     assert data_main(["data", "convert", str(tmp_path / "src"), str(tmp_path / "out"), "--kind", "pairs",
                       "--shard-size", "4"]) == 0
-    assert "wrote 6 samples to 2 shard(s); skipped: missing_caption=1" in capsys.readouterr().out
+    assert "wrote 5 samples to 2 shard(s); skipped: corrupt_image=1, missing_caption=1" in capsys.readouterr().out
     assert data_main(["data", "validate", str(tmp_path / "out"), "--kind", "pairs", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["records"], report["ok"], report["bad"], report["skipped"]) == (6, 5, 1, {"corrupt_image": 1})
-    assert data_main(["data", "validate", str(tmp_path / "out"), "--kind", "pairs", "--strict"]) == 2
-    assert "1 bad sample(s) of 6" in capsys.readouterr().err
+    assert (report["records"], report["ok"], report["bad"], report["skipped"]) == (5, 5, 0, {})
+    assert data_main(["data", "validate", str(tmp_path / "src"), "--kind", "pairs", "--strict"]) == 2
+    assert "2 bad sample(s) of 7" in capsys.readouterr().err
     assert data_main(["data", "validate", str(tmp_path / "nowhere"), "--kind", "pairs"]) == 2
     assert "does not exist" in capsys.readouterr().err
     # Registered on another program's subparsers (as flamingo's cli.py does).
@@ -403,3 +428,123 @@ def test_shapes_dataset_layouts(tmp_path):
     again = make_shapes_dataset(tmp_path / "j", 3, kind="interleaved", seed=0)
     assert again.captions == made.captions
     assert (made.folder / "images" / "00000_0.png").read_bytes() == (again.folder / "images" / "00000_0.png").read_bytes()
+
+
+# ----------------------------------------------------------------- media outside the dataset
+def write_escaping_pairs(root: Path, outside: Path) -> Path:
+    """A pairs JSONL under `root` with one good sample and four that reach files outside it: an
+    absolute path, a `..` path, a symlinked folder and a symlinked file (all to valid images)."""
+    outside.mkdir(parents=True)
+    (outside / "secret.png").write_bytes(shape_png("square"))
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "good.png").write_bytes(shape_png())
+    (root / "images" / "link.png").symlink_to(outside / "secret.png")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    refs = ["images/good.png", str(outside / "secret.png"), f"../{outside.name}/secret.png",
+            "linked/secret.png", "images/link.png"]
+    lines = [json.dumps({"image": ref, "caption": f"sample {i}"}) for i, ref in enumerate(refs)]
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "data.jsonl"
+
+
+def test_media_outside_the_dataset_folder_are_refused_unless_allowed(tmp_path):
+    jsonl = write_escaping_pairs(tmp_path / "ds", tmp_path / "elsewhere")
+    report = convert_to_shards(str(jsonl), tmp_path / "shards", "pairs", shuffle=False)
+    assert report.written == 1 and dict(report.skipped) == {"unsafe_path": 4}
+    assert "--allow-absolute-paths" in report.messages["unsafe_path"]
+    checked = validate_data(str(jsonl), "pairs")
+    assert (checked.stats.samples, dict(checked.stats.skipped)) == (1, {"unsafe_path": 4})
+
+    allowed = convert_to_shards(str(jsonl), tmp_path / "all", "pairs", allow_absolute_paths=True)
+    assert allowed.written == 5 and not allowed.skipped
+    assert validate_data(str(jsonl), "pairs", allow_absolute_paths=True).stats.samples == 5
+
+
+def test_folder_files_linking_outside_and_document_images_outside_are_skipped(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(shape_png("square"))
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "ok.png").write_bytes(shape_png())
+    (pairs / "ok.txt").write_text("fine")
+    (pairs / "leak.png").symlink_to(outside / "secret.png")
+    (pairs / "leak.txt").write_text("a file from elsewhere")
+    report = convert_to_shards(str(pairs), tmp_path / "a", "pairs")
+    assert report.written == 1 and dict(report.skipped) == {"unsafe_path": 1}
+    assert "leak.png" in report.messages["unsafe_path"]
+
+    docs = tmp_path / "docs"
+    (docs / "images").mkdir(parents=True)
+    (docs / "images" / "ok.png").write_bytes(shape_png())
+    doc = {"texts": ["Look:", None, None, "the end"], "images": [None, "images/ok.png", str(outside / "secret.png"), None]}
+    (docs / "d.json").write_text(json.dumps(doc))
+    report = convert_to_shards(str(docs), tmp_path / "b", "interleaved")
+    assert report.written == 1 and dict(report.images_dropped) == {"unsafe_path": 1}
+    members = tarfile.open(report.shards[0]).getnames()
+    assert sorted(m.split(".", 1)[1] for m in members) == ["img0.png", "json"]
+
+
+def test_convert_decodes_every_image_and_skips_the_bad_ones(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    bad = {"truncated": shape_png()[:200], "bomb": bomb_png(), "checksum": bad_checksum_png(),
+           "text": b"not an image at all", "empty": b""}
+    for name, data in {"good": shape_png(), **bad}.items():
+        (src / f"{name}.png").write_bytes(data)
+        (src / f"{name}.txt").write_text(name)
+    report = convert_to_shards(str(src), tmp_path / "out", "pairs")
+    assert report.written == 1 and dict(report.skipped) == {"corrupt_image": len(bad)}
+    with pytest.raises(DataError, match="no sample could be converted.*max_pixels=100"):
+        convert_to_shards(str(src), tmp_path / "small", "pairs", max_pixels=100, shuffle=False)
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+def test_an_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    from flamingo.data import cli as data_cli
+
+    write_bad_pairs(tmp_path / "src")
+    convert = data_cli._convert_record
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(data_cli, "_convert_record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_shards(str(tmp_path / "src"), tmp_path / "out", "pairs", shard_size=1)
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["src"]
+    monkeypatch.undo()
+    assert convert_to_shards(str(tmp_path / "src"), tmp_path / "out", "pairs").written == 5
+
+
+def test_convert_into_a_folder_with_shards_needs_overwrite(tmp_path):
+    write_bad_pairs(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    first = convert_to_shards(str(tmp_path / "src"), out, "pairs", shard_size=2)
+    assert [p.name for p in first.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        convert_to_shards(str(tmp_path / "src"), out, "pairs", shard_size=5)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    again = convert_to_shards(str(tmp_path / "src"), out, "pairs", shard_size=5, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "shard-000000.tar"]
+    assert again.shards == [out / "shard-000000.tar"] and validate_data(str(out), "pairs").stats.samples == 5
+
+
+def test_shapes_into_an_existing_dataset_is_refused_before_writing_anything(tmp_path):
+    first = make_shapes_dataset(tmp_path / "ds", 3, kind="pairs", seed=0)
+    files = {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        make_shapes_dataset(tmp_path / "ds", 5, kind="interleaved", seed=1)
+    assert {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()} == files
+    assert sorted(os.listdir(tmp_path)) == ["ds"]
+    again = make_shapes_dataset(tmp_path / "ds", 5, kind="interleaved", seed=1, overwrite=True)
+    assert len(list(again.folder.glob("*.json"))) == 5 and not list(again.folder.glob("*.png"))
+    assert again.captions != first.captions and sorted(os.listdir(tmp_path)) == ["ds"]
+

@@ -313,7 +313,7 @@ def test_convert_openflamingo_writes_a_loadable_model(pair, lm_dir, tmp_path, mo
     path = tmp_path / "checkpoint.pt"
     torch.save({"model_state_dict": of_model.state_dict()}, path)
     ours = build_ours(lm_dir("llama"))
-    monkeypatch.setattr(conv, "build_flamingo", lambda config: ours)  # features-only model, no vision download
+    monkeypatch.setattr(conv, "build_flamingo", lambda config, trust_remote_code: ours)  # features only: no vision model
     out = convert_openflamingo(path, ours.config, tmp_path / "converted")
     saved = load_weights_file(out / "bridge.safetensors")
     reference = convert_openflamingo_state_dict(of_model.state_dict(), build_ours(lm_dir("llama")))

@@ -450,6 +450,55 @@ def test_a_fresh_run_refuses_a_run_dir_with_checkpoints_and_resume_continues(tmp
     assert longer.last_checkpoint.name == "step-00000005"
 
 
+@pytest.mark.parametrize("arrives", ["during an update", "between updates"])
+def test_a_signal_between_checkpoints_stops_cleanly_and_the_resumed_run_is_bit_exact(tmp_path, lm_dir, clip_dir,
+                                                                                    monkeypatch, arrives):
+    """SIGTERM in update 5 (during its forward pass, or while update 4 is being logged) of a run
+    that checkpoints every 3: the run stops after update 5 with a checkpoint of it, and resuming
+    from that checkpoint ends with exactly the weights of a run never stopped (the checkpoint
+    records the data positions of the batches trained on, not of batches drawn for update 6)."""
+    import signal
+
+    from flamingo.model.flamingo import Flamingo
+    from flamingo.training.metrics import MetricsLogger
+    from flamingo.training.trainer import train
+
+    steps = 7
+    data = tiny_train_dict(lm_dir("llama"), clip_dir, tmp_path / "stopped", steps=steps,
+                           checkpoint={"every": 3, "keep": 5})
+    reference = train(make_config({**data, "run_dir": str(tmp_path / "reference")}))
+
+    if arrives == "during an update":  # two forward passes per update (two datasets)
+        forward, calls = Flamingo.forward, []
+
+        def forward_with_signal(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2 * 4 + 1:
+                signal.raise_signal(signal.SIGTERM)
+            return forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(Flamingo, "forward", forward_with_signal)
+    else:
+        log = MetricsLogger.log
+
+        def log_with_signal(self, record):
+            log(self, record)
+            if record["step"] == 4:
+                signal.raise_signal(signal.SIGTERM)
+
+        monkeypatch.setattr(MetricsLogger, "log", log_with_signal)
+    stopped = train(make_config(data))
+    monkeypatch.undo()
+    assert stopped.interrupted_by == "SIGTERM" and stopped.step == 5 and stopped.final_dir is None
+    assert stopped.last_checkpoint.name == "step-00000005"
+
+    resumed = train(make_config(data), resume="auto")
+    assert [r.step for r in resumed.history] == [6, 7]
+    assert [r.loss for r in resumed.history] == [r.loss for r in reference.history[5:]]
+    expected, got = trainable(reference.model), trainable(resumed.model)
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+
+
 # ------------------------------------------------------------------ objectives and precision
 def test_accumulation_equals_a_bigger_batch(tmp_path, lm_dir, clip_dir):
     """Token-weighted losses: batch 4 == 2 micro-batches of 2 (the same samples)."""

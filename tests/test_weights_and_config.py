@@ -131,3 +131,61 @@ def test_build_save_load_from_config_with_pixels(lm_dir, tmp_path, capsys):
     assert main(["params", str(tmp_path / "model")]) == 0
     report = capsys.readouterr().out
     assert "vision encoder (frozen)" in report and "perceiver resampler" in report
+
+
+def test_a_language_model_runs_its_own_code_only_when_the_caller_allows_it(remote_code_lm_dir, clip_dir, tmp_path,
+                                                                          monkeypatch):
+    """A config (or a saved model fetched from anywhere) that asks for `lm.trust_remote_code` gets
+    an error naming the flag; the code runs only with trust_remote_code=True from the caller."""
+    from flamingo.model.language_model import RemoteCodeError
+    from flamingo.model.weights import build_flamingo, load_model
+
+    ran = tmp_path / "code-ran"
+    monkeypatch.setenv("FLAMINGO_TEST_CODE_RAN", str(ran))
+    config = tiny_config(remote_code_lm_dir, **{"lm.trust_remote_code": True})
+    config.vision.name_or_path = str(clip_dir)
+    saved = tmp_path / "model"
+    saved.mkdir()
+    config.save(saved / CONFIG_FILE)
+    config.save(tmp_path / "config.yaml")
+    for load in (lambda: build_flamingo(config), lambda: load_model(saved), lambda: load_model(tmp_path / "config.yaml")):
+        with pytest.raises(RemoteCodeError, match="lm.trust_remote_code.*--trust-remote-code"):
+            load()
+    assert not ran.exists()
+
+    model = build_flamingo(config, trust_remote_code=True)
+    assert ran.exists() and type(model.lm).__name__ == "MarkedForCausalLM"
+
+
+def test_save_pretrained_writes_a_whole_folder_or_nothing_and_overwrites_only_when_asked(lm_dir, tmp_path,
+                                                                                          monkeypatch):
+    from flamingo.model import weights
+    from flamingo.outputs import OutputExistsError
+
+    model = build_tiny(lm_dir("llama"), seed=1)
+    out = tmp_path / "model"
+    save_pretrained(model, out)
+    saved = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_pretrained(model, out)
+    randomize_gates(model, 0.2)
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):  # a failed save: the old model is left as it was
+        save_pretrained(model, out, overwrite=True)
+    with pytest.raises(OSError, match="No space left"):  # ... and a new one leaves nothing
+        save_pretrained(model, tmp_path / "new")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    monkeypatch.undo()
+    save_pretrained(model, out, overwrite=True)
+    assert (out / WEIGHTS_FILE).read_bytes() != saved[WEIGHTS_FILE]
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds none of config.yaml, bridge.safetensors"):
+        save_pretrained(model, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+

@@ -28,6 +28,7 @@ def _cmd_eval_procedural(args: argparse.Namespace) -> None:
     import json
 
     from flamingo.evaluation.procedural import TASKS, evaluate, format_table
+    from flamingo.outputs import write_text_atomic
 
     tasks = args.task or list(TASKS)
     unknown = [t for t in tasks if t not in TASKS]
@@ -35,13 +36,13 @@ def _cmd_eval_procedural(args: argparse.Namespace) -> None:
         raise ValueError(f"--task: unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
     shots = _int_list(args.shots, "--shots")
     seeds = list(range(args.seeds))
-    model = _quiet_load(args.model)
+    model = _quiet_load(args.model, args.trust_remote_code)
     results = evaluate(model, tasks, shots, seeds, args.episodes, progress=lambda line: print(line, flush=True),
                        images_as_text=args.images_as_text)
     table = format_table(results)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        write_text_atomic(args.json, json.dumps({
             "model": args.model, "episodes": args.episodes, "seeds": seeds, "images_as_text": args.images_as_text,
             "results": [{"task": r.task, "shots": r.shots, "accuracies": r.accuracies, "mean": r.mean}
                         for r in results], "table": table}, indent=1))
@@ -62,14 +63,15 @@ def _cmd_params(args: argparse.Namespace) -> None:
 
     from flamingo.model.weights import load_model
 
-    print(format_parameter_report(parameter_report(load_model(args.model))))
+    print(format_parameter_report(parameter_report(load_model(args.model, trust_remote_code=args.trust_remote_code))))
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from flamingo.model.config import FlamingoConfig
     from flamingo.model.convert_openflamingo import convert_openflamingo
 
-    out = convert_openflamingo(args.checkpoint, FlamingoConfig.load(args.config), args.out)
+    out = convert_openflamingo(args.checkpoint, FlamingoConfig.load(args.config), args.out, overwrite=args.overwrite,
+                               trust_remote_code=args.trust_remote_code)
     print(f"converted {args.checkpoint} -> {out}")
 
 
@@ -82,7 +84,7 @@ def _generation_config(args: argparse.Namespace):
                             stop_strings=tuple(args.stop), stop_at_end_of_chunk=not args.no_stop_at_eoc)
 
 
-def _quiet_load(spec: str):
+def _quiet_load(spec: str, trust_remote_code: bool):
     """Load a model without the LM loader's per-tensor progress bars and reports."""
     import transformers
 
@@ -90,7 +92,14 @@ def _quiet_load(spec: str):
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    return load_model(spec)
+    return load_model(spec, trust_remote_code=trust_remote_code)
+
+
+def add_trust_remote_code_option(parser: argparse.ArgumentParser) -> None:
+    """`--trust-remote-code`: the only way a language model's own Python code gets to run."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the language model run the Python code that comes with it (configs with "
+                             "lm.trust_remote_code: true, e.g. MPT); only for sources you trust")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -103,7 +112,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     # Bad options, images and placeholders are reported before the (slow) model load.
     config = _generation_config(args)
     prompt = text_prompt(args.prompt, [Path(p) for p in args.image], max_pixels=args.max_pixels)
-    model = _quiet_load(args.model)
+    model = _quiet_load(args.model, args.trust_remote_code)
     if model.config.media_token != "<image>":
         prompt = text_prompt(args.prompt.replace("<image>", model.config.media_token), prompt.media)
     state = encode_prompts(model, [prompt], max_new_tokens=config.max_new_tokens)
@@ -124,7 +133,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     from flamingo.inference.chat import run_chat
 
     config = _generation_config(args)
-    model = _quiet_load(args.model)
+    model = _quiet_load(args.model, args.trust_remote_code)
 
     def write(text: str) -> None:
         print(text, end="", flush=True)
@@ -181,6 +190,7 @@ about new scenes of training kinds/colours). Answers are ranked by log-likelihoo
     evp.add_argument("--images-as-text", action="store_true",
                      help="replace every image by its true caption (no images: the frozen LM's own in-context "
                           "ability on the same episodes)")
+    add_trust_remote_code_option(evp)
     evp.set_defaults(func=_cmd_eval_procedural)
 
     model_help = ("a saved model directory, a hub id (org/name) of one, a config file (untrained bridge), or "
@@ -200,6 +210,7 @@ each <image> in the prompt takes the next --image, in order.""")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come (greedy/sampling)")
     _add_decoding_options(gen, beams=True)
+    add_trust_remote_code_option(gen)
     gen.set_defaults(func=_cmd_generate)
 
     chat = sub.add_parser(
@@ -211,16 +222,20 @@ each <image> in the prompt takes the next --image, in order.""")
   /quit         leave (Ctrl-D works too)""")
     chat.add_argument("--model", default="embedded", help=model_help)
     _add_decoding_options(chat, beams=False)
+    add_trust_remote_code_option(chat)
     chat.set_defaults(func=_cmd_chat)
 
     params = sub.add_parser("params", help="parameter counts per component (frozen LM, vision, xattn, resampler)")
     params.add_argument("model", help="a config YAML/JSON file or a saved model directory")
+    add_trust_remote_code_option(params)
     params.set_defaults(func=_cmd_params)
 
     convert = sub.add_parser("convert-openflamingo", help="convert an OpenFlamingo checkpoint.pt into a model directory")
     convert.add_argument("checkpoint", help="OpenFlamingo checkpoint (.pt/.bin, loaded with weights_only, or .safetensors)")
     convert.add_argument("--config", required=True, help="our config describing the same architecture")
     convert.add_argument("--out", required=True, help="output model directory")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing model directory --out")
+    add_trust_remote_code_option(convert)
     convert.set_defaults(func=_cmd_convert)
     from flamingo.data.cli import add_data_subcommands
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from collections import Counter
@@ -22,8 +21,19 @@ from typing import Any
 import numpy as np
 
 from flamingo.data.config import KINDS, DataError, DatasetConfig
-from flamingo.data.media import IMAGE_EXTS, VIDEO_EXTS, SkipSample
-from flamingo.data.sources import CAPTION_EXTS, Record, count_shard_samples, parse_json, resolve_paths
+from flamingo.data.media import IMAGE_EXTS, VIDEO_EXTS, SkipSample, decode_image, decode_video_clip, load_frames
+from flamingo.data.sources import (
+    CAPTION_EXTS,
+    UNSAFE_FIELD,
+    Record,
+    confined,
+    count_shard_samples,
+    frame_files,
+    parse_json,
+    resolve_paths,
+)
+from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
+from flamingo.outputs import OVERWRITE_HINT, OutputExistsError, publish, staging_dir
 
 _FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
@@ -46,15 +56,6 @@ class ConvertReport:
         return text
 
 
-def _image_ext(data: bytes, fallback: str = "jpg") -> str:
-    from PIL import Image
-
-    try:
-        return _FORMATS.get(Image.open(io.BytesIO(data)).format or "", fallback)
-    except Exception:  # noqa: BLE001 - corrupt data keeps a generic name; validate reports it
-        return fallback
-
-
 def _read(source: Any, name: str, missing: str) -> bytes:
     if isinstance(source, Path):
         if not source.is_file():
@@ -63,10 +64,28 @@ def _read(source: Any, name: str, missing: str) -> bytes:
     return source
 
 
-def _suffix(source: Any, data: bytes, kinds: tuple[str, ...], fallback: str) -> str:
-    if isinstance(source, Path) and source.suffix.lower().lstrip(".") in kinds:
-        return source.suffix.lower().lstrip(".")
-    return _image_ext(data, fallback) if kinds is IMAGE_EXTS else fallback
+def _checked_image(name: str, source: Any, max_pixels: int) -> tuple[str, bytes]:
+    """(extension, bytes) of an image that decodes completely (see decode_image); the extension
+    is that of its actual format."""
+    data = _read(source, name, "missing_image")
+    image = decode_image(data, name, max_pixels)
+    return _FORMATS.get(image.format or "", "jpg"), data
+
+
+def _checked_video(name: str, source: Any) -> tuple[str, bytes]:
+    """(extension, bytes) of a video file whose first frame decodes."""
+    data = _read(source, name, "missing_video")
+    decode_video_clip(data, name, frames=1, fps=1.0, rng=np.random.default_rng(0))
+    suffix = source.suffix.lower().lstrip(".") if isinstance(source, Path) else ""
+    return (suffix if suffix in VIDEO_EXTS else "mp4"), data
+
+
+def _checked_frames(frames: list[tuple[str, Any]], max_pixels: int) -> dict[str, bytes]:
+    """Members frame000000.EXT ... of frames (name, file or bytes) that all decode."""
+    data = [(name, _read(source, name, "missing_video")) for name, source in frames]
+    images = load_frames(data, max_pixels)
+    return {f"frame{i:06d}.{_FORMATS.get(image.format or '', 'jpg')}": raw
+            for i, (image, (_, raw)) in enumerate(zip(images, data))}
 
 
 def _caption_of(record: Record, doc: dict | None) -> bytes:
@@ -80,17 +99,14 @@ def _caption_of(record: Record, doc: dict | None) -> bytes:
     raise SkipSample("missing_caption", f"{record.name}: no caption (.txt file or 'caption' field)")
 
 
-def _frames_fields(folder: Path) -> dict[str, bytes]:
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS)
-    if not files:
-        raise SkipSample("missing_video", f"frame folder {folder} has no image files")
-    return {f"frame{i:06d}.{f.suffix.lower().lstrip('.')}": f.read_bytes() for i, f in enumerate(files)}
-
-
-def _convert_record(record: Record, kind: str, frame_folder_fps: float, dropped: Counter) -> dict[str, bytes]:
-    """The members (extension -> bytes) of the shard sample of one folder/JSONL record."""
+def _convert_record(record: Record, kind: str, frame_folder_fps: float, max_pixels: int,
+                    dropped: Counter) -> dict[str, bytes]:
+    """The members (extension -> bytes) of the shard sample of one folder/JSONL record. Every
+    image is decoded first (a video file: its first frame): only valid media enter a shard."""
     from flamingo.data.processing import parse_document, resolve_media
 
+    if UNSAFE_FIELD in record.fields:
+        raise SkipSample("unsafe_path", str(record.fields[UNSAFE_FIELD]))
     doc = None
     if "jsonl" in record.fields:
         doc = parse_json(record, "jsonl")
@@ -101,13 +117,13 @@ def _convert_record(record: Record, kind: str, frame_folder_fps: float, dropped:
         out["txt"] = _caption_of(record, doc)
         ext = next((e for e in IMAGE_EXTS if e in record.fields), None)
         if ext is not None:
-            out[ext] = record.read(ext)
+            name, source = f"{record.name}.{ext}", record.fields[ext]
         elif doc is not None and doc.get("image") is not None:
             name, source = resolve_media(doc["image"], record)
-            data = _read(source, name, "missing_image")
-            out[_suffix(source, data, IMAGE_EXTS, "jpg")] = data
         else:
             raise SkipSample("missing_image", f"{record.name}: no image")
+        ext, data = _checked_image(name, source, max_pixels)
+        out[ext] = data
         out["json"] = json.dumps({"source": record.name}).encode()
     elif kind == "interleaved":
         if doc is None:
@@ -120,12 +136,11 @@ def _convert_record(record: Record, kind: str, frame_folder_fps: float, dropped:
                 images.append(None)
                 continue
             try:
-                name, source = resolve_media(value, record)
-                data = _read(source, name, "missing_image")
+                ext, data = _checked_image(*resolve_media(value, record), max_pixels)
             except SkipSample as skip:
                 dropped[skip.reason] += 1
                 continue
-            member = f"img{sum(m is not None for m in images)}.{_suffix(source, data, IMAGE_EXTS, 'jpg')}"
+            member = f"img{sum(m is not None for m in images)}.{ext}"
             out[member] = data
             texts.append(None)
             images.append(member)
@@ -134,20 +149,24 @@ def _convert_record(record: Record, kind: str, frame_folder_fps: float, dropped:
         out["txt"] = _caption_of(record, doc)
         fps = frame_folder_fps
         ext = next((e for e in VIDEO_EXTS if e in record.fields), None)
-        frame_keys = [k for k in record.fields if k.startswith("frame")]
+        frame_keys = sorted(k for k in record.fields if k.startswith("frame"))
         if ext is not None:
-            out[ext] = record.read(ext)
+            ext, data = _checked_video(f"{record.name}.{ext}", record.fields[ext])
+            out[ext] = data
         elif frame_keys:
-            out.update({k: record.read(k) for k in frame_keys})
+            out.update(_checked_frames([(f"{record.name}.{k}", record.fields[k]) for k in frame_keys], max_pixels))
         elif doc is not None and doc.get("video") is not None:
             name, source = resolve_media(doc["video"], record, "video")
             if isinstance(doc.get("fps"), (int, float)):
                 fps = float(doc["fps"])
             if isinstance(source, Path) and source.is_dir():
-                out.update(_frames_fields(source))
+                files = [confined(f, record, "frame") for f in frame_files(source)]
+                if not files:
+                    raise SkipSample("missing_video", f"frame folder {source} has no image files")
+                out.update(_checked_frames([(str(f), f) for f in files], max_pixels))
             else:
-                data = _read(source, name, "missing_video")
-                out[_suffix(source, data, VIDEO_EXTS, "mp4")] = data
+                ext, data = _checked_video(name, source)
+                out[ext] = data
         else:
             raise SkipSample("missing_video", f"{record.name}: no video file, frame folder or 'video' field")
         out["json"] = json.dumps({"source": record.name, "fps": fps}).encode()
@@ -155,13 +174,18 @@ def _convert_record(record: Record, kind: str, frame_folder_fps: float, dropped:
 
 
 def convert_to_shards(source: str, out_dir: str | Path, kind: str, shard_size: int = 1000, prefix: str = "shard",
-                      shuffle: bool = True, seed: int = 0, frame_folder_fps: float = 1.0) -> ConvertReport:
+                      shuffle: bool = True, seed: int = 0, frame_folder_fps: float = 1.0,
+                      max_pixels: int = DEFAULT_MAX_PIXELS, allow_absolute_paths: bool = False,
+                      overwrite: bool = False) -> ConvertReport:
     """Write the samples of a folder or JSONL file as WebDataset shards OUT_DIR/PREFIX-000000.tar...
 
     Samples are written in a seeded random order (shuffle=True) so that reading shards in
-    order is already well mixed. Media bytes are copied as they are (validate decodes them);
-    samples whose files are missing are skipped and counted; interleaved documents lose the
-    images whose files are missing.
+    order is already well mixed. Every image is decoded before it is copied (bytes unchanged);
+    samples whose media are missing, undecodable or outside the dataset folder (unless
+    `allow_absolute_paths`) are skipped and counted; interleaved documents lose such images.
+    Existing shards with this prefix are refused unless `overwrite`. The shards are written in a
+    temporary folder next to OUT_DIR and moved into it at the end: an interrupted conversion
+    leaves no shard behind.
     """
     from webdataset import ShardWriter
 
@@ -171,38 +195,48 @@ def convert_to_shards(source: str, out_dir: str | Path, kind: str, shard_size: i
         raise DataError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise DataError(f"shard_size: expected an integer >= 1, got {shard_size!r}")
-    if "/" in prefix or "%" in prefix or not prefix:
-        raise DataError(f"prefix: expected a plain file name prefix, got {prefix!r}")
+    if "/" in prefix or "%" in prefix or not prefix or prefix.startswith("."):
+        raise DataError(f"prefix: expected a plain file name prefix, got {prefix[:100]!r}")
     layout, paths = resolve_paths([source])
     if layout == "shards":
         raise DataError(f"{source}: already WebDataset shards; convert reads a folder or a .jsonl file")
-    records = list_folder(paths[0], kind) if layout == "folder" else list_jsonl(paths[0])
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output folder {out} exists and is not a folder")
+    existing = sorted(out.glob(f"{prefix}-*.tar")) if out.is_dir() else []
+    if existing and not overwrite:
+        raise OutputExistsError(f"output folder {out} already has shards ({existing[0].name}, ...); "
+                                f"choose another folder or --prefix, or {OVERWRITE_HINT}")
+    records = (list_folder(paths[0], kind, allow_absolute_paths) if layout == "folder"
+               else list_jsonl(paths[0], allow_absolute_paths))
     if shuffle:
         records = [records[int(i)] for i in np.random.default_rng(seed).permutation(len(records))]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(out.glob(f"{prefix}-*.tar"))
-    if existing:
-        raise DataError(f"output folder {out} already has shards ({existing[0].name}, ...); "
-                        "choose an empty folder or another --prefix")
     report = ConvertReport()
-    pattern = str(out / f"{prefix}-%06d.tar")
-    with ShardWriter(pattern, maxcount=shard_size, verbose=0, encoder=False, mtime=0) as writer:
-        for record in records:
-            try:
-                members = _convert_record(record, kind, frame_folder_fps, report.images_dropped)
-            except SkipSample as skip:
-                report.skipped[skip.reason] += 1
-                report.messages[skip.reason] = skip.message
-                continue
-            writer.write({"__key__": f"{report.written:09d}", **members})
-            report.written += 1
-    report.shards = sorted(out.glob(f"{prefix}-*.tar"))
-    if report.written == 0:
-        for shard in report.shards:
-            shard.unlink()
-        raise DataError(f"{source}: no sample could be converted ({report.summary()}); "
-                        + "; ".join(report.messages.values()))
+    with staging_dir(out) as staged:
+        with ShardWriter(str(staged / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False,
+                         mtime=0) as writer:
+            for record in records:
+                try:
+                    members = _convert_record(record, kind, frame_folder_fps, max_pixels, report.images_dropped)
+                except SkipSample as skip:
+                    report.skipped[skip.reason] += 1
+                    report.messages[skip.reason] = skip.message
+                    continue
+                writer.write({"__key__": f"{report.written:09d}", **members})
+                report.written += 1
+        if report.written == 0:
+            raise DataError(f"{source}: no sample could be converted ({report.summary()}); "
+                            + "; ".join(report.messages.values()))
+        written = sorted(staged.glob(f"{prefix}-*.tar"))
+        if not out.exists():
+            publish(staged, out)
+        else:
+            for shard in written:
+                publish(shard, out / shard.name)
+            for old in existing:
+                if old.name not in {s.name for s in written}:
+                    old.unlink()
+    report.shards = [out / shard.name for shard in written]
     return report
 
 
@@ -266,7 +300,9 @@ def validate_data(path: str | list[str], kind: str, workers: int = 0, **options:
 # ----------------------------------------------------------------------------------- CLI
 def _cmd_convert(args: argparse.Namespace) -> None:
     report = convert_to_shards(args.source, args.out, args.kind, shard_size=args.shard_size, prefix=args.prefix,
-                               shuffle=not args.no_shuffle, seed=args.seed, frame_folder_fps=args.frame_fps)
+                               shuffle=not args.no_shuffle, seed=args.seed, frame_folder_fps=args.frame_fps,
+                               max_pixels=args.max_pixels, allow_absolute_paths=args.allow_absolute_paths,
+                               overwrite=args.overwrite)
     print(report.summary())
     for reason, message in sorted(report.messages.items()):
         print(f"  {reason}: e.g. {message}")
@@ -274,7 +310,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
-    report = validate_data(args.path, args.kind, workers=args.workers)
+    report = validate_data(args.path, args.kind, workers=args.workers, allow_absolute_paths=args.allow_absolute_paths)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     if args.strict and report.bad:
         raise DataError(f"{report.bad} bad sample(s) of {report.stats.records} in {args.path} (--strict)")
@@ -288,9 +324,16 @@ def _cmd_shapes(args: argparse.Namespace) -> None:
               f"{make_shapes_vqa(args.out, args.n, seed=args.seed)}")
         return
 
-    made = make_shapes_dataset(args.out, args.n, kind=args.kind, seed=args.seed, shard_size=args.shard_size)
+    made = make_shapes_dataset(args.out, args.n, kind=args.kind, seed=args.seed, shard_size=args.shard_size,
+                               overwrite=args.overwrite)
     print(f"wrote {made.n} {made.kind} samples: folder {made.folder}, JSONL {made.jsonl}, shards {made.shards}"
           + (f", video files {made.video_files}" if made.video_files else ""))
+
+
+def _add_allow_absolute_paths(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-absolute-paths", action="store_true",
+                        help="let media paths lead outside the dataset folder (absolute paths, '..', symlinks "
+                             "leading out); by default such samples are skipped as unsafe_path")
 
 
 def add_data_subcommands(subparsers: Any) -> argparse.ArgumentParser:
@@ -320,6 +363,10 @@ layouts:
     convert.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     convert.add_argument("--frame-fps", type=float, default=1.0,
                          help="frame rate of frame folders (videos given as frames), default 1")
+    convert.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                         help="skip images with more pixels than this (decompression bombs)")
+    _add_allow_absolute_paths(convert)
+    convert.add_argument("--overwrite", action="store_true", help="replace existing shards with this prefix")
     convert.set_defaults(func=_cmd_convert)
 
     validate = sub.add_parser("validate", help="decode every sample; count good and bad samples by reason")
@@ -328,6 +375,7 @@ layouts:
     validate.add_argument("--json", action="store_true", help="print a JSON report")
     validate.add_argument("--strict", action="store_true", help="exit with an error if any sample is bad")
     validate.add_argument("--workers", type=int, default=0, help="decoding threads")
+    _add_allow_absolute_paths(validate)
     validate.set_defaults(func=_cmd_validate)
 
     shapes = sub.add_parser("shapes", help="write the tiny coloured-shapes dataset (folder, JSONL, shards; "
@@ -337,6 +385,7 @@ layouts:
     shapes.add_argument("--n", type=int, default=32, help="number of samples (default 32)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--shard-size", type=int, default=8)
+    shapes.add_argument("--overwrite", action="store_true", help="replace a dataset already written there")
     shapes.set_defaults(func=_cmd_shapes)
     return data
 

@@ -58,6 +58,9 @@ class DatasetConfig:
     num_workers: threads that decode and process samples ahead of the training loop (0: in the
         caller's thread). The output is identical for any number of workers.
     max_pixels: refuse images with more pixels than this (decompression bombs).
+    allow_absolute_paths: folder/JSONL datasets only: let media paths lead outside the dataset
+        folder (absolute paths, `..`, symlinks leading out); by default such samples are skipped
+        as `unsafe_path`.
     """
 
     name: str
@@ -88,6 +91,7 @@ class DatasetConfig:
     drop_last: bool = False
     num_workers: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_absolute_paths: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,7 +138,7 @@ class DatasetConfig:
         check("num_workers", is_int(self.num_workers) and self.num_workers >= 0, "an integer >= 0")
         check("max_pixels", is_int(self.max_pixels) and self.max_pixels >= 1, "an integer >= 1")
         check("text_separator", isinstance(self.text_separator, str), "a string")
-        for name in ("augment", "filter_images", "add_bos", "shuffle", "drop_last"):
+        for name in ("augment", "filter_images", "add_bos", "shuffle", "drop_last", "allow_absolute_paths"):
             check(name, isinstance(getattr(self, name), bool), "true or false")
 
     @property

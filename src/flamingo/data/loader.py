@@ -85,7 +85,8 @@ class FlamingoLoader:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise DataError(f"seed: expected an integer, got {seed!r}")
         self.config, self.seed = config, seed
-        self.source = Source(config.paths, config.kind, config.name, seed, config.shuffle, config.shuffle_buffer)
+        self.source = Source(config.paths, config.kind, config.name, seed, config.shuffle, config.shuffle_buffer,
+                             config.allow_absolute_paths)
         self.stream = RankStream(self.source, rank, world_size)
         self.encoder = TextEncoder(tokenizer, media_token_id, eoc_token_id, config.add_bos)
         self.processor = SampleProcessor(config, self.encoder, image_processor)

@@ -37,7 +37,8 @@ class SkipSample(Exception):
 
 # --------------------------------------------------------------------------------- images
 def decode_image(source: MediaSource, name: str, max_pixels: int) -> Image.Image:
-    """Fully decode an image given as bytes or a file path.
+    """Fully decode an image given as bytes or a file path (PIL's verify, then a full load with a
+    pixel cap against decompression bombs).
 
     Raises SkipSample("missing_image") for an absent/empty file and SkipSample("corrupt_image")
     for anything that does not decode (truncated, not an image, decompression bomb).
@@ -62,6 +63,8 @@ def decode_image(source: MediaSource, name: str, max_pixels: int) -> Image.Image
                 raise SkipSample("corrupt_image", f"{name}: image is {w}x{h}, more than max_pixels={max_pixels}")
             if w == 0 or h == 0:
                 raise SkipSample("corrupt_image", f"{name}: image has zero size ({w}x{h})")
+            image.verify()  # the file's own integrity checks (e.g. PNG checksums); leaves it unusable
+            image = Image.open(io.BytesIO(data))
             image.load()
     except SkipSample:
         raise

@@ -48,7 +48,16 @@ from flamingo.data.media import (
     load_frames,
     upright_rgb,
 )
-from flamingo.data.sources import CAPTION_EXTS, CORRUPT_FIELD, Record, parse_json, stable_hash
+from flamingo.data.sources import (
+    CAPTION_EXTS,
+    CORRUPT_FIELD,
+    UNSAFE_FIELD,
+    Record,
+    confined,
+    frame_files,
+    parse_json,
+    stable_hash,
+)
 
 
 # ------------------------------------------------------------------------ token-level units
@@ -222,7 +231,7 @@ def resolve_media(ref: Any, record: Record, what: str = "image") -> tuple[str, M
     if record.base is None:  # inside a shard: only members of the sample
         raise SkipSample(missing, f"{record.name}: {what} {ref!r} is not a member of the sample "
                                   f"(members: {sorted(record.fields)})")
-    path = Path(ref) if Path(ref).is_absolute() else record.base / ref
+    path = confined(record.base / ref, record, what)  # an absolute ref replaces the base
     return str(path), path
 
 
@@ -263,6 +272,8 @@ class SampleProcessor:
         try:
             if CORRUPT_FIELD in record.fields:
                 raise SkipSample("corrupt_shard", str(record.fields[CORRUPT_FIELD]))
+            if UNSAFE_FIELD in record.fields:
+                raise SkipSample("unsafe_path", str(record.fields[UNSAFE_FIELD]))
             kind = self.config.kind
             if kind == "interleaved":
                 outcome.sample = self.interleaved(record, rng, outcome)
@@ -447,7 +458,7 @@ class SampleProcessor:
         elif doc is not None and doc.get("video") is not None:
             name, source = resolve_media(doc["video"], record, "video")
             if isinstance(source, Path) and source.is_dir():
-                files = sorted(f for f in source.iterdir() if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS)
+                files = [confined(f, record, "frame") for f in frame_files(source)]
                 chosen = frame_folder_clip(len(files), source_fps, cfg.frames, cfg.fps, rng_media)
                 frames = load_frames([(str(files[i]), files[i]) for i in chosen], cfg.max_pixels)
             else:

@@ -4,6 +4,7 @@ tests and for a CPU-sized training example. Everything is drawn with PIL from a 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,12 +13,14 @@ import yaml
 from PIL import Image, ImageDraw
 
 from flamingo.data.config import KINDS, DataError
+from flamingo.outputs import OVERWRITE_HINT, OutputExistsError, publish, staging_dir
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220),
     "yellow": (235, 200, 20), "purple": (140, 50, 170), "orange": (240, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+_OUTPUTS = ("folder", "data.jsonl", "shards", "videos")
 
 
 def draw_shape(shape: str, colour: str, size: int = 64, centre: tuple[float, float] | None = None,
@@ -41,7 +44,7 @@ def draw_shape(shape: str, colour: str, size: int = 64, centre: tuple[float, flo
 
 @dataclass
 class ShapesDataset:
-    """Where `make_shapes_dataset` wrote things. `folder`, `jsonl` and `shards` (a glob) hold the
+    """Where `make_shapes_dataset` wrote things (the `_OUTPUTS` under `root`). `folder`, `jsonl` and `shards` (a glob) hold the
     same samples; `video_files` is a folder of .mp4 + .txt (kind "video", when PyAV can encode)."""
 
     root: Path
@@ -94,7 +97,7 @@ def write_mp4(path: Path, frames: list[Image.Image], fps: float) -> bool:
 
 def make_shapes_dataset(directory: str | Path, n: int, kind: str = "pairs", seed: int = 0, image_size: int = 64,
                         shard_size: int = 8, frames: int = 4, video_fps: float = 1.0,
-                        video_files: bool = True) -> ShapesDataset:
+                        video_files: bool = True, overwrite: bool = False) -> ShapesDataset:
     """Write `n` samples of `kind` under `directory` as a folder, a JSONL file and shards.
 
     pairs: folder/00000.png + 00000.txt ("a red circle"); data.jsonl {"image", "caption"}.
@@ -104,16 +107,43 @@ def make_shapes_dataset(directory: str | Path, n: int, kind: str = "pairs", seed
         to right) + 00000.txt ("a red circle moving right"); data.jsonl {"video", "caption",
         "fps"}; with video_files, videos/00000.mp4 + .txt encoded with PyAV.
     Shards (`shard_size` samples each) are written by `convert_to_shards` from the folder.
+    A dataset already under `directory` is refused unless `overwrite`; everything is written in
+    a folder next to `directory` first and moved into place at the end.
     """
-    from flamingo.data.cli import convert_to_shards
-
     if kind not in KINDS:
         raise DataError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     if not isinstance(n, int) or n < 1:
         raise DataError(f"n: expected an integer >= 1, got {n!r}")
-    root = Path(directory)
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"output folder {target} exists and is not a folder")
+    found = [name for name in _OUTPUTS if (target / name).exists()]
+    if found and not overwrite:
+        raise OutputExistsError(f"output folder {target} already holds a dataset ({', '.join(found)}); "
+                                f"{OVERWRITE_HINT}")
+    with staging_dir(target) as staged:
+        made = _write_shapes(staged, n, kind, seed, image_size, shard_size, frames, video_fps, video_files)
+        written = [name for name in _OUTPUTS if name != "videos" or made.video_files]
+        if not target.exists():
+            for name in set(_OUTPUTS) - set(written):
+                shutil.rmtree(staged / name, ignore_errors=True)
+            publish(staged, target)
+        else:
+            for name in _OUTPUTS:
+                if name in written:
+                    publish(staged / name, target / name)
+                elif (target / name).is_dir():  # the part of a replaced dataset that this one lacks
+                    shutil.rmtree(target / name)
+    return ShapesDataset(target, kind, n, target / "folder", target / "data.jsonl", str(target / "shards" / "*.tar"),
+                         made.captions, target / "videos" if made.video_files else None)
+
+
+def _write_shapes(root: Path, n: int, kind: str, seed: int, image_size: int, shard_size: int, frames: int,
+                  video_fps: float, video_files: bool) -> ShapesDataset:
+    from flamingo.data.cli import convert_to_shards
+
     folder = root / "folder"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     lines: list[dict] = []
     captions: list[str] = []

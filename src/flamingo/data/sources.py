@@ -9,6 +9,11 @@ a `Path` read lazily for folders) with a stable id `uid`. Three layouts are read
   interleaved documents `x.json` (images referenced by paths relative to the folder);
 - a JSONL file: one sample per line (paths relative to the file's folder).
 
+Media files of a folder or JSONL dataset must lie inside its root (the folder, or the JSONL
+file's folder) once symlinks are resolved: an absolute path, a `..` or a symlink leading out of
+it is refused (the sample is skipped as `unsafe_path`) unless `allow_absolute_paths` is set, so a
+dataset cannot make a conversion copy arbitrary local files into shards.
+
 Order. Epoch e (counted from 0) has its own order, the same on every rank: folder/JSONL records
 are permuted (seeded by seed, dataset name and epoch); shards are permuted and each shard is read
 through a shuffle buffer seeded by (seed, name, epoch, shard). Rank r of W then reads: with at
@@ -36,10 +41,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from flamingo.data.config import DataError
-from flamingo.data.media import IMAGE_EXTS, VIDEO_EXTS
+from flamingo.data.media import IMAGE_EXTS, VIDEO_EXTS, SkipSample
 
 CAPTION_EXTS = ("txt", "caption", "text")
 CORRUPT_FIELD = "__corrupt__"  # a placeholder record of a damaged shard
+UNSAFE_FIELD = "__unsafe__"  # a folder sample with a file leading outside the dataset folder
+ALLOW_HINT = "pass --allow-absolute-paths (allow_absolute_paths: true) if you trust the dataset"
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped metadata members
 
 
@@ -47,16 +54,45 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped metadata members
 class Record:
     """One raw sample. `fields`: extension -> bytes (shards) or Path (folders); `doc`: a parsed
     JSON line (JSONL); `base`: folder that relative paths in the sample are resolved against
-    (None inside shards); `uid`: (unit, index) stable across epochs, ranks and world sizes."""
+    (None inside shards); `uid`: (unit, index) stable across epochs, ranks and world sizes;
+    `allow_outside`: media paths may lead outside `base` (see the module docstring)."""
 
     uid: tuple[int, int]
     name: str
     fields: dict[str, Any] = field(default_factory=dict)
     base: Path | None = None
+    allow_outside: bool = False
 
     def read(self, ext: str) -> bytes:
         value = self.fields[ext]
         return value.read_bytes() if isinstance(value, Path) else value
+
+
+def outside_root(path: Path, root: Path) -> str | None:
+    """Why `path` is not inside `root` once symlinks are resolved ("absolute" / "links" / ".."),
+    or None when it is."""
+    try:
+        inside = path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if inside:
+        return None
+    if path.is_absolute() and not path.is_relative_to(root):
+        return "absolute"
+    return ".." if ".." in path.parts else "links"
+
+
+def confined(path: Path, record: Record, what: str) -> Path:
+    """`path` (a media file or folder of `record`), or SkipSample("unsafe_path") when it leads
+    outside the dataset root and the record does not allow that."""
+    if record.allow_outside or record.base is None:
+        return path
+    problem = outside_root(path, record.base)
+    if problem is None:
+        return path
+    how = {"absolute": "is an absolute path outside", "..": "climbs out of", "links": "is a link leading out of"}
+    raise SkipSample("unsafe_path", f"{record.name}: {what} {str(path)[:200]} {how[problem]} the dataset folder "
+                                    f"{record.base}; {ALLOW_HINT}")
 
 
 def stable_hash(text: str) -> int:
@@ -183,13 +219,27 @@ def iter_shard(path: Path, unit: int, on_error: Callable[[str, str], None]) -> I
 
 
 # --------------------------------------------------------------------------- folder/JSONL
-def list_folder(folder: Path, kind: str) -> list[Record]:
-    """The samples of a folder, sorted by name (see the module docstring for the layouts)."""
+def frame_files(folder: Path) -> list[Path]:
+    """The image files of a frame folder, in name order."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS)
+
+
+def list_folder(folder: Path, kind: str, allow_outside: bool = False) -> list[Record]:
+    """The samples of a folder, sorted by name (see the module docstring for the layouts). A
+    sample with a file leading outside the folder gets an UNSAFE_FIELD saying so (unless
+    `allow_outside`)."""
     entries = sorted(folder.iterdir(), key=lambda p: p.name)
     records: list[Record] = []
 
     def add(key: str, fields: dict[str, Any]) -> None:
-        records.append(Record((0, len(records)), f"{folder.name}/{key}", fields, folder))
+        record = Record((0, len(records)), f"{folder.name}/{key}", fields, folder, allow_outside)
+        for value in fields.values():
+            try:
+                confined(value, record, "file")
+            except SkipSample as skip:
+                record.fields = {UNSAFE_FIELD: skip.message}
+                break
+        records.append(record)
 
     if kind == "interleaved":
         for p in entries:
@@ -215,8 +265,7 @@ def list_folder(folder: Path, kind: str) -> list[Record]:
             continue
         fields: dict[str, Any] = dict(files)
         if kind == "video" and stem in dirs and not any(e in files for e in media_exts):
-            frames = sorted(f for f in dirs[stem].iterdir() if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS)
-            for i, f in enumerate(frames):
+            for i, f in enumerate(frame_files(dirs[stem])):
                 fields[f"frame{i:06d}.{f.suffix.lower().lstrip('.')}"] = f
         add(stem, fields)
     if not records:
@@ -226,13 +275,14 @@ def list_folder(folder: Path, kind: str) -> list[Record]:
     return records
 
 
-def list_jsonl(path: Path) -> list[Record]:
+def list_jsonl(path: Path, allow_outside: bool = False) -> list[Record]:
     """One record per non-empty line; lines are parsed when processed (bad ones are counted)."""
     records = []
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                records.append(Record((0, len(records)), f"{path.name}:{lineno}", {"jsonl": line}, path.parent))
+                records.append(Record((0, len(records)), f"{path.name}:{lineno}", {"jsonl": line}, path.parent,
+                                      allow_outside))
     if not records:
         raise DataError(f"JSONL file {path} has no samples (it is empty)")
     return records
@@ -260,15 +310,16 @@ def shuffle_buffer(records: Iterator[Record], size: int, rng: np.random.Generato
 class Source:
     """The records of one dataset and their order per epoch (the same on every rank)."""
 
-    def __init__(self, paths: list[str], kind: str, name: str, seed: int, shuffle: bool, buffer: int) -> None:
+    def __init__(self, paths: list[str], kind: str, name: str, seed: int, shuffle: bool, buffer: int,
+                 allow_outside: bool = False) -> None:
         self.layout, files = resolve_paths(paths)
         self.kind, self.name, self.seed, self.shuffle, self.buffer = kind, name, seed, shuffle, buffer
         self.shards: list[Path] = files if self.layout == "shards" else []
         self.records: list[Record] = []
         if self.layout == "folder":
-            self.records = list_folder(files[0], kind)
+            self.records = list_folder(files[0], kind, allow_outside)
         elif self.layout == "jsonl":
-            self.records = list_jsonl(files[0])
+            self.records = list_jsonl(files[0], allow_outside)
         self._counts: dict[int, int] = {}
         self._damage: dict[int, str | None] = {}
 
@@ -397,8 +448,6 @@ class RankStream:
 
 def parse_json(record: Record, field_name: str) -> Any:
     """Decode a JSON field of a record; undecodable JSON is a skipped sample."""
-    from flamingo.data.media import SkipSample
-
     try:
         raw = record.read(field_name)
         return json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)

@@ -57,7 +57,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")  # only barriers: CPU collectives suffice
     try:
-        model = _quiet_load(args.model)
+        model = _quiet_load(args.model, args.trust_remote_code)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and size > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -72,6 +72,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from flamingo.cli import add_trust_remote_code_option
     from flamingo.evaluation.tasks import TASKS
 
     p = sub.add_parser("eval", help="few-shot evaluation on the paper's benchmarks (resumable, torchrun)",
@@ -102,4 +103,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="RICES support features cache (default ~/.cache/flamingo/rices)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trust_remote_code_option(p)
     p.set_defaults(func=_cmd_eval)

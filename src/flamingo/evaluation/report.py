@@ -12,6 +12,7 @@ from typing import Any
 from flamingo.evaluation.aggregate import score_records
 from flamingo.evaluation.samples import Sample
 from flamingo.evaluation.tasks import TaskSpec
+from flamingo.outputs import write_text_atomic
 
 
 def summarize(task: TaskSpec, records: list[dict], queries: list[Sample], pairs: list[tuple[int, int]],
@@ -108,6 +109,6 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_reports(out_dir: Path, results: dict) -> None:
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "results.md").write_text(markdown_table(results), encoding="utf-8")
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out_dir / "results.md", markdown_table(results))
     plot(results, out_dir / "results.png")

@@ -30,6 +30,7 @@ from flamingo.evaluation.settings import EvalSettings
 from flamingo.evaluation.subsets import Subsets, make_subsets
 from flamingo.evaluation.tasks import TaskSpec, get_task
 from flamingo.model.flamingo import Flamingo
+from flamingo.outputs import write_text_atomic
 
 
 def default_cache_dir() -> Path:
@@ -77,7 +78,7 @@ def _check_run(out_dir: Path, identity: dict[str, Any]) -> None:
                                 f"use another --out (or delete it) to start a new run")
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(identity, indent=2) + "\n")
 
 
 def evaluate(model: Flamingo, tasks: list[str], data: DataConfig, settings: EvalSettings, out_dir: str | Path, *,

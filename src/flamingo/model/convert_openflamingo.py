@@ -34,7 +34,15 @@ from torch import nn
 
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.flamingo import Flamingo
-from flamingo.model.weights import CheckpointError, build_flamingo, load_trainable_weights, save_pretrained
+from flamingo.model.weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    build_flamingo,
+    load_trainable_weights,
+    save_pretrained,
+)
+from flamingo.outputs import check_output_dir
 
 __all__ = [
     "convert_openflamingo",
@@ -431,12 +439,15 @@ def _convert_token_rows(state: dict[str, torch.Tensor], model: Flamingo, out: di
 
 # ---------------------------------------------------------------------------------- driver
 def convert_openflamingo(checkpoint_path: str | Path, config: FlamingoConfig, out_dir: str | Path, *,
-                         media_token_id: int | None = None, eoc_token_id: int | None = None) -> Path:
+                         media_token_id: int | None = None, eoc_token_id: int | None = None,
+                         overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Build our model from `config` (its backbones must be the checkpoint's, and its architecture
     OpenFlamingo's: see `FlamingoConfig.openflamingo`), load the converted OpenFlamingo weights
-    strictly, and save it with `save_pretrained` into `out_dir` (returned)."""
+    strictly, and save it with `save_pretrained` into `out_dir` (returned). An existing `out_dir`
+    is refused before any work unless `overwrite` (see `save_pretrained`)."""
+    check_output_dir(out_dir, overwrite, "model directory", ours=(CONFIG_FILE, WEIGHTS_FILE))
     state = load_openflamingo_checkpoint(checkpoint_path)
-    model = build_flamingo(config)
+    model = build_flamingo(config, trust_remote_code=trust_remote_code)
     tensors = convert_openflamingo_state_dict(state, model, media_token_id=media_token_id, eoc_token_id=eoc_token_id)
     load_trainable_weights(model, tensors, source=f"converted OpenFlamingo checkpoint {checkpoint_path}")
-    return save_pretrained(model, out_dir)
+    return save_pretrained(model, out_dir, overwrite=overwrite)

@@ -222,11 +222,24 @@ def add_special_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, Any]:
+class RemoteCodeError(UserError):
+    """A config asks to run the code that comes with a model, and the user did not allow it."""
+
+
+def load_language_model(config: LanguageModelConfig, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """Load the frozen LM and its tokenizer from the hub, a local directory, or a GGUF file inside an
-    installed package (converted once into a cached checkpoint; see flamingo.model.lm_source)."""
+    installed package (converted once into a cached checkpoint; see flamingo.model.lm_source).
+
+    `config.trust_remote_code` only says that the LM needs its own Python code; that code runs only
+    when the caller passes `trust_remote_code=True` (a config may come from anywhere, e.g. the hub).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if config.trust_remote_code and not trust_remote_code:
+        raise RemoteCodeError(
+            f"lm.trust_remote_code is true: loading the language model {str(config.name_or_path)[:200]!r} would run "
+            f"Python code that comes with it; pass --trust-remote-code (command line) or trust_remote_code=True "
+            f"(Python) if you trust its source")
     source = resolve_package_path(config.name_or_path)
     if config.gguf_file:
         source = str(converted_gguf_checkpoint(source, config.gguf_file))

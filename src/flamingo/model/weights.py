@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.flamingo import Flamingo
+from flamingo.outputs import check_output_dir, publish, staging_dir
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "bridge.safetensors"
@@ -24,15 +25,23 @@ class CheckpointError(UserError):
     """A checkpoint does not match the model (missing, unexpected or mis-shaped tensors)."""
 
 
-def save_pretrained(model: Flamingo, directory: str | Path) -> Path:
-    """Write `config.yaml` and `bridge.safetensors` (trainable weights only) into `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.config.save(directory / CONFIG_FILE)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "flamingo_weights": "bridge-v1"})
-    tmp.replace(directory / WEIGHTS_FILE)  # atomic: a reader never sees a half-written file
+def write_model_files(folder: Path, tensors: dict[str, torch.Tensor], model_config: FlamingoConfig) -> None:
+    """config.yaml + bridge.safetensors into an existing `folder` (a staging folder: see save_pretrained)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "flamingo_weights": "bridge-v1"})
+    model_config.save(folder / CONFIG_FILE)
+
+
+def save_pretrained(model: Flamingo, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `config.yaml` and `bridge.safetensors` (trainable weights only) as the folder `directory`.
+
+    The folder is written next to its place and renamed into it, so it is never seen half written.
+    An existing non-empty folder is refused, or replaced with `overwrite=True` when it is a saved
+    model (it holds one of the two files)."""
+    directory = check_output_dir(directory, overwrite, "model directory", ours=(CONFIG_FILE, WEIGHTS_FILE))
+    with staging_dir(directory) as staged:
+        write_model_files(staged, model.trainable_state_dict(), model.config)
+        publish(staged, directory)
     return directory
 
 
@@ -70,35 +79,38 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"weights file {path} is not a readable safetensors file: {err}") from None
 
 
-def build_flamingo(config: FlamingoConfig) -> Flamingo:
-    """Build the backbones named by `config` (hub or local) and a freshly initialised bridge."""
+def build_flamingo(config: FlamingoConfig, *, trust_remote_code: bool = False) -> Flamingo:
+    """Build the backbones named by `config` (hub or local) and a freshly initialised bridge.
+    A language model that needs its own code (`lm.trust_remote_code`) loads only with
+    `trust_remote_code=True`."""
     from flamingo.model.language_model import load_language_model
     from flamingo.model.vision import build_vision_encoder
 
-    lm, tokenizer = load_language_model(config.lm)
+    lm, tokenizer = load_language_model(config.lm, trust_remote_code=trust_remote_code)
     return Flamingo(config, lm, tokenizer, vision_encoder=build_vision_encoder(config.vision))
 
 
-def load_pretrained(directory: str | Path) -> Flamingo:
-    """Rebuild a model saved with `save_pretrained`."""
+def load_pretrained(directory: str | Path, *, trust_remote_code: bool = False) -> Flamingo:
+    """Rebuild a model saved with `save_pretrained` (see `build_flamingo` for `trust_remote_code`)."""
     directory = Path(directory)
     config = FlamingoConfig.load(directory / CONFIG_FILE)
-    model = build_flamingo(config)
+    model = build_flamingo(config, trust_remote_code=trust_remote_code)
     load_trainable_weights(model, load_weights_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
     return model
 
 
-def load_model(spec: str | Path | None = None) -> Flamingo:
+def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = False) -> Flamingo:
     """A model from a saved directory, a config file (fresh bridge), a hub repository id
     holding a saved directory (`config.yaml` + `bridge.safetensors`), or "embedded"/None: the
-    embedded default (offline, see flamingo.model.embedded)."""
+    embedded default (offline, see flamingo.model.embedded). Code that comes with the language
+    model runs only with `trust_remote_code=True`, whatever the config says."""
     from flamingo.model.embedded import EMBEDDED_MODEL, load_embedded
 
     if spec is None or str(spec) == EMBEDDED_MODEL:
         return load_embedded()
     if Path(spec).suffix in (".yaml", ".yml", ".json") and not Path(spec).is_dir():
-        return build_flamingo(FlamingoConfig.load(spec))
-    return load_pretrained(model_directory(spec))
+        return build_flamingo(FlamingoConfig.load(spec), trust_remote_code=trust_remote_code)
+    return load_pretrained(model_directory(spec), trust_remote_code=trust_remote_code)
 
 
 def model_directory(spec: str | Path) -> Path:

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from flamingo.model.config import FlamingoConfig
-from flamingo.model.weights import CONFIG_FILE, WEIGHTS_FILE
+from flamingo.model.weights import WEIGHTS_FILE, write_model_files
 
 STATE_FILE = "state.pt"
 TRAIN_CONFIG_FILE = "train_config.yaml"
@@ -79,13 +79,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def write_model_files(folder: Path, tensors: dict[str, torch.Tensor], model_config: FlamingoConfig) -> None:
-    """config.yaml + bridge.safetensors, as `flamingo.model.weights.save_pretrained` writes them."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "flamingo_weights": "bridge-v1"})
-    model_config.save(folder / CONFIG_FILE)
 
 
 def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],

@@ -56,7 +56,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from flamingo.training.trainer import train
 
     _quiet_transformers()
-    _run_training("train", args.config, lambda: train(config, resume=args.resume))
+    _run_training("train", args.config,
+                  lambda: train(config, resume=args.resume, trust_remote_code=args.trust_remote_code))
 
 
 def _quiet_transformers() -> None:
@@ -118,7 +119,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from flamingo.training.finetune import finetune
 
     _quiet_transformers()
-    _, wise_dirs = _run_training("finetune", args.config, lambda: finetune(config, resume=args.resume))
+    _, wise_dirs = _run_training("finetune", args.config, lambda: finetune(config, resume=args.resume,
+                                                                          trust_remote_code=args.trust_remote_code))
     if wise_dirs:
         print("WiSE-FT models: " + ", ".join(str(d) for d in wise_dirs))
 
@@ -127,7 +129,8 @@ def _cmd_wise_ft(args: argparse.Namespace) -> None:
     from flamingo.model.weights import model_directory
     from flamingo.training.wise_ft import wise_ft
 
-    out = wise_ft(model_directory(args.zero_shot), model_directory(args.fine_tuned), args.alpha, args.out)
+    out = wise_ft(model_directory(args.zero_shot), model_directory(args.fine_tuned), args.alpha, args.out,
+                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"WiSE-FT model (alpha {args.alpha:g}): {out}")
 
 
@@ -141,6 +144,8 @@ def _cmd_plot(args: argparse.Namespace) -> None:
 def _run_parser(subparsers: argparse._SubParsersAction, name: str, help: str, epilog: str, config_help: str,
                 func: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
     """A subcommand that runs a config: CONFIG [KEY=VALUE ...] [--resume [CHECKPOINT]] [--print-config]."""
+    from flamingo.cli import add_trust_remote_code_option
+
     parser = subparsers.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=epilog)
     parser.add_argument("config", help=config_help)
@@ -148,6 +153,7 @@ def _run_parser(subparsers: argparse._SubParsersAction, name: str, help: str, ep
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue the run: from its latest checkpoint (no value), or from CHECKPOINT")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_trust_remote_code_option(parser)
     parser.set_defaults(func=func)
     parser.__class__ = type(f"{name.title()}ArgumentParser", (_Intermixed, type(parser)), {})
     return parser
@@ -155,6 +161,8 @@ def _run_parser(subparsers: argparse._SubParsersAction, name: str, help: str, ep
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `train`, `finetune`, `wise-ft` and `plot` subcommands to the `flamingo` command line."""
+    from flamingo.cli import add_trust_remote_code_option
+
     _run_parser(subparsers, "train", "train the Flamingo bridge (resampler, xattn layers) from a training config",
                 TRAIN_EPILOG, "training config YAML (see configs/train/)", _cmd_train)
     finetune = _run_parser(subparsers, "finetune", "fine-tune a model on a benchmark's training split (paper "
@@ -172,6 +180,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     wise.add_argument("fine_tuned", help="its fine-tuned version (a saved model directory)")
     wise.add_argument("--alpha", type=float, required=True, help="weight of the fine-tuned model, in [0, 1]")
     wise.add_argument("--out", required=True, help="output model directory")
+    wise.add_argument("--overwrite", action="store_true", help="replace an existing model directory --out")
+    add_trust_remote_code_option(wise)
     wise.set_defaults(func=_cmd_wise_ft)
 
     plot = subparsers.add_parser("plot", help="PNG plots of a training run: losses per dataset, gate values per layer")

@@ -245,17 +245,20 @@ def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...
     return FinetuneConfig(**_fields_from_dict(FinetuneConfig, data, str(path)))
 
 
-def finetune(config: FinetuneConfig, *, resume: str | Path | None = None) -> tuple[Any, list[Path]]:
+def finetune(config: FinetuneConfig, *, resume: str | Path | None = None,
+             trust_remote_code: bool = False) -> tuple[Any, list[Path]]:
     """Fine-tune as `config` says (or resume); returns the `TrainResult` and the WiSE-FT model
-    directories written after training (RUN_DIR/wise-ft-<alpha>, one per `wise_alpha`)."""
+    directories written after training (RUN_DIR/wise-ft-<alpha>, one per `wise_alpha`, replaced
+    when the run is resumed). `trust_remote_code`: see `flamingo.model.weights.build_flamingo`."""
     from flamingo.model.weights import model_directory
     from flamingo.training.trainer import train
     from flamingo.training.wise_ft import wise_ft
 
     base_dir = model_directory(config.base)
-    result = train(config.train_config(base_dir), resume=resume)
+    result = train(config.train_config(base_dir), resume=resume, trust_remote_code=trust_remote_code)
     wise_dirs = []
     if result.final_dir is not None:
         for alpha in config.wise_alpha:
-            wise_dirs.append(wise_ft(base_dir, result.final_dir, alpha, result.run_dir / f"wise-ft-{alpha:g}"))
+            wise_dirs.append(wise_ft(base_dir, result.final_dir, alpha, result.run_dir / f"wise-ft-{alpha:g}",
+                                     overwrite=True, trust_remote_code=trust_remote_code))
     return result, wise_dirs

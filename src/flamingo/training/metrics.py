@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from flamingo.model.flamingo import Flamingo
+from flamingo.outputs import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -72,7 +73,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None:
             self.path.write_text("")
         self.file = open(self.path, "a")

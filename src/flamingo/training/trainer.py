@@ -40,7 +40,8 @@ import torch
 from flamingo.data.batch import Batch
 from flamingo.model.config import ConfigError
 from flamingo.model.flamingo import Flamingo
-from flamingo.model.weights import load_trainable_weights, load_weights_file
+from flamingo.model.weights import load_trainable_weights, load_weights_file, write_model_files
+from flamingo.outputs import publish, staging_dir, write_text_atomic
 from flamingo.training import checkpoint as ckpt
 from flamingo.training.activation_checkpointing import enable_gradient_checkpointing
 from flamingo.training.config import TrainConfig
@@ -102,20 +103,21 @@ class Trainer:
     `config.datasets` (see `flamingo.training.data`).
     resume: None (a fresh run; refused when the checkpoint directory already holds checkpoints),
     "auto" (the latest checkpoint when there is one, else fresh) or a checkpoint folder.
+    trust_remote_code: let a language model that needs its own code (`lm.trust_remote_code`) run it.
     """
 
     def __init__(self, config: TrainConfig, *, resume: str | Path | None = None, model: Flamingo | None = None,
-                 sources: dict[str, BatchSource] | None = None) -> None:
+                 sources: dict[str, BatchSource] | None = None, trust_remote_code: bool = False) -> None:
         self.config = config
         self.runtime = init_runtime(config)
         try:
-            self._build(config, resume, model, sources)
+            self._build(config, resume, model, sources, trust_remote_code)
         except BaseException:
             shutdown(self.runtime)
             raise
 
     def _build(self, config: TrainConfig, resume: str | Path | None, model: Flamingo | None,
-               sources: dict[str, BatchSource] | None) -> None:
+               sources: dict[str, BatchSource] | None, trust_remote_code: bool) -> None:
         rt = self.runtime
         self.run_dir = Path(config.run_dir or "runs/flamingo")
         self.checkpoint_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else self.run_dir / "checkpoints"
@@ -125,7 +127,7 @@ class Trainer:
             from flamingo.model.weights import build_flamingo
 
             torch.manual_seed(config.seed)  # the same fresh bridge on every rank
-            model = build_flamingo(config.model)
+            model = build_flamingo(config.model, trust_remote_code=trust_remote_code)
         self.model = model
         resume_state = None
         if resume_from is not None:
@@ -158,6 +160,7 @@ class Trainer:
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
         self.signal_received: str | None = None  # set by the SIGTERM/SIGINT handler; acted on between updates
+        self.stop_agreed = False  # every rank knows of a signal: stop after the current update
         self.tokens_seen = 0
         if resume_state is not None:
             self._restore(resume_state)
@@ -249,30 +252,26 @@ class Trainer:
                     break
                 batches.append(batch)
             micro[name] = batches
-        # One collective for the token counts and two flags, so every rank stops at the same update:
-        # a dataset ran out somewhere, or some rank got SIGTERM/SIGINT.
-        stop = 1.0 if self.signal_received else 0.0
-        counts = torch.tensor([float(sum(b.num_tokens for b in micro[n])) for n in names] + [exhausted, stop],
+        # One collective for the token counts and a flag, so every rank stops at the same update
+        # when a dataset ran out somewhere.
+        counts = torch.tensor([float(sum(b.num_tokens for b in micro[n])) for n in names] + [exhausted],
                               dtype=torch.float64)
         all_reduce_sum(counts, rt)
         if counts[-1] > 0:
-            self.signal_received = self.signal_received or "a signal on another rank"
             return None
-        if counts[-2] > 0:
-            return None
-        target_counts = counts[:-2]
+        target_counts = counts[:-1]
 
         lr = learning_rate(self.step, cfg.optim.lr, cfg.schedule, cfg.steps)
         passes = sum(len(micro[n]) for n in names)
         done = 0
-        nll_sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+        nll_sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # per dataset, input tokens, stop flag
         for j, name in enumerate(names):
             # d/dtheta of lambda_m * sum(NLL) / N_m; DDP/FSDP average over ranks, hence * world size.
             scale = self.weights[name] * rt.world_size / max(float(target_counts[j]), 1.0)
             for batch in micro[name]:
                 done += 1
                 batch = batch.to(rt.device)
-                nll_sums[-1] += float(batch.attention_mask.sum())
+                nll_sums[-2] += float(batch.attention_mask.sum())
                 with gradient_sync(self.module, rt, sync=done == passes):
                     with self.autocast():
                         # The summed NLL of the labelled tokens, without materialising their logits.
@@ -282,7 +281,14 @@ class Trainer:
                     (nll * scale).backward()
                 nll_sums[j] += float(nll.detach())
         sync_replicated_grads(unwrap(self.module), rt)
+        # Whether some rank got SIGTERM/SIGINT rides on this collective: every rank then stops after
+        # this update, before drawing the next one's batches (the checkpoint's data positions must
+        # be those of the batches actually trained on).
+        nll_sums[-1] = 1.0 if self.signal_received else 0.0
         all_reduce_sum(nll_sums, rt)
+        if nll_sums[-1] > 0:
+            self.signal_received = self.signal_received or "a signal on another rank"
+            self.stop_agreed = True
         losses = {n: float(nll_sums[j] / max(float(target_counts[j]), 1.0)) for j, n in enumerate(names)}
         loss = sum(self.weights[n] * v for n, v in losses.items())
 
@@ -300,7 +306,7 @@ class Trainer:
             self.nonfinite_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        input_tokens = int(nll_sums[-1])
+        input_tokens = int(nll_sums[-2])
         self.tokens_seen += input_tokens
         return StepResult(self.step, loss if ok else math.nan, losses, grad_norm, lr, input_tokens,
                           int(target_counts.sum()), not ok, time.perf_counter() - started)
@@ -311,7 +317,7 @@ class Trainer:
         main = rt.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "train_config.yaml").write_text(cfg.to_yaml())
+            write_text_atomic(self.run_dir / "train_config.yaml", cfg.to_yaml())
         logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=cfg.logging.tensorboard,
                                resume_step=self.step if self.resumed_from is not None else None)
         progress = None
@@ -332,10 +338,7 @@ class Trainer:
             while self.step < cfg.steps:
                 result = self.train_step()
                 if result is None:
-                    if self.signal_received:
-                        stopped_early = f"stopped by {self.signal_received} after {self.step} updates"
-                    else:
-                        stopped_early = f"a dataset ran out of data after {self.step} updates"
+                    stopped_early = f"a dataset ran out of data after {self.step} updates"
                     if main:
                         print(f"flamingo train: {stopped_early}; stopping", file=sys.stderr)
                     break
@@ -362,6 +365,11 @@ class Trainer:
                 if self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     saved_at = self.step
+                if self.stop_agreed and self.step < cfg.steps:
+                    stopped_early = f"stopped by {self.signal_received} after {self.step} updates"
+                    if main:
+                        print(f"flamingo train: {stopped_early}; stopping", file=sys.stderr)
+                    break
             if interval:
                 record = self._record(interval, time.perf_counter() - started)
                 logger.log(record)
@@ -370,7 +378,7 @@ class Trainer:
                 self.save_checkpoint()
             # A signal during the last update stops nothing: the run is finished. Otherwise a stopped
             # run is not, and --resume finishes it.
-            interrupted_by = self.signal_received if self.step < cfg.steps else None
+            interrupted_by = self.signal_received if self.stop_agreed and self.step < cfg.steps else None
             if interrupted_by is None:
                 final_dir = self.save_final()
         finally:
@@ -525,18 +533,9 @@ class Trainer:
         final = None
         if self.runtime.is_main:
             final = self.run_dir / FINAL_DIR
-            tmp = self.run_dir / f".tmp-{FINAL_DIR}"
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            ckpt.write_model_files(tmp, tensors, model.config)
-            if final.exists():
-                import shutil
-
-                shutil.rmtree(final)
-            tmp.rename(final)
+            with staging_dir(final) as staged:
+                write_model_files(staged, tensors, model.config)
+                publish(staged, final)
         barrier(self.runtime)
         return final
 
@@ -545,13 +544,13 @@ class Trainer:
 
 
 def train(config: TrainConfig, *, resume: str | Path | None = None, model: Flamingo | None = None,
-          sources: dict[str, BatchSource] | None = None) -> TrainResult:
+          sources: dict[str, BatchSource] | None = None, trust_remote_code: bool = False) -> TrainResult:
     """Run (or resume) training as `config` says; see `Trainer`. Restores torch's CPU thread
     count afterwards (a config may set `threads`)."""
     threads = torch.get_num_threads()
     trainer = None
     try:
-        trainer = Trainer(config, resume=resume, model=model, sources=sources)
+        trainer = Trainer(config, resume=resume, model=model, sources=sources, trust_remote_code=trust_remote_code)
         return trainer.fit()
     finally:
         if trainer is not None:

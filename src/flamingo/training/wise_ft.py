@@ -18,8 +18,8 @@ import torch
 
 from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig, UnfreezeConfig
-from flamingo.model.weights import CONFIG_FILE, WEIGHTS_FILE, build_flamingo, load_weights_file
-from flamingo.training.checkpoint import write_model_files
+from flamingo.model.weights import CONFIG_FILE, WEIGHTS_FILE, build_flamingo, load_weights_file, write_model_files
+from flamingo.outputs import check_output_dir, publish, staging_dir
 
 # Config fields that may differ: what is trained, and the input resolution (the same weights).
 _FREE_FIELDS = ("unfreeze", "vision.image_size")
@@ -60,15 +60,19 @@ def _check_alpha(alpha: float) -> None:
         raise WiseFTError(f"--alpha: expected a number in [0, 1], got {alpha!r}")
 
 
-def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float, out_dir: str | Path) -> Path:
-    """Write the WiSE-FT model of two saved model directories into `out_dir`; see the module docstring."""
+def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float, out_dir: str | Path, *,
+            overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+    """Write the WiSE-FT model of two saved model directories as the folder `out_dir` (refused
+    when it exists unless `overwrite`, written whole or not at all; see `save_pretrained`); see the
+    module docstring."""
     _check_alpha(alpha)
+    out_dir = check_output_dir(out_dir, overwrite, "model directory", ours=(CONFIG_FILE, WEIGHTS_FILE))
     zero_shot_dir, fine_tuned_dir = Path(zero_shot_dir), Path(fine_tuned_dir)
     zs_config = FlamingoConfig.load(zero_shot_dir / CONFIG_FILE)
     ft_config = FlamingoConfig.load(fine_tuned_dir / CONFIG_FILE)
     ft_config.unfreeze = UnfreezeConfig(zs_config.unfreeze.vision or ft_config.unfreeze.vision,
                                         sorted(set(zs_config.unfreeze.lm_blocks) | set(ft_config.unfreeze.lm_blocks)))
-    model = build_flamingo(ft_config)  # pretrained backbones: the value of a part the other model kept frozen
+    model = build_flamingo(ft_config, trust_remote_code=trust_remote_code)  # pretrained backbones: the value of a part the other model kept frozen
     pretrained = {k: v.detach() for k, v in model.trainable_state_dict().items()}
     backbone = model.unfrozen_backbone_names()
     endpoints = [_endpoint(directory, pretrained, backbone) for directory in (zero_shot_dir, fine_tuned_dir)]
@@ -78,9 +82,9 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
         if not key.startswith(_FREE_FIELDS) and zs_fields.get(key) != ft_fields[key]:
             raise WiseFTError(f"{zero_shot_dir} and {fine_tuned_dir} are not the same model: config field {key} is "
                               f"{zs_fields.get(key)!r} vs {ft_fields[key]!r}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_model_files(out_dir, interpolate(endpoints[0], endpoints[1], alpha), ft_config)
+    with staging_dir(out_dir) as staged:
+        write_model_files(staged, interpolate(endpoints[0], endpoints[1], alpha), ft_config)
+        publish(staged, out_dir)
     return out_dir
 
 

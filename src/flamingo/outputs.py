@@ -1,0 +1,86 @@
+"""Writing outputs without ever leaving a half-written or mixed result.
+
+Check first (an existing output is replaced only when the caller says so), build the new output
+in a temporary folder next to the target (same file system), then rename it into place. An
+error, Ctrl-C or a kill at any moment leaves the previous output or the new one, never a mix;
+what a killed process leaves is a hidden `.NAME.tmp-*` folder that blocks nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from flamingo.errors import UserError
+
+OVERWRITE_HINT = "pass --overwrite (overwrite=True in Python) to replace it"
+
+
+class OutputExistsError(UserError):
+    """The output already exists and replacing it was not asked for (or is not safe)."""
+
+
+def check_output_dir(target: str | Path, overwrite: bool, what: str, ours: Sequence[str] = ()) -> Path:
+    """Refuse an existing, non-empty `target` folder unless `overwrite`; even then, refuse one that
+    holds none of the names in `ours` (it is not an output of this kind: replacing it would delete
+    someone's files). A file where a folder should be is always refused."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"{what} {target} exists and is not a folder")
+    if not target.is_dir() or not any(target.iterdir()):
+        return target
+    if not overwrite:
+        raise OutputExistsError(f"{what} {target} already exists and is not empty; {OVERWRITE_HINT}")
+    if ours and not any((target / name).exists() for name in ours):
+        raise OutputExistsError(f"{what} {target} is not empty and holds none of {', '.join(ours)}: "
+                                f"refusing to replace it even with --overwrite")
+    return target
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | Path) -> Iterator[Path]:
+    """A new, empty hidden folder next to `target`, removed when the block ends (after a failure,
+    or when its content was not moved away with `publish`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
+    staged.mkdir()  # not tempfile.mkdtemp: the folder becomes the output, with the usual permissions
+    try:
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def publish(staged: str | Path, target: str | Path) -> Path:
+    """Rename `staged` (a file or folder) to `target`, replacing it. An existing `target` folder is
+    first renamed out of the way and deleted afterwards, so `target` is at every moment the old
+    output or the new one (or, after a crash between the two renames, absent with the old one kept
+    as `.NAME.old-*/NAME`)."""
+    staged, target = Path(staged), Path(target)
+    if target.is_dir() and not target.is_symlink():  # a rename cannot replace a non-empty folder
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, target)
+    return target
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # the usual permissions (umask), unlike mkstemp
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
