@@ -6,12 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from flamingo.errors import UserError
 from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
 
 KINDS = ("interleaved", "pairs", "video")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user mistake about data (bad config value, missing path, no samples for a rank, ...).
 
     Problems *inside* the data (a corrupt image, an undecodable line) are never raised: the sample

@@ -18,6 +18,7 @@ a crash while pruning never leaves a half-deleted `step-*` folder either.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.weights import WEIGHTS_FILE, write_model_files
 
@@ -37,7 +39,7 @@ FORMAT = "flamingo-train-checkpoint-v1"
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
-class CheckpointLoadError(ValueError):
+class CheckpointLoadError(UserError):
     """A checkpoint folder is missing or unreadable."""
 
 
@@ -127,6 +129,11 @@ def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
     return removed
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(trainable weights, state) of a checkpoint folder; nothing is unpickled beyond tensors and
     plain Python values."""
@@ -136,9 +143,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointLoadError(f"{path} is not a training checkpoint (expected {WEIGHTS_FILE} and {STATE_FILE})")
     try:
         tensors = load_file(str(weights))
+    except Exception as err:  # noqa: BLE001 - any corruption: one clear line
+        raise CheckpointLoadError(f"checkpoint {path}: {WEIGHTS_FILE} is unreadable: {_first_line(err)}") from None
+    try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any corruption: one clear message
-        raise CheckpointLoadError(f"checkpoint {path} is unreadable: {type(err).__name__}: {err}") from None
+    except pickle.UnpicklingError:  # torch's message runs over many lines and suggests weights_only=False
+        raise CheckpointLoadError(f"checkpoint {path}: {STATE_FILE} is not a file of tensors and plain values "
+                                  f"(refused by torch.load with weights_only=True; nothing was unpickled)") from None
+    except Exception as err:  # noqa: BLE001 - any corruption: one clear line
+        raise CheckpointLoadError(f"checkpoint {path}: {STATE_FILE} is unreadable: {_first_line(err)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointLoadError(f"checkpoint {path}: {STATE_FILE} is not a {FORMAT} file")
     return tensors, state
