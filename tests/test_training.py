@@ -414,7 +414,7 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, lm_dir, c
 
     # Damaged checkpoints are reported clearly, never half-loaded.
     (directory / "step-00000006" / "state.pt").write_bytes(b"garbage")
-    with pytest.raises(ckpt.CheckpointLoadError, match="unreadable"):
+    with pytest.raises(ckpt.CheckpointLoadError, match="state.pt is not a file of tensors and plain values"):
         ckpt.load_checkpoint(directory / "step-00000006")
 
 
