@@ -279,6 +279,15 @@ def test_shapes_refuses_an_existing_dataset_before_writing(tmp_path, kind, part)
             expect=[str(target), part, "--overwrite"], watch=[tmp_path])
 
 
+@pytest.mark.parametrize("part", ["data.yaml", "train2014", "test_questions.json"])
+def test_shapes_vqa_refuses_an_existing_dataset_before_writing(tmp_path, part):
+    target = tmp_path / "ds"
+    target.mkdir()
+    (target / part).mkdir() if "." not in part else (target / part).write_text("earlier")
+    run_cli(["data", "shapes", str(target), "--kind", "vqa", "--n", "4"], expect=[str(target), part, "--overwrite"],
+            watch=[tmp_path])
+
+
 def test_shapes_refuses_an_output_that_is_a_file(tmp_path):
     (tmp_path / "ds").write_text("a file")
     run_cli(["data", "shapes", str(tmp_path / "ds"), "--kind", "pairs", "--overwrite"],
@@ -459,6 +468,17 @@ def test_api_refuses_remote_code_without_trust_remote_code(tmp_path, remote_code
     torch.save({"w": torch.zeros(1)}, tmp_path / "checkpoint.pt")
     expect_user_error(lambda: call(spec), expect=["lm.trust_remote_code", "trust_remote_code=True"],
                       watch=[tmp_path])
+
+
+@pytest.mark.parametrize("files, extra, expect", list(CONVERT_OUTS.values())[:3], ids=list(CONVERT_OUTS)[:3])
+def test_wise_ft_refuses_an_existing_out(tmp_path, trained_run, files, extra, expect):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    model = str(trained_run[0])
+    run_cli(["wise-ft", model, model, "--alpha", "0.5", "--out", str(out), *extra], expect=[str(out), *expect],
+            watch=[tmp_path])
 
 
 # ------------------------------------------------------------------------ damaged checkpoints

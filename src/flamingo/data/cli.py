@@ -321,7 +321,7 @@ def _cmd_shapes(args: argparse.Namespace) -> None:
 
     if args.kind == "vqa":
         print(f"wrote {args.n} shape images with questions in the VQAv2 format; data config "
-              f"{make_shapes_vqa(args.out, args.n, seed=args.seed)}")
+              f"{make_shapes_vqa(args.out, args.n, seed=args.seed, overwrite=args.overwrite)}")
         return
 
     made = make_shapes_dataset(args.out, args.n, kind=args.kind, seed=args.seed, shard_size=args.shard_size,

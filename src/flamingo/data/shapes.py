@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import yaml
@@ -21,6 +23,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 _OUTPUTS = ("folder", "data.jsonl", "shards", "videos")
+T = TypeVar("T")
 
 
 def draw_shape(shape: str, colour: str, size: int = 64, centre: tuple[float, float] | None = None,
@@ -44,7 +47,7 @@ def draw_shape(shape: str, colour: str, size: int = 64, centre: tuple[float, flo
 
 @dataclass
 class ShapesDataset:
-    """Where `make_shapes_dataset` wrote things (the `_OUTPUTS` under `root`). `folder`, `jsonl` and `shards` (a glob) hold the
+    """Where `make_shapes_dataset` wrote things. `folder`, `jsonl` and `shards` (a glob) hold the
     same samples; `video_files` is a folder of .mp4 + .txt (kind "video", when PyAV can encode)."""
 
     root: Path
@@ -114,28 +117,36 @@ def make_shapes_dataset(directory: str | Path, n: int, kind: str = "pairs", seed
         raise DataError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     if not isinstance(n, int) or n < 1:
         raise DataError(f"n: expected an integer >= 1, got {n!r}")
+    made = _staged_dataset(Path(directory), _OUTPUTS, overwrite, lambda root: _write_shapes(
+        root, n, kind, seed, image_size, shard_size, frames, video_fps, video_files))
     target = Path(directory)
+    return ShapesDataset(target, kind, n, target / "folder", target / "data.jsonl", str(target / "shards" / "*.tar"),
+                         made.captions, target / "videos" if made.video_files else None)
+
+
+def _staged_dataset(target: Path, parts: tuple[str, ...], overwrite: bool, write: Callable[[Path], T]) -> T:
+    """`write(folder)` into a staging folder next to `target`, then its `parts` moved into `target`.
+    Refused before anything is written when `target` already holds one of them, unless `overwrite`
+    (then a part the new dataset lacks is removed too)."""
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"output folder {target} exists and is not a folder")
-    found = [name for name in _OUTPUTS if (target / name).exists()]
+    found = [name for name in parts if (target / name).exists()]
     if found and not overwrite:
         raise OutputExistsError(f"output folder {target} already holds a dataset ({', '.join(found)}); "
                                 f"{OVERWRITE_HINT}")
     with staging_dir(target) as staged:
-        made = _write_shapes(staged, n, kind, seed, image_size, shard_size, frames, video_fps, video_files)
-        written = [name for name in _OUTPUTS if name != "videos" or made.video_files]
+        result = write(staged)
         if not target.exists():
-            for name in set(_OUTPUTS) - set(written):
-                shutil.rmtree(staged / name, ignore_errors=True)
             publish(staged, target)
-        else:
-            for name in _OUTPUTS:
-                if name in written:
-                    publish(staged / name, target / name)
-                elif (target / name).is_dir():  # the part of a replaced dataset that this one lacks
-                    shutil.rmtree(target / name)
-    return ShapesDataset(target, kind, n, target / "folder", target / "data.jsonl", str(target / "shards" / "*.tar"),
-                         made.captions, target / "videos" if made.video_files else None)
+            return result
+        for name in parts:
+            if (staged / name).exists():
+                publish(staged / name, target / name)
+            elif (target / name).is_dir():
+                shutil.rmtree(target / name)
+            elif (target / name).exists():
+                (target / name).unlink()
+    return result
 
 
 def _write_shapes(root: Path, n: int, kind: str, seed: int, image_size: int, shard_size: int, frames: int,
@@ -189,6 +200,7 @@ def _write_shapes(root: Path, n: int, kind: str, seed: int, image_size: int, sha
                 if write_mp4(videos_dir / f"{key}.mp4", clip, video_fps):
                     (videos_dir / f"{key}.txt").write_text(caption)
                 else:
+                    shutil.rmtree(videos_dir)
                     videos_dir, video_files = None, False
         captions.append(caption)
     jsonl = root / "data.jsonl"
@@ -200,14 +212,22 @@ def _write_shapes(root: Path, n: int, kind: str, seed: int, image_size: int, sha
 
 
 def make_shapes_vqa(directory: str | Path, n: int, seed: int = 0, image_size: int = 64,
-                    test_fraction: float = 0.25) -> Path:
+                    test_fraction: float = 0.25, overwrite: bool = False) -> Path:
     """Write `n` shape images with a question each in the official VQAv2 format (questions and
     annotations JSON, COCO_<subtype>_<id>.jpg images) split into train and test, plus the
     `data.yaml` that `flamingo eval` / `flamingo finetune` read (task vqav2). Questions: "What
-    colour is the <shape>?" or "What shape is this?". Returns the data config's path."""
+    colour is the <shape>?" or "What shape is this?". Returns the data config's path. Written
+    like `make_shapes_dataset` (refused over an existing one unless `overwrite`)."""
     if not isinstance(n, int) or n < 2:
         raise DataError(f"n: expected an integer >= 2, got {n!r}")
-    root = Path(directory)
+    parts = ("train2014", "val2014", "train_questions.json", "train_annotations.json", "test_questions.json",
+             "test_annotations.json", "data.yaml")
+    _staged_dataset(Path(directory), parts, overwrite,
+                    lambda root: _write_shapes_vqa(root, n, seed, image_size, test_fraction))
+    return Path(directory) / "data.yaml"
+
+
+def _write_shapes_vqa(root: Path, n: int, seed: int, image_size: int, test_fraction: float) -> None:
     rng = np.random.default_rng(seed)
     n_test = max(1, int(n * test_fraction))
     splits = {}
@@ -225,6 +245,4 @@ def make_shapes_vqa(directory: str | Path, n: int, seed: int = 0, image_size: in
         (root / f"{split}_annotations.json").write_text(json.dumps({"annotations": annotations}))
         splits[split] = {"questions": f"{split}_questions.json", "annotations": f"{split}_annotations.json",
                          "media": subtype}
-    config = root / "data.yaml"
-    config.write_text(yaml.safe_dump({"tasks": {"vqav2": splits}}, sort_keys=False))
-    return config
+    (root / "data.yaml").write_text(yaml.safe_dump({"tasks": {"vqav2": splits}}, sort_keys=False))
