@@ -320,6 +320,30 @@ def test_api_key_is_required_on_the_api_only(model):
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == " a red square"
 
 
+def test_only_the_allowed_host_names_are_served(model):
+    with fake_client(model, allowed_hosts=("127.0.0.1", "localhost", "::1")) as client:
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+            assert client.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("attacker.example:8000", "localhost.attacker.example", ""):  # DNS rebinding
+            refused = client.post("/v1/chat/completions", json=_chat("hi"), headers={"Host": host})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "Host", host
+        assert not client.engine.requests
+        assert client.get("/", headers={"Host": "attacker.example"}).status_code == 400
+
+
+def test_a_slow_body_times_out_with_408(model):
+    engine = FakeEngine(model)
+    with BackgroundServer(create_app(engine, ServerSettings(body_timeout_s=0.5))) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                               b"\r\nContent-Length: 1000\r\n\r\n{\"messages\": ")  # and then nothing
+            connection.settimeout(60)
+            answer = connection.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+    assert not engine.requests
+
+
 def test_full_queue_is_429_and_engine_bugs_are_a_bare_500(model):
     with fake_client(model) as client:
         client.engine.overloaded = True

@@ -86,6 +86,10 @@ class RequestGuard:
             await send(message)
 
         try:
+            refusal = self._check_host(scope)
+            if refusal is not None:
+                await refusal(scope, receive, counting_send)
+                return
             if scope["path"].startswith("/v1/"):
                 refusal = self._authorise(scope)
                 if refusal is None:
@@ -97,6 +101,17 @@ class RequestGuard:
         finally:
             endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    def _check_host(self, scope: dict) -> JSONResponse | None:
+        allowed = self.settings.allowed_hosts
+        if allowed is None:
+            return None
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        if name in allowed:
+            return None
+        return _error_response(400, f"Host header: {host[:64]!r} is not served here (serving {', '.join(allowed)})",
+                               param="Host", code="invalid_host")
 
     def _authorise(self, scope: dict) -> JSONResponse | None:
         if self.settings.api_key is None:
@@ -115,16 +130,20 @@ class RequestGuard:
         if declared.isdigit() and int(declared) > cap:
             return receive, too_large
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left: let the app see the disconnect
-                return receive, None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > cap:
-                return receive, too_large
-            if not message.get("more_body", False):
-                break
+        with anyio.move_on_after(self.settings.body_timeout_s) as timer:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left: let the app see the disconnect
+                    return receive, None
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > cap:
+                    return receive, too_large
+                if not message.get("more_body", False):
+                    break
+        if timer.cancelled_caught:
+            return receive, _error_response(408, f"request body: not received within {self.settings.body_timeout_s} s",
+                                            param="body", code="request_timeout")
         body, replayed = b"".join(chunks), False
 
         async def replay() -> dict:

@@ -31,12 +31,15 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from flamingo.errors import UserError
     from flamingo.serving.app import create_app
     from flamingo.serving.engine import Engine, EngineConfig
-    from flamingo.serving.limits import ServerSettings
+    from flamingo.serving.limits import LOOPBACK_HOSTS, ServerSettings
 
     # Option mistakes are reported before the (slow) model load.
     default_max_tokens = args.default_max_tokens or min(ServerSettings.default_max_tokens, args.max_tokens)
+    hosts = tuple(args.allowed_host)
+    allowed_hosts = hosts + LOOPBACK_HOSTS if _is_loopback(args.host) else (hosts or None)
     settings = ServerSettings(
         model_name=args.model_name or model_name(args.model), api_key=args.api_key,
+        allowed_hosts=allowed_hosts,
         max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, default_max_tokens=default_max_tokens, max_n=args.max_n,
@@ -104,6 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                    "per GPU behind a load balancer to use several)")
     p.add_argument("--api-key", default=os.environ.get("FLAMINGO_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $FLAMINGO_API_KEY, else none)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also serve requests whose Host header names NAME (repeatable; on a loopback --host only "
+                        "loopback names are served by default, against DNS rebinding; elsewhere any name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     media = p.add_argument_group("image sources (data: URLs are always accepted)")
     media.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) image URLs (timeout + size cap)")

@@ -26,12 +26,18 @@ class RequestError(UserError):
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.error_type = message, param, status, code, error_type
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str = "flamingo"
     api_key: str | None = None                  # when set, /v1/* needs "Authorization: Bearer <key>"
+    # Host header names served (None: any). A server on loopback serves only loopback names, so a web
+    # page elsewhere cannot reach it through DNS rebinding.
+    allowed_hosts: tuple[str, ...] | None = None
     max_body_bytes: int = 32 << 20              # a whole request body
+    body_timeout_s: float = 30.0                # to receive a whole request body (slow senders)
     max_images: int = 16                        # images per request
     max_image_bytes: int = 8 << 20              # one encoded image
     max_image_pixels: int = 16_000_000          # one image, read from its header (decompression bombs)
@@ -58,8 +64,9 @@ class ServerSettings:
         if self.default_max_tokens > self.max_tokens:
             raise ServerSettingsError(f"default_max_tokens ({self.default_max_tokens}) is above the "
                                       f"max_tokens cap ({self.max_tokens})")
-        if self.url_fetch_timeout_s <= 0:
-            raise ServerSettingsError(f"url_fetch_timeout_s: expected > 0, got {self.url_fetch_timeout_s!r}")
+        for name in ("url_fetch_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ServerSettingsError(f"{name}: expected > 0, got {getattr(self, name)!r}")
         if self.api_key is not None and not self.api_key:
             raise ServerSettingsError("api_key: expected a non-empty key (or none)")
         if self.allowed_local_media_path is not None:
