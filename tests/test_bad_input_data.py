@@ -386,6 +386,7 @@ REMOTE_COMMANDS = {
     "params": lambda spec: ["params", spec],
     "eval-procedural": lambda spec: ["eval-procedural", "--model", spec, "--shots", "0", "--seeds", "1",
                                      "--episodes", "1"],
+    "serve": lambda spec: ["serve", "--model", spec, "--port", "1"],  # refused before anything listens
 }
 
 

@@ -55,7 +55,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
               "port can use the model", file=sys.stderr)
     from flamingo.cli import _quiet_load
 
-    model = _quiet_load(args.model).to(args.device).eval()
+    model = _quiet_load(args.model, args.trust_remote_code).to(args.device).eval()
     app = create_app(Engine(model, engine_config), settings)
     print(f"serving {settings.model_name} on http://{args.host}:{args.port} (chat page at /)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -93,6 +93,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from flamingo.cli import add_trust_remote_code_option
     from flamingo.serving.limits import ServerSettings
 
     defaults = ServerSettings()
@@ -101,6 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="embedded",
                    help="a saved model directory, a hub id (org/name), or 'embedded' (the default, offline)")
     p.add_argument("--model-name", help="the model id clients send (default: from --model)")
+    add_trust_remote_code_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (one model per device; run one server "
