@@ -158,7 +158,9 @@ def test_completions_beams_and_rank_equal_the_library(client, model):
 def test_the_openai_client_talks_to_the_server(client, model):
     openai = pytest.importorskip("openai")
     api = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="unused", http_client=client)
-    assert [m.id for m in api.models.list().data] == ["tiny"]
+    assert [m.id for m in api.models.list().data] == ["tiny"] and api.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("gpt-4")
     messages = [image_message("What is this?", BLUE_URL)]
     answer = api.chat.completions.create(model="tiny", messages=messages, max_tokens=5)
     assert answer.choices[0].message.content and answer.usage.prompt_tokens > 0

@@ -38,6 +38,7 @@ from flamingo.serving.openai_format import (
 logger = logging.getLogger("flamingo.serving")
 STATIC = Path(__file__).with_name("static")
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/rank", "/v1/models", "/health", "/metrics", "/")
+# (other paths are counted as "other": a label per unknown path would let clients grow the metrics without bound)
 # A prompt this many times longer in characters than the token cap is refused before tokenizing it.
 MAX_CHARS_PER_TOKEN = 32
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:",
@@ -433,6 +434,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *,
     @app.get("/v1/models")
     async def models() -> dict:
         return server.models()
+
+    @app.get("/v1/models/{name:path}")
+    async def model_card(name: str) -> dict:
+        server.check_model(name)
+        return server.models()["data"][0]
 
     @app.get("/health")
     async def health() -> dict:
