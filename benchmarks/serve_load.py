@@ -40,7 +40,7 @@ def main() -> int:
     from flamingo.serving.server import BackgroundServer
 
     torch.set_num_threads(args.threads)
-    model = _quiet_load(args.model).eval()
+    model = _quiet_load(args.model, trust_remote_code=False).eval()
     rng = np.random.default_rng(0)
     images = [png_data_url(render(sample_scene(rng))) for _ in range(8)]
     requests = mixed_requests(args.requests, images, "bench", max_tokens=args.max_tokens)

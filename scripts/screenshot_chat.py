@@ -51,7 +51,7 @@ def main() -> int:
     wait = WebDriverWait(driver, 300, poll_frequency=0.1)
     name = model_name(args.model)
     try:
-        with BackgroundServer(create_app(Engine(_quiet_load(args.model).eval()),
+        with BackgroundServer(create_app(Engine(_quiet_load(args.model, trust_remote_code=False).eval()),
                                          ServerSettings(model_name=name))) as server:
             driver.get(server.url + "/")
             wait.until(lambda d: d.find_element(By.ID, "model-name").text == name)
