@@ -84,9 +84,12 @@ def test_loading_is_strict_and_lists_the_mismatch(lm_dir, tmp_path):
         load_weights_file(tmp_path / "none.safetensors")
 
 
-def test_parameter_report_counts_each_component_once(lm_dir):
-    model = build_tiny(lm_dir("llama"))
+@pytest.mark.parametrize("unfrozen_blocks", [[], [1, 2]])
+def test_parameter_report_counts_each_component_once(lm_dir, unfrozen_blocks):
+    model = build_tiny(lm_dir("llama"), **{"unfreeze.lm_blocks": unfrozen_blocks})
     rows = {r.name: r for r in parameter_report(model)}
+    if unfrozen_blocks:  # fine-tuning: the unfrozen blocks (block 2 behind an xattn layer) are trainable
+        assert rows["language model blocks 1, 2 (unfrozen)"].trainable
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert sum(r.parameters for r in rows.values() if r.trainable) == trainable

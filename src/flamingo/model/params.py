@@ -23,15 +23,23 @@ def parameter_report(model: Flamingo) -> list[ComponentCount]:
     new_tokens = [model.input_embeddings.new_rows]
     if not model.tied_new_rows:
         new_tokens += [p for n, p in model.output_head.named_parameters() if n.startswith("new_")]
-    bridge_ids = {id(p) for p in xattn + new_tokens}
+    # LM blocks unfrozen for fine-tuning (config.unfreeze) are counted apart from the frozen LM.
+    blocks = {key: module for key, module in model.unfrozen_backbone.items() if key.startswith("lm_blocks.")}
+    unfrozen = [p for module in blocks.values() for p in module.parameters()]
+    bridge_ids = {id(p) for p in xattn + new_tokens + unfrozen}
+    vision_trainable = "vision_encoder" in model.unfrozen_backbone
     rows = [
         ComponentCount("language model (frozen)", count(p for p in model.lm.parameters() if id(p) not in bridge_ids), False),
-        ComponentCount("vision encoder (frozen)",
-                       count(model.vision_encoder.parameters()) if model.vision_encoder is not None else 0, False),
+        ComponentCount(f"vision encoder ({'unfrozen' if vision_trainable else 'frozen'})",
+                       count(model.vision_encoder.parameters()) if model.vision_encoder is not None else 0,
+                       vision_trainable),
         ComponentCount("gated xattn-dense layers", count(xattn), True),
         ComponentCount("perceiver resampler", count(model.perceiver.parameters()), True),
         ComponentCount("new token embeddings", count(new_tokens), True),
     ]
+    if blocks:
+        names = ", ".join(key.split(".")[1] for key in blocks)
+        rows.insert(1, ComponentCount(f"language model blocks {names} (unfrozen)", count(unfrozen), True))
     return rows
 
 
