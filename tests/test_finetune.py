@@ -215,3 +215,34 @@ def test_shipped_fine_tuning_configs_parse():
         config = load_finetune_config(path)
         assert config.task == "vqav2" and config.unfreeze.vision and config.image_size
         assert config.train["run_dir"] == f"runs/{path.stem}"
+
+
+def test_two_process_fine_tuning_matches_one_process_ddp_then_fsdp(setup):
+    """2 ranks x batch 1 (torchrun, gloo) == 1 process x batch 2 with the vision encoder and an LM
+    block unfrozen: steps 1-2 under DDP, step 3 resumed from its checkpoint under FSDP."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    unfreeze = {"vision": True, "lm_blocks": [1]}
+    # Adam turns gradients that are zero up to rounding (attention key biases) into updates of
+    # +-lr at the first step, whatever their sign: a small lr keeps that below the tolerance.
+    train = {"optim": {"lr": 1e-3}, "checkpoint": {"every": 2, "keep": 2}}
+    single = write_config(setup, "single", unfreeze=unfreeze, batch_size=2, train=train)
+    reference, _ = finetune(load_finetune_config(single))
+    multi = write_config(setup, "multi", unfreeze=unfreeze, batch_size=1, train=train)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1] / "src"),
+                                                       os.environ.get("PYTHONPATH")) if p))
+    for overrides in (["train.steps=2", "train.distributed.strategy=ddp"],
+                      ["train.distributed.strategy=fsdp", "--resume"]):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "flamingo.training", "finetune", str(multi), *overrides],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-5000:]
+    got = load_file(str(setup / "runs" / "multi" / "final" / WEIGHTS_FILE))
+    expected = load_file(str(reference.final_dir / WEIGHTS_FILE))
+    assert got.keys() == expected.keys() and any(k.startswith("vision_encoder.") for k in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=5e-5, msg=name)
