@@ -4,6 +4,7 @@
     flamingo data convert SRC OUT_DIR --kind pairs [--shard-size 1000] [--seed 0] [--no-shuffle]
     flamingo data validate PATH --kind pairs [--json] [--strict]
     flamingo data shapes OUT_DIR --kind interleaved [--n 32] [--seed 0]
+    flamingo data clipart OUT_DIR [--n 10000] [--tasks caption,qa,scene,binding,induction]
 
 `add_data_subcommands(subparsers)` registers them on the `flamingo` command's subparsers.
 """
@@ -336,6 +337,20 @@ def _add_allow_absolute_paths(parser: argparse.ArgumentParser) -> None:
                              "leading out); by default such samples are skipped as unsafe_path")
 
 
+def _cmd_clipart(args: argparse.Namespace) -> None:
+    from flamingo.data.clipart import TASKS, write_shards
+
+    tasks = {}
+    for item in (args.tasks or ",".join(TASKS)).split(","):
+        name, _, weight = item.strip().partition("=")
+        try:
+            tasks[name] = float(weight or 1.0)
+        except ValueError:
+            raise DataError(f"--tasks: expected NAME or NAME=WEIGHT items, got {item!r}") from None
+    shards = write_shards(args.out, args.n, tasks, seed=args.seed, shard_size=args.shard_size, root=args.root)
+    print(f"wrote {args.n} documents to {len(shards)} shard(s) in {args.out}")
+
+
 def add_data_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     """Add `data` (with convert / validate / shapes) to the `flamingo` command's subparsers."""
     data = subparsers.add_parser(
@@ -347,6 +362,7 @@ def add_data_subcommands(subparsers: Any) -> argparse.ArgumentParser:
   flamingo data validate 'shards/*.tar' --kind pairs
   flamingo data shapes tiny/ --kind interleaved --n 64
   flamingo data shapes tiny-vqa/ --kind vqa --n 64    # VQAv2 format + data.yaml (flamingo eval / finetune)
+  flamingo data clipart objects/ --n 20000      (first: apt-get install openclipart-png tuxpaint-stamps-default)
 layouts:
   pairs        x.jpg + x.txt (folder or shards); JSONL {"image": path, "caption": text}
   interleaved  x.json {"texts": [...], "images": [...]} (OBELICS) or {"text_list", "image_info"} (MMC4)
@@ -387,6 +403,19 @@ layouts:
     shapes.add_argument("--shard-size", type=int, default=8)
     shapes.add_argument("--overwrite", action="store_true", help="replace a dataset already written there")
     shapes.set_defaults(func=_cmd_shapes)
+    clip = sub.add_parser("clipart", help="write documents about real drawn objects (Open Clip Art, Tux Paint "
+                          "stamps; apt-get install openclipart-png tuxpaint-stamps-default) as shards")
+    clip.add_argument("out", help="output folder")
+    clip.add_argument("--n", type=int, default=10000, help="number of documents (default 10000)")
+    clip.add_argument("--tasks", default=None,
+                      help="comma-separated NAME[=WEIGHT] of caption, qa, scene, binding, induction (default: all, "
+                           "equal weights)")
+    clip.add_argument("--seed", type=int, default=0)
+    clip.add_argument("--shard-size", type=int, default=1000)
+    clip.add_argument("--root", default=None,
+                      help="folder holding openclipart/png and tuxpaint/stamps (default $FLAMINGO_CLIPART_ROOT "
+                           "or /usr/share)")
+    clip.set_defaults(func=_cmd_clipart)
     return data
 
 

@@ -236,6 +236,12 @@ class Segment:
     image: Image.Image | None
     text: list[tuple[str, bool]] = field(default_factory=list)
     scene: Scene | None = None
+    caption: str | None = None  # the image's true caption when it is not a rendered scene
+
+    def true_caption(self) -> str:
+        """What the image shows, as a sentence ("A small red star.")."""
+        text = self.caption if self.caption is not None else describe(self.scene) + "."
+        return text[0].upper() + text[1:]
 
 
 def plural(kind: str) -> str:
@@ -279,6 +285,20 @@ def binding_episode(rng: np.random.Generator, size: int, split: Split = "train",
     the prompt only."""
     pool = kinds(split) if by == "kind" else colours(split)
     categories = [str(c) for c in rng.choice(pool, size=ways, replace=False)]
+
+    def draw(category: str) -> Segment:
+        scene = sample_scene(rng, split, **({"kind": category} if by == "kind" else {"colour": category}))
+        return Segment(render(scene, size), [], scene)
+
+    return word_binding_episode(rng, categories, split, shots, draw)
+
+
+def word_binding_episode(rng: np.random.Generator, categories: list[str], split: Split, shots: int,
+                         draw: Callable[[str], Segment]) -> tuple[list[Segment], Segment, str, list[str]]:
+    """A binding episode over any categories: `draw(category)` makes an image chunk of that
+    category (text empty); one new word of `split` per category, each shown once before any
+    repeats, then a query of a random category. Returns (support, query, answer, candidates)."""
+    ways = len(categories)
     labels = [new_word(rng, split) for _ in categories]
     while len(set(labels)) < ways:
         labels = [new_word(rng, split) for _ in categories]
@@ -286,10 +306,9 @@ def binding_episode(rng: np.random.Generator, size: int, split: Split = "train",
     rng.shuffle(order)
 
     def chunk(index: int, answer: bool | None) -> Segment:
-        fixed = {"kind": categories[index]} if by == "kind" else {"colour": categories[index]}
-        scene = sample_scene(rng, split, **fixed)
-        text = [("This is a", False)] + ([(f" {labels[index]}.", answer)] if answer is not None else [])
-        return Segment(render(scene, size), text, scene)
+        segment = draw(categories[index])
+        segment.text = [("This is a", False)] + ([(f" {labels[index]}.", answer)] if answer is not None else [])
+        return segment
 
     # A label is a target only once it has been shown: its first appearance is unpredictable.
     support = [chunk(i, i in order[:n]) for n, i in enumerate(order)]
@@ -297,19 +316,27 @@ def binding_episode(rng: np.random.Generator, size: int, split: Split = "train",
     return support, chunk(target, None), f" {labels[target]}.", [f" {w}." for w in labels]
 
 
-def _answered_episode(rng: np.random.Generator, size: int, split: Split, shots: int,
-                      prompt_and_answer: Callable[[Scene], tuple[str, str]]) -> tuple[list[Segment], Segment, str]:
-    """`shots` chunks of a new scene each, its prompt and its answer (a target), then a query
-    chunk whose text is the prompt only. Returns (support, query, the query's answer)."""
+def answered_episode(shots: int, draw: Callable[[], tuple[Segment, str, str]]) -> tuple[list[Segment], Segment, str]:
+    """`shots` chunks of a new image each, its prompt and its answer (a target), then a query
+    chunk whose text is the prompt only; `draw()` gives (image chunk, prompt, answer). Returns
+    (support, query, the query's answer)."""
     def chunk(with_answer: bool) -> tuple[Segment, str]:
-        scene = sample_scene(rng, split)
-        prompt, answer = prompt_and_answer(scene)
-        return Segment(render(scene, size), [(prompt, False)] + ([(answer, True)] if with_answer else []),
-                       scene), answer
+        segment, prompt, answer = draw()
+        segment.text = [(prompt, False)] + ([(answer, True)] if with_answer else [])
+        return segment, answer
 
     support = [chunk(True)[0] for _ in range(shots)]
     query, answer = chunk(False)
     return support, query, answer
+
+
+def _answered_episode(rng: np.random.Generator, size: int, split: Split, shots: int,
+                      prompt_and_answer: Callable[[Scene], tuple[str, str]]) -> tuple[list[Segment], Segment, str]:
+    def draw() -> tuple[Segment, str, str]:
+        scene = sample_scene(rng, split)
+        return Segment(render(scene, size), [], scene), *prompt_and_answer(scene)
+
+    return answered_episode(shots, draw)
 
 
 def induction_episode(rng: np.random.Generator, size: int, split: Split = "train", *, shots: int = 4,

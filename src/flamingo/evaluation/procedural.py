@@ -21,8 +21,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from flamingo.data import procedural
+from flamingo.data import clipart, procedural
 from flamingo.inference.prompt import interleaved_prompt
 from flamingo.inference.scoring import score_candidates
 from flamingo.inference.state import encode_prompts
@@ -36,6 +37,15 @@ class ProceduralTask:
     name: str
     description: str
     make: Callable[[np.random.Generator, int, int], Episode]  # (rng, image size, shots) -> episode
+    needs_clipart: bool = False  # real drawn objects: the clip-art packages must be installed
+
+
+def _grey_support(episode: Episode) -> Episode:
+    """The control: every support image replaced by a uniform grey one (the words stay)."""
+    support, query, answer, candidates = episode
+    for segment in support:
+        segment.image = Image.new("RGB", segment.image.size, (128, 128, 128))
+    return support, query, answer, candidates
 
 
 TASKS: dict[str, ProceduralTask] = {t.name: t for t in [
@@ -51,6 +61,18 @@ TASKS: dict[str, ProceduralTask] = {t.name: t for t in [
     ProceduralTask("colour", "perception: \"What colour is the X?\" on new scenes of training colours; 9 candidates",
                    lambda rng, size, shots: procedural.question_episode(rng, size, "train", shots=shots,
                                                                         attribute="colour")),
+    ProceduralTask("objects-binding", "2-way: new words bound to held-out categories of real drawn objects",
+                   lambda rng, size, shots: clipart.binding_episode(clipart.catalogue(), rng, size, "eval", ways=2,
+                                                                    shots=shots), needs_clipart=True),
+    ProceduralTask("objects-binding-3way", "3-way: new words bound to held-out categories of real drawn objects",
+                   lambda rng, size, shots: clipart.binding_episode(clipart.catalogue(), rng, size, "eval", ways=3,
+                                                                    shots=shots), needs_clipart=True),
+    ProceduralTask("objects-binding-grey", "control: objects-binding with every support image replaced by grey "
+                   "(chance expected)", lambda rng, size, shots: _grey_support(clipart.binding_episode(
+                       clipart.catalogue(), rng, size, "eval", ways=2, shots=shots)), needs_clipart=True),
+    ProceduralTask("objects-category", "\"What kind of thing is this?\" (animal, food, plant, ...: 9 candidates) "
+                   "about objects of held-out categories", lambda rng, size, shots: clipart.category_episode(
+                       clipart.catalogue(), rng, size, "eval", shots=shots), needs_clipart=True),
 ]}
 
 
@@ -59,10 +81,7 @@ def episode_items(support: Sequence[procedural.Segment], query: procedural.Segme
     """Interleaved prompt items: each support chunk is image, text, <|endofchunk|>; then the query.
     With `images_as_text`, each image is replaced by its true caption ("A small red star. ")."""
     def image(segment: procedural.Segment) -> Any:
-        if not images_as_text:
-            return segment.image
-        caption = procedural.describe(segment.scene)
-        return caption[0].upper() + caption[1:] + ". "
+        return segment.true_caption() + " " if images_as_text else segment.image
 
     items: list[Any] = []
     for segment in support:
@@ -133,3 +152,35 @@ def format_table(results: Sequence[ShotsResult]) -> str:
              "|---|" + "---|" * len(shots)]
     lines += [f"| {t} | " + " | ".join(cell.get((t, k), "") for k in shots) + " |" for t in tasks]
     return "\n".join(lines)
+
+
+@dataclass
+class CaptionResult:
+    cider: float
+    names_coarse: float  # fraction of captions that name the object's coarse category
+    examples: list[dict[str, str]]  # per object: path, coarse category, caption, references
+
+
+@torch.no_grad()
+def caption_objects(model: Flamingo, count: int, seed: int = 0, images_as_text: bool = False,
+                    max_new_tokens: int = 12) -> CaptionResult:
+    """Zero-shot captions of `count` held-out objects (shown alone on white), greedy, scored by
+    CIDEr against the stamp caption and "A drawing of a <category>.", and by whether they name
+    the object's coarse category (`flamingo.data.clipart.coarse_vocabulary`). With
+    `images_as_text` there is no image: the frozen LM continues an empty prompt (the floor)."""
+    from flamingo.evaluation.metrics import cider, postprocess_caption_generation
+    from flamingo.inference.api import generate_text
+
+    found = clipart.catalogue()
+    vocabulary = clipart.coarse_vocabulary(found)
+    examples = []
+    for item in clipart.held_out_items(found, count, seed):
+        prompt = [" "] if images_as_text else [clipart.show_object(item)]
+        text = postprocess_caption_generation(generate_text(model, prompt, max_new_tokens=max_new_tokens))
+        references = list(dict.fromkeys([item.caption, f"A drawing of {clipart.with_article(item.category.name)}."]))
+        examples.append({"path": str(item.path), "category": item.category.name, "coarse": item.category.coarse,
+                         "caption": text, "references": references})
+    score = cider({str(i): e["caption"] for i, e in enumerate(examples)},
+                  {str(i): e["references"] for i, e in enumerate(examples)})
+    named = statistics.fmean(clipart.names_coarse_category(e["caption"], e["coarse"], vocabulary) for e in examples)
+    return CaptionResult(score, named, examples)

@@ -8,7 +8,6 @@ accuracy-vs-shots table on held-out tasks (the paper's central claim, in miniatu
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,21 +16,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from flamingo.data import procedural
+from flamingo.data.clipart import package_photos
 from flamingo.evaluation.procedural import episode_items, evaluate, format_table
 from flamingo.inference.api import generate_text
 from flamingo.model.flamingo import Flamingo
 
 PHOTOS = ("chelsea.png", "rocket.jpg", "coffee.png", "astronaut.png")  # shipped with scikit-image
-
-
-def package_photos(names: Sequence[str] = PHOTOS) -> dict[str, Image.Image]:
-    """Real photos from scikit-image's data folder, found without importing the package
-    (empty when it is not installed)."""
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    return {Path(n).stem: Image.open(folder / n).convert("RGB") for n in names if (folder / n).is_file()}
 
 
 def _describe_items(items: Sequence[Any], names: dict[int, str]) -> str:
@@ -88,7 +78,7 @@ def run_demo(seed: int = 0, episodes: int = 24, say: Callable[[str], None] = pri
     _show(model, "   ... and the same query without the examples (zero-shot: the task is unknown)",
           named_episode_items([], query), names, say, answer)
 
-    photos = package_photos()
+    photos = package_photos(PHOTOS)
     if len(photos) >= 2:
         words = [procedural.new_word(rng, "eval") for _ in range(2)]
         (a_name, a), (b_name, b) = list(photos.items())[:2]

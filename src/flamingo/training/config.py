@@ -42,7 +42,8 @@ class DatasetSpec:
 
     name: label (per-dataset losses, data positions); unique.
     kind: "synthetic_shapes" (in-memory coloured shapes), "procedural" (in-memory scenes and
-        few-shot episodes, `flamingo.data.procedural`; see `flamingo.training.synthetic`), "task"
+        few-shot episodes, `flamingo.data.procedural`; see `flamingo.training.synthetic`), "clipart"
+        (the same over real drawn objects, `flamingo.data.clipart`), "task"
         (a benchmark's training annotations in the evaluation's prompt format, options task, data,
         ...: `flamingo.training.finetune`), or a kind
         of the data pipeline ("interleaved", "pairs", "video": `flamingo.data.DatasetConfig`).
@@ -51,7 +52,8 @@ class DatasetSpec:
     batch_size: samples per micro-batch and device.
     options: every other key of the entry, handed to the dataset as is (e.g. path, max_tokens,
         max_images, p_next for the pipeline; images_per_sample for synthetic_shapes; tasks
-        {caption|qa|binding|induction: weight} and image_size for procedural).
+        {caption|qa|binding|induction: weight} and image_size for procedural; the same plus scene
+        tasks, and root, for clipart).
     """
 
     name: str

@@ -4,8 +4,8 @@ The trainer consumes, per dataset, a `BatchSource`: an iterable of `flamingo.dat
 (for this rank) that can report and restore its position. `build_sources` makes one per entry of
 the config's `datasets:` list:
 
-- kind "synthetic_shapes" / "procedural": `flamingo.training.synthetic.ShapesSource` /
-  `ProceduralSource` (generated in memory, no files);
+- kind "synthetic_shapes" / "procedural" / "clipart": `flamingo.training.synthetic.ShapesSource` /
+  `ProceduralSource` / `ClipartSource` (generated in memory; clipart reads the installed clip-art);
 - kind "task": `flamingo.training.finetune.TaskSource` (a benchmark's annotations, as `flamingo
   eval` reads them, in its prompt format: fine-tuning);
 - any other kind: the data pipeline's `flamingo.data.loader.build_loader`, given the entry as its
@@ -24,7 +24,7 @@ from flamingo.model.config import ConfigError
 from flamingo.model.flamingo import Flamingo
 from flamingo.training.config import DatasetSpec, TrainConfig
 
-SYNTHETIC_KINDS = ("synthetic_shapes", "procedural")
+SYNTHETIC_KINDS = ("synthetic_shapes", "procedural", "clipart")
 TASK_KIND = "task"  # a benchmark's annotations in the evaluation's prompt format (flamingo.training.finetune)
 
 
@@ -54,13 +54,13 @@ def _image_processor(model: Flamingo, spec: DatasetSpec) -> Any:
 
 
 def synthetic_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
-    from flamingo.training.synthetic import OPTIONS, ProceduralSource, ShapesSource
+    from flamingo.training.synthetic import OPTIONS, ClipartSource, ProceduralSource, ShapesSource
 
     unknown = sorted(set(spec.options) - set(OPTIONS[spec.kind]))
     if unknown:
         raise ConfigError(f"dataset {spec.name!r} (kind {spec.kind}): unknown field(s) {unknown}; "
                           f"expected some of {['name', 'kind', 'weight', 'batch_size', *OPTIONS[spec.kind]]}")
-    source = ShapesSource if spec.kind == "synthetic_shapes" else ProceduralSource
+    source = {"synthetic_shapes": ShapesSource, "procedural": ProceduralSource, "clipart": ClipartSource}[spec.kind]
     return source(spec.name, model.tokenizer, model.media_token_id, model.eoc_token_id,
                   _image_processor(model, spec), spec.batch_size, seed=seed, rank=rank,
                   world_size=world_size, **spec.options)

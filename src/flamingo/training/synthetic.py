@@ -1,5 +1,6 @@
-"""In-memory generated datasets: coloured shapes with captions (smoke tests and tiny CPU runs), and
-the procedural scenes/episodes of `flamingo.data.procedural` (the embedded default's training).
+"""In-memory generated datasets: coloured shapes with captions (smoke tests and tiny CPU runs), the
+procedural scenes/episodes of `flamingo.data.procedural` (the embedded default's training), and the
+same kinds of documents over real drawn objects (`flamingo.data.clipart`).
 
 Each sample is `[BOS] <image>a red circle<|endofchunk|>` (or several such chunks, one per image),
 its image a filled shape of that colour drawn with PIL at a random position and size. The
@@ -22,14 +23,16 @@ import torch
 from PIL import Image
 
 from flamingo.data.batch import IGNORE_INDEX, Batch, TrainingSample, collate
-from flamingo.data.procedural import training_document
+from flamingo.data import clipart
+from flamingo.data.procedural import Segment, training_document
 from flamingo.data.shapes import COLOURS as DATA_COLOURS
 from flamingo.data.shapes import SHAPES, draw_shape
 from flamingo.model.config import ConfigError
 
 # The four colours and three shapes of the in-memory set (a subset of flamingo.data.shapes').
 COLOURS = {c: DATA_COLOURS[c] for c in ("red", "green", "blue", "yellow")}
-OPTIONS = {"synthetic_shapes": ("images_per_sample",), "procedural": ("tasks", "image_size")}
+OPTIONS = {"synthetic_shapes": ("images_per_sample",), "procedural": ("tasks", "image_size"),
+           "clipart": ("tasks", "image_size", "root")}
 
 
 def random_shape_image(shape: str, colour: str, size: int, rng: np.random.Generator) -> Image.Image:
@@ -115,11 +118,13 @@ class ProceduralSource(InMemorySource):
     episodes), mixed by `tasks` weights; the loss falls on the target pieces and the
     <|endofchunk|> after them only."""
 
+    known_tasks: tuple[str, ...] = ("caption", "qa", "binding", "induction")
+
     def __init__(self, name: str, tokenizer: Any, media_token_id: int, eoc_token_id: int, image_processor: Any,
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  tasks: dict[str, float] | None = None, image_size: int = 224) -> None:
         tasks = tasks or {"caption": 1.0}
-        known = ("caption", "qa", "binding", "induction")
+        known = self.known_tasks
         if not isinstance(tasks, dict) or not tasks or any(t not in known or not isinstance(w, (int, float)) or w <= 0
                                                           for t, w in tasks.items()):
             raise ConfigError(f"dataset {name!r}: tasks: expected a mapping of some of {list(known)} to positive "
@@ -133,11 +138,14 @@ class ProceduralSource(InMemorySource):
         # What the tokenizer puts in front of a text (a BOS or nothing), as at inference.
         self.prefix = tokenizer("", add_special_tokens=True)["input_ids"]
 
+    def document(self, task: str, rng: np.random.Generator) -> list[Segment]:
+        return training_document(task, rng, self.image_size)
+
     def sample(self, index: int) -> TrainingSample:
         rng = np.random.default_rng([self.seed, index])
         task = self.task_names[int(rng.choice(len(self.task_names), p=self.task_probs))]
         ids, targets, images = list(self.prefix), [False] * len(self.prefix), []
-        for segment in training_document(task, rng, self.image_size):
+        for segment in self.document(task, rng):
             if segment.image is not None:
                 images.append(self.processor(segment.image))
                 ids.append(self.media_token_id)
@@ -152,3 +160,19 @@ class ProceduralSource(InMemorySource):
         labels = input_ids.masked_fill(~torch.tensor(targets), IGNORE_INDEX)
         media = torch.stack(images)[:, None] if images else torch.zeros(0, 1, 3, self.image_size, self.image_size)
         return TrainingSample(input_ids, labels, media, attend_next=False, dataset=self.name)
+
+
+class ClipartSource(ProceduralSource):
+    """Documents of `flamingo.data.clipart` (real drawn objects of the training categories:
+    captions, QA, multi-object scenes, binding and induction episodes), mixed by `tasks`
+    weights; `root` is where the clip-art packages are (default: $FLAMINGO_CLIPART_ROOT or
+    /usr/share)."""
+
+    known_tasks = clipart.TASKS
+
+    def __init__(self, *args: Any, root: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.catalogue = clipart.catalogue(root)
+
+    def document(self, task: str, rng: np.random.Generator) -> list[Segment]:
+        return clipart.training_document(self.catalogue, task, rng, self.image_size)
