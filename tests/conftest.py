@@ -206,3 +206,38 @@ def model(lm_dir, clip_dir):
     m = build_with_vision(lm_dir("llama"), clip_dir)
     randomize_gates(m)
     return m.eval()
+
+
+@pytest.fixture(scope="session")
+def clipart_root(tmp_path_factory):
+    """A miniature of the two clip-art packages (see flamingo.data.clipart): a few RGBA drawings
+    in mapped folders (two training and two held-out categories per package layout), stamp
+    captions, and folders that must be ignored (unmapped, excluded)."""
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("share")
+
+    def drawing(path: Path, colour, shape: str, seed: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.new("RGBA", (48 + 4 * seed, 40), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(image)
+        box = (4 + seed, 4, 40 + seed, 36)
+        (draw.ellipse if shape == "ellipse" else draw.rectangle)(box, fill=colour)
+        image.save(path)
+
+    art = root / "openclipart" / "png"
+    stamps = root / "tuxpaint" / "stamps"
+    for i in range(3):
+        drawing(art / "animals" / "birds" / f"bird_{i}.png", (200, 40, 40, 255), "ellipse", i)  # bird
+        drawing(art / "food" / "fruit" / f"fruit_{i}.png", (40, 200, 40, 255), "rectangle", i)  # fruit
+        drawing(art / "animals" / "bugs" / f"bug_{i}.png", (40, 40, 200, 255), "ellipse", i)  # insect (held out)
+        drawing(art / "food" / "vegetables" / f"veg_{i}.png", (220, 200, 30, 255), "rectangle", i)  # vegetable (held out)
+    drawing(stamps / "animals" / "mammals" / "dogs" / "dog.png", (120, 70, 30, 255), "ellipse", 0)
+    (stamps / "animals" / "mammals" / "dogs" / "dog.txt").write_text("A dog.\nfr.utf8=Un chien.\n")
+    drawing(stamps / "plants" / "trees" / "oak.png", (20, 120, 20, 255), "rectangle", 1)  # tree (held out)
+    (stamps / "plants" / "trees" / "oak.txt").write_text("A tall oak tree.\n")
+    drawing(stamps / "plants" / "trees" / "pine.png", (20, 90, 60, 255), "ellipse", 2)
+    (stamps / "plants" / "trees" / "pine.txt").write_text("Wow, look at this!\n")  # not a description
+    drawing(art / "computer" / "icons" / "icon.png", (0, 0, 0, 255), "rectangle", 0)  # unmapped folder
+    drawing(art / "people" / "bodypart" / "hand.png", (0, 0, 0, 255), "rectangle", 0)  # excluded folder
+    return root

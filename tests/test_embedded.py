@@ -92,17 +92,26 @@ def test_the_embedded_default_loads_offline(embedded):
     assert all(torch.isfinite(t).all() for t in embedded.trainable_state_dict().values())
 
 
-def test_the_demo_runs_every_part(embedded):
+def test_the_demo_runs_every_part(embedded, clipart_root, monkeypatch):
+    from flamingo.data.clipart import ROOT_ENV
     from flamingo.inference.demo import run_demo
 
+    monkeypatch.setenv(ROOT_ENV, str(clipart_root))  # a miniature of the clip-art packages
     lines = []
     run_demo(episodes=2, say=lines.append, model=embedded)
     out = "\n".join(lines)
     for part in ("1. Captioning", "2. Question answering", "3. New words", "4. The task shown only by examples",
                  "without the examples", "5. New words with real photos", "6. Captioning a real photo",
-                 "7. Accuracy vs shots", "| binding |", "| induction |"):
+                 "7. Captioning a real drawn object", "8. New words bound to real drawn objects",
+                 "9. Accuracy vs shots", "| binding |", "| objects-binding |", "| induction |"):
         assert part in out, part
-    assert out.count("answer: ") == 7
+    assert out.count("answer: ") == 9
+
+    monkeypatch.setenv(ROOT_ENV, str(clipart_root / "nowhere"))  # not installed: skipped with the command
+    lines.clear()
+    run_demo(episodes=1, say=lines.append, model=embedded)
+    out = "\n".join(lines)
+    assert "apt-get install openclipart-png tuxpaint-stamps-default" in out and "| objects-binding |" not in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   flamingo demo                                  the embedded model learning from examples, offline
-  flamingo eval-procedural --shots 0,4,8          few-shot accuracy table on held-out tasks
+  flamingo eval-offline --shots 0,4,8            few-shot accuracy table on held-out tasks
   flamingo generate --model of-9b --image cat.jpg --prompt "<image>An image of"
   flamingo chat --model of-9b                    talk about images (/image PATH to attach one)
   flamingo serve                                 OpenAI-compatible server + chat page on 127.0.0.1:8000
@@ -24,28 +24,49 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(seed=args.seed, episodes=args.episodes)
 
 
-def _cmd_eval_procedural(args: argparse.Namespace) -> None:
+def _cmd_eval_offline(args: argparse.Namespace) -> None:
     import json
 
-    from flamingo.evaluation.procedural import TASKS, evaluate, format_table
+    from flamingo.data.clipart import ClipartError, catalogue
+    from flamingo.evaluation.procedural import TASKS, caption_objects, evaluate, format_table
     from flamingo.outputs import write_text_atomic
 
-    tasks = args.task or list(TASKS)
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in args.task or [] if t not in TASKS]
     if unknown:
         raise ValueError(f"--task: unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
     shots = _int_list(args.shots, "--shots")
+    if args.captions < 0:
+        raise ValueError(f"--captions: expected an integer >= 0, got {args.captions}")
+    tasks = args.task or list(TASKS)
+    captions = args.captions if not args.task else 0
+    if args.task is None:
+        try:  # the real-object tasks by default only when their data is installed
+            catalogue()
+        except ClipartError as err:
+            print(f"skipping the real-object tasks: {err}", flush=True)
+            tasks, captions = [t for t in tasks if not TASKS[t].needs_clipart], 0
+    elif any(TASKS[t].needs_clipart for t in tasks):
+        catalogue()  # missing packages: one clear line before the model load
     seeds = list(range(args.seeds))
     model = _quiet_load(args.model, args.trust_remote_code)
     results = evaluate(model, tasks, shots, seeds, args.episodes, progress=lambda line: print(line, flush=True),
                        images_as_text=args.images_as_text)
     table = format_table(results)
     print(table)
+    report = {"model": args.model, "episodes": args.episodes, "seeds": seeds, "images_as_text": args.images_as_text,
+              "results": [{"task": r.task, "shots": r.shots, "accuracies": r.accuracies, "mean": r.mean}
+                          for r in results], "table": table}
+    if captions and not args.images_as_text:
+        result = caption_objects(model, captions)
+        cider = "n/a (needs java)" if result.cider is None else f"{100 * result.cider:.1f}"
+        print(f"captions of {captions} held-out objects: CIDEr {cider}, name the coarse category "
+              f"{100 * result.names_coarse:.1f}%")
+        for example in result.examples[:6]:
+            print(f"  {example['category']:>10}: {example['caption']!r}")
+        report["captions"] = {"count": captions, "cider": result.cider, "names_coarse": result.names_coarse,
+                              "examples": result.examples}
     if args.json:
-        write_text_atomic(args.json, json.dumps({
-            "model": args.model, "episodes": args.episodes, "seeds": seeds, "images_as_text": args.images_as_text,
-            "results": [{"task": r.task, "shots": r.shots, "accuracies": r.accuracies, "mean": r.mean}
-                        for r in results], "table": table}, indent=1))
+        write_text_atomic(args.json, json.dumps(report, indent=1))
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -172,26 +193,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     evp = sub.add_parser(
-        "eval-procedural", help="few-shot accuracy on held-out procedural tasks (kinds, colours, words never trained on)",
+        "eval-offline", aliases=["eval-procedural"],
+        help="few-shot accuracy on held-out offline tasks (procedural shapes, real drawn objects)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
-  flamingo eval-procedural                                  the embedded model, every task, 0/1/2/4/8 shots
-  flamingo eval-procedural --task binding --shots 0,4 --seeds 5 --episodes 200 --json out.json
-  flamingo eval-procedural --task binding --images-as-text   the frozen LM alone, images given as captions
+  flamingo eval-offline                                  the embedded model, every task, 0/1/2/4/8 shots
+  flamingo eval-offline --task binding --shots 0,4 --seeds 5 --episodes 200 --json out.json
+  flamingo eval-offline --task objects-binding --images-as-text   the frozen LM alone, images given as captions
 tasks: binding (new words bound to held-out kinds), binding-colours (... to held-out colours),
 induction ("Output: X", the attribute shown only by example); perception: shape, colour (questions
-about new scenes of training kinds/colours). Answers are ranked by log-likelihood.""")
+about new scenes of training kinds/colours); real drawn objects of held-out categories (needs
+apt-get install openclipart-png tuxpaint-stamps-default): objects-binding (2-way),
+objects-binding-3way, objects-binding-grey (the support images replaced by grey: a control),
+objects-category (animal, food, plant, ...). Answers are ranked by log-likelihood. Without --task,
+also --captions held-out objects are captioned (CIDEr; rate naming the coarse category).""")
     evp.add_argument("--model", default="embedded", help="a saved model directory, hub id, or 'embedded'")
     evp.add_argument("--task", action="append", help="a task (repeatable; default: all)")
     evp.add_argument("--shots", default="0,1,2,4,8", help="comma-separated shot counts (default 0,1,2,4,8)")
     evp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one episode set each (default 3)")
     evp.add_argument("--episodes", type=int, default=100, help="episodes per seed and shot count (default 100)")
+    evp.add_argument("--captions", type=int, default=60,
+                     help="held-out objects to caption when no --task is given (default 60; 0: none)")
     evp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     evp.add_argument("--images-as-text", action="store_true",
                      help="replace every image by its true caption (no images: the frozen LM's own in-context "
                           "ability on the same episodes)")
     add_trust_remote_code_option(evp)
-    evp.set_defaults(func=_cmd_eval_procedural)
+    evp.set_defaults(func=_cmd_eval_offline)
 
     model_help = ("a saved model directory, a hub id (org/name) of one, a config file (untrained bridge), or "
                   "'embedded' (the default: the offline model that ships with the package)")

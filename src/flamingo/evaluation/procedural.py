@@ -15,6 +15,7 @@ all episodes of one shot count are scored in batched forward passes.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -38,6 +39,7 @@ class ProceduralTask:
     description: str
     make: Callable[[np.random.Generator, int, int], Episode]  # (rng, image size, shots) -> episode
     needs_clipart: bool = False  # real drawn objects: the clip-art packages must be installed
+    same_episodes_as: str | None = None  # a control: that task's episodes (same seeds), altered
 
 
 def _grey_support(episode: Episode) -> Episode:
@@ -69,7 +71,8 @@ TASKS: dict[str, ProceduralTask] = {t.name: t for t in [
                                                                     shots=shots), needs_clipart=True),
     ProceduralTask("objects-binding-grey", "control: objects-binding with every support image replaced by grey "
                    "(chance expected)", lambda rng, size, shots: _grey_support(clipart.binding_episode(
-                       clipart.catalogue(), rng, size, "eval", ways=2, shots=shots)), needs_clipart=True),
+                       clipart.catalogue(), rng, size, "eval", ways=2, shots=shots)), needs_clipart=True,
+                   same_episodes_as="objects-binding"),
     ProceduralTask("objects-category", "\"What kind of thing is this?\" (animal, food, plant, ...: 9 candidates) "
                    "about objects of held-out categories", lambda rng, size, shots: clipart.category_episode(
                        clipart.catalogue(), rng, size, "eval", shots=shots), needs_clipart=True),
@@ -92,7 +95,7 @@ def episode_items(support: Sequence[procedural.Segment], query: procedural.Segme
 def make_episode(task: str, shots: int, seed: int, index: int, image_size: int = 224) -> Episode:
     if task not in TASKS:
         raise ValueError(f"unknown procedural task {task!r}; expected one of {sorted(TASKS)}")
-    rng = np.random.default_rng([seed, shots, index, sum(map(ord, task))])
+    rng = np.random.default_rng([seed, shots, index, sum(map(ord, TASKS[task].same_episodes_as or task))])
     return TASKS[task].make(rng, image_size, shots)
 
 
@@ -156,18 +159,16 @@ def format_table(results: Sequence[ShotsResult]) -> str:
 
 @dataclass
 class CaptionResult:
-    cider: float
+    cider: float | None  # None without java (pycocoevalcap's tokenizer runs a JVM)
     names_coarse: float  # fraction of captions that name the object's coarse category
     examples: list[dict[str, str]]  # per object: path, coarse category, caption, references
 
 
 @torch.no_grad()
-def caption_objects(model: Flamingo, count: int, seed: int = 0, images_as_text: bool = False,
-                    max_new_tokens: int = 12) -> CaptionResult:
+def caption_objects(model: Flamingo, count: int, seed: int = 0, max_new_tokens: int = 12) -> CaptionResult:
     """Zero-shot captions of `count` held-out objects (shown alone on white), greedy, scored by
     CIDEr against the stamp caption and "A drawing of a <category>.", and by whether they name
-    the object's coarse category (`flamingo.data.clipart.coarse_vocabulary`). With
-    `images_as_text` there is no image: the frozen LM continues an empty prompt (the floor)."""
+    the object's coarse category (`flamingo.data.clipart.coarse_vocabulary`)."""
     from flamingo.evaluation.metrics import cider, postprocess_caption_generation
     from flamingo.inference.api import generate_text
 
@@ -175,12 +176,12 @@ def caption_objects(model: Flamingo, count: int, seed: int = 0, images_as_text: 
     vocabulary = clipart.coarse_vocabulary(found)
     examples = []
     for item in clipart.held_out_items(found, count, seed):
-        prompt = [" "] if images_as_text else [clipart.show_object(item)]
-        text = postprocess_caption_generation(generate_text(model, prompt, max_new_tokens=max_new_tokens))
+        text = generate_text(model, [clipart.show_object(item)], max_new_tokens=max_new_tokens)
+        text = postprocess_caption_generation(text)
         references = list(dict.fromkeys([item.caption, f"A drawing of {clipart.with_article(item.category.name)}."]))
         examples.append({"path": str(item.path), "category": item.category.name, "coarse": item.category.coarse,
                          "caption": text, "references": references})
     score = cider({str(i): e["caption"] for i, e in enumerate(examples)},
-                  {str(i): e["references"] for i, e in enumerate(examples)})
+                  {str(i): e["references"] for i, e in enumerate(examples)}) if shutil.which("java") else None
     named = statistics.fmean(clipart.names_coarse_category(e["caption"], e["coarse"], vocabulary) for e in examples)
     return CaptionResult(score, named, examples)
