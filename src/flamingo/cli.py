@@ -35,17 +35,17 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"--task: unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
     shots = _int_list(args.shots, "--shots")
-    if args.captions < 0:
+    if args.captions is not None and args.captions < 0:
         raise ValueError(f"--captions: expected an integer >= 0, got {args.captions}")
     tasks = args.task or list(TASKS)
-    captions = args.captions if not args.task else 0
+    captions = args.captions if args.captions is not None else (0 if args.task else 60)
     if args.task is None:
         try:  # the real-object tasks by default only when their data is installed
             catalogue()
         except ClipartError as err:
             print(f"skipping the real-object tasks: {err}", flush=True)
             tasks, captions = [t for t in tasks if not TASKS[t].needs_clipart], 0
-    elif any(TASKS[t].needs_clipart for t in tasks):
+    elif captions or any(TASKS[t].needs_clipart for t in tasks):
         catalogue()  # missing packages: one clear line before the model load
     seeds = list(range(args.seeds))
     model = _quiet_load(args.model, args.trust_remote_code)
@@ -205,15 +205,15 @@ induction ("Output: X", the attribute shown only by example); perception: shape,
 about new scenes of training kinds/colours); real drawn objects of held-out categories (needs
 apt-get install openclipart-png tuxpaint-stamps-default): objects-binding (2-way),
 objects-binding-3way, objects-binding-grey (the support images replaced by grey: a control),
-objects-category (animal, food, plant, ...). Answers are ranked by log-likelihood. Without --task,
-also --captions held-out objects are captioned (CIDEr; rate naming the coarse category).""")
+objects-category (animal, food, plant, ...). Answers are ranked by log-likelihood. --captions N
+held-out objects are captioned (CIDEr; rate naming the coarse category; 60 by default without --task).""")
     evp.add_argument("--model", default="embedded", help="a saved model directory, hub id, or 'embedded'")
     evp.add_argument("--task", action="append", help="a task (repeatable; default: all)")
     evp.add_argument("--shots", default="0,1,2,4,8", help="comma-separated shot counts (default 0,1,2,4,8)")
     evp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one episode set each (default 3)")
     evp.add_argument("--episodes", type=int, default=100, help="episodes per seed and shot count (default 100)")
-    evp.add_argument("--captions", type=int, default=60,
-                     help="held-out objects to caption when no --task is given (default 60; 0: none)")
+    evp.add_argument("--captions", type=int, default=None,
+                     help="held-out objects to caption (default: 60 without --task, else 0)")
     evp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     evp.add_argument("--images-as-text", action="store_true",
                      help="replace every image by its true caption (no images: the frozen LM's own in-context "
