@@ -102,8 +102,8 @@ def run_demo(seed: int = 0, episodes: int = 24, say: Callable[[str], None] = pri
     else:
         item = objects.pick(rng, "eval")
         image = clipart.show_object(item)
-        names[id(image)] = f"drawing: {item.caption.rstrip('.')} ({item.path.name}; {item.category.name}: a "
-                           "category never seen in training)"
+        names[id(image)] = (f"drawing: {item.caption.rstrip('.')} ({item.path.name}; {item.category.name}: a "
+                            "category never seen in training)")
         _show(model, "7. Captioning a real drawn object (Tux Paint / Open Clip Art) of a held-out category",
               [image], names, say)
         support, query, answer, _ = clipart.binding_episode(objects, rng, 224, "eval", ways=2, shots=4)
