@@ -399,6 +399,10 @@ class Engine:
                 self._wake.wait()
             if self._stopping:
                 return None
+            # While sequences run, wait until a quarter of the slots are free (or all the waiting
+            # jobs fit): one forward pass over several prompts is cheaper than one pass each.
+            if not block and room < min(len(self._waiting), max(1, self.config.max_running // 4)):
+                return []
             taken = []
             while self._waiting:
                 job = self._waiting[0]
