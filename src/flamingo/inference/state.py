@@ -160,10 +160,11 @@ def _pad(tensor: torch.Tensor, amount: int, dim: int, left: bool = False) -> tor
 
 
 def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The keys/values [B, heads, T, head_dim] of each layer of a Hugging Face dynamic cache."""
+    """The keys/values [B, heads, T, head_dim] of each layer of a Hugging Face dynamic cache
+    (iterating one gives (keys, values) per layer, then also its sliding window in transformers 5)."""
     layers = []
-    for keys, values, sliding_window in cache:
-        if sliding_window is not None:
+    for keys, values, *sliding_window in cache:
+        if sliding_window and sliding_window[0] is not None:
             raise NotImplementedError("padding and concatenating LM caches needs full attention in every layer; "
                                       "this LM has sliding-window layers")
         layers.append((keys, values))
@@ -171,8 +172,11 @@ def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _cache_from_layers(like: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """A cache of the type of `like` holding the given keys/values per layer."""
-    return type(like)(ddp_cache_data=layers)
+    """A new cache of the type of `like` holding the given keys/values per layer."""
+    cache = type(like)()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
 
 
 def _copy_cache(cache: Any) -> Any:
