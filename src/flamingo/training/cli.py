@@ -1,4 +1,5 @@
-"""`flamingo train`, `finetune`, `wise-ft` and `plot`: `register(subparsers)` adds them to the main CLI.
+"""`flamingo train`, `finetune`, `wise-ft`, `pretrain-vision` and `plot`: `register(subparsers)` adds them
+to the main CLI.
 
 Run standalone as `python -m flamingo.training train ...` (same arguments).
 """
@@ -134,6 +135,33 @@ def _cmd_wise_ft(args: argparse.Namespace) -> None:
     print(f"WiSE-FT model (alpha {args.alpha:g}): {out}")
 
 
+PRETRAIN_EPILOG = """examples:
+  flamingo pretrain-vision configs/pretrain/tiny-cpu.yaml
+  flamingo pretrain-vision configs/pretrain/tiny-cpu.yaml steps=400 optim.lr=3e-4 --resume
+  torchrun --nproc_per_node 8 -m flamingo.training pretrain-vision my-pretrain.yaml
+outputs in run_dir: metrics.jsonl, checkpoints/step-*/, vision/ (use it as vision: {kind: local, name_or_path: ...})."""
+
+
+def _cmd_pretrain_vision(args: argparse.Namespace) -> None:
+    from flamingo.training.contrastive_config import load_pretrain_config
+
+    _split_resume(args)
+    config = load_pretrain_config(args.config, args.overrides)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return
+    from flamingo.training.contrastive import pretrain_vision
+
+    _quiet_transformers()
+    result = pretrain_vision(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = next((r["heldout"] for r in reversed(result.records) if "heldout" in r), None)
+        heldout = (f"; held-out recall@1 i2t {last['i2t_recall']:.3f} t2i {last['t2i_recall']:.3f} "
+                   f"(chance {last['chance']:.3f})" if last else "")
+        print(f"pretrained to step {result.step} ({result.skipped_steps} skipped){heldout}; vision encoder: "
+              f"{result.vision_dir} (use it as vision: {{kind: local, name_or_path: {result.vision_dir}}})")
+
+
 def _cmd_plot(args: argparse.Namespace) -> None:
     from flamingo.training.plot import plot_run
 
@@ -160,7 +188,8 @@ def _run_parser(subparsers: argparse._SubParsersAction, name: str, help: str, ep
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `train`, `finetune`, `wise-ft` and `plot` subcommands to the `flamingo` command line."""
+    """Add the `train`, `finetune`, `wise-ft`, `pretrain-vision` and `plot` subcommands to the `flamingo`
+    command line."""
     from flamingo.cli import add_trust_remote_code_option
 
     _run_parser(subparsers, "train", "train the Flamingo bridge (resampler, xattn layers) from a training config",
@@ -183,6 +212,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     wise.add_argument("--overwrite", action="store_true", help="replace an existing model directory --out")
     add_trust_remote_code_option(wise)
     wise.set_defaults(func=_cmd_wise_ft)
+
+    _run_parser(subparsers, "pretrain-vision", "contrastive pretraining of a vision encoder with a text encoder "
+                "(paper B.1.3)", PRETRAIN_EPILOG, "pretraining config YAML (see configs/pretrain/)",
+                _cmd_pretrain_vision)
 
     plot = subparsers.add_parser("plot", help="PNG plots of a training run: losses per dataset, gate values per layer")
     plot.add_argument("run_dir", help="the run directory (holding metrics.jsonl)")

@@ -31,7 +31,7 @@ from flamingo.model.config import ConfigError, FlamingoConfig
 Precision = Literal["fp32", "bf16"]
 FrozenDtype = Literal["auto", "float32", "bfloat16"]
 Objective = Literal["accumulate", "round_robin"]
-ScheduleKind = Literal["constant", "cosine"]
+ScheduleKind = Literal["constant", "cosine", "linear"]
 Strategy = Literal["ddp", "fsdp"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -99,8 +99,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warmup from 0 to `optim.lr` over `warmup_steps` updates, then constant (the paper)
-    or a cosine decay to `min_lr_ratio * lr` at the last step."""
+    """Linear warmup from 0 to `optim.lr` over `warmup_steps` updates, then constant (the paper),
+    or a cosine or linear (the paper's contrastive pretraining) decay to `min_lr_ratio * lr` at
+    the last step."""
 
     kind: ScheduleKind = "constant"
     warmup_steps: int = 5000

@@ -78,7 +78,7 @@ def build_optimizer(named_params: dict[str, nn.Parameter], config: OptimConfig) 
 def learning_rate(step: int, base_lr: float, schedule: ScheduleConfig, total_steps: int) -> float:
     """Learning rate of update `step` (0-based): linear warmup reaching `base_lr` at update
     warmup_steps - 1 (the first update uses base_lr / warmup_steps, never 0), then constant or a
-    cosine decay to min_lr_ratio * base_lr at the last update."""
+    cosine or linear decay to min_lr_ratio * base_lr at the last update."""
     warmup = schedule.warmup_steps
     if step < warmup:
         return base_lr * (step + 1) / warmup
@@ -87,6 +87,8 @@ def learning_rate(step: int, base_lr: float, schedule: ScheduleConfig, total_ste
     span = max(1, total_steps - 1 - warmup)
     progress = min(1.0, (step - warmup) / span)
     floor = schedule.min_lr_ratio
+    if schedule.kind == "linear":
+        return base_lr * (floor + (1 - floor) * (1 - progress))
     return base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
