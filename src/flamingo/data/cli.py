@@ -1,10 +1,12 @@
 """`flamingo data`: convert a folder / JSONL file into WebDataset shards, validate a dataset
-(counts and bad samples by reason), and write the tiny shapes dataset.
+(counts and bad samples by reason), write the tiny shapes dataset, and remove training images
+that duplicate evaluation images.
 
     flamingo data convert SRC OUT_DIR --kind pairs [--shard-size 1000] [--seed 0] [--no-shuffle]
     flamingo data validate PATH --kind pairs [--json] [--strict]
     flamingo data shapes OUT_DIR --kind interleaved [--n 32] [--seed 0]
     flamingo data clipart OUT_DIR [--n 10000] [--tasks caption,qa,scene,binding,induction]
+    flamingo data dedup SHARDS --eval coco=val2014/ --out OUT [--cosine 0.85] [--hash-distance 6]
 
 `add_data_subcommands(subparsers)` registers them on the `flamingo` command's subparsers.
 """
@@ -331,6 +333,26 @@ def _cmd_shapes(args: argparse.Namespace) -> None:
           + (f", video files {made.video_files}" if made.video_files else ""))
 
 
+def _cmd_dedup(args: argparse.Namespace) -> None:
+    from flamingo.data.dedup import DedupConfig, deduplicate
+    from flamingo.model.config import VisionConfig
+
+    benchmarks: dict[str, str] = {}
+    for item in args.eval:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in benchmarks:
+            raise DataError(f"--eval: expected distinct NAME=PATH (a folder or glob of evaluation images), "
+                            f"got {item[:200]!r}")
+        benchmarks[name] = path
+    kind, _, name_or_path = args.vision.partition(":")
+    vision = VisionConfig(kind=kind, name_or_path=name_or_path or VisionConfig.name_or_path)
+    config = DedupConfig(hash_distance=args.hash_distance, cosine=None if args.hash_only else args.cosine,
+                         batch_size=args.batch_size, search=args.search, shard_size=args.shard_size)
+    report = deduplicate(args.train, args.kind, benchmarks, args.out, config, vision, overwrite=args.overwrite)
+    print(report.summary())
+    print(f"reports: {report.out_dir / 'report'}")
+
+
 def _add_allow_absolute_paths(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-absolute-paths", action="store_true",
                         help="let media paths lead outside the dataset folder (absolute paths, '..', symlinks "
@@ -352,9 +374,10 @@ def _cmd_clipart(args: argparse.Namespace) -> None:
 
 
 def add_data_subcommands(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `data` (with convert / validate / shapes) to the `flamingo` command's subparsers."""
+    """Add `data` (with convert / validate / shapes / clipart / dedup) to the `flamingo` command's subparsers."""
     data = subparsers.add_parser(
-        "data", help="convert data to WebDataset shards, validate datasets, make the tiny shapes dataset",
+        "data", help="convert data to WebDataset shards, validate datasets, make the tiny shapes dataset, "
+                     "deduplicate training data against evaluation images",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   flamingo data convert captions.jsonl shards/ --kind pairs --shard-size 1000
@@ -363,6 +386,7 @@ def add_data_subcommands(subparsers: Any) -> argparse.ArgumentParser:
   flamingo data shapes tiny/ --kind interleaved --n 64
   flamingo data shapes tiny-vqa/ --kind vqa --n 64    # VQAv2 format + data.yaml (flamingo eval / finetune)
   flamingo data clipart objects/ --n 20000      (first: apt-get install openclipart-png tuxpaint-stamps-default)
+  flamingo data dedup 'laion/*.tar' --eval coco=coco/val2014 --eval flickr30k=flickr30k/images --out laion-dedup
 layouts:
   pairs        x.jpg + x.txt (folder or shards); JSONL {"image": path, "caption": text}
   interleaved  x.json {"texts": [...], "images": [...]} (OBELICS) or {"text_list", "image_info"} (MMC4)
@@ -416,6 +440,30 @@ layouts:
                       help="folder holding openclipart/png and tuxpaint/stamps (default $FLAMINGO_CLIPART_ROOT "
                            "or /usr/share)")
     clip.set_defaults(func=_cmd_clipart)
+
+    dedup = sub.add_parser(
+        "dedup", help="remove training images that duplicate evaluation images (paper A.3.4): perceptual hashes "
+                      "and frozen-encoder embeddings; reports per benchmark + filtered shards")
+    dedup.add_argument("train", help="training shards (glob, {a..b} pattern or folder of .tar)")
+    dedup.add_argument("--kind", choices=("pairs", "interleaved"), default="pairs",
+                       help="pairs (default) or interleaved (a document with any duplicate image is removed)")
+    dedup.add_argument("--eval", action="append", required=True, metavar="NAME=PATH",
+                       help="a benchmark's images: a folder (searched recursively) or a glob (repeatable)")
+    dedup.add_argument("--out", required=True, help="output folder: report/ and shards/")
+    dedup.add_argument("--hash-distance", type=int, default=6,
+                       help="max Hamming distance of 64-bit pHashes (image or mirror) for a copy (default 6)")
+    dedup.add_argument("--cosine", type=float, default=0.85,
+                       help="min cosine similarity of encoder embeddings for a near-duplicate (default 0.85)")
+    dedup.add_argument("--hash-only", action="store_true", help="perceptual hashes only (no encoder)")
+    dedup.add_argument("--vision", default="efficientnet_lite0", metavar="KIND[:NAME_OR_PATH]",
+                       help="the frozen encoder: efficientnet_lite0 (default, offline), clip:HUB_ID_OR_DIR, "
+                            "siglip:..., timm:NAME, local:DIR (a pretrain-vision output)")
+    dedup.add_argument("--search", choices=("auto", "faiss", "torch"), default="auto",
+                       help="nearest-neighbour search (auto: faiss-cpu for large benchmarks when installed)")
+    dedup.add_argument("--batch-size", type=int, default=64, help="images per chunk (default 64)")
+    dedup.add_argument("--shard-size", type=int, default=1000, help="records per output shard (default 1000)")
+    dedup.add_argument("--overwrite", action="store_true", help="replace an earlier dedup output folder")
+    dedup.set_defaults(func=_cmd_dedup)
     return data
 
 

@@ -1,0 +1,358 @@
+"""Removing training images that duplicate evaluation images (paper A.3.4).
+
+The paper deduplicated its image-text training sets (ALIGN, LTIP) against the images of its
+benchmarks with a trained visual encoder and an approximate nearest-neighbour search. Here two
+detectors run side by side:
+
+- perceptual hashes (`imagehash.phash`, 64 bits) catch exact and near-exact copies (resized,
+  recompressed); an evaluation image is hashed as is and mirrored, so flipped copies match too;
+- frozen-encoder embeddings (any of our vision encoders, spatial features mean-pooled,
+  L2-normalised) catch near-duplicates the hash misses (crops); a training image whose cosine
+  similarity to an evaluation image (or its mirror) reaches the threshold is a duplicate. The
+  nearest neighbour is found with faiss (`pip install faiss-cpu`) for large evaluation sets, with
+  a torch matrix product otherwise or when faiss is not installed; both are exact searches.
+
+Everything streams: evaluation images are hashed and embedded in chunks and only their hashes and
+embeddings are kept (2 x 8 bytes + 2 x D floats each); training records are read, checked and
+written chunk by chunk, so millions of training images never sit in memory. The training data
+are WebDataset shards (`flamingo data convert` writes a folder or JSONL file as shards).
+
+Outputs in OUT: report/BENCHMARK.json (every duplicate: the training record and image, the
+evaluation image, which detector fired, the Hamming distance and the cosine similarity),
+report/summary.json and report/summary.txt, and shards/shard-NNNNNN.tar: the training records
+without the duplicates, members copied byte for byte. OUT is built in a temporary folder and
+renamed into place at the end, so an interrupted run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from flamingo.data.config import DataError
+from flamingo.data.media import IMAGE_EXTS, MediaSource, SkipSample, decode_image
+from flamingo.data.sources import Record, iter_shard, parse_json, resolve_paths
+from flamingo.model.config import VisionConfig
+from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
+from flamingo.outputs import check_output_dir, publish, staging_dir
+
+DEDUP_KINDS = ("pairs", "interleaved")
+
+
+@dataclass
+class DedupConfig:
+    """hash_distance: a training image whose 64-bit pHash is within this Hamming distance of an
+        evaluation image's (or its mirror's) is a duplicate (resized / recompressed copies: 0-5).
+    cosine: ... or whose embedding has at least this cosine similarity with one (crops); the
+        right value depends on the encoder: with EfficientNet-Lite0, slight crops and flips score
+        >= 0.83 and distinct photos <= 0.5. None: hashes only (no encoder is loaded).
+    batch_size: images hashed and embedded per chunk.
+    search: "auto" (faiss when installed and an evaluation set has >= faiss_min_rows
+        embeddings), "faiss" or "torch".
+    shard_size: records per output shard."""
+
+    hash_distance: int = 6
+    cosine: float | None = 0.85
+    batch_size: int = 64
+    search: Literal["auto", "faiss", "torch"] = "auto"
+    faiss_min_rows: int = 8192
+    shard_size: int = 1000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.hash_distance, int) and 0 <= self.hash_distance <= 64):
+            raise DataError(f"hash_distance: expected an integer in 0..64, got {self.hash_distance!r}")
+        if self.cosine is not None and not -1 <= self.cosine <= 1:
+            raise DataError(f"cosine: expected a number in [-1, 1] or None, got {self.cosine!r}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise DataError(f"batch_size / shard_size: expected integers >= 1, got {self.batch_size}, {self.shard_size}")
+        if self.search not in ("auto", "faiss", "torch"):
+            raise DataError(f"search: expected auto, faiss or torch, got {self.search!r}")
+
+
+# ------------------------------------------------------------------------------- features
+def phash64(image: Image.Image) -> np.uint64:
+    import imagehash
+
+    return np.uint64(int(str(imagehash.phash(image)), 16))
+
+
+class Embedder:
+    """A frozen vision encoder's mean-pooled, L2-normalised features of PIL images."""
+
+    def __init__(self, vision: VisionConfig) -> None:
+        from flamingo.model.vision import build_vision_encoder
+
+        self.encoder = build_vision_encoder(vision)
+        self.processor = self.encoder.image_processor()
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image]) -> np.ndarray:
+        pixels = torch.stack([self.processor.preprocess_image(image) for image in images])
+        features = self.encoder.encode(pixels).float().mean(1)
+        return F.normalize(features, dim=-1).numpy()
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ------------------------------------------------------------------------- evaluation side
+def evaluation_images(path: str) -> list[Path]:
+    """The image files of a benchmark: a folder (searched recursively) or a glob pattern."""
+    root = Path(path)
+    if root.is_dir():
+        files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS]
+    else:
+        files = [Path(p) for p in glob.glob(path, recursive=True)
+                 if Path(p).is_file() and Path(p).suffix.lower().lstrip(".") in IMAGE_EXTS]
+    if not files:
+        raise DataError(f"evaluation images {path!r}: no image files ({', '.join(IMAGE_EXTS)}) in that folder or "
+                        f"matching that pattern")
+    return sorted(files)
+
+
+@dataclass
+class EvaluationIndex:
+    """Hashes and embeddings of one benchmark's images; row 2i is image i, row 2i+1 its mirror."""
+
+    name: str
+    files: list[Path]
+    hashes: np.ndarray  # [2N] uint64
+    embeddings: np.ndarray | None  # [2N, D] float32
+    unreadable: int = 0
+    faiss_index: Any = None
+
+    def nearest_hashes(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Hamming distance, image index) of the closest evaluation hash, per query."""
+        distances = np.bitwise_count(hashes[:, None] ^ self.hashes[None, :])
+        best = distances.argmin(1)
+        return distances[np.arange(len(hashes)), best].astype(np.int64), best // 2
+
+    def nearest_embeddings(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine similarity, image index) of the closest evaluation embedding, per query."""
+        if self.faiss_index is not None:
+            similarity, index = self.faiss_index.search(np.ascontiguousarray(embeddings, dtype=np.float32), 1)
+            return similarity[:, 0], index[:, 0] // 2
+        similarity = torch.from_numpy(embeddings) @ torch.from_numpy(self.embeddings).T
+        best, index = similarity.max(1)
+        return best.numpy(), index.numpy() // 2
+
+
+def _faiss(wanted: str, rows: int, min_rows: int) -> Any:
+    if wanted == "torch" or (wanted == "auto" and rows < min_rows):
+        return None
+    try:
+        import faiss
+    except ImportError:
+        if wanted == "faiss":
+            raise DataError("search: faiss was asked for but is not installed (pip install faiss-cpu)") from None
+        return None
+    return faiss
+
+
+def index_benchmark(name: str, path: str, config: DedupConfig, embedder: Embedder | None) -> EvaluationIndex:
+    """Hash (and embed) every image of a benchmark, chunk by chunk, with its mirror."""
+    files = evaluation_images(path)
+    kept: list[Path] = []
+    hashes: list[np.uint64] = []
+    embeddings: list[np.ndarray] = []
+    unreadable = 0
+    for chunk in _chunks(iter(files), config.batch_size):
+        images = []
+        for file in chunk:
+            try:
+                image = decode_image(file, str(file), config.max_pixels).convert("RGB")
+            except SkipSample:
+                unreadable += 1
+                continue
+            mirror = ImageOps.mirror(image)
+            images += [image, mirror]
+            hashes += [phash64(image), phash64(mirror)]
+            kept.append(file)
+        if embedder is not None and images:
+            embeddings.append(embedder(images))
+    if not kept:
+        raise DataError(f"benchmark {name!r}: none of the {len(files)} image files under {path!r} could be decoded")
+    index = EvaluationIndex(name, kept, np.array(hashes, dtype=np.uint64),
+                            np.concatenate(embeddings).astype(np.float32) if embeddings else None, unreadable)
+    if index.embeddings is not None:
+        faiss = _faiss(config.search, len(index.embeddings), config.faiss_min_rows)
+        if faiss is not None:
+            index.faiss_index = faiss.IndexFlatIP(index.embeddings.shape[1])
+            index.faiss_index.add(index.embeddings)
+    return index
+
+
+# --------------------------------------------------------------------------- training side
+def training_records(paths: list[str], report: "DedupReport") -> Iterator[Record]:
+    """The records of a training set's shards in stored order, one shard at a time; the rest of
+    a damaged shard is counted as `corrupt_shard`."""
+    layout, files = resolve_paths(paths)
+    if layout != "shards":
+        raise DataError(f"training data {paths[0]!r}: expected WebDataset shards, got a {layout}; convert it first "
+                        f"with `flamingo data convert`")
+
+    def damaged(reason: str, message: str) -> None:
+        report.unreadable[reason] += 1
+
+    for unit, shard in enumerate(files):
+        yield from iter_shard(shard, unit, damaged)
+
+
+def record_images(record: Record, kind: str) -> list[tuple[str, MediaSource]]:
+    """(name, bytes) of every image of a shard record."""
+    from flamingo.data.processing import parse_document, resolve_media
+
+    if kind == "pairs":
+        ext = next((e for e in IMAGE_EXTS if e in record.fields), None)
+        if ext is None:
+            raise SkipSample("missing_image", f"{record.name}: no image member ({'/'.join(IMAGE_EXTS)})")
+        return [(f"{record.name}.{ext}", record.fields[ext])]
+    doc = parse_json(record, "json")
+    return [resolve_media(value, record) for seg_kind, value in parse_document(doc, record.name) if seg_kind == "image"]
+
+
+# ----------------------------------------------------------------------------------- report
+@dataclass
+class Duplicate:
+    train: str  # the training record
+    image: str  # its image that duplicates
+    eval: str  # the evaluation image file
+    match: str  # "hash" (exact / near-exact copy) or "embedding" (near-duplicate)
+    hash_distance: int
+    cosine: float | None
+
+
+@dataclass
+class DedupReport:
+    out_dir: Path
+    records: int = 0  # training records read
+    images: int = 0  # training images checked
+    removed: int = 0  # records dropped (one duplicate image is enough)
+    kept: int = 0
+    unreadable: Counter = field(default_factory=Counter)  # records kept unchecked / damaged shards, by reason
+    duplicates: dict[str, list[Duplicate]] = field(default_factory=dict)  # by benchmark
+    eval_images: dict[str, int] = field(default_factory=dict)
+    shards: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"training records: {self.records} ({self.images} images); removed {self.removed}, kept {self.kept} "
+                 f"in {len(self.shards)} shard(s) under {self.out_dir / 'shards'}"]
+        if self.unreadable:
+            lines.append("kept unchecked (unreadable): " + ", ".join(f"{k}={v}" for k, v in sorted(self.unreadable.items())))
+        for name, found in self.duplicates.items():
+            by = Counter(d.match for d in found)
+            lines.append(f"{name}: {len(found)} duplicate image(s) of {self.eval_images[name]} evaluation images "
+                         f"(hash {by['hash']}, embedding {by['embedding']})")
+        return "\n".join(lines)
+
+
+def deduplicate(train_paths: str | list[str], kind: str, benchmarks: dict[str, str], out_dir: str | Path,
+                config: DedupConfig | None = None, vision: VisionConfig | None = None,
+                overwrite: bool = False) -> DedupReport:
+    """Find the training images (WebDataset shards) that duplicate images of `benchmarks`
+    ({name: folder or glob of image files}) and write the reports and the filtered shards into
+    `out_dir` (see the module docstring). `vision` is the frozen encoder of the embedding detector
+    (default: EfficientNet-Lite0); an existing `out_dir` is replaced only with `overwrite`."""
+    from webdataset import ShardWriter
+
+    config = config or DedupConfig()
+    if kind not in DEDUP_KINDS:
+        raise DataError(f"kind: expected one of {', '.join(DEDUP_KINDS)}, got {kind!r}")
+    if not benchmarks:
+        raise DataError("benchmarks: expected at least one NAME=PATH of evaluation images")
+    out = check_output_dir(out_dir, overwrite, "dedup output folder", ours=("report", "shards"))
+    paths = [train_paths] if isinstance(train_paths, str) else list(train_paths)
+    resolve_paths(paths)  # bad training paths are reported before the encoder loads
+    embedder = Embedder(vision or VisionConfig(kind="efficientnet_lite0")) if config.cosine is not None else None
+    indexes = [index_benchmark(name, path, config, embedder) for name, path in benchmarks.items()]
+    report = DedupReport(out, duplicates={i.name: [] for i in indexes},
+                         eval_images={i.name: len(i.files) for i in indexes})
+    with staging_dir(out) as staged:
+        (staged / "shards").mkdir()
+        with ShardWriter(str(staged / "shards" / "shard-%06d.tar"), maxcount=config.shard_size, verbose=0,
+                         encoder=False, mtime=0) as writer:
+            for chunk in _chunks(training_records(paths, report), config.batch_size):
+                flagged = _check_chunk(chunk, kind, indexes, config, embedder, report)
+                for record, duplicate in zip(chunk, flagged):
+                    if duplicate:
+                        report.removed += 1
+                    else:
+                        # fresh keys: two input shards may reuse keys, and equal neighbouring keys would merge
+                        writer.write({"__key__": f"{report.kept:09d}", **record.fields})
+                        report.kept += 1
+        report.shards = [out / "shards" / p.name for p in sorted((staged / "shards").glob("shard-*.tar"))]
+        _write_reports(report, staged / "report", config, vision)
+        publish(staged, out)
+    return report
+
+
+def _check_chunk(records: list[Record], kind: str, indexes: list[EvaluationIndex], config: DedupConfig,
+                 embedder: Embedder | None, report: DedupReport) -> list[bool]:
+    """Which records of a chunk hold a duplicate image; duplicates are added to the report."""
+    report.records += len(records)
+    owners: list[int] = []
+    names: list[str] = []
+    images: list[Image.Image] = []
+    for i, record in enumerate(records):
+        try:
+            for name, source in record_images(record, kind):
+                images.append(decode_image(source, name, config.max_pixels).convert("RGB"))
+                owners.append(i)
+                names.append(name)
+        except SkipSample as skip:
+            report.unreadable[skip.reason] += 1
+    flagged = [False] * len(records)
+    if not images:
+        return flagged
+    report.images += len(images)
+    hashes = np.array([phash64(image) for image in images], dtype=np.uint64)
+    embeddings = embedder(images) if embedder is not None else None
+    for index in indexes:
+        distance, by_hash = index.nearest_hashes(hashes)
+        cosine, by_embedding = (index.nearest_embeddings(embeddings) if embeddings is not None
+                                else (np.full(len(images), np.nan), by_hash))
+        for j in range(len(images)):
+            hash_hit = distance[j] <= config.hash_distance
+            embedding_hit = config.cosine is not None and cosine[j] >= config.cosine
+            if not (hash_hit or embedding_hit):
+                continue
+            match = index.files[by_hash[j] if hash_hit else by_embedding[j]]
+            report.duplicates[index.name].append(Duplicate(
+                records[owners[j]].name, names[j], str(match), "hash" if hash_hit else "embedding",
+                int(distance[j]), None if np.isnan(cosine[j]) else round(float(cosine[j]), 4)))
+            flagged[owners[j]] = True
+    return flagged
+
+
+def _write_reports(report: DedupReport, folder: Path, config: DedupConfig, vision: VisionConfig | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"hash_distance": config.hash_distance, "cosine": config.cosine,
+                "encoder": asdict(vision or VisionConfig(kind="efficientnet_lite0")) if config.cosine is not None else None}
+    for name, found in report.duplicates.items():
+        (folder / f"{name}.json").write_text(json.dumps({
+            "benchmark": name, "eval_images": report.eval_images[name], "settings": settings,
+            "duplicates": [asdict(d) for d in found]}, indent=1))
+    (folder / "summary.json").write_text(json.dumps({
+        "records": report.records, "images": report.images, "removed": report.removed, "kept": report.kept,
+        "unreadable": dict(report.unreadable), "shards": [str(p) for p in report.shards], "settings": settings,
+        "benchmarks": {name: {"eval_images": report.eval_images[name], "duplicates": len(found)}
+                       for name, found in report.duplicates.items()}}, indent=1))
+    (folder / "summary.txt").write_text(report.summary() + "\n")

@@ -1,0 +1,138 @@
+"""Train/eval deduplication (paper A.3.4): planted copies of evaluation photos (resized,
+recompressed, slightly cropped, mirrored, exact) are found and attributed to their benchmark,
+distinct images are kept, and the filtered shards hold exactly the non-duplicates."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+SKIMAGE_DATA = Path(importlib.util.find_spec("skimage").origin).parent / "data"
+EVAL = {"coco": ("astronaut.png", "chelsea.png", "coffee.png"), "vqav2": ("rocket.jpg", "camera.png", "horse.png")}
+DISTINCT = ("coins.png", "page.png", "retina.jpg", "brick.png")
+
+
+def photo(name: str) -> Image.Image:
+    image = Image.open(SKIMAGE_DATA / name).convert("RGB")
+    return image.resize((image.width // 2, image.height // 2))  # smaller files, same content
+
+
+def jpeg(image: Image.Image, quality: int) -> Image.Image:
+    data = io.BytesIO()
+    image.save(data, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(data.getvalue())).convert("RGB")
+
+
+def crop(image: Image.Image, fraction: float = 0.05) -> Image.Image:
+    w, h = image.size
+    return image.crop((int(w * fraction), int(h * fraction), w - int(w * fraction / 2), h - int(h * fraction / 2)))
+
+
+PLANTED = {  # training caption -> (benchmark, evaluation file, how the copy was made)
+    "resized astronaut": ("coco", "astronaut.png", lambda im: im.resize((im.width * 2 // 3, im.height * 2 // 3))),
+    "recompressed cat": ("coco", "chelsea.png", lambda im: jpeg(im, 25)),
+    "cropped coffee": ("coco", "coffee.png", crop),
+    "mirrored rocket": ("vqav2", "rocket.jpg", ImageOps.mirror),
+    "exact camera": ("vqav2", "camera.png", lambda im: im),
+}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Evaluation folders for two benchmarks, and training shards holding the planted copies
+    among distinct photos and rendered scenes."""
+    from flamingo.data.cli import convert_to_shards
+    from flamingo.data.procedural import render, sample_scene
+
+    root = tmp_path_factory.mktemp("dedup")
+    for benchmark, names in EVAL.items():
+        (root / benchmark / "val").mkdir(parents=True)
+        for name in names:
+            photo(name).save(root / benchmark / "val" / f"{Path(name).stem}.png")
+    folder = root / "train"
+    folder.mkdir()
+    captions = {}
+    for caption, (_, name, make) in PLANTED.items():
+        captions[caption] = make(photo(name))
+    for name in DISTINCT:
+        captions[f"distinct {Path(name).stem}"] = photo(name)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        captions[f"scene {i}"] = render(sample_scene(rng), size=128)
+    for i, (caption, image) in enumerate(captions.items()):
+        image.save(folder / f"{i:03d}.jpg" if caption == "recompressed cat" else folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(caption)
+    convert_to_shards(str(folder), root / "shards", "pairs", shard_size=5, shuffle=False)
+    return root
+
+
+def test_planted_duplicates_are_found_and_removed(planted, tmp_path):
+    import webdataset as wds
+
+    from flamingo.data.dedup import deduplicate
+
+    benchmarks = {name: str(planted / name) for name in EVAL}
+    report = deduplicate(str(planted / "shards"), "pairs", benchmarks, tmp_path / "out")
+
+    def caption(record_name: str) -> str:
+        return found_captions[record_name]
+
+    # Which training records were flagged, for which benchmark and evaluation image, and how.
+    found_captions = {}
+    for shard in sorted((planted / "shards").glob("*.tar")):
+        for sample in wds.WebDataset(str(shard), shardshuffle=False):
+            found_captions[f"{shard.name}:{sample['__key__']}"] = sample["txt"].decode()
+    flagged = {caption(d.train): (name, Path(d.eval).stem, d.match)
+               for name, found in report.duplicates.items() for d in found}
+    assert set(flagged) == set(PLANTED), flagged
+    for text, (benchmark, file, _) in PLANTED.items():
+        assert flagged[text][:2] == (benchmark, Path(file).stem)
+    assert flagged["cropped coffee"][2] == "embedding"  # the hash misses crops
+    assert all(flagged[t][2] == "hash" for t in ("resized astronaut", "recompressed cat", "exact camera",
+                                                  "mirrored rocket"))
+    assert report.removed == len(PLANTED) and report.kept == len(found_captions) - len(PLANTED)
+
+    # The filtered shards hold exactly the other records, bytes unchanged.
+    kept = [sample["txt"].decode() for shard in report.shards
+            for sample in wds.WebDataset(str(shard), shardshuffle=False)]
+    assert sorted(kept) == sorted(set(found_captions.values()) - set(PLANTED))
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert summary["benchmarks"] == {"coco": {"eval_images": 3, "duplicates": 3},
+                                     "vqav2": {"eval_images": 3, "duplicates": 2}}
+    coco = json.loads((tmp_path / "out" / "report" / "coco.json").read_text())
+    assert len(coco["duplicates"]) == 3 and "coco: 3 duplicate" in (tmp_path / "out" / "report" / "summary.txt").read_text()
+
+    # Hashes alone: every copy but the crop; the output folder is replaced only when asked.
+    from flamingo.data.dedup import DedupConfig
+    from flamingo.outputs import OutputExistsError
+
+    with pytest.raises(OutputExistsError):
+        deduplicate(str(planted / "shards"), "pairs", benchmarks, tmp_path / "out", DedupConfig(cosine=None))
+    hashes_only = deduplicate(str(planted / "shards"), "pairs", benchmarks, tmp_path / "out",
+                              DedupConfig(cosine=None), overwrite=True)
+    assert {caption(d.train) for found in hashes_only.duplicates.values() for d in found} == \
+        set(PLANTED) - {"cropped coffee"}
+
+
+def test_faiss_and_torch_searches_agree():
+    pytest.importorskip("faiss")
+    from flamingo.data.dedup import EvaluationIndex, _faiss
+
+    rng = np.random.default_rng(0)
+    evals = rng.standard_normal((40, 16)).astype(np.float32)
+    evals /= np.linalg.norm(evals, axis=1, keepdims=True)
+    queries = evals[[3, 17, 30]] + 0.05 * rng.standard_normal((3, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    plain = EvaluationIndex("x", [], np.zeros(40, dtype=np.uint64), evals)
+    faiss = _faiss("faiss", 40, 0)
+    indexed = EvaluationIndex("x", [], np.zeros(40, dtype=np.uint64), evals, faiss_index=faiss.IndexFlatIP(16))
+    indexed.faiss_index.add(evals)
+    (c1, i1), (c2, i2) = plain.nearest_embeddings(queries), indexed.nearest_embeddings(queries)
+    assert i1.tolist() == i2.tolist() == [1, 8, 15]  # rows 3, 17, 30 are images 1, 8, 15 (2 rows per image)
+    np.testing.assert_allclose(c1, c2, rtol=1e-5)
