@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_training_processes import _env
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,14 +94,6 @@ def test_loss_equals_a_hand_written_clip_loss(smoothing):
 
 
 # ------------------------------------------------------------------------------ distributed
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    return env
-
-
 WORKER = """
 import sys, torch, torch.distributed as dist
 from safetensors.torch import save_file

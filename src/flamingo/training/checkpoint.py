@@ -65,6 +65,26 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resolve_resume(checkpoint_dir: Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint a run starts from: None for a fresh run (refused when `checkpoint_dir`
+    already holds checkpoints), the latest one for "auto" (None when there is none), or the
+    folder given."""
+    from flamingo.model.config import ConfigError
+
+    latest = latest_checkpoint(checkpoint_dir)
+    if resume is None:
+        if latest is not None:
+            raise ConfigError(f"{checkpoint_dir} already holds checkpoints (latest: {latest.name}); "
+                              f"resume with --resume, or choose another run_dir")
+        return None
+    if str(resume) == "auto":
+        return latest
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"resume: checkpoint folder {path} does not exist")
+    return path
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

@@ -244,18 +244,7 @@ class TrainConfig:
         return {d.name: d.weight for d in self.datasets}
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "model":
-                out[f.name] = value.to_dict()
-            elif f.name == "datasets":
-                out[f.name] = [d.to_dict() for d in value]
-            elif dataclasses.is_dataclass(value):
-                out[f.name] = _plain(dataclasses.asdict(value))
-            else:
-                out[f.name] = value
-        return out
+        return config_dict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -279,6 +268,23 @@ class TrainConfig:
         return cls(model=FlamingoConfig.from_dict(model, source=f"{source}: model"),
                    datasets=[_dataset_from_dict(d, f"{source}: datasets.{i}") for i, d in enumerate(datasets)],
                    **kwargs)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """The plain mapping (the YAML form) of a run config dataclass: sections with a `to_dict`
+    (the model, dataset entries) through it, other dataclass sections field by field."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if hasattr(value, "to_dict"):
+            out[f.name] = value.to_dict()
+        elif isinstance(value, list) and value and all(hasattr(v, "to_dict") for v in value):
+            out[f.name] = [v.to_dict() for v in value]
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = _plain(dataclasses.asdict(value))
+        else:
+            out[f.name] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -239,21 +239,6 @@ class PretrainResult:
     model: ContrastiveModel
 
 
-def _resolve_resume(checkpoint_dir: Path, resume: str | Path | None) -> Path | None:
-    latest = ckpt.latest_checkpoint(checkpoint_dir)
-    if resume is None:
-        if latest is not None:
-            raise ConfigError(f"{checkpoint_dir} already holds checkpoints (latest: {latest.name}); "
-                              f"resume with --resume, or choose another run_dir")
-        return None
-    if str(resume) == "auto":
-        return latest
-    path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(f"resume: checkpoint folder {path} does not exist")
-    return path
-
-
 def pretrain_vision(config: PretrainConfig, resume: str | Path | None = None) -> PretrainResult:
     """Run (or resume: "auto" or a checkpoint folder) a contrastive pretraining; see the module
     docstring. Works in one process and under torchrun (DDP)."""
@@ -270,7 +255,7 @@ def pretrain_vision(config: PretrainConfig, resume: str | Path | None = None) ->
 def _pretrain(config: PretrainConfig, rt: Runtime, resume: str | Path | None) -> PretrainResult:
     run_dir = Path(config.run_dir or "runs/pretrain-vision")
     checkpoint_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
-    resume_from = _resolve_resume(checkpoint_dir, resume)
+    resume_from = ckpt.resolve_resume(checkpoint_dir, resume)
     model, tokenizer = build_contrastive_model(config)
     state: dict[str, Any] = {}
     if resume_from is not None:

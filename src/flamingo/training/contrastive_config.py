@@ -34,8 +34,9 @@ from flamingo.training.config import (
     ScheduleConfig,
     _dataset_from_dict,
     _fields_from_dict,
-    _plain,
     apply_override,
+    config_dict,
+    read_yaml_mapping,
 )
 
 VISION_KINDS = ("clip", "siglip", "timm", "efficientnet_lite0", "local")
@@ -146,16 +147,7 @@ class PretrainConfig:
                   "every >= 1, batch_size >= 1, max_pairs >= 2", (h.every, h.batch_size, h.max_pairs))
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "datasets":
-                out[f.name] = [d.to_dict() for d in value]
-            elif dataclasses.is_dataclass(value):
-                out[f.name] = _plain(dataclasses.asdict(value))
-            else:
-                out[f.name] = value
-        return out
+        return config_dict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -190,14 +182,7 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | tuple[str, ...
     """Read a pretraining YAML, apply `key=value` overrides, validate; run_dir defaults to
     runs/<file stem>."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pretrain config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"pretrain config file {path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "pretrain config")
     for item in overrides:
         apply_override(data, item)
     if data.get("run_dir") is None:

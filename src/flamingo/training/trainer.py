@@ -172,18 +172,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- set-up
     def _resolve_resume(self, resume: str | Path | None) -> Path | None:
-        latest = ckpt.latest_checkpoint(self.checkpoint_dir)
-        if resume is None:
-            if latest is not None:
-                raise ConfigError(f"{self.checkpoint_dir} already holds checkpoints (latest: {latest.name}); "
-                                  f"resume with --resume, or choose another run_dir")
-            return None
-        if str(resume) == "auto":
-            return latest
-        path = Path(resume)
-        if not path.is_dir():
-            raise ConfigError(f"resume: checkpoint folder {path} does not exist")
-        return path
+        return ckpt.resolve_resume(self.checkpoint_dir, resume)
 
     def _frozen_dtype(self) -> torch.dtype | None:
         choice = self.config.frozen_dtype
