@@ -167,9 +167,8 @@ def _faiss(wanted: str, rows: int, min_rows: int) -> Any:
     return faiss
 
 
-def index_benchmark(name: str, path: str, config: DedupConfig, embedder: Embedder | None) -> EvaluationIndex:
+def index_benchmark(name: str, files: list[Path], config: DedupConfig, embedder: Embedder | None) -> EvaluationIndex:
     """Hash (and embed) every image of a benchmark, chunk by chunk, with its mirror."""
-    files = evaluation_images(path)
     kept: list[Path] = []
     hashes: list[np.uint64] = []
     embeddings: list[np.ndarray] = []
@@ -189,7 +188,8 @@ def index_benchmark(name: str, path: str, config: DedupConfig, embedder: Embedde
         if embedder is not None and images:
             embeddings.append(embedder(images))
     if not kept:
-        raise DataError(f"benchmark {name!r}: none of the {len(files)} image files under {path!r} could be decoded")
+        raise DataError(f"benchmark {name!r}: none of its {len(files)} image files could be decoded "
+                        f"(e.g. {str(files[0])[:200]})")
     index = EvaluationIndex(name, kept, np.array(hashes, dtype=np.uint64),
                             np.concatenate(embeddings).astype(np.float32) if embeddings else None, unreadable)
     if index.embeddings is not None:
@@ -280,9 +280,10 @@ def deduplicate(train_paths: str | list[str], kind: str, benchmarks: dict[str, s
         raise DataError("benchmarks: expected at least one NAME=PATH of evaluation images")
     out = check_output_dir(out_dir, overwrite, "dedup output folder", ours=("report", "shards"))
     paths = [train_paths] if isinstance(train_paths, str) else list(train_paths)
-    resolve_paths(paths)  # bad training paths are reported before the encoder loads
+    resolve_paths(paths)  # bad training and evaluation paths are reported before the encoder loads
+    files = {name: evaluation_images(path) for name, path in benchmarks.items()}
     embedder = Embedder(vision or VisionConfig(kind="efficientnet_lite0")) if config.cosine is not None else None
-    indexes = [index_benchmark(name, path, config, embedder) for name, path in benchmarks.items()]
+    indexes = [index_benchmark(name, found, config, embedder) for name, found in files.items()]
     report = DedupReport(out, duplicates={i.name: [] for i in indexes},
                          eval_images={i.name: len(i.files) for i in indexes})
     with staging_dir(out) as staged:
