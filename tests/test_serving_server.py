@@ -336,8 +336,7 @@ def test_only_the_allowed_host_names_are_served(model):
 def test_a_slow_body_times_out_with_408(model):
     engine = FakeEngine(model)
     with BackgroundServer(create_app(engine, ServerSettings(body_timeout_s=0.5))) as server:
-        host, port = server.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as connection:
+        with _connection(server) as connection:
             connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
                                b"\r\nContent-Length: 1000\r\n\r\n{\"messages\": ")  # and then nothing
             connection.settimeout(60)
@@ -447,8 +446,7 @@ def test_client_disconnect_cancels_the_engine_sequence(model, stream):
     engine = FakeEngine(model, hold=True)
     body = json.dumps(_chat("hi", stream=stream)).encode()
     with BackgroundServer(create_app(engine, ServerSettings())) as server:
-        host, port = server.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as connection:
+        with _connection(server) as connection:
             connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
                                b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             assert engine.first_sent.wait(30)
@@ -457,6 +455,35 @@ def test_client_disconnect_cancels_the_engine_sequence(model, stream):
         assert engine.closed == [engine.requests[0].request_id]
         if not stream:
             assert "flamingo_http_client_disconnects_total 1.0" in httpx.get(server.url + "/metrics").text
+
+
+def test_client_disconnect_during_ranking_is_not_an_internal_error(model):
+    engine = FakeEngine(model)
+    ranking, cancelled = threading.Event(), threading.Event()
+
+    async def slow_rank(text, images, candidates):
+        ranking.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    engine.rank = slow_rank
+    body = json.dumps({"prompt": "This is a", "candidates": [" dax", " wug"]}).encode()
+    with BackgroundServer(create_app(engine, ServerSettings())) as server:
+        with _connection(server) as connection:
+            connection.sendall(b"POST /v1/rank HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                               b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert ranking.wait(30)
+        assert cancelled.wait(30)
+        metrics = httpx.get(server.url + "/metrics").text
+        assert "flamingo_http_client_disconnects_total 1.0" in metrics
+        assert "flamingo_http_internal_errors_total 0.0" in metrics
+
+
+def _connection(server: BackgroundServer) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)))
 
 
 def test_bounded_load_loses_nothing(model):

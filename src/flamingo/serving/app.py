@@ -283,9 +283,6 @@ class _Server:
                 return StreamingResponse(events, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return JSONResponse(await _until_disconnected(request, self.collect(deltas, engine_request, chat)))
-        except ClientDisconnected:
-            self.metrics.disconnects.inc()
-            return Response(status_code=499)
         finally:
             if not handed_over:
                 await _close(deltas)
@@ -399,6 +396,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *,
     async def overloaded(request: Request, err: EngineOverloaded) -> JSONResponse:
         return _error_response(429, "the server is busy (its request queue is full); retry shortly",
                                "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(request: Request, err: ClientDisconnected) -> Response:
+        metrics.disconnects.inc()
+        return Response(status_code=499)  # nobody reads it; the status is for the logs and metrics
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
