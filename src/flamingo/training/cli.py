@@ -153,7 +153,7 @@ def _cmd_pretrain_vision(args: argparse.Namespace) -> None:
     from flamingo.training.contrastive import pretrain_vision
 
     _quiet_transformers()
-    result = pretrain_vision(config, resume=args.resume)
+    result = pretrain_vision(config, resume=args.resume, trust_remote_code=args.trust_remote_code)
     if int(os.environ.get("RANK", "0")) == 0:
         last = next((r["heldout"] for r in reversed(result.records) if "heldout" in r), None)
         heldout = (f"; held-out recall@1 i2t {last['i2t_recall']:.3f} t2i {last['t2i_recall']:.3f} "

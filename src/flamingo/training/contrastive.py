@@ -137,13 +137,16 @@ def contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tens
 
 
 # --------------------------------------------------------------------------------- building
-def build_contrastive_model(config: PretrainConfig) -> tuple[ContrastiveModel, Any]:
-    """(model, text tokenizer), seeded with `config.seed` (the same on every rank)."""
+def build_contrastive_model(config: PretrainConfig, trust_remote_code: bool = False) -> tuple[ContrastiveModel, Any]:
+    """(model, text tokenizer), seeded with `config.seed` (the same on every rank);
+    `trust_remote_code` lets a text tower that needs its own code run it."""
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(config.seed)
     vision = build_vision_encoder(config.vision)
-    text_kwargs = {"revision": config.text.revision} if config.text.revision else {}
+    text_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if config.text.revision:
+        text_kwargs["revision"] = config.text.revision
     text = AutoModel.from_pretrained(config.text.name_or_path, **text_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(config.text.name_or_path, **text_kwargs)
     torch.manual_seed(config.seed)
@@ -239,7 +242,8 @@ class PretrainResult:
     model: ContrastiveModel
 
 
-def pretrain_vision(config: PretrainConfig, resume: str | Path | None = None) -> PretrainResult:
+def pretrain_vision(config: PretrainConfig, resume: str | Path | None = None,
+                    trust_remote_code: bool = False) -> PretrainResult:
     """Run (or resume: "auto" or a checkpoint folder) a contrastive pretraining; see the module
     docstring. Works in one process and under torchrun (DDP)."""
     if config.distributed.strategy != "ddp":
@@ -247,16 +251,17 @@ def pretrain_vision(config: PretrainConfig, resume: str | Path | None = None) ->
                           f"{config.distributed.strategy!r} (both towers are trained and replicated)")
     runtime = init_runtime(config)  # type: ignore[arg-type] - reads device, threads, distributed
     try:
-        return _pretrain(config, runtime, resume)
+        return _pretrain(config, runtime, resume, trust_remote_code)
     finally:
         shutdown(runtime)
 
 
-def _pretrain(config: PretrainConfig, rt: Runtime, resume: str | Path | None) -> PretrainResult:
+def _pretrain(config: PretrainConfig, rt: Runtime, resume: str | Path | None,
+              trust_remote_code: bool) -> PretrainResult:
     run_dir = Path(config.run_dir or "runs/pretrain-vision")
     checkpoint_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
     resume_from = ckpt.resolve_resume(checkpoint_dir, resume)
-    model, tokenizer = build_contrastive_model(config)
+    model, tokenizer = build_contrastive_model(config, trust_remote_code)
     state: dict[str, Any] = {}
     if resume_from is not None:
         tensors, state = ckpt.load_checkpoint(resume_from, MODEL_FILE)
