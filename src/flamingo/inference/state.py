@@ -143,7 +143,7 @@ class FlamingoState:
 
     def nbytes(self) -> int:
         """Memory held by the state's tensors."""
-        tensors = [t for kv in _cache_layers(self.past_key_values) for t in kv]
+        tensors = [t for keys, values, *_ in self.past_key_values for t in (keys, values)]
         tensors += [self.attention_mask, self.visual_tokens, self.num_media, self.next_token_logits]
         tensors += [t for kv in self.kv_cache.values() for t in kv]
         return sum(t.numel() * t.element_size() for t in tensors)
