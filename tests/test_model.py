@@ -8,6 +8,7 @@ import torch
 from conftest import FAMILIES, FEATURE_DIM, build_tiny, randomize_gates
 from transformers import AutoModelForCausalLM
 
+from flamingo.errors import UserError
 from flamingo.model.cross_attention import token_media_index
 from flamingo.model.flamingo import FlamingoInputError
 
@@ -259,6 +260,23 @@ def test_bad_inputs_give_clear_errors(lm_dir):
         model(ids, vision_features=features(3), num_media=torch.tensor([5]))
     with pytest.raises(FlamingoInputError, match="input_ids: expected shape"):
         model(ids[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # added rows appended / over padding rows
+def test_out_of_range_token_ids_are_refused(lm_dir, family):
+    """An id outside the vocabulary raises, naming it and the vocabulary size, instead of reading
+    the <image> row; the unused padding rows of a padded table stay valid ids."""
+    model = build_tiny(lm_dir(family))
+    table = model.input_embeddings.base.weight.shape[0]
+    vocab = max(table, model.media_token_id + 1)
+    assert model.input_embeddings.vocab_size == vocab
+    for bad in (vocab, vocab + 1000, -1):
+        with pytest.raises(UserError, match=rf"token id {bad} is outside the vocabulary .*{vocab} in all"):
+            model(torch.tensor([[1, 2, bad]]))
+    model(torch.tensor([[1, 2, model.eoc_token_id]]))  # an added id is valid
+    if table > model.media_token_id + 1:  # a padding row past the added ones reads the frozen table
+        embedded = model.input_embeddings(torch.tensor([[vocab - 1]]))
+        torch.testing.assert_close(embedded, model.input_embeddings.base(torch.tensor([[vocab - 1]])))
 
 
 def test_lm_without_a_decoder_stack_is_refused(lm_dir):

@@ -109,7 +109,8 @@ class FlamingoDecoderLayer(nn.Module):
 class DecoupledEmbedding(nn.Module):
     """The frozen token embedding plus trainable rows for tokens added after it.
 
-    Ids >= `first_new_id` read the trainable `new_rows`; all others read the frozen table. Only
+    The added ids read the trainable `new_rows`; all others read the frozen table (ids outside
+    both raise a `UserError`). Only
     the new rows receive gradients, and the frozen table gets none at all (no masking of a full
     gradient).
     """
@@ -130,11 +131,20 @@ class DecoupledEmbedding(nn.Module):
     def embedding_dim(self) -> int:
         return self.base.weight.shape[1]
 
+    @property
+    def vocab_size(self) -> int:
+        """Valid ids: the frozen table's rows, and the added ids (which may lie beyond it)."""
+        return max(self.base.weight.shape[0], self.first_new_id + self.new_rows.shape[0])
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_new = input_ids >= self.first_new_id
+        bad = (input_ids < 0) | (input_ids >= self.vocab_size)
+        if bad.any():  # never let an out-of-range id read a neighbouring row
+            raise UserError(f"token id {int(input_ids[bad][0])} is outside the vocabulary "
+                            f"(ids 0..{self.vocab_size - 1}, {self.vocab_size} in all)")
+        new_index = input_ids - self.first_new_id
+        is_new = (new_index >= 0) & (new_index < self.new_rows.shape[0])
         frozen = self.base(input_ids.masked_fill(is_new, 0))
-        new_index = (input_ids - self.first_new_id).clamp(0, self.new_rows.shape[0] - 1)
-        new = F.embedding(new_index, self.new_rows)
+        new = F.embedding(new_index.clamp(0, self.new_rows.shape[0] - 1), self.new_rows)
         scale = getattr(self.base, "embed_scale", None)  # embeddings that scale their rows (Gemma)
         if scale is not None:
             new = new * scale.to(new.dtype) if torch.is_tensor(scale) else new * scale
