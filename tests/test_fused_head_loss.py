@@ -1,19 +1,20 @@
 """The training loss through the fused, chunked output head + NLL (`flamingo.model.fused_head_loss`)
 equals the loss from materialised logits, with the same gradients: chunk boundaries, new-token rows
 appended after the frozen table or replacing its padding rows, biases, tied embeddings, every LM
-family, bf16 autocast, and LMs that post-process their logits (which fall back)."""
+family, bf16 autocast, and LMs that post-process their logits (found when the model is built:
+they use their own logits)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, FEATURE_DIM, build_tiny, randomize_gates
+from conftest import FAMILIES, FEATURE_DIM, build_tiny, randomize_gates, tiny_config
 from torch import nn
 
-from flamingo.model.flamingo import token_nll_sum
+from flamingo.model.flamingo import Flamingo, token_nll_sum
 from flamingo.model.fused_head_loss import head_nll_sum
-from flamingo.model.language_model import DecoupledLMHead
+from flamingo.model.language_model import DecoupledLMHead, load_language_model
 
 
 def _head(vocab: int, dim: int, first_new: int, bias: bool, seed: int = 0) -> DecoupledLMHead:
@@ -165,26 +166,40 @@ def test_model_nll_labels_under_bf16_autocast(lm_dir):
         assert err_fused <= max(1.5 * err_full, 0.01), (name, err_fused, err_full)
 
 
-def test_an_lm_that_changes_its_logits_after_the_head_falls_back(lm_dir):
-    """A post-processing of the logits (soft-capping, scaling) is detected by the head's probe;
-    the loss is then computed from the logits of the labelled positions, correctly."""
-    model = build_tiny(lm_dir("llama"))
+def _post_processing_model(lm_dir, how: str):
+    """A model over an LM that changes its logits after the head: Gemma 3 with its config's
+    soft-capping switched on, or an LM whose forward is wrapped by a hook no config names."""
+    config = tiny_config(lm_dir("gemma3" if how == "softcapping" else "llama"))
+    lm, tokenizer = load_language_model(config.lm)
+    if how == "softcapping":
+        lm.config.final_logit_softcapping = 0.5  # small: the capping changes every logit
+    else:
+        def scale(_module, _args, out):
+            out.logits = out.logits * 0.5
+            return out
+
+        lm.register_forward_hook(scale)
+    torch.manual_seed(0)
+    return Flamingo(config, lm, tokenizer, vision_feature_dim=FEATURE_DIM)
+
+
+@pytest.mark.parametrize("how", [
+    pytest.param("softcapping", marks=pytest.mark.skipif("gemma3" not in FAMILIES, reason="no Gemma 3 in this transformers")),
+    "hook",
+])
+def test_an_lm_that_changes_its_logits_after_the_head_uses_its_logits(lm_dir, how):
+    """A post-processing of the logits (a config's soft-capping or scaling, or any other change
+    seen when the model is built) turns the fused head off once, at construction; the loss then
+    comes from the LM's own logits of the labelled positions, and is right."""
+    model = _post_processing_model(lm_dir, how)
+    assert not model.fused_nll
+    assert ("final_logit_softcapping=0.5" if how == "softcapping" else "not its output head's output") in (
+        model.logit_postprocessing)
     randomize_gates(model)
     ids, labels, feats = _batch(model)
-
-    def scale(_module, _args, out):
-        out.logits = out.logits * 0.5
-        return out
-
-    handle = model.lm.register_forward_hook(scale)
-    try:
-        full = _loss_and_grads(model, lambda: token_nll_sum(model(ids, vision_features=feats).logits, labels))
-        fused = _loss_and_grads(model, lambda: model(ids, vision_features=feats, nll_labels=labels).loss)
-        assert not model.fused_nll
-        again = _loss_and_grads(model, lambda: model(ids, vision_features=feats, nll_labels=labels).loss)
-    finally:
-        handle.remove()
-    for got in (fused, again):
-        torch.testing.assert_close(got[0], full[0], rtol=1e-5, atol=1e-5)
-        for name in full[1]:
-            _close(got[1][name], full[1][name], 1e-5, name)
+    full = _loss_and_grads(model, lambda: token_nll_sum(model(ids, vision_features=feats).logits, labels))
+    got = _loss_and_grads(model, lambda: model(ids, vision_features=feats, nll_labels=labels).loss)
+    assert not model.fused_nll
+    torch.testing.assert_close(got[0], full[0], rtol=1e-5, atol=1e-5)
+    for name in full[1]:
+        _close(got[1][name], full[1][name], 1e-5, name)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from conftest import FAMILIES, FEATURE_DIM, build_tiny, randomize_gates
+from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
+import flamingo.model.flamingo as flamingo_model
 from flamingo.errors import UserError
 from flamingo.model.cross_attention import token_media_index
 from flamingo.model.flamingo import FlamingoInputError
@@ -53,6 +56,25 @@ def test_init_logits_equal_frozen_lm(lm_dir, family):
     assert torch.equal(ours_text[..., old_ids], ref_text[..., old_ids])
     assert ours.shape[-1] >= model.media_token_id + 1  # the added tokens have logits
     assert len(model.cross_attn_layers) == 2  # every=2 over 4 blocks, starting at the first
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_media_reach_the_layers_as_chosen_when_built(lm_dir, family, monkeypatch):
+    """The media travel as an argument of the LM's forward where its decoder stack passes keyword
+    arguments on to its blocks (the context variable is then never used), else through the
+    context variable; either way they reach the layers, in the logits and in the training loss."""
+    model = build_tiny(lm_dir(family))
+    if Version(transformers.__version__) >= Version("5"):
+        assert model.media_passing == ("context" if family == "mpt" else "argument")
+    if model.media_passing == "argument":
+        monkeypatch.setattr(flamingo_model, "media_context", None)  # any use would fail
+    randomize_gates(model)
+    ids = encode(model, PROMPT)
+    labels = ids.masked_fill(ids == model.media_token_id, -100)
+    with torch.no_grad():
+        logits = [model(ids, vision_features=features(3, seed=s)).logits for s in (0, 1)]
+        losses = [model(ids, vision_features=features(3, seed=s), nll_labels=labels).loss for s in (0, 1)]
+    assert not torch.allclose(*logits) and not torch.allclose(*losses)
 
 
 def test_cross_attention_layers_follow_the_config(lm_dir):

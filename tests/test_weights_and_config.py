@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny, randomize_gates, tiny_config
+from conftest import FEATURE_DIM, build_tiny, randomize_gates, tiny_config
 from test_model import PROMPT, encode, features
 
 from flamingo import ConfigError, FlamingoConfig, LanguageModelConfig
@@ -192,3 +192,57 @@ def test_save_pretrained_writes_a_whole_folder_or_nothing_and_overwrites_only_wh
         save_pretrained(model, tmp_path / "notes", overwrite=True)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
+
+def test_a_features_fed_model_saves_and_loads_from_its_config(lm_dir, tmp_path):
+    """`vision.kind: features` with a feature width: a model without an encoder (a converted
+    OpenFlamingo checkpoint, training on cached features) is built, saved and reloaded from its
+    config alone, bit-exact."""
+    from flamingo.model.weights import build_flamingo, load_pretrained
+
+    config = tiny_config(lm_dir("llama"), **{"vision.kind": "features", "vision.feature_dim": FEATURE_DIM})
+    torch.manual_seed(0)
+    model = build_flamingo(config)
+    assert model.vision_encoder is None
+    randomize_gates(model, 0.5)
+    save_pretrained(model, tmp_path / "model")
+    assert "kind: features" in (tmp_path / "model" / CONFIG_FILE).read_text()
+    loaded = load_pretrained(tmp_path / "model")
+    assert loaded.vision_encoder is None and loaded.config == config
+    ids, feats = encode(model, PROMPT), features(3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, vision_features=feats).logits, model(ids, vision_features=feats).logits)
+
+
+@pytest.mark.parametrize("vision, message", [
+    ({"kind": "features"}, "vision.feature_dim: expected an integer >= 1 with kind features"),
+    ({"kind": "features", "feature_dim": 0}, "vision.feature_dim"),
+    ({"kind": "clip", "feature_dim": 24}, "vision.feature_dim"),
+])
+def test_feature_dim_goes_with_kind_features(vision, message):
+    with pytest.raises(ConfigError, match=message):
+        FlamingoConfig.from_dict({"vision": vision})
+
+
+def test_the_tokenizer_location_is_in_the_config(lm_dir, tmp_path):
+    """`lm.tokenizer` names where the tokenizer is (default: with the LM); a missing one is a
+    clear error naming the field and the place, not a hint to install a tokenizer library."""
+    import shutil
+
+    from flamingo.model.language_model import TokenizerNotFound, load_language_model
+
+    source = lm_dir("llama")
+    weights_only = tmp_path / "lm"
+    weights_only.mkdir()
+    for f in source.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, weights_only / f.name)
+    with pytest.raises(TokenizerNotFound, match=rf"lm.name_or_path \(no lm.tokenizer given\): no readable "
+                                                 rf"tokenizer at '{weights_only}'.*set lm.tokenizer"):
+        load_language_model(LanguageModelConfig(name_or_path=str(weights_only)))
+    with pytest.raises(TokenizerNotFound, match=rf"lm.tokenizer: no readable tokenizer at '{tmp_path / 'none'}'"):
+        load_language_model(LanguageModelConfig(name_or_path=str(weights_only), tokenizer=str(tmp_path / "none")))
+    _, tokenizer = load_language_model(LanguageModelConfig(name_or_path=str(weights_only), tokenizer=str(source)))
+    _, reference = load_language_model(LanguageModelConfig(name_or_path=str(source)))
+    assert tokenizer.get_vocab() == reference.get_vocab()
+    with pytest.raises(ConfigError, match="lm.tokenizer"):
+        FlamingoConfig.from_dict({"lm": {"tokenizer": ""}})

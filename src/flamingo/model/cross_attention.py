@@ -7,8 +7,9 @@ with alpha initialised to 0, so at initialisation the Flamingo model computes ex
 frozen LM computes.
 
 Which visual tokens a text token may see is described by a `MediaContext` that
-`Flamingo.forward` builds once per call from the token ids and hands to the layers for the
-duration of that call (see `media_context`). Nothing persists on the layers between calls.
+`Flamingo.forward` builds once per call from the token ids and hands to the layers: as a keyword
+argument of the LM's forward where its decoder stack passes those on to its blocks, otherwise
+through `media_context` for the duration of the call. Nothing persists on the layers between calls.
 """
 
 from __future__ import annotations
@@ -106,9 +107,8 @@ _ACTIVE_MEDIA: ContextVar[MediaContext | None] = ContextVar("flamingo_media_cont
 def media_context(context: MediaContext) -> Iterator[None]:
     """Make `context` visible to the cross-attention layers for the duration of one LM call.
 
-    The LM's own forward carries the hidden states from block to block; a context variable lets
-    our layers receive the media of this call from any Hugging Face decoder stack without relying
-    on it forwarding extra keyword arguments (MPT's does not). It is reset on exit, also on error.
+    Only for decoder stacks that do not pass extra keyword arguments on to their blocks (MPT's),
+    where the media cannot travel as an argument. It is reset on exit, also on error.
     """
     token = _ACTIVE_MEDIA.set(context)
     try:

@@ -8,10 +8,8 @@ image it may attend to. Nothing is left on the model between calls.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +18,17 @@ from torch import nn
 from flamingo.errors import UserError
 from flamingo.model.config import ConfigError, FlamingoConfig
 from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, media_context, token_media_index
-from flamingo.model.fused_head_loss import DEFAULT_CHUNK, IGNORE_INDEX, NLLRequest, nll_request
+from flamingo.model.fused_head_loss import DEFAULT_CHUNK, IGNORE_INDEX, head_nll_sum
 from flamingo.model.language_model import (
+    MEDIA_ARGUMENT,
     DecoupledEmbedding,
     DecoupledLMHead,
     FlamingoDecoderLayer,
     add_special_tokens,
     find_decoder_layers,
+    forward_parameters,
     hidden_size,
+    inspect_lm_forward,
 )
 from flamingo.model.perceiver import PerceiverResampler
 
@@ -73,7 +74,8 @@ class Flamingo(nn.Module):
         tokenizer: its tokenizer; the `<image>` and `<|endofchunk|>` tokens are added to it.
         vision_encoder: a `flamingo.model.vision.VisionEncoder` (pixels -> features), or None for
             a model fed with precomputed features.
-        vision_feature_dim: the feature width when no vision encoder is given.
+        vision_feature_dim: the feature width when no vision encoder is given (default: the
+            config's `vision.feature_dim`, with `vision.kind: features`).
     """
 
     def __init__(self, config: FlamingoConfig, lm: nn.Module, tokenizer: Any,
@@ -86,19 +88,36 @@ class Flamingo(nn.Module):
             vision_feature_dim = vision_encoder.feature_dim
             vision_encoder.requires_grad_(False)
             vision_encoder.eval()
+        elif config.vision.kind == "features":
+            if vision_feature_dim not in (None, config.vision.feature_dim):
+                raise ValueError(f"vision_feature_dim={vision_feature_dim} but the config says "
+                                 f"vision.feature_dim={config.vision.feature_dim}")
+            vision_feature_dim = config.vision.feature_dim
         elif vision_feature_dim is None:
-            raise ValueError("Flamingo needs a vision_encoder or, for precomputed features, vision_feature_dim")
+            raise ValueError("Flamingo needs a vision_encoder or, for precomputed features, vision_feature_dim "
+                             "(or a config with vision.kind: features)")
         self.vision_encoder = vision_encoder
 
         lm.requires_grad_(False)
         lm.eval()
         self.lm = lm
-        lm_params = inspect.signature(lm.forward).parameters
-        self._lm_takes_position_ids = "position_ids" in lm_params
-        self._lm_takes_logits_to_keep = "logits_to_keep" in lm_params
-        # Training loss through the fused chunked head (`nll_labels`); switched off for an LM whose
-        # forward turns out not to return its head's output unchanged (see fused_head_loss).
-        self.fused_nll = True
+        self._lm_params = forward_parameters(lm)
+        self._base_params = forward_parameters(lm.base_model)
+        # The LM's cache keyword: `cache` in recent transformers, `past_key_values` before.
+        self._cache_argument = "cache" if "cache" in self._lm_params else "past_key_values"
+
+        self.decoder_layers_path, layers = find_decoder_layers(lm, config.lm.decoder_layers_path)
+        cross_attn_indices = config.cross_attention_layers(len(layers))
+        lm_forward = inspect_lm_forward(lm, layers[cross_attn_indices[0]])
+        # How the media reach the cross-attention layers: as an argument of the LM's forward where
+        # its decoder stack passes keyword arguments on to its blocks, else a context variable.
+        self.media_passing: Literal["argument", "context"] = (
+            "argument" if lm_forward.passes_layer_kwargs else "context")
+        # Training loss (`nll_labels`) from the base model's last hidden state through a fused,
+        # chunked head + NLL (fused_head_loss); otherwise from the LM's logits of the labelled
+        # positions (an LM that post-processes its logits, or a head that is not a linear layer).
+        self.fused_nll = lm_forward.head_logits_unchanged and isinstance(lm.get_output_embeddings(), nn.Linear)
+        self.logit_postprocessing = lm_forward.postprocessing
         self.nll_chunk = DEFAULT_CHUNK
 
         # Special tokens, decoupled: only their embedding/output rows are trainable.
@@ -121,11 +140,10 @@ class Flamingo(nn.Module):
 
         self.perceiver = PerceiverResampler(config.perceiver, vision_feature_dim, config.activation, config.bias)
 
-        self.decoder_layers_path, layers = find_decoder_layers(lm, config.lm.decoder_layers_path)
         lm_dim = hidden_size(lm)
         self.unfrozen_backbone = self._unfreeze(config, layers)
         self.cross_attn_layers: dict[int, GatedCrossAttentionBlock] = {}
-        for idx in config.cross_attention_layers(len(layers)):
+        for idx in cross_attn_indices:
             block = GatedCrossAttentionBlock(lm_dim, self.perceiver.dim, config.cross_attention,
                                              config.activation, config.bias)
             layers[idx] = FlamingoDecoderLayer(layers[idx], block, idx)
@@ -267,27 +285,42 @@ class Flamingo(nn.Module):
             attend_next [B] bool: per-sample "next image" attention (A.3.2); default from config.
             media_offset [B]: images consumed by earlier calls whose KV cache is passed as
                 past_key_values (cached decoding); media then holds all images so far.
+            past_key_values: the LM's cache from an earlier call (`FlamingoOutput.past_key_values`).
             kv_cache: a dict to keep the cross-attention keys/values of `visual_tokens` per layer.
             logits_to_keep: if an int > 0, only the logits of the last so many positions are
-                computed; a 1-D tensor of positions keeps those (training: the positions that
-                have a next-token label, sparing the [B, L, V] head for the rest). Ignored with
-                `labels`.
+                computed; a 1-D tensor of positions keeps those. Ignored with `labels`.
             nll_labels [B, L]: training. Labels as `labels` (aligned with the inputs, -100
-                ignored); `loss` is then their summed next-token NLL (fp32) and `logits` None.
-                The output head and the NLL are computed together, chunk by chunk of labelled
-                tokens, without the [tokens, vocabulary] logits (`fused_head_loss`); LMs that
-                post-process their logits, or whose head is not ours, fall back to the logits of
-                the labelled positions only. Not with `labels` or `logits_to_keep`.
+                ignored); `loss` is then their summed next-token NLL (fp32) and `logits` None
+                (see `training_nll`). Not with `labels`, `logits_to_keep` or a cache.
 
         Media may be given for fewer rows than input_ids (visual_tokens [B / k, ...]): then each
         run of k consecutive rows shares one row of media, without copies (beams, candidates).
         """
         if input_ids.ndim != 2:
             raise FlamingoInputError(f"input_ids: expected shape [B, L], got {tuple(input_ids.shape)}")
-        media_counts = num_media  # as given (a fallback call re-runs with it)
         if nll_labels is not None and (labels is not None or use_cache or past_key_values is not None
                                        or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)):
             raise FlamingoInputError("nll_labels: not with labels, logits_to_keep or a KV cache")
+        visual_tokens, media = self.prepare_media(
+            input_ids, pixel_values=pixel_values, vision_features=vision_features, visual_tokens=visual_tokens,
+            num_media=num_media, attend_next=attend_next, media_offset=media_offset, kv_cache=kv_cache)
+        inputs = self._lm_inputs(input_ids, attention_mask)
+        if nll_labels is not None:
+            return FlamingoOutput(logits=None, loss=self.training_nll(inputs, media, nll_labels),
+                                  visual_tokens=visual_tokens)
+        out = self.logits_and_cache(inputs, media, labels=labels, past_key_values=past_key_values,
+                                    use_cache=use_cache, logits_to_keep=logits_to_keep)
+        out.visual_tokens = visual_tokens
+        return out
+
+    # ------------------------------------------------------------------ the three parts of forward
+    def prepare_media(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
+                      vision_features: torch.Tensor | None = None, visual_tokens: torch.Tensor | None = None,
+                      num_media: torch.Tensor | None = None, attend_next: torch.Tensor | None = None,
+                      media_offset: torch.Tensor | None = None, kv_cache: dict | None = None,
+                      ) -> tuple[torch.Tensor, MediaContext]:
+        """The media of one call (as in `forward`) -> (visual tokens [B_media, N, R, D], the
+        `MediaContext` telling each token of `input_ids` which of them it sees)."""
         batch, device = input_ids.shape[0], input_ids.device
         given = [n for n, v in (("pixel_values", pixel_values), ("vision_features", vision_features),
                                 ("visual_tokens", visual_tokens)) if v is not None]
@@ -321,59 +354,78 @@ class Flamingo(nn.Module):
                 (batch,), self.config.cross_attention.media_attention == "all_previous", device=device),
             kv_cache=kv_cache,
         )
+        return visual_tokens, context
 
-        lm_kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask,
-                                         past_key_values=past_key_values, use_cache=use_cache)
-        request = None
-        if nll_labels is not None:
-            nll_labels = nll_labels.to(device)
-            if self._fused_nll_possible():
-                request = NLLRequest(F.pad(nll_labels[:, 1:], (0, 1), value=IGNORE_INDEX), self.nll_chunk)
-            else:  # logits of the labelled positions only
-                logits_to_keep = labelled_positions(nll_labels)
-        keep_some = isinstance(logits_to_keep, torch.Tensor) or logits_to_keep > 0
-        if keep_some and labels is None and self._lm_takes_logits_to_keep:
-            lm_kwargs["logits_to_keep"] = logits_to_keep
-        if attention_mask is not None and self._lm_takes_position_ids:
-            # Positions count real tokens only, so left padding does not shift them.
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            lm_kwargs["position_ids"] = positions[:, -input_ids.shape[1]:]
-        with media_context(context), (nll_request(request) if request is not None else contextlib.nullcontext()):
-            out = self.lm(**lm_kwargs)
-
-        if nll_labels is not None:
-            if request is not None and not (request.loss is not None and not request.failed
-                                            and request.probe_intact(out.logits)):
-                # The LM did not return its head's output as it is: never try again on this model.
-                self.fused_nll = False
-                return self.forward(input_ids, attention_mask=attention_mask, num_media=media_counts,
-                                    visual_tokens=visual_tokens, attend_next=attend_next,
-                                    media_offset=media_offset, kv_cache=kv_cache, nll_labels=nll_labels)
-            if request is not None:
-                loss = request.loss
-            else:
-                logits = out.logits
-                if not self._lm_takes_logits_to_keep:
-                    logits = logits[:, logits_to_keep]
-                loss = token_nll_sum(logits, nll_labels, logits_to_keep)
-            return FlamingoOutput(logits=None, loss=loss, visual_tokens=visual_tokens)
-
+    def logits_and_cache(self, inputs: dict[str, Any], media: MediaContext, *, labels: torch.Tensor | None = None,
+                         past_key_values: Any = None, use_cache: bool = False,
+                         logits_to_keep: int | torch.Tensor = 0) -> FlamingoOutput:
+        """The LM's forward with the media (`_lm_inputs` as `inputs`): logits (the last
+        `logits_to_keep`, or those positions), the LM's cache, and the mean loss of `labels`."""
+        kwargs = dict(inputs, use_cache=use_cache)
+        if past_key_values is not None:
+            kwargs[self._cache_argument] = past_key_values
+        keep_some = labels is None and (isinstance(logits_to_keep, torch.Tensor) or logits_to_keep > 0)
+        if keep_some and "logits_to_keep" in self._lm_params:
+            kwargs["logits_to_keep"] = logits_to_keep
+        out = self._run_with_media(self.lm, media, kwargs)
         logits = out.logits
-        if keep_some and labels is None and not self._lm_takes_logits_to_keep:
+        if keep_some and "logits_to_keep" not in self._lm_params:
             logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
         loss = None
         if labels is not None:
             # Shift the labels rather than slicing the logits: no copy of the [B, L, V] logits.
-            targets = F.pad(labels[:, 1:].to(device), (0, 1), value=IGNORE_INDEX)
-            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return FlamingoOutput(logits=logits, loss=loss, past_key_values=getattr(out, "past_key_values", None),
-                              visual_tokens=visual_tokens)
+            targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        cache = getattr(out, self._cache_argument, None)
+        if isinstance(cache, tuple):  # transformers < 4.47 returns the legacy format unless given a Cache
+            from transformers import DynamicCache
 
-    def _fused_nll_possible(self) -> bool:
-        head = self.lm.get_output_embeddings()
-        if not self.fused_nll or not isinstance(head, DecoupledLMHead) or not isinstance(head.base, nn.Linear):
-            return False
-        return not any(p.requires_grad for p in head.base.parameters())
+            cache = DynamicCache.from_legacy_cache(cache)
+        return FlamingoOutput(logits=logits, loss=loss, past_key_values=cache)
+
+    def training_nll(self, inputs: dict[str, Any], media: MediaContext, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token NLL (fp32) of `labels` [B, L] (aligned with the inputs, -100 ignored).
+
+        With `fused_nll`, the LM's base model gives the last hidden states and our head computes the
+        NLL of the labelled tokens chunk by chunk together with its gradient, without [tokens,
+        vocabulary] logits (`fused_head_loss.head_nll_sum`; frozen rows + trainable added rows).
+        Otherwise the LM computes the logits of the labelled positions only, and the NLL follows.
+        """
+        labels = labels.to(inputs["input_ids"].device)
+        if not self.fused_nll:
+            positions = labelled_positions(labels)
+            kwargs = dict(inputs, use_cache=False)
+            if "logits_to_keep" in self._lm_params:
+                kwargs["logits_to_keep"] = positions
+            logits = self._run_with_media(self.lm, media, kwargs).logits
+            if "logits_to_keep" not in self._lm_params:
+                logits = logits[:, positions]
+            return token_nll_sum(logits, labels, positions)
+        kwargs = {k: v for k, v in inputs.items() if k in self._base_params}
+        if "use_cache" in self._base_params:
+            kwargs["use_cache"] = False
+        hidden = self._run_with_media(self.lm.base_model, media, kwargs)[0]
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        head = self.output_head
+        return head_nll_sum(hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), targets.index_select(0, keep),
+                            head.base.weight, head.base.bias, head.new_rows, head.new_bias, head.first_new_id,
+                            self.nll_chunk)
+
+    def _lm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
+        inputs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if attention_mask is not None and "position_ids" in self._lm_params:
+            # Positions count real tokens only, so left padding does not shift them.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            inputs["position_ids"] = positions[:, -input_ids.shape[1]:]
+        return inputs
+
+    def _run_with_media(self, module: nn.Module, media: MediaContext, kwargs: dict[str, Any]) -> Any:
+        """Call the LM (or its base model) with the media reaching our layers (`media_passing`)."""
+        if self.media_passing == "argument":
+            return module(**kwargs, **{MEDIA_ARGUMENT: media})
+        with media_context(media):
+            return module(**kwargs)
 
     @staticmethod
     def _check_media_counts(counts: torch.Tensor, num_media: torch.Tensor, offset: torch.Tensor,

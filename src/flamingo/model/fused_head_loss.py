@@ -17,10 +17,6 @@ compute dtype before the products that give the hidden-state and new-row gradien
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
-
 import torch
 
 # Rows (labelled tokens) per chunk: a chunk's fp32 logits are CHUNK x vocabulary (49k vocabulary:
@@ -140,53 +136,4 @@ def head_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tens
                               compute_dtype)
 
 
-# ------------------------------------------------------------------------- inside the LM's call
 IGNORE_INDEX = -100
-# What the output head returns while a request is active: the LM's own code after its head
-# (scaling, soft-capping, casts) acts on it, so an LM that changes its logits after the head is
-# detected (the probe comes back changed) instead of silently getting the wrong loss.
-PROBE = (1.0, -2.0)
-
-
-class NLLRequest:
-    """Asks the `DecoupledLMHead` called inside the LM's forward for the summed NLL of `targets`
-    [B, L] (next-token targets aligned with the inputs, IGNORE_INDEX ignored) instead of logits."""
-
-    def __init__(self, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> None:
-        self.targets = targets
-        self.chunk = chunk
-        self.loss: torch.Tensor | None = None
-        self.failed = False
-
-    def __call__(self, head, hidden: torch.Tensor) -> torch.Tensor:
-        if self.loss is not None or hidden.shape[:-1] != self.targets.shape:
-            self.failed = True  # called twice, or not on the whole sequence: not what we expect
-        else:
-            flat = self.targets.reshape(-1)
-            keep = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-            h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-            self.loss = head_nll_sum(h, flat.index_select(0, keep), head.base.weight, getattr(head.base, "bias", None),
-                                     head.new_rows, head.new_bias, head.first_new_id, self.chunk)
-        return hidden.new_tensor(PROBE).expand(*hidden.shape[:-1], len(PROBE))
-
-    def probe_intact(self, logits: torch.Tensor) -> bool:
-        """The LM returned the head's probe unchanged (no post-processing of the logits)."""
-        if logits.shape != (*self.targets.shape, len(PROBE)):
-            return False
-        return bool((logits.float() == logits.new_tensor(PROBE).float()).all())
-
-
-_REQUEST: ContextVar[NLLRequest | None] = ContextVar("flamingo_nll_request", default=None)
-
-
-def active_nll_request() -> NLLRequest | None:
-    return _REQUEST.get()
-
-
-@contextlib.contextmanager
-def nll_request(request: NLLRequest) -> Iterator[NLLRequest]:
-    token = _REQUEST.set(request)
-    try:
-        yield request
-    finally:
-        _REQUEST.reset(token)

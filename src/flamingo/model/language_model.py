@@ -8,6 +8,8 @@ keeping their own KV cache and attention implementation.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,9 +18,11 @@ from torch import nn
 
 from flamingo.errors import UserError
 from flamingo.model.config import LanguageModelConfig
-from flamingo.model.cross_attention import GatedCrossAttentionBlock, active_media_context
-from flamingo.model.fused_head_loss import active_nll_request
-from flamingo.model.lm_source import converted_gguf_checkpoint, resolve_package_path
+from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, active_media_context
+from flamingo.model.lm_source import converted_gguf_checkpoint, dtype_argument, resolve_package_path
+
+# The keyword argument that carries a call's `MediaContext` through the LM's forward to our layers.
+MEDIA_ARGUMENT = "flamingo_media"
 
 
 class DecoderStackNotFound(UserError):
@@ -80,7 +84,9 @@ def hidden_size(lm: nn.Module) -> int:
 class FlamingoDecoderLayer(nn.Module):
     """A frozen LM block with a GATED XATTN-DENSE layer in front of it.
 
-    Outside a `media_context` (the LM called on its own) the block is exactly the LM's.
+    The media of a call arrive as the `MEDIA_ARGUMENT` keyword argument (decoder stacks that
+    hand their keyword arguments on to their blocks) or, for stacks that drop them, through
+    `media_context`. Without media (the LM called on its own) the block is exactly the LM's.
     """
 
     def __init__(self, decoder_layer: nn.Module, cross_attn: GatedCrossAttentionBlock, layer_idx: int) -> None:
@@ -90,7 +96,7 @@ class FlamingoDecoderLayer(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        media = active_media_context()
+        media: MediaContext | None = kwargs.pop(MEDIA_ARGUMENT, None) or active_media_context()
         if media is not None:
             if args:
                 args = (self.cross_attn(args[0], media, self.layer_idx), *args[1:])
@@ -179,9 +185,6 @@ class DecoupledLMHead(nn.Module):
         return self.base.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        request = active_nll_request()
-        if request is not None:  # training: the summed NLL instead of logits (see fused_head_loss)
-            return request(self, hidden)
         logits = _few_rows_linear(self.base, hidden)
         bias = None if self.new_bias is None else self.new_bias.to(hidden.dtype)
         new = F.linear(hidden, self.new_rows.to(hidden.dtype), bias).to(logits.dtype)
@@ -216,6 +219,73 @@ def _few_rows_linear(linear: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return out.reshape(*hidden.shape[:-1], out.shape[-1])
 
 
+# Config fields of LMs that change their logits after the output head, with their neutral value.
+_LOGIT_POSTPROCESSING_FIELDS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+@dataclass(frozen=True)
+class LMForward:
+    """How a causal LM's forward behaves, found once when Flamingo is built (`inspect_lm_forward`).
+
+    passes_layer_kwargs: extra keyword arguments given to the LM reach its decoder blocks (Llama,
+        Qwen2, Gemma 3, GPT-2, ... in recent transformers; not MPT), so the media can travel as
+        an argument.
+    head_logits_unchanged: the LM returns `head(base_model(...)[0])` as it is, so the training
+        loss can be computed from the base model's last hidden state through our own head;
+        False when the LM scales or soft-caps its logits after the head (named in the config,
+        e.g. Gemma 2's `final_logit_softcapping`, or seen in the check below).
+    postprocessing: why not, when `head_logits_unchanged` is False.
+    """
+
+    passes_layer_kwargs: bool
+    head_logits_unchanged: bool
+    postprocessing: str | None = None
+
+
+def forward_parameters(module: nn.Module) -> set[str]:
+    return set(inspect.signature(module.forward).parameters)
+
+
+def inspect_lm_forward(lm: nn.Module, layer: nn.Module) -> LMForward:
+    """Run the LM once on two tokens, as it is (before Flamingo changes it), and watch whether an
+    extra keyword argument reaches `layer` (one of its decoder blocks), and whether the logits it
+    returns are its output head's output on its base model's last hidden state."""
+    config = _text_config(lm)
+    named = [f"{name}={getattr(config, name)!r}" for name, neutral in _LOGIT_POSTPROCESSING_FIELDS.items()
+             if getattr(config, name, neutral) not in (None, neutral)]
+    head, base = lm.get_output_embeddings(), lm.base_model
+    seen: dict[str, Any] = {}
+    marker = object()
+
+    def layer_called(_module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+        seen.setdefault("kwarg", kwargs.get(MEDIA_ARGUMENT) is marker)
+
+    def head_returned(_module: nn.Module, args: Any, out: Any) -> None:
+        seen.update(head_in=args[0], head_out=out)
+
+    hooks = [layer.register_forward_pre_hook(layer_called, with_kwargs=True)]
+    if head is not None:
+        hooks.append(head.register_forward_hook(head_returned))
+    ids = torch.zeros(1, 2, dtype=torch.long, device=lm.get_input_embeddings().weight.device)
+    try:
+        with torch.no_grad():
+            try:
+                logits = lm(input_ids=ids, use_cache=False, **{MEDIA_ARGUMENT: marker}).logits
+            except TypeError:  # the LM's forward takes no extra keyword arguments
+                seen.pop("kwarg", None)
+                logits = lm(input_ids=ids, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        unchanged = ("head_out" in seen and base is not lm and torch.equal(seen["head_out"].float(), logits.float())
+                     and torch.equal(base(input_ids=ids)[0], seen["head_in"]))
+    reason = (", ".join(named) if named else None if unchanged
+              else "its logits are not its output head's output on its base model's last hidden state")
+    return LMForward(passes_layer_kwargs=bool(seen.get("kwarg")), head_logits_unchanged=unchanged and not named,
+                     postprocessing=reason)
+
+
 def add_special_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
     """Add `tokens` (in this order, as OpenFlamingo does) and return their ids. Tokenizers without
     a pad token get the EOS token as pad (no new embedding row for padding)."""
@@ -243,7 +313,7 @@ def load_language_model(config: LanguageModelConfig, trust_remote_code: bool = F
     `config.trust_remote_code` only says that the LM needs its own Python code; that code runs only
     when the caller passes `trust_remote_code=True` (a config may come from anywhere, e.g. the hub).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if config.trust_remote_code and not trust_remote_code:
         raise RemoteCodeError(
@@ -254,8 +324,8 @@ def load_language_model(config: LanguageModelConfig, trust_remote_code: bool = F
     if config.gguf_file:
         source = str(converted_gguf_checkpoint(source, config.gguf_file))
     common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    kwargs: dict[str, Any] = dict(common, dtype=_DTYPES[config.dtype])
+    tokenizer = _load_tokenizer(config, source, common)
+    kwargs: dict[str, Any] = dict(common, **{dtype_argument(): _DTYPES[config.dtype]})
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     try:
@@ -267,3 +337,27 @@ def load_language_model(config: LanguageModelConfig, trust_remote_code: bool = F
         kwargs.pop("attn_implementation")
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return lm, tokenizer
+
+
+class TokenizerNotFound(UserError):
+    """The tokenizer named by the config (`lm.tokenizer`, or the LM's location) cannot be read."""
+
+
+def _load_tokenizer(config: LanguageModelConfig, lm_source: str, common: dict[str, Any]) -> Any:
+    """The tokenizer at `lm.tokenizer`, or with the LM (`lm_source`) when that is not set."""
+    from transformers import AutoTokenizer
+
+    field = "lm.tokenizer" if config.tokenizer else "lm.name_or_path (no lm.tokenizer given)"
+    if config.tokenizer:
+        source, common = resolve_package_path(config.tokenizer), dict(common, revision=None)
+    else:
+        source = lm_source
+    try:
+        return AutoTokenizer.from_pretrained(source, **common)
+    except (OSError, ValueError) as err:  # no tokenizer files there, unreadable ones, unknown hub id
+        detail = " ".join(str(err).split())
+        detail = detail[:300] + (" ..." if len(detail) > 300 else "")
+        shown = source if len(source) <= 200 else source[:200] + "..."
+        raise TokenizerNotFound(f"{field}: no readable tokenizer at {shown!r} ({type(err).__name__}: {detail}); "
+                                f"set lm.tokenizer to a directory or hub id holding one") from None
+

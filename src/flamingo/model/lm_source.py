@@ -113,6 +113,15 @@ def converted_gguf_checkpoint(directory: str, gguf_file: str, progress: bool = T
     return target
 
 
+def dtype_argument() -> str:
+    """The `from_pretrained`/`from_config` keyword for the dtype: `dtype` since transformers 4.56
+    (`torch_dtype` is deprecated there), `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def convert_with_transformers(gguf: Path, out: Path, progress: bool) -> None:
     """Read a GGUF file with transformers (tokenizer conversion, dequantisation) and save it as a
     plain safetensors checkpoint with its tokenizer in `out`."""
@@ -136,7 +145,7 @@ def convert_with_transformers(gguf: Path, out: Path, progress: bool) -> None:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    lm = AutoModelForCausalLM.from_config(config, dtype=quantized.dtype)
+    lm = AutoModelForCausalLM.from_config(config, **{dtype_argument(): quantized.dtype})
     lm.load_state_dict(quantized.state_dict(), strict=True)
     del quantized
     lm.save_pretrained(out, safe_serialization=True)

@@ -446,5 +446,8 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
         return TimmVisionEncoder.from_name(cfg.name_or_path, pretrained=cfg.pretrained, **overrides)
     if cfg.kind == "efficientnet_lite0":
         return EfficientNetLite0Encoder(**overrides, colour_bins=cfg.colour_bins)
+    if cfg.kind == "features":
+        raise ConfigError("config field vision.kind: 'features' has no encoder to build; the model is fed "
+                          "precomputed features (build_flamingo handles it)")
     raise ConfigError(f"config field vision.kind: expected one of clip, siglip, timm, efficientnet_lite0, local, "
                       f"got {cfg.kind!r}")

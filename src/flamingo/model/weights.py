@@ -87,6 +87,8 @@ def build_flamingo(config: FlamingoConfig, *, trust_remote_code: bool = False) -
     from flamingo.model.vision import build_vision_encoder
 
     lm, tokenizer = load_language_model(config.lm, trust_remote_code=trust_remote_code)
+    if config.vision.kind == "features":  # fed precomputed features: no encoder
+        return Flamingo(config, lm, tokenizer)
     return Flamingo(config, lm, tokenizer, vision_encoder=build_vision_encoder(config.vision))
 
 

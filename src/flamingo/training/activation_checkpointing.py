@@ -5,7 +5,9 @@ XATTN-DENSE layer before the frozen LM block, and the plain blocks between them)
 activations in the forward pass and is recomputed in the backward pass (`torch.utils.checkpoint`,
 non-reentrant).
 
-The cross-attention layers receive the media of a call through a context variable
+The cross-attention layers receive the media of a call as a keyword argument of the blocks, which
+`checkpoint` keeps for the recomputation like any other. For LMs whose decoder stack drops keyword
+arguments (`Flamingo.media_passing == "context"`) they come through a context variable
 (`flamingo.model.cross_attention.media_context`) that is active only while `Flamingo.forward`
 runs; the recomputation happens later, in the backward pass, where it is no longer set. The
 checkpointed forward therefore captures the active `MediaContext` when it runs and re-enters it
