@@ -13,7 +13,7 @@ What the state holds:
 
 from __future__ import annotations
 
-import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -180,9 +180,14 @@ def _cache_from_layers(like: Any, layers: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def _copy_cache(cache: Any) -> Any:
-    """An independent copy of an LM cache for a new state (the public `Cache` methods that
-    repeat, select and reorder rows change the cache they are called on)."""
-    return copy.deepcopy(cache)
+    """A new LM cache over the same keys/values, for a new state: the public `Cache` methods that
+    repeat, select and reorder rows change the cache they are called on (never its tensors in
+    place). Rebuilt through the public constructor from what iterating the cache yields per layer
+    (keys, values and, since transformers 4.56, the sliding window)."""
+    layers = list(cache)
+    if "ddp_cache_data" in inspect.signature(type(cache)).parameters:
+        return _cache_from_layers(cache, layers)
+    return type(cache).from_legacy_cache(tuple(layers))  # transformers < 4.47
 
 
 def _tokenize(model: Flamingo, texts: Sequence[str], add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
