@@ -171,23 +171,19 @@ def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return layers
 
 
-def _cache_from_layers(like: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """A new cache of the type of `like` holding the given keys/values per layer."""
-    cache = type(like)()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return cache
+def _cache_from_layers(like: Any, layers: list[tuple[torch.Tensor, ...]]) -> Any:
+    """A cache of the type of `like` holding the given keys/values (and sliding window) per layer,
+    built through the public constructor."""
+    if "ddp_cache_data" in inspect.signature(type(like)).parameters:
+        return type(like)(ddp_cache_data=layers)
+    return type(like).from_legacy_cache(tuple(layers))  # transformers < 4.47
 
 
 def _copy_cache(cache: Any) -> Any:
     """A new LM cache over the same keys/values, for a new state: the public `Cache` methods that
     repeat, select and reorder rows change the cache they are called on (never its tensors in
-    place). Rebuilt through the public constructor from what iterating the cache yields per layer
-    (keys, values and, since transformers 4.56, the sliding window)."""
-    layers = list(cache)
-    if "ddp_cache_data" in inspect.signature(type(cache)).parameters:
-        return _cache_from_layers(cache, layers)
-    return type(cache).from_legacy_cache(tuple(layers))  # transformers < 4.47
+    place). Rebuilt from what iterating the cache yields per layer."""
+    return _cache_from_layers(cache, list(cache))
 
 
 def _tokenize(model: Flamingo, texts: Sequence[str], add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
