@@ -17,5 +17,8 @@ def test_inference_example_runs(capsys):
 
 
 def test_readme_test_command_is_ci():
-    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().strip().splitlines()[-1]
+    """CI runs the README's test command as written, before anything else that runs tests (the
+    lowest-supported-transformers run follows it)."""
+    lines = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().strip().splitlines()
+    ci = next(line for line in lines if "pytest" in line)
     assert f"\n{ci}\n" in README
