@@ -358,7 +358,7 @@ def test_config_errors_name_the_field():
         DatasetConfig(name="x", kind="images", path="p")
     with pytest.raises(DataError, match="p_next: expected a probability"):
         DatasetConfig(name="x", kind="pairs", path="p", p_next=1.5)
-    with pytest.raises(DataError, match=r"unknown field\(s\) 'batchsize'"):
+    with pytest.raises(DataError, match=r"unknown field\(s\) \['batchsize'\]"):
         DatasetConfig.from_dict({"name": "x", "kind": "pairs", "path": "p", "batchsize": 3})
     with pytest.raises(DataError, match="missing required field"):
         DatasetConfig.from_dict({"name": "x", "kind": "pairs"})

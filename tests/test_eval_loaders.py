@@ -244,7 +244,7 @@ def test_unknown_task_and_bad_data_config(tmp_path):
         get_task("cocoa")
     bad = tmp_path / "d.yaml"
     bad.write_text("tasks:\n  coco:\n    test: {annotation: x.json}\n")
-    with pytest.raises(EvalDataError, match=r"d\.yaml: tasks\.coco\.test: unknown field\(s\) annotation"):
+    with pytest.raises(EvalDataError, match=r"d\.yaml: tasks\.coco\.test: unknown field\(s\) \['annotation'\]"):
         load_data_config(bad)
     bad.write_text("tasks:\n  coco:\n    train: {annotations: x.json}\n")
     with pytest.raises(EvalDataError, match=r"tasks\.coco: expected a mapping with a 'test' split"):

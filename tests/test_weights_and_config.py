@@ -41,7 +41,7 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="cross_attention.every: expected an integer >= 1, got 0"):
         FlamingoConfig.load(bad)
     bad.write_text("lm: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: invalid YAML: expected ',' or '\]', but got '<stream end>'$"):
         FlamingoConfig.load(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         FlamingoConfig.load(tmp_path / "missing.yaml")

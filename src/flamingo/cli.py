@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
+
+from flamingo.cli_options import float_range, int_list, int_range, non_negative_int, positive_int, seed
+from flamingo.config_io import short
+from flamingo.errors import UserError
+
+MAX_SHOTS = 1024  # the paper's most is 32; far more exceeds any LM's context
 
 EXAMPLES = """examples:
   flamingo demo                                  the embedded model learning from examples, offline
@@ -33,10 +40,7 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
 
     unknown = [t for t in args.task or [] if t not in TASKS]
     if unknown:
-        raise ValueError(f"--task: unknown task(s) {unknown}; expected some of {sorted(TASKS)}")
-    shots = _int_list(args.shots, "--shots")
-    if args.captions is not None and args.captions < 0:
-        raise ValueError(f"--captions: expected an integer >= 0, got {args.captions}")
+        raise UserError(f"--task: unknown task(s) {short(unknown)}; expected some of {sorted(TASKS)}")
     tasks = args.task or list(TASKS)
     captions = args.captions if args.captions is not None else (0 if args.task else 60)
     if args.task is None:
@@ -49,7 +53,7 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
         catalogue()  # missing packages: one clear line before the model load
     seeds = list(range(args.seeds))
     model = _quiet_load(args.model, args.trust_remote_code)
-    results = evaluate(model, tasks, shots, seeds, args.episodes, progress=lambda line: print(line, flush=True),
+    results = evaluate(model, tasks, args.shots, seeds, args.episodes, progress=lambda line: print(line, flush=True),
                        images_as_text=args.images_as_text)
     table = format_table(results)
     print(table)
@@ -69,22 +73,10 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
         write_text_atomic(args.json, json.dumps(report, indent=1))
 
 
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{option}: expected comma-separated integers like 0,4,8, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise ValueError(f"{option}: expected non-negative integers, got {text!r}")
-    return values
-
-
 def _cmd_params(args: argparse.Namespace) -> None:
     from flamingo.model.params import format_parameter_report, parameter_report
 
-    from flamingo.model.weights import load_model
-
-    print(format_parameter_report(parameter_report(load_model(args.model, trust_remote_code=args.trust_remote_code))))
+    print(format_parameter_report(parameter_report(_quiet_load(args.model, args.trust_remote_code))))
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -163,21 +155,22 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
 
 def _add_decoding_options(parser: argparse.ArgumentParser, beams: bool) -> None:
+    from flamingo.inference.generation import MAX_BEAMS, MAX_NEW_TOKENS
     from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
 
     group = parser.add_argument_group("decoding")
-    group.add_argument("--max-new-tokens", type=int, default=30, help="at most this many new tokens (default 30)")
+    group.add_argument("--max-new-tokens", type=int_range(1, MAX_NEW_TOKENS), default=30, help="at most this many new tokens (default 30)")
     if beams:
-        group.add_argument("--beams", type=int, default=1, help="beam search width; the paper evaluates with 3")
-        group.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length**this")
+        group.add_argument("--beams", type=int_range(1, MAX_BEAMS), default=1, help="beam search width; the paper evaluates with 3")
+        group.add_argument("--length-penalty", type=float_range(-100, 100), default=1.0, help="beam score = log p / length**this")
     group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    group.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely tokens (0: all)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
-    group.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    group.add_argument("--seed", type=seed, default=None, help="random seed for sampling")
     group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     group.add_argument("--no-stop-at-eoc", action="store_true", help="do not stop at <|endofchunk|> / EOS")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help="refuse images with more pixels than this (decompression bombs)")
 
 
@@ -185,11 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flamingo", description="Flamingo visual language models: build, convert, inspect, run.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_option(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="the embedded default model learning from examples in its prompt (offline)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--episodes", type=int, default=24, help="episodes per cell of the accuracy-vs-shots table")
+    demo.add_argument("--seed", type=seed, default=0)
+    demo.add_argument("--episodes", type=positive_int, default=24, help="episodes per cell of the accuracy-vs-shots table")
     demo.set_defaults(func=_cmd_demo)
 
     evp = sub.add_parser(
@@ -209,10 +203,11 @@ objects-category (animal, food, plant, ...). Answers are ranked by log-likelihoo
 held-out objects are captioned (CIDEr; rate naming the coarse category; 60 by default without --task).""")
     evp.add_argument("--model", default="embedded", help="a saved model directory, hub id, or 'embedded'")
     evp.add_argument("--task", action="append", help="a task (repeatable; default: all)")
-    evp.add_argument("--shots", default="0,1,2,4,8", help="comma-separated shot counts (default 0,1,2,4,8)")
-    evp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one episode set each (default 3)")
-    evp.add_argument("--episodes", type=int, default=100, help="episodes per seed and shot count (default 100)")
-    evp.add_argument("--captions", type=int, default=None,
+    evp.add_argument("--shots", type=int_list(0, MAX_SHOTS), default=[0, 1, 2, 4, 8],
+                     help="comma-separated shot counts (default 0,1,2,4,8)")
+    evp.add_argument("--seeds", type=int_range(1, 10_000), default=3, help="seeds 0..N-1, one episode set each (default 3)")
+    evp.add_argument("--episodes", type=positive_int, default=100, help="episodes per seed and shot count (default 100)")
+    evp.add_argument("--captions", type=non_negative_int, default=None,
                      help="held-out objects to caption (default: 60 without --task, else 0)")
     evp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     evp.add_argument("--images-as-text", action="store_true",
@@ -280,15 +275,23 @@ each <image> in the prompt takes the next --image, in order.""")
     return parser
 
 
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of user errors too (bad options, files, configs)")
+
+
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
-    """Run a subcommand; user mistakes end with one line on stderr and exit code 2."""
+    """Run a subcommand. A user error (UserError: bad option, config, file) ends with one line on
+    stderr and exit code 2 (with --debug, its traceback too); anything else is a bug and keeps its
+    traceback."""
     args = (parser or build_parser()).parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        # User mistakes (bad config, mismatched checkpoint, missing file/package): one clear line.
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"flamingo {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from flamingo.cli_options import float_range, int_range, positive_int, seed
 from flamingo.data.config import KINDS, DataError, DatasetConfig
 from flamingo.data.media import IMAGE_EXTS, VIDEO_EXTS, SkipSample, decode_image, decode_video_clip, load_frames
 from flamingo.data.sources import (
@@ -35,6 +36,7 @@ from flamingo.data.sources import (
     parse_json,
     resolve_paths,
 )
+from flamingo.errors import UserError
 from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
 from flamingo.outputs import OVERWRITE_HINT, OutputExistsError, publish, staging_dir
 
@@ -397,13 +399,13 @@ layouts:
     convert.add_argument("source", help="a folder of samples or a .jsonl file")
     convert.add_argument("out", help="output folder for the shards")
     convert.add_argument("--kind", required=True, choices=KINDS)
-    convert.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    convert.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     convert.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
-    convert.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    convert.add_argument("--seed", type=seed, default=0, help="seed of the sample order")
     convert.add_argument("--no-shuffle", action="store_true", help="keep the source order")
-    convert.add_argument("--frame-fps", type=float, default=1.0,
+    convert.add_argument("--frame-fps", type=float_range(0, 1000, low_open=True), default=1.0,
                          help="frame rate of frame folders (videos given as frames), default 1")
-    convert.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    convert.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                          help="skip images with more pixels than this (decompression bombs)")
     _add_allow_absolute_paths(convert)
     convert.add_argument("--overwrite", action="store_true", help="replace existing shards with this prefix")
@@ -414,7 +416,7 @@ layouts:
     validate.add_argument("--kind", required=True, choices=KINDS)
     validate.add_argument("--json", action="store_true", help="print a JSON report")
     validate.add_argument("--strict", action="store_true", help="exit with an error if any sample is bad")
-    validate.add_argument("--workers", type=int, default=0, help="decoding threads")
+    validate.add_argument("--workers", type=int_range(0, 256), default=0, help="decoding threads")
     _add_allow_absolute_paths(validate)
     validate.set_defaults(func=_cmd_validate)
 
@@ -422,9 +424,9 @@ layouts:
                                            "vqa: VQAv2-format files + data.yaml for eval/finetune)")
     shapes.add_argument("out", help="output folder")
     shapes.add_argument("--kind", required=True, choices=(*KINDS, "vqa"))
-    shapes.add_argument("--n", type=int, default=32, help="number of samples (default 32)")
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--shard-size", type=int, default=8)
+    shapes.add_argument("--n", type=int_range(1, 100_000), default=32, help="number of samples (default 32)")
+    shapes.add_argument("--seed", type=seed, default=0)
+    shapes.add_argument("--shard-size", type=positive_int, default=8)
     shapes.add_argument("--overwrite", action="store_true", help="replace a dataset already written there")
     shapes.set_defaults(func=_cmd_shapes)
     clip = sub.add_parser("clipart", help="write documents about real drawn objects (Open Clip Art, Tux Paint "
@@ -478,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError) as err:
+    except UserError as err:
         print(f"flamingo data: error: {err}", file=sys.stderr)
         return 2
     return 0

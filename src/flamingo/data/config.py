@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from flamingo.config_io import fields_from_dict, short
 from flamingo.errors import UserError
 from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
 
@@ -99,18 +100,18 @@ class DatasetConfig:
 
     # ------------------------------------------------------------------------------ checks
     def validate(self) -> None:
-        where = f"dataset {self.name!r}"
+        where = f"dataset {short(self.name)}"
         if not isinstance(self.name, str) or not self.name:
-            raise DataError(f"dataset name: expected a non-empty string, got {self.name!r}")
+            raise DataError(f"dataset name: expected a non-empty string, got {short(self.name)}")
         if self.kind not in KINDS:
-            raise DataError(f"{where}: kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise DataError(f"{where}: kind: expected one of {', '.join(KINDS)}, got {short(self.kind)}")
         paths = [self.path] if isinstance(self.path, str) else self.path
         if not isinstance(paths, (list, tuple)) or not paths or not all(isinstance(p, str) and p for p in paths):
-            raise DataError(f"{where}: path: expected a path/glob or a non-empty list of them, got {self.path!r}")
+            raise DataError(f"{where}: path: expected a path/glob or a non-empty list of them, got {short(self.path)}")
 
         def check(name: str, ok: bool, expected: str) -> None:
             if not ok:
-                raise DataError(f"{where}: {name}: expected {expected}, got {getattr(self, name)!r}")
+                raise DataError(f"{where}: {name}: expected {expected}, got {short(getattr(self, name))}")
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -153,16 +154,11 @@ class DatasetConfig:
         names them and lists the known ones."""
         if not isinstance(values, Mapping):
             raise DataError(f"dataset config: expected a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            label = values.get("name", "?")
-            raise DataError(f"dataset {label!r}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                            f"known fields: {', '.join(sorted(known))}")
+        label = f"dataset {short(values.get('name', '?'))}"
         missing = [k for k in ("name", "kind", "path") if k not in values]
         if missing:
-            raise DataError(f"dataset config {dict(values)!r}: missing required field(s) {', '.join(missing)}")
-        return cls(**dict(values))
+            raise DataError(f"{label}: missing required field(s) {', '.join(missing)}")
+        return cls(**fields_from_dict(cls, dict(values), label, error=DataError))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

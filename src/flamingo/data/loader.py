@@ -277,7 +277,7 @@ class MultiLoader:
         return {name: loader.state_dict() for name, loader in self.loaders.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = sorted(set(self.loaders) - set(state))
+        missing = sorted(set(self.loaders) - set(state), key=str)
         if missing:
             raise DataError(f"loader state has no entry for dataset(s) {missing}; it has {sorted(state)}")
         for name, loader in self.loaders.items():

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from flamingo.cli_options import float_range, int_list, int_range, positive_int, seed
+
 EPILOG = """examples:
   flamingo eval --model of-9b --task coco --shots 0,4,8,16,32 --trials 3 --data data.yaml --out runs/eval
   flamingo eval --model of-9b --task vqav2,okvqa --shots 4,8 --data data.yaml --out runs/eval
@@ -19,13 +21,6 @@ data.yaml maps each task to its files, e.g.
       test:  {annotations: coco/dataset_coco.json, media: coco/images}
       train: {annotations: coco/dataset_coco.json, media: coco/images}
 tasks: """
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -72,8 +67,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from flamingo.cli import add_trust_remote_code_option
+    from flamingo.cli import MAX_SHOTS, add_trust_remote_code_option
+    from flamingo.evaluation.settings import MAX_BATCH_SIZE
     from flamingo.evaluation.tasks import TASKS
+    from flamingo.inference.generation import MAX_BEAMS, MAX_NEW_TOKENS
 
     p = sub.add_parser("eval", help="few-shot evaluation on the paper's benchmarks (resumable, torchrun)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG + ", ".join(TASKS))
@@ -81,24 +78,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, help="task name(s), comma-separated")
     p.add_argument("--data", required=True, type=Path, help="YAML file with each task's annotation and media paths")
     p.add_argument("--out", required=True, type=Path, help="output directory (reused to resume)")
-    p.add_argument("--shots", type=_int_list, default=[0, 4, 8, 16, 32], help="comma-separated (default 0,4,8,16,32)")
-    p.add_argument("--trials", type=int, default=3, help="random demo draws per shot count (default 3)")
+    p.add_argument("--shots", type=int_list(0, MAX_SHOTS), default=[0, 4, 8, 16, 32], help="comma-separated (default 0,4,8,16,32)")
+    p.add_argument("--trials", type=int_range(1, 1000), default=3, help="random demo draws per shot count (default 3)")
     p.add_argument("--rices", action="store_true", help="retrieval-based demo selection (RICES)")
     p.add_argument("--ensemble", action="store_true", help="close-ended: average over 6 demo orders")
     p.add_argument("--split", choices=["test", "validation"], default="test",
                    help="test: test support + official split; validation: subsets of the train split")
-    p.add_argument("--support-size", type=int, default=2048, help="support set size (default 2048, B.1.4)")
-    p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded subset of this many queries")
+    p.add_argument("--support-size", type=positive_int, default=2048, help="support set size (default 2048, B.1.4)")
+    p.add_argument("--max-queries", type=positive_int, default=None, help="evaluate a seeded subset of this many queries")
     p.add_argument("--demo-mode", choices=["shared", "per_query"], default="shared",
                    help="shared: one random draw of demos per trial for all queries (fast); per_query: one per query")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
-    p.add_argument("--beams", type=int, default=3, help="beam width for open-ended tasks (paper: 3)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE), default=8, help="queries per forward pass")
+    p.add_argument("--beams", type=int_range(1, MAX_BEAMS), default=3, help="beam width for open-ended tasks (paper: 3)")
+    p.add_argument("--max-new-tokens", type=int_range(1, MAX_NEW_TOKENS), default=None, help="default: per task")
     p.add_argument("--length-normalize", action="store_true", help="close-ended: rank by mean log-likelihood")
-    p.add_argument("--video-frames", type=int, default=30, help="frames per video (paper: 30 at 3 FPS)")
-    p.add_argument("--video-fps", type=float, default=3.0)
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="OOC above this (default: the LM's context)")
+    p.add_argument("--video-frames", type=int_range(1, 10_000), default=30, help="frames per video (paper: 30 at 3 FPS)")
+    p.add_argument("--video-fps", type=float_range(0, 1000, low_open=True), default=3.0)
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=None, help="OOC above this (default: the LM's context)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="RICES support features cache (default ~/.cache/flamingo/rices)")

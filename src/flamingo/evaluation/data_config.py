@@ -22,8 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from flamingo.config_io import load_structured, short
 from flamingo.evaluation.samples import EvalDataError
 
 SPLITS = ("train", "test")
@@ -65,9 +64,9 @@ def _split(raw: Any, root: Path, where: str, path: Path) -> SplitPaths:
     if not isinstance(raw, dict):
         raise EvalDataError(f"{path}: {where}: expected a mapping of file fields, got {type(raw).__name__}")
     known = {f.name for f in fields(SplitPaths)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)
     if unknown:
-        raise EvalDataError(f"{path}: {where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise EvalDataError(f"{path}: {where}: unknown field(s) {short(unknown)} (known: {', '.join(sorted(known))})")
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if value is None:
@@ -80,17 +79,12 @@ def _split(raw: Any, root: Path, where: str, path: Path) -> SplitPaths:
 
 def load_data_config(path: str | Path) -> DataConfig:
     path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: data config file does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise EvalDataError(f"{path}: data config is not valid YAML: {err}") from None
+    raw = load_structured(path, "data config file", EvalDataError)
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
         raise EvalDataError(f"{path}: tasks: expected a top-level 'tasks' mapping of task name -> splits")
-    unknown = sorted(set(raw) - {"root", "tasks"})
+    unknown = sorted(set(raw) - {"root", "tasks"}, key=str)
     if unknown:
-        raise EvalDataError(f"{path}: unknown top-level field(s) {', '.join(unknown)} (known: root, tasks)")
+        raise EvalDataError(f"{path}: unknown top-level field(s) {short(unknown)} (known: root, tasks)")
     root = path.parent
     if raw.get("root") is not None:
         if not isinstance(raw["root"], str):
@@ -99,10 +93,10 @@ def load_data_config(path: str | Path) -> DataConfig:
     tasks = {}
     for name, entry in raw["tasks"].items():
         if not isinstance(entry, dict) or "test" not in entry:
-            raise EvalDataError(f"{path}: tasks.{name}: expected a mapping with a 'test' split (and optionally 'train')")
-        extra = sorted(set(entry) - set(SPLITS))
+            raise EvalDataError(f"{path}: tasks.{str(name)[:80]}: expected a mapping with a 'test' split (and optionally 'train')")
+        extra = sorted(set(entry) - set(SPLITS), key=str)
         if extra:
-            raise EvalDataError(f"{path}: tasks.{name}: unknown split(s) {', '.join(extra)} (known: train, test)")
+            raise EvalDataError(f"{path}: tasks.{str(name)[:80]}: unknown split(s) {short(extra)} (known: train, test)")
         tasks[str(name)] = TaskData(
             test=_split(entry["test"], root, f"tasks.{name}.test", path),
             train=_split(entry["train"], root, f"tasks.{name}.train", path) if entry.get("train") is not None else None)

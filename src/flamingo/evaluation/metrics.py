@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flamingo.errors import UserError
+
 __all__ = [
     "WORDNET_INSTALL_COMMAND",
     "RareActRow",
@@ -561,7 +563,7 @@ _WORDNET_ENV = "FLAMINGO_WORDNET_DIR"
 _WORDNET_FILES = ("lexnames", "index.noun", "data.noun", "noun.exc")
 
 
-class WordNetUnavailableError(RuntimeError):
+class WordNetUnavailableError(UserError, RuntimeError):
     """The WordNet 3.0 database that :func:`wups` needs is not installed."""
 
 

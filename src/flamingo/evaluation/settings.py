@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from flamingo.config_io import check_fields, short
 from flamingo.evaluation.samples import EvalDataError
 
 PAPER_SHOTS = (0, 4, 8, 16, 32)
+MAX_BATCH_SIZE = 4096
 
 
 @dataclass
@@ -39,9 +42,13 @@ class EvalSettings:
             if not ok:
                 raise EvalDataError(message)
 
+        check_fields(self, "eval settings", error=EvalDataError)
+        check(self.batch_size <= MAX_BATCH_SIZE, f"batch_size: expected at most {MAX_BATCH_SIZE}, got {self.batch_size}")
+        check(self.seed >= 0, f"seed: expected an integer >= 0, got {self.seed}")
+
         check(bool(self.shots) and all(isinstance(s, int) and s >= 0 for s in self.shots),
-              f"shots: expected non-negative integers, got {self.shots}")
-        check(len(set(self.shots)) == len(self.shots), f"shots: repeated values in {self.shots}")
+              f"shots: expected non-negative integers, got {short(self.shots)}")
+        check(len(set(self.shots)) == len(self.shots), f"shots: repeated values in {short(self.shots)}")
         for name in ("trials", "ensemble_size", "support_size", "support_per_class", "query_per_class",
                      "batch_size", "num_beams", "video_frames", "zero_shot_examples"):
             value = getattr(self, name)
@@ -53,7 +60,7 @@ class EvalSettings:
         check(self.split in ("test", "validation"), f"split: expected 'test' or 'validation', got {self.split!r}")
         check(self.demo_mode in ("shared", "per_query"),
               f"demo_mode: expected 'shared' or 'per_query', got {self.demo_mode!r}")
-        check(self.video_fps > 0, f"video_fps: expected > 0, got {self.video_fps}")
+        check(0 < self.video_fps < math.inf, f"video_fps: expected > 0 and finite, got {self.video_fps}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,13 +8,19 @@ them (they index the sample's media row).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from flamingo.config_io import MAX_SEED, check_fields
 from flamingo.inference.state import FlamingoState
 from flamingo.model.flamingo import Flamingo, FlamingoInputError
+
+
+MAX_BEAMS = 64
+MAX_NEW_TOKENS = 1 << 16
 
 
 class GenerationConfigError(FlamingoInputError):
@@ -39,18 +45,20 @@ class GenerationConfig:
             if not ok:
                 raise GenerationConfigError(message)
 
-        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-              f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
-        check(isinstance(self.num_beams, int) and self.num_beams >= 1,
-              f"num_beams: expected an integer >= 1, got {self.num_beams!r}")
-        check(self.temperature > 0, f"temperature: expected > 0, got {self.temperature!r}")
-        check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k: expected an integer >= 0, got {self.top_k!r}")
-        check(0 < self.top_p <= 1, f"top_p: expected a value in (0, 1], got {self.top_p!r}")
+        self.stop_strings = tuple(self.stop_strings) if isinstance(self.stop_strings, (list, tuple)) else self.stop_strings
+        check_fields(self, "generation config", error=GenerationConfigError)
+        check(1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
+              f"max_new_tokens: expected an integer in 1..{MAX_NEW_TOKENS}, got {self.max_new_tokens}")
+        check(1 <= self.num_beams <= MAX_BEAMS, f"num_beams: expected an integer in 1..{MAX_BEAMS}, got {self.num_beams}")
+        check(math.isfinite(self.length_penalty), f"length_penalty: expected a finite number, got {self.length_penalty}")
+        check(0 < self.temperature < math.inf, f"temperature: expected > 0 and finite, got {self.temperature}")
+        check(self.top_k >= 0, f"top_k: expected an integer >= 0, got {self.top_k}")
+        check(0 < self.top_p <= 1, f"top_p: expected a value in (0, 1], got {self.top_p}")
+        check(self.seed is None or 0 <= self.seed <= MAX_SEED,
+              f"seed: expected an integer in 0..{MAX_SEED} or none, got {self.seed}")
         check(not (self.do_sample and self.num_beams > 1),
               "do_sample with num_beams > 1: choose sampling or beam search")
-        self.stop_strings = tuple(self.stop_strings)
-        check(all(isinstance(s, str) and s for s in self.stop_strings),
-              f"stop_strings: expected non-empty strings, got {self.stop_strings!r}")
+        check(all(self.stop_strings), "stop_strings: expected non-empty strings, got an empty one")
 
 
 @dataclass

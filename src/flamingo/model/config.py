@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from flamingo.config_io import check_fields, fields_from_dict, load_structured, short
 from flamingo.errors import UserError
 
 Activation = Literal["sqrelu", "gelu"]
@@ -163,9 +164,11 @@ class FlamingoConfig:
 
     # ----------------------------------------------------------------------------- validation
     def validate(self) -> None:
+        check_fields(self, "config", error=ConfigError)
+
         def check(ok: bool, name: str, expected: str, got: Any) -> None:
             if not ok:
-                raise ConfigError(f"config field {name}: expected {expected}, got {got!r}")
+                raise ConfigError(f"config field {name}: expected {expected}, got {short(got)}")
 
         check(self.activation in ("sqrelu", "gelu"), "activation", "'sqrelu' or 'gelu'", self.activation)
         check(self.vision.kind in VISION_KINDS, "vision.kind", f"one of {', '.join(VISION_KINDS)}",
@@ -242,21 +245,9 @@ class FlamingoConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "FlamingoConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        sections = {"vision": VisionConfig, "lm": LanguageModelConfig, "perceiver": PerceiverConfig,
-                    "cross_attention": CrossAttentionConfig, "unfreeze": UnfreezeConfig}
-        top_fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - top_fields)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(top_fields)}")
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in sections:
-                kwargs[key] = _section_from_dict(sections[key], value, f"{source}: {key}")
-            else:
-                kwargs[key] = value
-        return cls(**kwargs)
+        """Build from a mapping (a parsed YAML/JSON file); every field is type-checked against its
+        annotation, and unknown or mistyped fields raise a ConfigError naming them."""
+        return cls(**fields_from_dict(cls, data, source, error=ConfigError))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -266,26 +257,4 @@ class FlamingoConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "FlamingoConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text()
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
-        return cls.from_dict(data, source=str(path))
-
-
-def _section_from_dict(section_cls: type, value: Any, where: str) -> Any:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-    names = {f.name for f in dataclasses.fields(section_cls)}
-    unknown = sorted(set(value) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
-    value = dict(value)
-    for key in ("mean", "std"):  # YAML has no tuples
-        if isinstance(value.get(key), list):
-            value[key] = tuple(value[key])
-    return section_cls(**value)
+        return cls.from_dict(load_structured(path, "config file", ConfigError), source=str(path))

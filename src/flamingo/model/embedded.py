@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from flamingo.errors import UserError
 from flamingo.model.flamingo import Flamingo
 
 EMBEDDED_MODEL = "embedded"
@@ -29,7 +30,7 @@ BACKBONE_PACKAGES = (
 )
 
 
-class EmbeddedModelError(ImportError):
+class EmbeddedModelError(UserError, ImportError):
     """The embedded default cannot be loaded (a backbone package is missing, ...)."""
 
 

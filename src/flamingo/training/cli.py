@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+\nfrom flamingo.cli_options import float_range
 
 TRAIN_EPILOG = """examples:
   flamingo train configs/train/tiny-cpu.yaml
@@ -197,7 +198,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     finetune = _run_parser(subparsers, "finetune", "fine-tune a model on a benchmark's training split (paper "
                            "B.2.2), optionally with WiSE-FT", FINETUNE_EPILOG,
                            "fine-tuning config YAML (see configs/finetune/)", _cmd_finetune)
-    finetune.add_argument("--wise-alpha", type=float, action="append", default=[], metavar="ALPHA",
+    finetune.add_argument("--wise-alpha", type=float_range(0, 1), action="append", default=[], metavar="ALPHA",
                           help="also write the WiSE-FT model (1-ALPHA)*base + ALPHA*fine-tuned to "
                                "RUN_DIR/wise-ft-ALPHA (repeatable; replaces the config's wise_alpha)")
 
@@ -207,7 +208,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and the backbone parts either model unfroze) as a model directory.")
     wise.add_argument("zero_shot", help="the zero-shot model: a saved model directory, a hub id or 'embedded'")
     wise.add_argument("fine_tuned", help="its fine-tuned version (a saved model directory)")
-    wise.add_argument("--alpha", type=float, required=True, help="weight of the fine-tuned model, in [0, 1]")
+    wise.add_argument("--alpha", type=float_range(0, 1), required=True, help="weight of the fine-tuned model, in [0, 1]")
     wise.add_argument("--out", required=True, help="output model directory")
     wise.add_argument("--overwrite", action="store_true", help="replace an existing model directory --out")
     add_trust_remote_code_option(wise)
@@ -225,9 +226,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flamingo.training` (what `torchrun -m` runs): the training subcommands."""
-    from flamingo.cli import main as run
+    from flamingo.cli import add_debug_option, main as run
 
     parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo training")
+    add_debug_option(parser)
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return run(argv, parser)
 

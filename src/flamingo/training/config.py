@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from flamingo.config_io import fields_from_dict, load_structured, safe_yaml, short
 from flamingo.model.config import ConfigError, FlamingoConfig
 
 Precision = Literal["fp32", "bf16"]
@@ -196,7 +195,7 @@ class TrainConfig:
     def validate(self) -> None:
         def check(ok: bool, name: str, expected: str, got: Any) -> None:
             if not ok:
-                raise ConfigError(f"train config field {name}: expected {expected}, got {got!r}")
+                raise ConfigError(f"train config field {name}: expected {expected}, got {short(got)}")
 
         check(isinstance(self.datasets, list) and len(self.datasets) > 0, "datasets", "a non-empty list",
               self.datasets)
@@ -264,9 +263,9 @@ class TrainConfig:
         datasets = data.pop("datasets")
         if not isinstance(datasets, list):
             raise ConfigError(f"{source}: datasets: expected a list of mappings, got {type(datasets).__name__}")
-        kwargs = _fields_from_dict(cls, data, source, skip={"model", "datasets"})
-        return cls(model=FlamingoConfig.from_dict(model, source=f"{source}: model"),
-                   datasets=[_dataset_from_dict(d, f"{source}: datasets.{i}") for i, d in enumerate(datasets)],
+        kwargs = fields_from_dict(cls, data, source, skip={"model", "datasets"}, error=ConfigError)
+        return cls(model=FlamingoConfig(**fields_from_dict(FlamingoConfig, model, source, "model", error=ConfigError)),
+                   datasets=[_dataset_from_dict(d, source, f"datasets.{i}") for i, d in enumerate(datasets)],
                    **kwargs)
 
 
@@ -297,9 +296,7 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
         model_path = Path(data["model"])
         if not model_path.is_absolute():
             model_path = path.parent / model_path
-        if not model_path.is_file():
-            raise ConfigError(f"{path}: model: config file {model_path} does not exist")
-        data["model"] = yaml.safe_load(model_path.read_text())
+        data["model"] = load_structured(model_path, f"{path}: model: config file", ConfigError)
     for item in overrides:
         apply_override(data, item)
     if data.get("run_dir") is None:
@@ -308,13 +305,9 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """The top-level mapping of a YAML file; a ConfigError naming the file otherwise."""
-    if not path.is_file():
-        raise ConfigError(f"{what} file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{what} file {path} is not valid YAML: {err}") from None
+    """The top-level mapping of a YAML file, read safely (flamingo.config_io); a ConfigError
+    naming the file otherwise."""
+    data = load_structured(path, f"{what} file", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -323,9 +316,9 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
 def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
+        raise ConfigError(f"override {short(item)}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = safe_yaml(text, f"override {short(key)}", ConfigError) if text.strip() else None
     except yaml.YAMLError:
         value = text
     if isinstance(value, str):
@@ -346,9 +339,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
                 node[part] = {}
             node = node[part]
         else:
-            raise ConfigError(f"override {item!r}: {where} is not a section (it is {node!r})")
+            raise ConfigError(f"override {short(item)}: {where} is not a section (it is {short(node)})")
         if not isinstance(node, (dict, list)):
-            raise ConfigError(f"override {item!r}: {where} is a value ({node!r}), not a section")
+            raise ConfigError(f"override {short(item)}: {where} is a value ({short(node)}), not a section")
     last = parts[-1]
     if isinstance(node, list):
         node[_list_index(node, last, ".".join(parts), item)] = value
@@ -358,7 +351,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 def _list_index(node: list, part: str, where: str, item: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"override {item!r}: {where} must index the list (0..{len(node) - 1})")
+        raise ConfigError(f"override {short(item)}: {where} must index the list (0..{len(node) - 1})")
     return int(part)
 
 
@@ -375,93 +368,20 @@ def _number_or_str(text: str) -> Any:
 
 
 # ------------------------------------------------------------------------- typed conversion
-def _dataset_from_dict(entry: Any, where: str) -> DatasetSpec:
+def _dataset_from_dict(entry: Any, source: str, where: str) -> DatasetSpec:
     if not isinstance(entry, dict):
-        raise ConfigError(f"{where}: expected a mapping with name, kind, ..., got {entry!r}")
+        raise ConfigError(f"{source}: {where}: expected a mapping with name, kind, ..., got {short(entry)}")
     for key in ("name", "kind"):
         if key not in entry:
-            raise ConfigError(f"{where}: missing required field {key!r}")
+            raise ConfigError(f"{source}: {where}: missing required field {key!r}")
     entry = dict(entry)
     if isinstance(entry.get("options"), dict):  # the to_dict() form nests nothing, but accept it
         entry.update(entry.pop("options"))
     known = {"name", "kind", "weight", "batch_size"}
     options = {k: v for k, v in entry.items() if k not in known}
     base = {k: v for k, v in entry.items() if k in known}
-    kwargs = _fields_from_dict(DatasetSpec, base, where, skip={"options"})
+    kwargs = fields_from_dict(DatasetSpec, base, source, where, skip={"options"}, error=ConfigError)
     return DatasetSpec(options=options, **kwargs)
-
-
-def _fields_from_dict(cls: type, data: dict[str, Any], where: str, skip: set[str] = frozenset()) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
-    out = {}
-    for key, value in data.items():
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
-            out[key] = tp(**_fields_from_dict(tp, value, f"{where}: {key}"))
-        else:
-            out[key] = _coerce(value, tp, f"{where}: {key}")
-    return out
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not fit {tp}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            value = _number_or_str(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-            return tuple(_coerce(v, a, f"{where}.{i}") for i, (v, a) in enumerate(zip(value, args)))
-        return [_coerce(v, args[0], f"{where}.{i}") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
 
 
 def _plain(value: Any) -> Any:

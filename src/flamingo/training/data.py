@@ -56,7 +56,7 @@ def _image_processor(model: Flamingo, spec: DatasetSpec) -> Any:
 def synthetic_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
     from flamingo.training.synthetic import OPTIONS, ClipartSource, ProceduralSource, ShapesSource
 
-    unknown = sorted(set(spec.options) - set(OPTIONS[spec.kind]))
+    unknown = sorted(set(spec.options) - set(OPTIONS[spec.kind]), key=str)
     if unknown:
         raise ConfigError(f"dataset {spec.name!r} (kind {spec.kind}): unknown field(s) {unknown}; "
                           f"expected some of {['name', 'kind', 'weight', 'batch_size', *OPTIONS[spec.kind]]}")

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flamingo.config_io import fields_from_dict
 from flamingo.data.batch import IGNORE_INDEX, TrainingSample
 from flamingo.data.loader import DataStats
 from flamingo.data.media import SkipSample
@@ -56,7 +57,7 @@ from flamingo.evaluation.loaders import LOADERS
 from flamingo.evaluation.media import VideoSampling, read_media
 from flamingo.evaluation.tasks import get_task
 from flamingo.model.config import ConfigError, FlamingoConfig, UnfreezeConfig
-from flamingo.training.config import TrainConfig, _fields_from_dict, apply_override, read_yaml_mapping
+from flamingo.training.config import TrainConfig, apply_override, read_yaml_mapping
 from flamingo.training.synthetic import InMemorySource
 
 TASK_OPTIONS = ("task", "data", "max_tokens", "video_frames", "video_fps")
@@ -242,7 +243,7 @@ def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...
     if not isinstance(train, dict):
         raise ConfigError(f"{path}: train: expected a mapping of training-config fields, got {train!r}")
     data["train"] = {**train, "run_dir": train.get("run_dir") or str(Path("runs") / path.stem)}
-    return FinetuneConfig(**_fields_from_dict(FinetuneConfig, data, str(path)))
+    return FinetuneConfig(**fields_from_dict(FinetuneConfig, data, str(path), error=ConfigError))
 
 
 def finetune(config: FinetuneConfig, *, resume: str | Path | None = None,

@@ -1,0 +1,68 @@
+"""argparse types for numeric options: each refuses a bad value with a message naming the range,
+so no command runs (and prints a meaningless table) on a negative count or an absurd size."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+from flamingo.config_io import MAX_SEED
+
+MAX_COUNT = 10**9  # episodes, samples, shards: more would run for years
+
+
+def int_range(low: int, high: int = MAX_COUNT) -> Callable[[str], int]:
+    """An integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text[:80]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, got {text[:80]}")
+        return value
+
+    return parse
+
+
+def float_range(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """A finite number in [low, high] (or (low, high] with low_open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text[:80]!r}") from None
+        above = value > low if low_open else value >= low
+        if not (math.isfinite(value) and above and value <= high):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"expected a finite number in {interval}, got {text[:80]}")
+        return value
+
+    return parse
+
+
+def int_list(low: int = 0, high: int = MAX_COUNT) -> Callable[[str], list[int]]:
+    """Comma-separated distinct integers in [low, high], e.g. 0,4,8."""
+    item = int_range(low, high)
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [item(v) for v in text.split(",") if v.strip()]
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,4,8: {err}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,4,8, got {text[:80]!r}")
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"repeated values in {text[:80]}")
+        return values
+
+    return parse
+
+
+seed = int_range(0, MAX_SEED)
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+positive_float = float_range(0, low_open=True)
