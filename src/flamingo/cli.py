@@ -151,6 +151,9 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     def write(text: str) -> None:
         print(text, end="", flush=True)
 
+    if hasattr(sys.stdin, "reconfigure"):  # a non-UTF-8 line becomes an error message, not the end
+        sys.stdin.reconfigure(errors="surrogateescape")
+
     run_chat(model, config, read=input, write=write, max_pixels=args.max_pixels)
 
 

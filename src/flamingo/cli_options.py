@@ -66,3 +66,19 @@ seed = int_range(0, MAX_SEED)
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 positive_float = float_range(0, low_open=True)
+
+
+def torch_device(text: str) -> str:
+    """A torch device that exists here: cpu, cuda, cuda:N (N < the number of GPUs), mps."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text[:80]!r}") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available()
+                                  or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text[:80]!r}")
+    return text

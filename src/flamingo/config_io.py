@@ -1,4 +1,4 @@
-"""Reading and writing user files and mapping them onto typed dataclasses, safely.
+"""Reading user files and mapping them onto typed dataclasses, safely.
 
 Every config (model, training, dataset, evaluation data) goes through these functions, so each
 hostile input fails the same way: a `UserError` naming the file and field, never a traceback.
@@ -11,7 +11,6 @@ hostile input fails the same way: a `UserError` naming the file and field, never
 - `fields_from_dict`: a mapping checked against a dataclass's field annotations (str, int,
   float, bool, Literal, unions, lists, tuples, dicts, nested dataclasses); unknown keys and
   wrong types name the field.
-- `write_text`: a user-named output file, written atomically; failures name it.
 - `short`: a bounded repr for echoing user values in messages.
 """
 
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import reprlib
 import types
@@ -34,6 +32,7 @@ from flamingo.errors import UserError
 MAX_CONFIG_BYTES = 4 << 20  # config files are a few KiB; anything this large is a mistake
 MAX_DEPTH = 64  # nesting of mappings/lists in a config
 MAX_NODES = 1_000_000  # values after expanding YAML aliases
+MAX_ECHO = 160  # characters of a user value quoted in a message
 MAX_SEED = 2**32 - 1  # accepted by every RNG we seed (random, numpy, torch)
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -45,11 +44,12 @@ _repr.maxlevel = 3
 
 
 def short(value: Any) -> str:
-    """repr(value), cut to about a hundred characters (messages never echo unbounded values)."""
+    """repr(value), cut to at most MAX_ECHO characters (messages never echo unbounded values)."""
     try:
-        return _repr.repr(value)
+        text = _repr.repr(value)
     except RecursionError:  # a self-referencing structure
-        return f"<{type(value).__name__}>"
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------ files
@@ -72,24 +72,6 @@ def read_text(path: str | Path, what: str = "file", error: type[UserError] = Use
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise error(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
-
-
-def write_text(path: str | Path, what: str, text: str) -> Path:
-    """Write a user-named file atomically (a temporary file renamed over it): a full disk or a
-    missing folder raises a UserError naming the file and leaves no half-written file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
-        raise UserError(f"{what} {path} cannot be written: {err.strerror or err}") from None
-    return path
 
 
 class _CheckedLoader(yaml.SafeLoader):
@@ -122,6 +104,8 @@ def _check_tree(node: yaml.Node, where: str, error: type[UserError]) -> None:
 def safe_yaml(text: str, where: str, error: type[UserError] = UserError) -> Any:
     """yaml.safe_load, refusing (with `error`) documents nested deeper than MAX_DEPTH or larger
     than MAX_NODES values once aliases are expanded; syntax errors stay yaml.YAMLError."""
+    if not _bracket_depth_ok(text, yaml_syntax=True):
+        raise error(f"{where}: nested deeper than {MAX_DEPTH} levels")
     loader = _CheckedLoader(text)
     try:
         try:
@@ -143,26 +127,33 @@ def _yaml_error(err: yaml.YAMLError, where: str, error: type[UserError]) -> User
     return error(f"{where}{position}: invalid YAML: {' '.join(str(problem).split())}")
 
 
-def _json_depth_ok(text: str) -> bool:
-    """Whether JSON text nests at most MAX_DEPTH deep (brackets outside strings, counted as a stack)."""
+def _bracket_depth_ok(text: str, yaml_syntax: bool) -> bool:
+    """Whether the [ ] / { } nesting of JSON or YAML flow text stays within MAX_DEPTH (brackets in
+    quoted strings and YAML comments do not count). A cheap linear guard: the parsers take
+    quadratic time, or recurse without bound, on deeply nested input."""
     depth = 0
-    in_string = escaped = False
+    quote = None
+    escaped = False
+    previous = "\n"
     for char in text:
-        if in_string:
+        if quote is not None:
             if escaped:
                 escaped = False
-            elif char == "\\":
+            elif char == "\\" and quote == '"':
                 escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
+            elif char == quote:
+                quote = None
+        elif yaml_syntax and char == "#" and previous in " \t\n":
+            quote = "\n"  # a comment runs to the end of the line
+        elif char == '"' or (yaml_syntax and char == "'"):
+            quote = char
         elif char in "[{":
             depth += 1
             if depth > MAX_DEPTH:
                 return False
         elif char in "]}":
             depth -= 1
+        previous = char
     return True
 
 
@@ -170,7 +161,7 @@ def parse_structured(text: str, where: str, json_format: bool = False, error: ty
     """Parse the YAML (or, with json_format, JSON) text of a config; errors are `error`s naming
     `where` (with :line:column for syntax errors)."""
     if json_format:
-        if not _json_depth_ok(text):
+        if not _bracket_depth_ok(text, yaml_syntax=False):
             raise error(f"{where}: nested deeper than {MAX_DEPTH} levels")
         try:
             return json.loads(text)

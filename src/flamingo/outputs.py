@@ -9,6 +9,7 @@ what a killed process leaves is a hidden `.NAME.tmp-*` folder that blocks nothin
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -23,6 +24,24 @@ OVERWRITE_HINT = "pass --overwrite (overwrite=True in Python) to replace it"
 
 class OutputExistsError(UserError):
     """The output already exists and replacing it was not asked for (or is not safe)."""
+
+
+class OutputWriteError(UserError):
+    """The output cannot be written (disk full, read-only, no permission); nothing half-written stays."""
+
+
+# errno values that say the output cannot be written (other OSErrors are not about the output)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT}
+
+
+@contextlib.contextmanager
+def _named_write_errors(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputWriteError(f"{target} cannot be written: {err.strerror or err}") from None
 
 
 def check_output_dir(target: str | Path, overwrite: bool, what: str, ours: Sequence[str] = ()) -> Path:
@@ -47,11 +66,12 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
     """A new, empty hidden folder next to `target`, removed when the block ends (after a failure,
     or when its content was not moved away with `publish`)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staged = target.parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
-    staged.mkdir()  # not tempfile.mkdtemp: the folder becomes the output, with the usual permissions
     try:
-        yield staged
+        with _named_write_errors(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged.mkdir()  # not tempfile.mkdtemp: the folder becomes the output, with the usual permissions
+            yield staged
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -73,13 +93,15 @@ def publish(staged: str | Path, target: str | Path) -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file through a temporary file in the same folder and a rename."""
+    """Write a text file through a temporary file in the same folder and a rename; a full disk or
+    a missing folder is an OutputWriteError naming the file."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
     try:
-        with open(tmp, "x", encoding="utf-8") as f:  # the usual permissions (umask), unlike mkstemp
-            f.write(text)
-        os.replace(tmp, path)
+        with _named_write_errors(path):
+            with open(tmp, "x", encoding="utf-8") as f:  # the usual permissions (umask), unlike mkstemp
+                f.write(text)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

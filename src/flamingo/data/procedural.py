@@ -29,6 +29,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from flamingo.config_io import short
+from flamingo.errors import UserError
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (240, 205, 30),
     "purple": (135, 55, 175), "orange": (245, 135, 25), "black": (25, 25, 25), "white": (250, 250, 250),
@@ -123,7 +126,7 @@ def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
             y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
             points.append((cx + r * x / 16, cy - r * (y + 2) / 16))
         return points
-    raise ValueError(f"unknown object kind {kind!r}; expected one of {KINDS}")
+    raise UserError(f"unknown object kind {short(kind)}; expected one of {KINDS}")
 
 
 def _shape_mask(kind: str, size: int, cx: float, cy: float, r: float) -> Image.Image:
@@ -378,4 +381,4 @@ def training_document(task: str, rng: np.random.Generator, size: int) -> list[Se
             support, query, answer, _ = induction_episode(rng, size, shots=2 + int(rng.integers(4)))
         query.text.append((answer, True))
         return [*support, query]
-    raise ValueError(f"unknown procedural task {task!r}; expected caption, qa, binding or induction")
+    raise UserError(f"unknown procedural task {short(task)}; expected caption, qa, binding or induction")

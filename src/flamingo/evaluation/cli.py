@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from flamingo.cli_options import float_range, int_list, int_range, positive_int, seed
+from flamingo.cli_options import float_range, int_list, int_range, positive_int, seed, torch_device
 
 EPILOG = """examples:
   flamingo eval --model of-9b --task coco --shots 0,4,8,16,32 --trials 3 --data data.yaml --out runs/eval
@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video-frames", type=int_range(1, 10_000), default=30, help="frames per video (paper: 30 at 3 FPS)")
     p.add_argument("--video-fps", type=float_range(0, 1000, low_open=True), default=3.0)
     p.add_argument("--max-prompt-tokens", type=positive_int, default=None, help="OOC above this (default: the LM's context)")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--device", type=torch_device, default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="RICES support features cache (default ~/.cache/flamingo/rices)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -376,7 +376,7 @@ def rareact_caption(verb: str, noun: str) -> str:
     "an hour"). A multi-word verb conjugates its first word ("pick up" -> "picks up")."""
     words = verb.split()
     if not words or not noun.strip():
-        raise ValueError(f"rareact_caption: empty verb or noun in {(verb, noun)!r}")
+        raise EvalDataError(f"rareact_caption: empty verb or noun in {(verb, noun)!r}")
     low = noun.strip().lower()
     vowel = low[:1] in "aeiou"
     if low.startswith(_ARTICLE_A):

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flamingo.config_io import short
 from flamingo.data import clipart, procedural
+from flamingo.errors import UserError
 from flamingo.inference.prompt import interleaved_prompt
 from flamingo.inference.scoring import score_candidates
 from flamingo.inference.state import encode_prompts
@@ -94,7 +96,7 @@ def episode_items(support: Sequence[procedural.Segment], query: procedural.Segme
 
 def make_episode(task: str, shots: int, seed: int, index: int, image_size: int = 224) -> Episode:
     if task not in TASKS:
-        raise ValueError(f"unknown procedural task {task!r}; expected one of {sorted(TASKS)}")
+        raise UserError(f"unknown procedural task {short(task)}; expected one of {sorted(TASKS)}")
     rng = np.random.default_rng([seed, shots, index, sum(map(ord, TASKS[task].same_episodes_as or task))])
     return TASKS[task].make(rng, image_size, shots)
 

@@ -13,6 +13,12 @@ import os
 from pathlib import Path
 from typing import IO
 
+from flamingo.config_io import short
+from flamingo.evaluation.samples import EvalDataError
+
+STATUSES = ("ok", "missing", "ooc")
+DAMAGED = "the predictions file is damaged; delete it to recompute this task"
+
 
 def record_key(shots: int, trial: int, sample_id: str) -> tuple[int, int, str]:
     return shots, trial, sample_id
@@ -25,18 +31,48 @@ def shard_path(directory: Path, task: str, rank: int) -> Path:
 def _read_lines(path: Path) -> tuple[list[dict], bool]:
     """The complete records of a file and whether a torn (unparseable) last line was found."""
     records, torn = [], False
-    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise EvalDataError(f"{path}: not UTF-8 text (byte {err.start}; {DAMAGED})") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             if i < len(lines) - 1 and any(rest.strip() for rest in lines[i + 1:]):
-                raise ValueError(f"{path}: line {i + 1} is not valid JSON (the predictions file is damaged; "
-                                 f"delete it to recompute this task)") from None
+                raise EvalDataError(f"{path}: line {i + 1} is not valid JSON ({DAMAGED})") from None
             torn = True
+            continue
+        problem = _record_problem(record)
+        if problem:
+            raise EvalDataError(f"{path}: line {i + 1}: {problem} ({DAMAGED})")
+        records.append(record)
     return records, torn
+
+
+def _record_problem(record: object) -> str | None:
+    """What is wrong with a record read back (None: it has the shape the runner writes)."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    for key, kind in (("shots", int), ("trial", int), ("id", str), ("status", str)):
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            return f"field {key!r}: expected {kind.__name__}, got {short(record.get(key))}"
+    if record["status"] not in STATUSES:
+        return f"field 'status': expected one of {', '.join(STATUSES)}, got {short(record['status'])}"
+    if record["status"] == "ok":
+        if "prediction" in record and not isinstance(record["prediction"], str):
+            return f"field 'prediction': expected a string, got {short(record['prediction'])}"
+        if "ranked" in record and not (isinstance(record["ranked"], list)
+                                       and all(isinstance(r, str) for r in record["ranked"])):
+            return f"field 'ranked': expected a list of strings, got {short(record['ranked'])}"
+        if "scores" in record and not (isinstance(record["scores"], list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in record["scores"])):
+            return f"field 'scores': expected a list of numbers, got {short(record['scores'])}"
+        if not any(k in record for k in ("prediction", "ranked")):
+            return "an 'ok' record without 'prediction' or 'ranked'"
+    return None
 
 
 def read_all(directory: Path, task: str) -> list[dict]:

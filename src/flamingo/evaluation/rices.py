@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flamingo.data.media import SkipSample
+from flamingo.errors import UserError
 from flamingo.evaluation.samples import Sample
 from flamingo.model.flamingo import Flamingo
 
@@ -29,7 +30,7 @@ from flamingo.model.flamingo import Flamingo
 def media_features(model: Flamingo, frames: Sequence[list[Image.Image]]) -> torch.Tensor:
     """[K, D] normalised pooled features of K media (each a list of frames, all the same length)."""
     if model.vision_encoder is None:
-        raise ValueError("RICES needs the model's vision encoder (this model takes precomputed features)")
+        raise UserError("--rices needs the model's vision encoder (this model takes precomputed features)")
     processor = model.vision_encoder.image_processor()
     device = model.perceiver.latents.device
     pixels = torch.stack([processor.preprocess_video(f) for f in frames])  # [K, T, 3, H, W]

@@ -13,7 +13,7 @@ from typing import Callable
 from PIL import Image
 
 from flamingo.inference.generation import GenerationConfig, generate
-from flamingo.inference.prompt import Prompt, PromptError, context_length
+from flamingo.inference.prompt import Prompt, PromptError, check_text, context_length
 from flamingo.inference.state import encode_prompts
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.image_processing import DEFAULT_MAX_PIXELS, load_image
@@ -55,6 +55,11 @@ def run_chat(model: Flamingo, config: GenerationConfig, read: Callable[[str], st
         except EOFError:
             break
         if not line:
+            continue
+        try:
+            check_text(line, "that line")
+        except PromptError as err:
+            write(f"error: {err}; ignored\n")
             continue
         if line in ("/quit", "/exit"):
             break

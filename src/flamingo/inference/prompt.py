@@ -47,6 +47,7 @@ def interleaved_prompt(items: Sequence[Any], media_token: str = "<image>",
     text, media = [], []
     for item in items:
         if isinstance(item, str):
+            check_text(item, "prompt text item")
             if media_token in item:
                 raise PromptError(f"a text item contains {media_token!r}; in an interleaved list, give the image "
                                   f"itself where it goes (or use text_prompt with placeholders and images)")
@@ -57,9 +58,21 @@ def interleaved_prompt(items: Sequence[Any], media_token: str = "<image>",
     return Prompt("".join(text), media)
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse text holding undecodable bytes (Python keeps them as lone surrogates, e.g. from a
+    non-UTF-8 command line or terminal), which no tokenizer can encode."""
+    if not isinstance(text, str):
+        raise PromptError(f"{what}: expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PromptError(f"{what}: not valid UTF-8 text (undecodable byte at character {err.start})") from None
+
+
 def text_prompt(text: str, images: Sequence[MediaItem] = (), media_token: str = "<image>",
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Prompt:
     """A prompt given as text with `<image>` placeholders plus the images, in order."""
+    check_text(text, "prompt")
     placeholders = text.count(media_token)
     if placeholders != len(images):
         raise PromptError(f"the prompt has {placeholders} {media_token} placeholder(s) but {len(images)} "

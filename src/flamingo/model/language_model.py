@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flamingo.errors import UserError
+from flamingo.errors import UserError, cannot_load
 from flamingo.model.config import LanguageModelConfig
 from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, active_media_context
 from flamingo.model.lm_source import converted_gguf_checkpoint, dtype_argument, resolve_package_path
@@ -78,7 +78,7 @@ def hidden_size(lm: nn.Module) -> int:
     for attr in ("hidden_size", "d_model", "n_embd"):
         if isinstance(getattr(config, attr, None), int):
             return getattr(config, attr)
-    raise ValueError(f"cannot read the hidden size of {type(lm).__name__} from its config")
+    raise UserError(f"cannot read the hidden size of {type(lm).__name__} from its config")
 
 
 class FlamingoDecoderLayer(nn.Module):
@@ -294,7 +294,7 @@ def add_special_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
         tokenizer.add_tokens(missing, special_tokens=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token")
+            raise UserError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
@@ -313,6 +313,7 @@ def load_language_model(config: LanguageModelConfig, trust_remote_code: bool = F
     `config.trust_remote_code` only says that the LM needs its own Python code; that code runs only
     when the caller passes `trust_remote_code=True` (a config may come from anywhere, e.g. the hub).
     """
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoModelForCausalLM
 
     if config.trust_remote_code and not trust_remote_code:
@@ -330,6 +331,8 @@ def load_language_model(config: LanguageModelConfig, trust_remote_code: bool = F
         kwargs["attn_implementation"] = config.attn_implementation
     try:
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, HFValidationError) as err:
+        raise cannot_load("lm.name_or_path", source, err) from None
     except ValueError as err:
         # Some architectures (e.g. MPT) have no SDPA path; they keep their own attention.
         if "attn_implementation" not in kwargs or "does not support" not in str(err):

@@ -27,6 +27,7 @@ import torch
 import yaml
 from torch import nn
 
+from flamingo.errors import UserError, cannot_load
 from flamingo.model.config import ConfigError, VisionConfig
 from flamingo.model.image_processing import ImageProcessor
 
@@ -58,10 +59,10 @@ class VisionEncoder(nn.Module):
                  std: tuple[float, float, float]) -> None:
         super().__init__()
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-            raise ValueError(f"vision image_size must be a positive integer, got {image_size!r}")
+            raise UserError(f"vision image_size must be a positive integer, got {image_size!r}")
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"vision mean/std must be 3 values each (std > 0), got {mean} and {std}")
+            raise UserError(f"vision mean/std must be 3 values each (std > 0), got {mean} and {std}")
         self.feature_dim = int(feature_dim)
         self.image_size = image_size
         self.mean, self.std = mean, std  # type: ignore[assignment]
@@ -89,9 +90,9 @@ class VisionEncoder(nn.Module):
         expected = f"[B, N, T, 3, {size}, {size}] (batch, images, frames, channels, height, width)"
         shape = tuple(pixel_values.shape)
         if pixel_values.ndim != 6 or shape[3] != 3 or shape[4:] != (size, size):
-            raise ValueError(f"{type(self).__name__}: expected pixel_values of shape {expected}, got {list(shape)}")
+            raise UserError(f"{type(self).__name__}: expected pixel_values of shape {expected}, got {list(shape)}")
         if not pixel_values.is_floating_point():
-            raise ValueError(f"{type(self).__name__}: expected floating-point pixel_values normalised by "
+            raise UserError(f"{type(self).__name__}: expected floating-point pixel_values normalised by "
                              f"image_processor(), got dtype {pixel_values.dtype}")
         b, n, t = shape[:3]
         features = self.encode(pixel_values.reshape(b * n * t, 3, size, size))
@@ -141,6 +142,7 @@ class HFVisionEncoder(VisionEncoder):
                         std: tuple[float, float, float] | None = None, **kwargs: Any) -> "HFVisionEncoder":
         """Load a hub id or local directory holding a vision-only or a full (vision+text) checkpoint;
         `kwargs` go to `from_pretrained` (e.g. revision, dtype)."""
+        from huggingface_hub.errors import HFValidationError
         from transformers import CLIPVisionModel, SiglipVisionModel
 
         model_cls = CLIPVisionModel if kind == "clip" else SiglipVisionModel
@@ -148,10 +150,13 @@ class HFVisionEncoder(VisionEncoder):
         # does not fit (or fail with a generic size-mismatch error).
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder")
                       if k in kwargs}
-        config_dict, _ = model_cls.config_class.get_config_dict(name_or_path, **hub_kwargs)
+        try:
+            config_dict, _ = model_cls.config_class.get_config_dict(name_or_path, **hub_kwargs)
+        except (OSError, HFValidationError) as err:  # not found locally, on the hub, or in the offline cache
+            raise cannot_load("vision.name_or_path", name_or_path, err) from None
         model_type = config_dict.get("model_type")
         if model_type not in _HF_MODEL_TYPES[kind]:
-            raise ValueError(f"vision.kind={kind!r} needs a {' or '.join(_HF_MODEL_TYPES[kind])} checkpoint, "
+            raise UserError(f"vision.kind={kind!r} needs a {' or '.join(_HF_MODEL_TYPES[kind])} checkpoint, "
                              f"but {name_or_path!r} holds model_type {model_type!r}")
         # From a full CLIPModel/SiglipModel checkpoint, the vision class takes `vision_config` and
         # the `vision_model.*` weights (checked for transformers 5); the text tower is ignored.
@@ -160,7 +165,7 @@ class HFVisionEncoder(VisionEncoder):
         mismatched = info.get("mismatched_keys", [])
         if missing or mismatched:
             # Randomly initialised weights in a frozen encoder would fail silently later.
-            raise ValueError(
+            raise UserError(
                 f"{name_or_path!r} does not hold a complete {kind} vision tower: "
                 f"{len(missing)} missing weight(s) (e.g. {missing[:3]}), {len(mismatched)} with mismatched shapes; "
                 f"is vision.kind={kind!r} right for this checkpoint?")
@@ -178,7 +183,7 @@ class HFVisionEncoder(VisionEncoder):
         model_type = getattr(model.config, "model_type", "")
         kind = "clip" if model_type.startswith("clip") else "siglip" if model_type.startswith("siglip") else None
         if kind is None:
-            raise ValueError(f"expected a CLIP or SigLIP vision model, got {type(model).__name__} "
+            raise UserError(f"expected a CLIP or SigLIP vision model, got {type(model).__name__} "
                              f"(config model_type {model_type!r})")
         return cls(model, kind, image_size=image_size, mean=mean, std=std)
 
@@ -260,7 +265,7 @@ class TimmVisionEncoder(VisionEncoder):
                 return x.flatten(1, 2)
         elif x.ndim == 3 and x.shape[-1] == d:
             return x[:, self.num_prefix_tokens:]
-        raise ValueError(f"{type(self.model).__name__}.forward_features returned shape {list(x.shape)}; expected "
+        raise UserError(f"{type(self.model).__name__}.forward_features returned shape {list(x.shape)}; expected "
                          f"[K, {d}, h, w], [K, h, w, {d}] or [K, S, {d}] (num_features={d})")
 
 
@@ -284,7 +289,7 @@ def _timm_data_config(model: nn.Module) -> tuple[int, tuple, tuple]:
         cfg = dict(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {})
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
     if input_size[-1] != input_size[-2]:
-        raise ValueError(f"timm model expects a non-square input {input_size[-2]}x{input_size[-1]}; "
+        raise UserError(f"timm model expects a non-square input {input_size[-2]}x{input_size[-1]}; "
                          "set vision.image_size to the square size to use")
     return int(input_size[-1]), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
@@ -327,7 +332,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         absent = [k for k in self.FC_KEYS if k not in state]
         if absent:
-            raise ValueError(f"{self.weights_path} is not the EfficientNet-Lite0 ImageNet checkpoint: no {absent}")
+            raise UserError(f"{self.weights_path} is not the EfficientNet-Lite0 ImageNet checkpoint: no {absent}")
         for key in self.FC_KEYS:
             del state[key]
         model.load_state_dict(state, strict=True)  # every other tensor must match exactly

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from flamingo.config_io import short
 from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.weights import WEIGHTS_FILE, write_model_files
@@ -41,6 +42,10 @@ _NAME = re.compile(r"^step-(\d{8,})$")
 
 class CheckpointLoadError(UserError):
     """A checkpoint folder is missing or unreadable."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint cannot be written (disk full, no permission); nothing half-written is left."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -124,14 +129,18 @@ def save_checkpoint_files(directory: str | Path, step: int, write_files: Callabl
         shutil.rmtree(stale, ignore_errors=True)
     name = checkpoint_name(step)
     tmp = directory / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
-    write_files(tmp)
-    torch.save({"format": FORMAT, **state}, tmp / STATE_FILE)
-    if train_config_yaml is not None:
-        (tmp / TRAIN_CONFIG_FILE).write_text(train_config_yaml)
-    for path in tmp.iterdir():
-        _fsync_file(path)
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        write_files(tmp)
+        torch.save({"format": FORMAT, **state}, tmp / STATE_FILE)
+        if train_config_yaml is not None:
+            (tmp / TRAIN_CONFIG_FILE).write_text(train_config_yaml)
+        for path in tmp.iterdir():
+            _fsync_file(path)
+        _fsync_dir(tmp)
+    except OSError as err:  # a full disk, a read-only folder: no half-written checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"checkpoint {directory / name} cannot be written: {err.strerror or err}") from None
     final = directory / name
     if final.exists():  # the same step saved again (e.g. a run resumed from it)
         old = directory / f".old-{name}-{os.getpid()}"
@@ -183,10 +192,44 @@ def load_checkpoint(path: str | Path, weights_file: str = WEIGHTS_FILE) -> tuple
         raise CheckpointLoadError(f"checkpoint {path}: {STATE_FILE} is unreadable: {_first_line(err)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointLoadError(f"checkpoint {path}: {STATE_FILE} is not a {FORMAT} file")
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointLoadError(f"checkpoint {path}: {STATE_FILE}: {problem}")
     return tensors, state
 
 
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a state.pt (None: what save_checkpoint writes)."""
+    def is_int(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if not is_int(state.get("step"), 0):
+        return f"step: expected an integer >= 0, got {short(state.get('step'))}"
+    world = state.get("world_size")
+    if not is_int(world, 1):
+        return f"world_size: expected an integer >= 1, got {short(world)}"
+    for key in ("data", "rng"):
+        value = state.get(key)
+        if not (isinstance(value, list) and len(value) == world and all(isinstance(v, dict) for v in value)):
+            return f"{key}: expected a list of {world} mapping(s), one per process, got {short(value)}"
+    for rng in state["rng"]:
+        absent = [k for k in RNG_KEYS if not isinstance(rng.get(k), torch.Tensor)]
+        if absent:
+            return f"rng: missing or non-tensor generator state(s) {absent}"
+    optimizer = state.get("optimizer")
+    if optimizer is not None and not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+                                      and isinstance(optimizer.get("param_groups"), list)):
+        return f"optimizer: expected null or a mapping with 'state' and 'param_groups', got {short(optimizer)}"
+    counters = state.get("counters", {})
+    if not (isinstance(counters, dict) and all(is_int(v, 0) for v in counters.values())):
+        return f"counters: expected a mapping of integers >= 0, got {short(counters)}"
+    return None
+
+
 # ---------------------------------------------------------------------------------- RNG states
+RNG_KEYS = ("python_version", "python_state", "python_gauss", "numpy_keys", "numpy_misc", "torch")
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     """Python, NumPy, torch (and CUDA) generator states, as tensors only."""
     version, internal, gauss = random.getstate()

@@ -33,6 +33,7 @@ Objective = Literal["accumulate", "round_robin"]
 ScheduleKind = Literal["constant", "cosine", "linear"]
 Strategy = Literal["ddp", "fsdp"]
 Device = Literal["auto", "cpu", "cuda"]
+MAX_BATCH_SIZE = 1 << 16
 
 
 @dataclass
@@ -205,7 +206,8 @@ class TrainConfig:
             check(isinstance(d.name, str) and bool(d.name), f"datasets.{i}.name", "a non-empty string", d.name)
             check(isinstance(d.kind, str) and bool(d.kind), f"datasets.{i}.kind", "a non-empty string", d.kind)
             check(math.isfinite(d.weight) and d.weight >= 0, f"datasets.{i}.weight", "a number >= 0", d.weight)
-            check(d.batch_size >= 1, f"datasets.{i}.batch_size", "an integer >= 1", d.batch_size)
+            check(1 <= d.batch_size <= MAX_BATCH_SIZE, f"datasets.{i}.batch_size", f"an integer in 1..{MAX_BATCH_SIZE}",
+                  d.batch_size)
         if self.distributed.strategy == "fsdp":
             for i, d in enumerate(self.datasets):
                 # A rank whose batch holds no image would skip the resampler's FSDP collectives

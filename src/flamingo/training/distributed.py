@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flamingo.model.config import ConfigError
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.language_model import find_decoder_layers
 from flamingo.training.config import TrainConfig
@@ -61,7 +62,8 @@ def init_runtime(config: TrainConfig) -> Runtime:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     want = config.device
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+        raise ConfigError("train config field device: cuda was asked for but torch sees no CUDA device "
+                          "(use device: auto or cpu)")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)

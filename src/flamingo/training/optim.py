@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flamingo.model.config import ConfigError
 from flamingo.training.config import OptimConfig, ScheduleConfig
 
 
@@ -68,7 +69,7 @@ def parameter_groups(named_params: dict[str, nn.Parameter], config: OptimConfig)
 def build_optimizer(named_params: dict[str, nn.Parameter], config: OptimConfig) -> torch.optim.AdamW:
     groups = parameter_groups(named_params, config)
     if not groups:
-        raise ValueError("the model has no trainable parameters")
+        raise ConfigError("the model has no trainable parameters (optim.lr_scale: 0 for every prefix?)")
     for group in groups:
         group.pop("names")  # keep the optimizer's state_dict plain; see parameter_groups
     # foreach: one multi-tensor update instead of a Python loop per parameter (the CPU default)

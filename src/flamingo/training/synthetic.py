@@ -74,7 +74,7 @@ class InMemorySource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state.get("rank", self.rank), state.get("world_size", self.world_size)) != (self.rank, self.world_size):
-            raise ValueError(f"dataset {self.name!r}: the saved position is for rank {state.get('rank')} of "
+            raise ConfigError(f"dataset {self.name!r}: the saved position is for rank {state.get('rank')} of "
                              f"{state.get('world_size')}, not rank {self.rank} of {self.world_size}")
         self.position = int(state["position"])
 

@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from flamingo.config_io import short
 from flamingo.data.batch import Batch
+from flamingo.errors import UserError
 from flamingo.model.config import ConfigError
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.weights import load_trainable_weights, load_weights_file, write_model_files
@@ -505,15 +507,24 @@ class Trainer:
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         self.nonfinite_in_a_row = int(counters.get("nonfinite_in_a_row", 0))
         self.tokens_seen = int(counters.get("tokens_seen", 0))
-        if state["optimizer"] is not None:
-            self._load_optimizer_state(state["optimizer"])
-        for name, source in self.sources.items():
-            saved = state["data"][rt.rank]
-            if name not in saved:
-                raise ConfigError(f"checkpoint {self.resumed_from} has no data position for dataset {name!r} "
-                                  f"(it has {sorted(saved)})")
-            source.load_state_dict(saved[name])
-        ckpt.set_rng_state(state["rng"][rt.rank])
+        part = "optimizer"
+        try:  # load_checkpoint checked the structure; values can still be damaged
+            if state["optimizer"] is not None:
+                self._load_optimizer_state(state["optimizer"])
+            for name, source in self.sources.items():
+                part = f"data position of dataset {name!r}"
+                saved = state["data"][rt.rank]
+                if name not in saved:
+                    raise ConfigError(f"checkpoint {self.resumed_from} has no data position for dataset {name!r} "
+                                      f"(it has {short(sorted(saved, key=str))})")
+                source.load_state_dict(saved[name])
+            part = "random generator states"
+            ckpt.set_rng_state(state["rng"][rt.rank])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+            if isinstance(err, UserError):
+                raise
+            raise ckpt.CheckpointLoadError(f"checkpoint {self.resumed_from}: its {part} cannot be restored "
+                                           f"({type(err).__name__}: {str(err)[:200]})") from None
 
     def save_final(self) -> Path | None:
         """The trained model as a model directory RUN_DIR/final (config.yaml + bridge.safetensors)."""
