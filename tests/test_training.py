@@ -379,7 +379,8 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, lm_dir, c
     directory = tmp_path / "ck"
 
     def state(step):
-        return {"step": step, "rng": ckpt.rng_state(), "data": [{"shapes": {"position": step}}]}
+        return {"step": step, "world_size": 1, "optimizer": None, "rng": [ckpt.rng_state()],
+                "data": [{"shapes": {"position": step}}]}
 
     for step in (1, 2):
         ckpt.save_checkpoint(directory, step, tensors, state(step), model.config, keep=5)
@@ -393,16 +394,17 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, lm_dir, c
         raise OSError("disk vanished")
 
     monkeypatch.setattr(ckpt.torch, "save", crash)
-    with pytest.raises(OSError, match="disk vanished"):
+    with pytest.raises(ckpt.CheckpointWriteError, match="step-00000003 cannot be written: disk vanished"):
         ckpt.save_checkpoint(directory, 3, tensors, state(3), model.config, keep=5)
     monkeypatch.setattr(ckpt.torch, "save", real_save)
-    assert list(directory.glob(".tmp-step-00000003-*"))  # the half-written folder ...
+    assert not list(directory.glob(".tmp-step-00000003-*"))  # a failed write removes its folder
+    (directory / ".tmp-step-00000003-999").mkdir()  # a killed process cannot: its half-written folder ...
     latest = ckpt.latest_checkpoint(directory)  # ... is invisible: the previous one is the latest
     assert latest.name == "step-00000002"
     loaded, saved = ckpt.load_checkpoint(latest)
     assert saved["step"] == 2 and saved["data"][0]["shapes"]["position"] == 2
     assert all(torch.equal(loaded[k], tensors[k].detach()) for k in tensors)
-    assert isinstance(saved["rng"]["torch"], torch.Tensor)
+    assert isinstance(saved["rng"][0]["torch"], torch.Tensor)
 
     # The next save cleans up, and pruning keeps the newest K.
     for step in (4, 5, 6):

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-\nfrom flamingo.cli_options import float_range
+
+from flamingo.cli_options import float_range
 
 TRAIN_EPILOG = """examples:
   flamingo train configs/train/tiny-cpu.yaml
