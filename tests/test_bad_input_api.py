@@ -282,7 +282,7 @@ def test_tampered_state_pt(checkpoint, tmp_path, key, value):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda f: (f / "state.pt").write_bytes(b"garbage"), "unreadable"),
+    (lambda f: (f / "state.pt").write_bytes(b"garbage"), "state.pt"),
     (lambda f: (f / "state.pt").unlink(), "not a training checkpoint"),
     (lambda f: (f / "bridge.safetensors").write_bytes(b"\x00" * 16), "unreadable"),
     (lambda f: torch.save([1, 2, 3], f / "state.pt"), "state.pt"),

@@ -7,6 +7,7 @@ import torch
 from conftest import FEATURE_DIM, build_tiny, randomize_gates, tiny_config
 from test_model import PROMPT, encode, features
 
+from flamingo.errors import UserError
 from flamingo import ConfigError, FlamingoConfig, LanguageModelConfig
 from flamingo.model.params import format_parameter_report, parameter_report
 from flamingo.model.weights import (
@@ -176,9 +177,9 @@ def test_save_pretrained_writes_a_whole_folder_or_nothing_and_overwrites_only_wh
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(weights, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):  # a failed save: the old model is left as it was
+    with pytest.raises(UserError, match="model cannot be written: No space left"):  # a failed save: the old model is left as it was
         save_pretrained(model, out, overwrite=True)
-    with pytest.raises(OSError, match="No space left"):  # ... and a new one leaves nothing
+    with pytest.raises(UserError, match="cannot be written: No space left"):  # ... and a new one leaves nothing
         save_pretrained(model, tmp_path / "new")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
