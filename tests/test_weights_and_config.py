@@ -7,8 +7,8 @@ import torch
 from conftest import FEATURE_DIM, build_tiny, randomize_gates, tiny_config
 from test_model import PROMPT, encode, features
 
-from flamingo.errors import UserError
 from flamingo import ConfigError, FlamingoConfig, LanguageModelConfig
+from flamingo.errors import UserError
 from flamingo.model.params import format_parameter_report, parameter_report
 from flamingo.model.weights import (
     CONFIG_FILE,
