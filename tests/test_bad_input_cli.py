@@ -179,7 +179,7 @@ TRAIN_CASES = [
     ("optim.eps", 0), ("optim.weight_decay", -0.1), ("optim.no_decay", "perceiver"), ("optim.no_decay", [1]),
     ("optim.decay_norms_biases_gates", 2), ("optim.grad_clip", -1), ("optim.lr_scale", [1]),
     ("optim.lr_scale", {"perceiver": -1}), ("optim.lr_delay", {"perceiver": 1.5}), ("optim.momentum", 0.9),
-    ("schedule.kind", "linear"), ("schedule.warmup_steps", -1), ("schedule.min_lr_ratio", 2),
+    ("schedule.kind", "exponential"), ("schedule.warmup_steps", -1), ("schedule.min_lr_ratio", 2),
     ("checkpoint.every", 0), ("checkpoint.keep", 0), ("checkpoint.dir", 3), ("logging.every", 0),
     ("logging.tensorboard", "on"), ("distributed.strategy", "zero3"), ("distributed.timeout_minutes", 0),
     ("distributed.backend", 1), ("datasets", []), ("datasets", "shapes"), ("datasets", [5]),
