@@ -249,7 +249,7 @@ def test_cli_prints_the_resolved_config_and_rejects_bad_fields(tmp_path, capsys,
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["label_smoothing"] == 0.2 and printed["optim"]["no_decay"] == ["logit_scale"]
     assert printed["optim"]["lr"] == 1e-3 and printed["schedule"]["kind"] == "linear"
-    for override, field in (("datasets.0.batch_size=1", "datasets.0.batch_size"), ("vision.kind=vit", "vision: kind"),
+    for override, field in (("datasets.0.batch_size=1", "datasets.0.batch_size"), ("vision.kind=vit", "vision.kind"),
                             ("max_logit_scale=5", "max_logit_scale")):
         assert main(["pretrain-vision", str(path), override]) == 2
         assert field in capsys.readouterr().err

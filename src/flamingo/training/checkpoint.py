@@ -205,7 +205,8 @@ def _state_problem(state: dict[str, Any]) -> str | None:
 
     if not is_int(state.get("step"), 0):
         return f"step: expected an integer >= 0, got {short(state.get('step'))}"
-    world = state.get("world_size")
+    # world_size is recorded by the Flamingo trainer; other writers (pretrain-vision) keep one RNG state per process
+    world = state.get("world_size", len(state["rng"]) if isinstance(state.get("rng"), list) else None)
     if not is_int(world, 1):
         return f"world_size: expected an integer >= 1, got {short(world)}"
     for key in ("data", "rng"):

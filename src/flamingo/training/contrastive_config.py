@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from flamingo.config_io import fields_from_dict
 from flamingo.model.config import ConfigError, VisionConfig
 from flamingo.training.config import (
     CheckpointConfig,
@@ -33,7 +34,6 @@ from flamingo.training.config import (
     Precision,
     ScheduleConfig,
     _dataset_from_dict,
-    _fields_from_dict,
     apply_override,
     config_dict,
     read_yaml_mapping,
@@ -168,13 +168,13 @@ class PretrainConfig:
         if heldout is not None:
             if not isinstance(heldout, dict) or "path" not in heldout:
                 raise ConfigError(f"{source}: heldout: expected a mapping with a path, got {heldout!r}")
-            heldout = HeldOutConfig(**_fields_from_dict(HeldOutConfig, heldout, f"{source}: heldout"))
+            heldout = HeldOutConfig(**fields_from_dict(HeldOutConfig, heldout, source, "heldout", error=ConfigError))
         defaults = cls.__dataclass_fields__
         for key in ("optim", "schedule"):  # given fields override this command's defaults, not the trainer's
             if isinstance(data.get(key), dict):
                 data[key] = {**dataclasses.asdict(defaults[key].default_factory()), **data[key]}
-        kwargs = _fields_from_dict(cls, data, source, skip={"datasets", "heldout"})
-        return cls(datasets=[_dataset_from_dict(d, f"{source}: datasets.{i}") for i, d in enumerate(entries)],
+        kwargs = fields_from_dict(cls, data, source, skip={"datasets", "heldout"}, error=ConfigError)
+        return cls(datasets=[_dataset_from_dict(d, source, f"datasets.{i}") for i, d in enumerate(entries)],
                    heldout=heldout, **kwargs)
 
 
