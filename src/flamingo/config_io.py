@@ -23,7 +23,7 @@ import reprlib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -50,6 +50,15 @@ def short(value: Any) -> str:
     except RecursionError:  # a self-referencing structure
         text = f"<{type(value).__name__}>"
     return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 3] + "..."
+
+
+def field_checker(what: str, error: type[UserError] = UserError) -> Callable[[bool, str, str, Any], None]:
+    """A `check(ok, name, expected, got)` for config validators: raises
+    `error("{what} field {name}: expected {expected}, got {short(got)}")` when not ok."""
+    def check(ok: bool, name: str, expected: str, got: Any) -> None:
+        if not ok:
+            raise error(f"{what} field {name}: expected {expected}, got {short(got)}")
+    return check
 
 
 # ------------------------------------------------------------------------------------ files

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from flamingo.config_io import check_fields, fields_from_dict, load_structured, short
+from flamingo.config_io import check_fields, field_checker, fields_from_dict, load_structured
 from flamingo.errors import UserError
 
 Activation = Literal["sqrelu", "gelu"]
@@ -166,9 +166,7 @@ class FlamingoConfig:
     def validate(self) -> None:
         check_fields(self, "config", error=ConfigError)
 
-        def check(ok: bool, name: str, expected: str, got: Any) -> None:
-            if not ok:
-                raise ConfigError(f"config field {name}: expected {expected}, got {short(got)}")
+        check = field_checker("config", ConfigError)
 
         check(self.activation in ("sqrelu", "gelu"), "activation", "'sqrelu' or 'gelu'", self.activation)
         check(self.vision.kind in VISION_KINDS, "vision.kind", f"one of {', '.join(VISION_KINDS)}",

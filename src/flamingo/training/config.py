@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from flamingo.config_io import fields_from_dict, load_structured, safe_yaml, short
+from flamingo.config_io import field_checker, fields_from_dict, load_structured, safe_yaml, short
 from flamingo.model.config import ConfigError, FlamingoConfig
 
 Precision = Literal["fp32", "bf16"]
@@ -194,9 +194,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def check(ok: bool, name: str, expected: str, got: Any) -> None:
-            if not ok:
-                raise ConfigError(f"train config field {name}: expected {expected}, got {short(got)}")
+        check = field_checker("train config", ConfigError)
 
         check(isinstance(self.datasets, list) and len(self.datasets) > 0, "datasets", "a non-empty list",
               self.datasets)

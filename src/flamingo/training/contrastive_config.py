@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from flamingo.config_io import fields_from_dict, short
+from flamingo.config_io import field_checker, fields_from_dict
 from flamingo.model.config import ConfigError, VisionConfig
 from flamingo.training.config import (
     CheckpointConfig,
@@ -110,9 +110,7 @@ class PretrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def check(ok: bool, name: str, expected: str, got: Any) -> None:
-            if not ok:
-                raise ConfigError(f"pretrain config field {name}: expected {expected}, got {short(got)}")
+        check = field_checker("pretrain config", ConfigError)
 
         check(self.vision.kind in VISION_KINDS, "vision.kind", f"one of {', '.join(VISION_KINDS)}", self.vision.kind)
         check(bool(self.text.name_or_path), "text.name_or_path", "a hub id or a directory", self.text.name_or_path)

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flamingo.config_io import fields_from_dict
+from flamingo.config_io import field_checker, fields_from_dict
 from flamingo.data.batch import IGNORE_INDEX, TrainingSample
 from flamingo.data.loader import DataStats
 from flamingo.data.media import SkipSample
@@ -182,9 +182,7 @@ class FinetuneConfig:
     train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        def check(ok: bool, name: str, expected: str, got: Any) -> None:
-            if not ok:
-                raise ConfigError(f"fine-tuning config field {name}: expected {expected}, got {got!r}")
+        check = field_checker("fine-tuning config", ConfigError)
 
         get_task(self.task)
         check(self.image_size is None or self.image_size >= 1, "image_size", "null or an integer >= 1",
