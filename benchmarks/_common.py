@@ -190,64 +190,13 @@ def open_gates(of_model: nn.Module, attn: float = 0.5, ffw: float = -0.3) -> Non
                 layer.ff_gate.fill_(ffw)
 
 
-def _local_of_to_ours(ours: nn.Module, of: nn.Module, vocab: int) -> dict[str, torch.Tensor]:
-    """Benchmark-local mapping of OpenFlamingo's trainable weights onto ours' trainable_state_dict
-    keys (used only when the repo's converter is absent)."""
-    src = of.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    ffw = {"norm": "0", "fc1": "1", "fc2": "3"}
-    for key in ours.trainable_state_dict():
-        parts = key.split(".")
-        if parts[0] == "perceiver":
-            if parts[1] == "layers":  # perceiver.layers.i.attn|ffw.<name>.<param>
-                i, sub, rest = parts[2], parts[3], parts[4:]
-                if sub == "attn":
-                    of_key = f"perceiver.layers.{i}.0.{'.'.join(rest)}"
-                else:
-                    of_key = f"perceiver.layers.{i}.1.{ffw[rest[0]]}.{rest[1]}"
-            else:
-                of_key = key
-            out[key] = src[of_key]
-        elif parts[0] == "cross_attn":  # cross_attn.<idx>.<...>
-            idx, rest = parts[1], parts[2:]
-            base = f"lang_encoder.gated_cross_attn_layers.{idx}"
-            if rest[0] == "attn":
-                out[key] = src[f"{base}.attn.{'.'.join(rest[1:])}"]
-            elif rest[0] == "attn_gate":
-                out[key] = src[f"{base}.attn_gate"].reshape(())
-            elif rest[0] == "ffw_gate":
-                out[key] = src[f"{base}.ff_gate"].reshape(())
-            else:  # ffw.<name>.<param>
-                out[key] = src[f"{base}.ff.{ffw[rest[1]]}.{rest[2]}"]
-        elif key == "new_token_embeddings.new_rows":
-            out[key] = of.lang_encoder.get_input_embeddings().weight[vocab:vocab + 2].detach()
-        elif key == "new_token_logits.new_rows":
-            out[key] = of.lang_encoder.get_output_embeddings().weight[vocab:vocab + 2].detach()
-        else:
-            raise KeyError(key)
-    return out
-
-
-def sync_weights(ours: nn.Module, of: nn.Module, vocab: int) -> str:
-    """Copy OpenFlamingo's trainable weights into ours; returns how it was done."""
+def sync_weights(ours: nn.Module, of: nn.Module) -> None:
+    """Copy OpenFlamingo's trainable weights into ours, through the repository's converter."""
+    from flamingo.model.convert_openflamingo import convert_openflamingo_state_dict
     from flamingo.model.weights import load_trainable_weights
 
-    try:
-        from flamingo.model import convert_openflamingo as conv  # type: ignore[attr-defined]
-    except ImportError:
-        conv = None
-    if conv is not None and hasattr(conv, "convert_openflamingo_state_dict"):
-        state = {k: v.detach().clone() for k, v in of.state_dict().items()}
-        try:
-            converted = conv.convert_openflamingo_state_dict(state, ours)
-            load_trainable_weights(ours, converted, source="converted OpenFlamingo state dict")
-            return "repo converter: convert_openflamingo_state_dict + load_trainable_weights"
-        except Exception as err:  # noqa: BLE001 - report, then check with the local mapping
-            note = f"repo converter failed ({type(err).__name__}: {str(err)[:200]})"
-    else:
-        note = "repo converter src/flamingo/model/convert_openflamingo.py absent"
-    load_trainable_weights(ours, _local_of_to_ours(ours, of, vocab), source="benchmark-local OF mapping")
-    return f"{note}; used the benchmark-local key mapping instead"
+    state = {k: v.detach().clone() for k, v in of.state_dict().items()}
+    load_trainable_weights(ours, convert_openflamingo_state_dict(state, ours), source="converted OpenFlamingo state dict")
 
 
 # ----------------------------------------------------------------------------------- batch

@@ -31,7 +31,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from flamingo.cli import _quiet_load
+    from flamingo.cli_options import load_model_quietly
     from flamingo.data.procedural import render, sample_scene
     from flamingo.serving.app import create_app
     from flamingo.serving.engine import Engine, EngineConfig
@@ -40,7 +40,7 @@ def main() -> int:
     from flamingo.serving.server import BackgroundServer
 
     torch.set_num_threads(args.threads)
-    model = _quiet_load(args.model, trust_remote_code=False).eval()
+    model = load_model_quietly(args.model, trust_remote_code=False).eval()
     rng = np.random.default_rng(0)
     images = [png_data_url(render(sample_scene(rng))) for _ in range(8)]
     requests = mixed_requests(args.requests, images, "bench", max_tokens=args.max_tokens)

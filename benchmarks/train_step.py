@@ -259,13 +259,13 @@ def main() -> None:
 
     # Same computation: OF's trainable weights (gates opened) copied into ours, losses compared.
     C.open_gates(of)
-    how = C.sync_weights(ours, of, s.vocab)
+    C.sync_weights(ours, of)
     with torch.no_grad():
         loss_ours = built["ours_forward"]().item()
         loss_of = built["of_forward"]().item()
     diff = abs(loss_ours - loss_of)
     ok = diff <= 1e-4 * max(1.0, abs(loss_of))
-    print(f"equivalence ({how}): loss ours {loss_ours:.6f}, OF {loss_of:.6f}, |diff| {diff:.2e} "
+    print(f"equivalence (OpenFlamingo's weights through our converter): loss ours {loss_ours:.6f}, OF {loss_of:.6f}, |diff| {diff:.2e} "
           f"-> {'OK' if ok else 'MISMATCH'}")
     if not ok:
         print("WARNING: the two models do not compute the same loss; timings compare different work")

@@ -29,7 +29,7 @@ def main() -> int:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from flamingo.cli import _quiet_load
+    from flamingo.cli_options import load_model_quietly
     from flamingo.data.procedural import render, sample_scene
     from flamingo.serving.app import create_app
     from flamingo.serving.cli import model_name
@@ -51,7 +51,7 @@ def main() -> int:
     wait = WebDriverWait(driver, 300, poll_frequency=0.1)
     name = model_name(args.model)
     try:
-        with BackgroundServer(create_app(Engine(_quiet_load(args.model, trust_remote_code=False).eval()),
+        with BackgroundServer(create_app(Engine(load_model_quietly(args.model, trust_remote_code=False).eval()),
                                          ServerSettings(model_name=name))) as server:
             driver.get(server.url + "/")
             wait.until(lambda d: d.find_element(By.ID, "model-name").text == name)

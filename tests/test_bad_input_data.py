@@ -144,7 +144,7 @@ def test_folder_files_linking_out_of_the_dataset(tmp_path, layout, command):
 
 def test_an_interleaved_document_loses_only_its_images_from_outside(tmp_path):
     """Not an error (the text is kept), but the outside file never reaches a shard."""
-    from flamingo.data.cli import convert_to_shards
+    from flamingo.data.convert import convert_to_shards
 
     ds, outside = hostile_world(tmp_path)
     images = [None, *(ref(outside) for ref in IMAGE_REFS.values())]
@@ -347,7 +347,7 @@ def test_save_pretrained_refuses_existing_folders(tmp_path, tiny_model, files, o
 
 def test_api_convert_and_shapes_refuse_existing_outputs(tmp_path):
     from flamingo.data import make_shapes_dataset
-    from flamingo.data.cli import convert_to_shards
+    from flamingo.data.convert import convert_to_shards
 
     ds = small_pairs(tmp_path)
     convert_to_shards(str(ds), tmp_path / "out", "pairs")
@@ -430,6 +430,21 @@ def test_a_hub_model_asking_for_remote_code_is_refused(tmp_path, remote_code_lm_
 
     expect_user_error(lambda: load_model("evil/flamingo"), expect=["lm.trust_remote_code", "trust_remote_code=True"],
                       watch=[tmp_path])
+
+
+@pytest.mark.parametrize("tokenizer", ["with the LM", "elsewhere"])
+def test_an_lm_needing_its_own_code_under_a_config_without_remote_code(tmp_path, remote_code_lm_dir, lm_dir,
+                                                                       clip_dir, code_marker, tokenizer):
+    """lm.trust_remote_code: false, but the LM's files need their code (transformers refuses with a
+    plain ValueError): one line naming the field and the flag; the code never runs."""
+    config = tiny_config(remote_code_lm_dir)
+    config.vision.name_or_path = str(clip_dir)
+    if tokenizer == "elsewhere":
+        config.lm.tokenizer = str(lm_dir("llama"))
+    config.save(tmp_path / "model.yaml")
+    run_cli(["generate", "--model", str(tmp_path / "model.yaml"), "--prompt", "Hello"],
+            expect=["lm.name_or_path", "lm.trust_remote_code: true", "--trust-remote-code"], watch=[tmp_path])
+    assert not code_marker.exists()
 
 
 def _remote_api_calls():

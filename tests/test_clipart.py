@@ -121,7 +121,7 @@ def test_coarse_vocabulary_recognises_the_category_named(found):
 
 def test_shards_hold_the_documents(found, tmp_path, capsys):
     from flamingo.cli import main
-    from flamingo.data.cli import validate_data
+    from flamingo.data.convert import validate_data
 
     assert main(["data", "clipart", str(tmp_path / "shards"), "--n", "7", "--shard-size", "4",
                  "--tasks", "caption,scene=2,binding"]) == 0

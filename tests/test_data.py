@@ -18,7 +18,9 @@ from PIL import Image
 
 from flamingo.data import DataError, DatasetConfig, collate, make_shapes_dataset
 from flamingo.data.batch import IGNORE_INDEX
-from flamingo.data.cli import add_data_subcommands, convert_to_shards, main as data_main, validate_data
+from flamingo.cli import main as flamingo_main
+from flamingo.data.cli import register as add_data_subcommands
+from flamingo.data.convert import convert_to_shards, validate_data
 from flamingo.data.media import Augmentation, image_problem
 from flamingo.data.processing import (
     SampleProcessor,
@@ -400,15 +402,15 @@ def test_data_command_line(tmp_path, capsys):
     import argparse
 
     write_bad_pairs(tmp_path / "src")
-    assert data_main(["data", "convert", str(tmp_path / "src"), str(tmp_path / "out"), "--kind", "pairs",
+    assert flamingo_main(["data", "convert", str(tmp_path / "src"), str(tmp_path / "out"), "--kind", "pairs",
                       "--shard-size", "4"]) == 0
     assert "wrote 5 samples to 2 shard(s); skipped: corrupt_image=1, missing_caption=1" in capsys.readouterr().out
-    assert data_main(["data", "validate", str(tmp_path / "out"), "--kind", "pairs", "--json"]) == 0
+    assert flamingo_main(["data", "validate", str(tmp_path / "out"), "--kind", "pairs", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["records"], report["ok"], report["bad"], report["skipped"]) == (5, 5, 0, {})
-    assert data_main(["data", "validate", str(tmp_path / "src"), "--kind", "pairs", "--strict"]) == 2
+    assert flamingo_main(["data", "validate", str(tmp_path / "src"), "--kind", "pairs", "--strict"]) == 2
     assert "2 bad sample(s) of 7" in capsys.readouterr().err
-    assert data_main(["data", "validate", str(tmp_path / "nowhere"), "--kind", "pairs"]) == 2
+    assert flamingo_main(["data", "validate", str(tmp_path / "nowhere"), "--kind", "pairs"]) == 2
     assert "does not exist" in capsys.readouterr().err
     # Registered on another program's subparsers (as flamingo's cli.py does).
     parser = argparse.ArgumentParser(prog="flamingo")
@@ -501,10 +503,10 @@ def test_convert_decodes_every_image_and_skips_the_bad_ones(tmp_path):
 
 
 def test_an_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
-    from flamingo.data import cli as data_cli
+    from flamingo.data import convert as data_convert
 
     write_bad_pairs(tmp_path / "src")
-    convert = data_cli._convert_record
+    convert = data_convert._convert_record
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -513,7 +515,7 @@ def test_an_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return convert(*args, **kwargs)
 
-    monkeypatch.setattr(data_cli, "_convert_record", interrupted)
+    monkeypatch.setattr(data_convert, "_convert_record", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_to_shards(str(tmp_path / "src"), tmp_path / "out", "pairs", shard_size=1)
     assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["src"]

@@ -13,8 +13,8 @@ import torch
 from conftest import make_tokenizer
 from PIL import Image
 
-from flamingo.data import DataError, DatasetConfig, MultiLoader, build_loader, build_loaders, make_shapes_dataset
-from flamingo.data.cli import convert_to_shards
+from flamingo.data import DataError, DatasetConfig, build_loader, make_shapes_dataset
+from flamingo.data.convert import convert_to_shards
 from flamingo.data.media import decode_video_clip, frame_folder_clip
 from flamingo.data.shapes import draw_shape
 from flamingo.data.sources import RankStream, Source
@@ -320,37 +320,16 @@ def test_rank_split_covers_everything_once_per_epoch(tok, tmp_path, shard_size, 
             assert [r.uid for r in s.epoch_records(epoch, skip=2)] == records[2:]
 
 
-def test_multi_loader_steps_all_datasets_and_restores(tok, shapes):
-    tokenizer, media, eoc = tok
-    configs = [{"name": "m3w", "kind": "interleaved", "path": str(shapes["interleaved"].folder), "batch_size": 2},
-               {"name": "pairs", "kind": "pairs", "path": shapes["pairs"].shards, "batch_size": 3, "weight": 0.2}]
-    multi = build_loaders(configs, tokenizer, media, eoc, PROCESSOR, seed=0)
-    assert isinstance(multi, MultiLoader) and multi.weights == {"m3w": 1.0, "pairs": 0.2}
-    it = iter(multi)
-    take(it, 2)
-    state = json.loads(json.dumps(multi.state_dict()))  # saved with a checkpoint as JSON
-    after = take(it, 2)
-    assert set(after[0]) == {"m3w", "pairs"} and after[0]["pairs"].input_ids.shape[0] == 3
-    resumed = build_loaders(configs, tokenizer, media, eoc, PROCESSOR, seed=0)
-    resumed.load_state_dict(state)
-    again = take(iter(resumed), 2)
-    for x, y in zip(after, again):
-        assert all(same_batches([x[k]], [y[k]]) for k in x)
-    positions = build_loaders(configs, tokenizer, media, eoc, PROCESSOR, seed=0,
-                              start_positions={k: v["position"] for k, v in state.items()})
-    assert all(same_batches([x[k]], [y[k]]) for x, y in zip(after, take(iter(positions), 2)) for k in x)
-
-
 def test_batches_train_a_flamingo(lm_dir, clip_dir, shapes):
     """The contract end to end: a batch from the loader goes through the model with a loss."""
     from conftest import build_with_vision
 
-    from flamingo.data import build_loader_for_model
-
     model = build_with_vision(lm_dir("llama"), clip_dir)
     for kind in ("interleaved", "pairs"):
         config = DatasetConfig(name=kind, kind=kind, path=str(shapes[kind].folder), batch_size=3, max_tokens=48)
-        batch = next(iter(build_loader_for_model(config, model, seed=0)))
+        loader = build_loader(config, model.tokenizer, model.media_token_id, model.eoc_token_id,
+                              model.vision_encoder.image_processor(), seed=0)
+        batch = next(iter(loader))
         out = model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
                     num_media=batch.num_media, labels=batch.labels, attend_next=batch.attend_next)
         assert torch.isfinite(out.loss)

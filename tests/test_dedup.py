@@ -47,7 +47,7 @@ PLANTED = {  # training caption -> (benchmark, evaluation file, how the copy was
 def planted(tmp_path_factory):
     """Evaluation folders for two benchmarks, and training shards holding the planted copies
     among distinct photos and rendered scenes."""
-    from flamingo.data.cli import convert_to_shards
+    from flamingo.data.convert import convert_to_shards
     from flamingo.data.procedural import render, sample_scene
 
     root = tmp_path_factory.mktemp("dedup")

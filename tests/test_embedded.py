@@ -94,7 +94,7 @@ def test_the_embedded_default_loads_offline(embedded):
 
 def test_the_demo_runs_every_part(embedded, clipart_root, monkeypatch):
     from flamingo.data.clipart import ROOT_ENV
-    from flamingo.inference.demo import run_demo
+    from flamingo.evaluation.demo import run_demo
 
     monkeypatch.setenv(ROOT_ENV, str(clipart_root))  # a miniature of the clip-art packages
     lines = []

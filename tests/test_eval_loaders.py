@@ -81,6 +81,18 @@ def test_visdial_dense_round_and_prompt(tmp_path):
     assert get_task("visdial").query_text(s) == "a red ball. Question: is it red Answer: yes. Question: is it big Answer:"
 
 
+@pytest.mark.parametrize("last_round, field", [({"question": 1, "answer": 1}, "answer_options"),
+                                               ({"question": 1, "answer": 1, "answer_options": [2, 1]}, "gt_index")])
+def test_visdial_rounds_without_options_are_refused(tmp_path, last_round, field):
+    """VisDial is scored by ranking the round's options (NDCG, MRR): a round without them, or
+    without the index of the right one, is a data error naming the field, not a KeyError later."""
+    data = {"data": {"questions": ["is it red", "is it big"], "answers": ["yes", "no", "maybe"],
+                     "dialogs": [{"image_id": 5, "caption": "a red ball", "dialog": [last_round]}]}}
+    _json(tmp_path / "d.json", data)
+    with pytest.raises(EvalDataError, match=rf"dialog\[0\]: field '{field}'"):
+        LOADERS["visdial"](SplitPaths(annotations=tmp_path / "d.json", media=tmp_path), "test", "x")
+
+
 def test_class_folders(tmp_path):
     F.write_imagenet(tmp_path, per_class_train=2, per_class_test=1)
     samples = LOADERS["class_folders"](SplitPaths(media=tmp_path / "train", class_names=tmp_path / "classes.json"),

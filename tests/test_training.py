@@ -621,7 +621,8 @@ def test_tiny_training_run_learns_to_read_the_images(tmp_path, caption_lm_dir, c
 def test_cli_train_print_config_plot_and_errors(tmp_path, lm_dir, clip_dir, capsys):
     import argparse
 
-    from flamingo.training.cli import main, register
+    from flamingo.cli import main
+    from flamingo.training.cli import register
 
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(tiny_train_dict(lm_dir("llama"), clip_dir, tmp_path / "run", steps=2)))

@@ -7,11 +7,20 @@ import sys
 import traceback
 from pathlib import Path
 
-from flamingo.cli_options import float_range, int_list, int_range, non_negative_int, positive_int, seed
+from flamingo.cli_options import (
+    MAX_SHOTS,
+    add_debug_option,
+    add_trust_remote_code_option,
+    float_range,
+    int_list,
+    int_range,
+    load_model_quietly,
+    non_negative_int,
+    positive_int,
+    seed,
+)
 from flamingo.config_io import short
 from flamingo.errors import UserError
-
-MAX_SHOTS = 1024  # the paper's most is 32; far more exceeds any LM's context
 
 EXAMPLES = """examples:
   flamingo demo                                  the embedded model learning from examples, offline
@@ -26,7 +35,7 @@ EXAMPLES = """examples:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from flamingo.inference.demo import run_demo
+    from flamingo.evaluation.demo import run_demo
 
     run_demo(seed=args.seed, episodes=args.episodes)
 
@@ -52,7 +61,7 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
     elif captions or any(TASKS[t].needs_clipart for t in tasks):
         catalogue()  # missing packages: one clear line before the model load
     seeds = list(range(args.seeds))
-    model = _quiet_load(args.model, args.trust_remote_code)
+    model = load_model_quietly(args.model, args.trust_remote_code)
     results = evaluate(model, tasks, args.shots, seeds, args.episodes, progress=lambda line: print(line, flush=True),
                        images_as_text=args.images_as_text)
     table = format_table(results)
@@ -76,7 +85,7 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
 def _cmd_params(args: argparse.Namespace) -> None:
     from flamingo.model.params import format_parameter_report, parameter_report
 
-    print(format_parameter_report(parameter_report(_quiet_load(args.model, args.trust_remote_code))))
+    print(format_parameter_report(parameter_report(load_model_quietly(args.model, args.trust_remote_code))))
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -97,24 +106,6 @@ def _generation_config(args: argparse.Namespace):
                             stop_strings=tuple(args.stop), stop_at_end_of_chunk=not args.no_stop_at_eoc)
 
 
-def _quiet_load(spec: str, trust_remote_code: bool):
-    """Load a model without the LM loader's per-tensor progress bars and reports."""
-    import transformers
-
-    from flamingo.model.weights import load_model
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    return load_model(spec, trust_remote_code=trust_remote_code)
-
-
-def add_trust_remote_code_option(parser: argparse.ArgumentParser) -> None:
-    """`--trust-remote-code`: the only way a language model's own Python code gets to run."""
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let the language model run the Python code that comes with it (configs with "
-                             "lm.trust_remote_code: true, e.g. MPT); only for sources you trust")
-
-
 def _cmd_generate(args: argparse.Namespace) -> None:
     import json
 
@@ -125,7 +116,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     # Bad options, images and placeholders are reported before the (slow) model load.
     config = _generation_config(args)
     prompt = text_prompt(args.prompt, [Path(p) for p in args.image], max_pixels=args.max_pixels)
-    model = _quiet_load(args.model, args.trust_remote_code)
+    model = load_model_quietly(args.model, args.trust_remote_code)
     if model.config.media_token != "<image>":
         prompt = text_prompt(args.prompt.replace("<image>", model.config.media_token), prompt.media)
     state = encode_prompts(model, [prompt], max_new_tokens=config.max_new_tokens)
@@ -146,7 +137,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     from flamingo.inference.chat import run_chat
 
     config = _generation_config(args)
-    model = _quiet_load(args.model, args.trust_remote_code)
+    model = load_model_quietly(args.model, args.trust_remote_code)
 
     def write(text: str) -> None:
         print(text, end="", flush=True)
@@ -263,7 +254,7 @@ each <image> in the prompt takes the next --image, in order.""")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing model directory --out")
     add_trust_remote_code_option(convert)
     convert.set_defaults(func=_cmd_convert)
-    from flamingo.data.cli import add_data_subcommands
+    from flamingo.data.cli import register as add_data_subcommands
 
     add_data_subcommands(sub)
     from flamingo.training.cli import register as add_training_subcommands
@@ -276,11 +267,6 @@ each <image> in the prompt takes the next --image, in order.""")
 
     add_serve_subcommand(sub)
     return parser
-
-
-def add_debug_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of user errors too (bad options, files, configs)")
 
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:

@@ -1,5 +1,7 @@
-"""argparse types for numeric options: each refuses a bad value with a message naming the range,
-so no command runs (and prints a meaningless table) on a negative count or an absurd size."""
+"""Pieces shared by the subcommands of the command-line layer (flamingo.cli and the packages'
+cli modules): argparse types for numeric options, each refusing a bad value with a message naming
+the range, so no command runs (and prints a meaningless table) on a negative count or an absurd
+size; the common options; the quiet model load."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import Callable
 from flamingo.config_io import MAX_SEED
 
 MAX_COUNT = 10**9  # episodes, samples, shards: more would run for years
+MAX_SHOTS = 1024  # the paper's most is 32; far more exceeds any LM's context
 
 
 def int_range(low: int, high: int = MAX_COUNT) -> Callable[[str], int]:
@@ -82,3 +85,26 @@ def torch_device(text: str) -> str:
     if parsed.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text[:80]!r}")
     return text
+
+
+def add_trust_remote_code_option(parser: argparse.ArgumentParser) -> None:
+    """`--trust-remote-code`: the only way a language model's own Python code gets to run."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the language model run the Python code that comes with it (configs with "
+                             "lm.trust_remote_code: true, e.g. MPT); only for sources you trust")
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of user errors too (bad options, files, configs)")
+
+
+def load_model_quietly(spec: str, trust_remote_code: bool):
+    """Load a model without the LM loader's per-tensor progress bars and reports."""
+    import transformers
+
+    from flamingo.model.weights import load_model
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return load_model(spec, trust_remote_code=trust_remote_code)

@@ -106,3 +106,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def cache_root() -> Path:
+    """Where derived files are cached (converted LM weights, RICES features, WordNet):
+    $FLAMINGO_CACHE, else $XDG_CACHE_HOME/flamingo, else ~/.cache/flamingo."""
+    if os.environ.get("FLAMINGO_CACHE"):
+        return Path(os.environ["FLAMINGO_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flamingo"

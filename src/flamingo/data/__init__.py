@@ -11,18 +11,11 @@ shards, folders, JSONL), the paper's processing, and deterministic, resumable ba
 
 from flamingo.data.batch import IGNORE_INDEX, Batch, TrainingSample, collate
 from flamingo.data.config import DataError, DatasetConfig
-from flamingo.data.loader import (
-    DataStats,
-    FlamingoLoader,
-    MultiLoader,
-    build_loader,
-    build_loader_for_model,
-    build_loaders,
-)
+from flamingo.data.loader import DataStats, FlamingoLoader, build_loader
 from flamingo.data.shapes import ShapesDataset, make_shapes_dataset
 
 __all__ = [
     "IGNORE_INDEX", "Batch", "TrainingSample", "collate", "DataError", "DatasetConfig", "DataStats",
-    "FlamingoLoader", "MultiLoader", "build_loader", "build_loader_for_model", "build_loaders",
+    "FlamingoLoader", "build_loader",
     "ShapesDataset", "make_shapes_dataset",
 ]

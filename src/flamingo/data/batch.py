@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from flamingo.model.flamingo import IGNORE_INDEX
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from flamingo.data.procedural import (Scene, Segment, Split, answered_episode, new_word, render,
+from flamingo.data.procedural import (Scene, Segment, Split, answered_episode, render,
                                       word_binding_episode)
 from flamingo.errors import UserError
 

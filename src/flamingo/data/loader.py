@@ -10,8 +10,8 @@ k-th, because the order of the records depends only on (seed, dataset name, epoc
 world_size) and each record is processed with a generator derived from (seed, dataset name,
 epoch, record id), never from global random state.
 
-`MultiLoader` runs several datasets side by side (the paper accumulates the gradients of all
-datasets at every update): each step yields {dataset name: Batch}.
+Several datasets are stepped side by side (the paper accumulates the gradients of all datasets at
+every update) by the trainer (flamingo.training.data), one loader per dataset.
 
 Processing runs in the iterating thread, or in `config.num_workers` threads ahead of it (PIL and
 PyAV release the GIL while decoding); the output is the same either way.
@@ -23,12 +23,12 @@ import collections
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 from flamingo.data.batch import Batch, TrainingSample, collate
 from flamingo.data.config import DataError, DatasetConfig
-from flamingo.data.processing import Outcome, SampleProcessor, TextEncoder, sample_rng
-from flamingo.data.sources import Record, RankStream, Source
+from flamingo.data.processing import Outcome, SampleProcessor, TextEncoder
+from flamingo.data.sources import RankStream, Record, Source, keyed_rng
 
 STATE_VERSION = 1
 
@@ -145,7 +145,7 @@ class FlamingoLoader:
 
     def _process(self, item: tuple[int, Record]) -> tuple[int, Outcome]:
         epoch, record = item
-        return epoch, self.processor(record, sample_rng(self.seed, self.name, epoch, record.uid))
+        return epoch, self.processor(record, keyed_rng(self.seed, self.name, epoch, *record.uid))
 
     def _outcomes(self) -> Iterator[tuple[int, Outcome]]:
         """(epoch, outcome) per record in stream order; an endless stream that has gone a whole
@@ -230,71 +230,3 @@ def build_loader(config: DatasetConfig | Mapping[str, Any], tokenizer: Any, medi
         config = DatasetConfig.from_dict(config)
     return FlamingoLoader(config, tokenizer, media_token_id, eoc_token_id, image_processor,
                           seed=seed, rank=rank, world_size=world_size, start_position=start_position)
-
-
-def build_loader_for_model(config: DatasetConfig | Mapping[str, Any], model: Any, seed: int = 0, rank: int = 0,
-                           world_size: int = 1, start_position: int = 0) -> FlamingoLoader:
-    """`build_loader` with the tokenizer, special token ids and image processor of a Flamingo."""
-    if getattr(model, "vision_encoder", None) is None:
-        raise DataError("build_loader_for_model: the model has no vision encoder to take the image processor from; "
-                        "use build_loader with an ImageProcessor")
-    return build_loader(config, model.tokenizer, model.media_token_id, model.eoc_token_id,
-                        model.vision_encoder.image_processor(), seed, rank, world_size, start_position)
-
-
-class MultiLoader:
-    """Several datasets stepped together: each step yields {name: Batch} with one batch of every
-    dataset (stops when a finite one ends). `weights` gives each dataset's lambda."""
-
-    def __init__(self, loaders: Sequence[FlamingoLoader]) -> None:
-        names = [loader.name for loader in loaders]
-        if not loaders:
-            raise DataError("MultiLoader: no datasets")
-        if len(set(names)) != len(names):
-            raise DataError(f"dataset names must be unique, got {names}")
-        self.loaders = {loader.name: loader for loader in loaders}
-
-    @property
-    def weights(self) -> dict[str, float]:
-        return {name: loader.config.weight for name, loader in self.loaders.items()}
-
-    @property
-    def stats(self) -> dict[str, DataStats]:
-        return {name: loader.stats for name, loader in self.loaders.items()}
-
-    def __iter__(self) -> Iterator[dict[str, Batch]]:
-        iterators = {name: iter(loader) for name, loader in self.loaders.items()}
-        while True:
-            step = {}
-            for name, it in iterators.items():
-                batch = next(it, None)
-                if batch is None:
-                    return
-                step[name] = batch
-            yield step
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: loader.state_dict() for name, loader in self.loaders.items()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = sorted(set(self.loaders) - set(state), key=str)
-        if missing:
-            raise DataError(f"loader state has no entry for dataset(s) {missing}; it has {sorted(state)}")
-        for name, loader in self.loaders.items():
-            loader.load_state_dict(state[name])
-
-
-def build_loaders(configs: Sequence[DatasetConfig | Mapping[str, Any]], tokenizer: Any, media_token_id: int,
-                  eoc_token_id: int, image_processor: Any, seed: int = 0, rank: int = 0, world_size: int = 1,
-                  start_positions: Mapping[str, int] | None = None) -> MultiLoader:
-    """A `MultiLoader` over several dataset configs (positions by dataset name)."""
-    start_positions = dict(start_positions or {})
-    loaders = []
-    for config in configs:
-        if isinstance(config, Mapping):
-            config = DatasetConfig.from_dict(config)
-        loaders.append(build_loader(config, tokenizer, media_token_id, eoc_token_id, image_processor,
-                                    seed, rank, world_size, start_positions.pop(config.name, 0)))
-    if start_positions:
-        raise DataError(f"start_positions for unknown dataset(s) {sorted(start_positions)}")
-    return MultiLoader(loaders)

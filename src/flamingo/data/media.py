@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageEnhance, UnidentifiedImageError
 
+from flamingo.model import image_processing
 from flamingo.model.image_processing import ImageProcessingError, to_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -98,13 +99,10 @@ def is_single_colour(image: Image.Image, tolerance: int = 2) -> bool:
 
 
 def upright_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """EXIF orientation applied, then 8-bit RGB (transparency over `background`)."""
+    """EXIF orientation applied, then 8-bit RGB (transparency over `background`); an image that
+    cannot be converted is a skipped sample."""
     try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - corrupt EXIF metadata should not discard the pixels
-        pass
-    try:
-        return to_rgb(image, background=background)
+        return image_processing.upright_rgb(image, background)
     except ImageProcessingError as err:
         raise SkipSample("corrupt_image", str(err)) from None
 

@@ -56,7 +56,6 @@ from flamingo.data.sources import (
     confined,
     frame_files,
     parse_json,
-    stable_hash,
 )
 
 
@@ -253,10 +252,6 @@ class Outcome:
     message: str | None = None
     images_removed: Counter = field(default_factory=Counter)
     removed_messages: dict[str, str] = field(default_factory=dict)
-
-
-def sample_rng(seed: int, dataset: str, epoch: int, uid: tuple[int, int]) -> np.random.Generator:
-    return np.random.default_rng([seed & 0xFFFFFFFF, stable_hash(dataset), epoch, uid[0], uid[1]])
 
 
 class SampleProcessor:

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from flamingo.data.config import KINDS, DataError
+from flamingo.data.convert import convert_to_shards
 from flamingo.outputs import OVERWRITE_HINT, OutputExistsError, publish, staging_dir
 
 COLOURS = {
@@ -151,8 +152,6 @@ def _staged_dataset(target: Path, parts: tuple[str, ...], overwrite: bool, write
 
 def _write_shapes(root: Path, n: int, kind: str, seed: int, image_size: int, shard_size: int, frames: int,
                   video_fps: float, video_files: bool) -> ShapesDataset:
-    from flamingo.data.cli import convert_to_shards
-
     folder = root / "folder"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)

@@ -95,12 +95,10 @@ def confined(path: Path, record: Record, what: str) -> Path:
                                     f"{record.base}; {ALLOW_HINT}")
 
 
-def stable_hash(text: str) -> int:
-    return zlib.crc32(text.encode("utf-8"))
-
-
-def epoch_rng(seed: int, name: str, epoch: int, *more: int) -> np.random.Generator:
-    return np.random.default_rng([seed & 0xFFFFFFFF, stable_hash(name), epoch, *more])
+def keyed_rng(*keys: int | str) -> np.random.Generator:
+    """A generator determined by its keys alone (non-negative ints, and strings by their CRC32):
+    the same stream in every run, process and rank, whatever else drew random numbers before."""
+    return np.random.default_rng([key if isinstance(key, int) else zlib.crc32(key.encode("utf-8")) for key in keys])
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -339,7 +337,7 @@ class Source:
         n = self.num_units
         if not self.shuffle:
             return list(range(n))
-        return [int(i) for i in epoch_rng(self.seed, self.name, epoch).permutation(n)]
+        return [int(i) for i in keyed_rng(self.seed, self.name, epoch).permutation(n)]
 
     def unit_records(self, unit: int, epoch: int) -> Iterator[Record]:
         if self.layout != "shards":
@@ -347,7 +345,7 @@ class Source:
             return
         records = self._exact_shard(unit)
         if self.shuffle and self.buffer > 1:
-            records = shuffle_buffer(records, self.buffer, epoch_rng(self.seed, self.name, epoch, unit + 1))
+            records = shuffle_buffer(records, self.buffer, keyed_rng(self.seed, self.name, epoch, unit + 1))
         yield from records
 
     def _exact_shard(self, unit: int) -> Iterator[Record]:

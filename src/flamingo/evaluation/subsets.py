@@ -8,11 +8,10 @@ official evaluation split (optionally subsampled with the same seed).
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
-import numpy as np
 
+from flamingo.data.sources import keyed_rng
 from flamingo.evaluation.samples import EvalDataError, Sample
 from flamingo.evaluation.tasks import TaskSpec
 
@@ -22,11 +21,6 @@ class Subsets:
     support: list[Sample]
     query: list[Sample]
     notes: list[str] = field(default_factory=list)
-
-
-def rng_for(*keys: int | str) -> np.random.Generator:
-    """A generator determined by the keys (strings are hashed with CRC32, stable across runs)."""
-    return np.random.default_rng([k if isinstance(k, int) else zlib.crc32(k.encode()) for k in keys])
 
 
 def _per_class(samples: list[Sample], support: int, query: int, seed: int,
@@ -40,7 +34,7 @@ def _per_class(samples: list[Sample], support: int, query: int, seed: int,
     shrunk = 0
     for name in sorted(by_class):
         members = by_class[name]
-        order = rng_for(seed, "per-class", name).permutation(len(members))
+        order = keyed_rng(seed, "per-class", name).permutation(len(members))
         each = min(support, max(1, (len(members) - query) // 2))
         shrunk += each < support
         bounds = [0, each, 2 * each, 2 * each + query]
@@ -66,7 +60,7 @@ def make_subsets(task: TaskSpec, train: list[Sample] | None, test: list[Sample],
         if split == "validation":
             raise EvalDataError(f"task {task.name}: the validation split needs a 'train' split in the data config")
         # Only the evaluation split: hold part of it out as support (recorded in the results).
-        order = rng_for(seed, task.name, "test-only").permutation(len(test))
+        order = keyed_rng(seed, task.name, "test-only").permutation(len(test))
         size = min(support_size, len(test) // 2)
         support = [test[i] for i in order[:size]]
         query = [test[i] for i in sorted(order[size:])]
@@ -85,7 +79,7 @@ def make_subsets(task: TaskSpec, train: list[Sample] | None, test: list[Sample],
         if 2 * size + val_size > n:
             size = max(1, (n - val_size) // 2)
             notes.append(f"train split has {n} samples: support subsets shrunk to {size}")
-        order = rng_for(seed, task.name, "subsets").permutation(n)
+        order = keyed_rng(seed, task.name, "subsets").permutation(n)
         val_support = [train[i] for i in order[:size]]
         test_support = [train[i] for i in order[size:2 * size]]
         val_query = [train[i] for i in order[2 * size:2 * size + val_size]]
@@ -97,5 +91,5 @@ def make_subsets(task: TaskSpec, train: list[Sample] | None, test: list[Sample],
 def _subsample(samples: list[Sample], size: int | None, seed: int, name: str) -> list[Sample]:
     if size is None or size >= len(samples):
         return samples
-    keep = sorted(rng_for(seed, name, "query").choice(len(samples), size, replace=False))
+    keep = sorted(keyed_rng(seed, name, "query").choice(len(samples), size, replace=False))
     return [samples[i] for i in keep]

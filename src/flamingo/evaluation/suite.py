@@ -30,12 +30,7 @@ from flamingo.evaluation.settings import EvalSettings
 from flamingo.evaluation.subsets import Subsets, make_subsets
 from flamingo.evaluation.tasks import TaskSpec, get_task
 from flamingo.model.flamingo import Flamingo
-from flamingo.outputs import write_text_atomic
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "flamingo" / "rices"
+from flamingo.outputs import cache_root, write_text_atomic
 
 
 def world() -> tuple[int, int]:
@@ -103,7 +98,7 @@ def evaluate(model: Flamingo, tasks: list[str], data: DataConfig, settings: Eval
             subsets.notes.append("zero-shot benchmark: only 0 shots evaluated")
         evaluator = TaskEvaluator(model, task, subsets, settings, rank=rank, world=size, progress=progress)
         if settings.rices and any(s > 0 for s in settings.shots) and not task.zero_shot_only:
-            cache = cache_path(cache_dir or default_cache_dir(), model, task.name, settings.split)
+            cache = cache_path(cache_dir or cache_root() / "rices", model, task.name, settings.split)
             if rank == 0:  # one process computes the support features; the others read the cache
                 evaluator.build_index(cache)
             _barrier(size)

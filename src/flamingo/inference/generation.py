@@ -9,7 +9,7 @@ them (they index the sample's media row).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -67,7 +67,6 @@ class Generation:
     text: str  # decoded, cut before any stop string
     finish_reason: str  # "stop_token", "stop_string" or "length"
     score: float | None = None  # beam search: the length-penalised log-probability
-    _stop_ids: list[int] = field(default_factory=list, repr=False)
 
 
 TokenCallback = Callable[[int, str], None]  # (row, new text)

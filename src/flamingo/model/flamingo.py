@@ -18,7 +18,7 @@ from torch import nn
 from flamingo.errors import UserError
 from flamingo.model.config import ConfigError, FlamingoConfig
 from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, media_context, token_media_index
-from flamingo.model.fused_head_loss import DEFAULT_CHUNK, IGNORE_INDEX, head_nll_sum
+from flamingo.model.fused_head_loss import DEFAULT_CHUNK, head_nll_sum
 from flamingo.model.language_model import (
     MEDIA_ARGUMENT,
     DecoupledEmbedding,
@@ -37,6 +37,16 @@ class FlamingoInputError(UserError):
     """Inputs that do not fit together (shapes, `<image>` tokens vs images)."""
 
 
+IGNORE_INDEX = -100  # the label of a position without a target (cross_entropy's default ignore_index)
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Labels [B, L] aligned with the inputs -> the target of each position: the next token's
+    label (IGNORE_INDEX after the last). Shifting the labels rather than slicing the logits saves
+    a copy of the [B, L, V] logits."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions whose next token is a target in some row: the only logits the loss needs."""
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
@@ -48,7 +58,7 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.T
     With `positions`, `logits` hold only those positions (see `labelled_positions`)."""
     labels = labels.to(logits.device)
     if positions is None:
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        targets = next_token_targets(labels)
     else:
         targets = labels[:, positions.to(logits.device) + 1]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
@@ -90,12 +100,12 @@ class Flamingo(nn.Module):
             vision_encoder.eval()
         elif config.vision.kind == "features":
             if vision_feature_dim not in (None, config.vision.feature_dim):
-                raise ValueError(f"vision_feature_dim={vision_feature_dim} but the config says "
-                                 f"vision.feature_dim={config.vision.feature_dim}")
+                raise ConfigError(f"vision_feature_dim={vision_feature_dim} but the config says "
+                                  f"vision.feature_dim={config.vision.feature_dim}")
             vision_feature_dim = config.vision.feature_dim
         elif vision_feature_dim is None:
-            raise ValueError("Flamingo needs a vision_encoder or, for precomputed features, vision_feature_dim "
-                             "(or a config with vision.kind: features)")
+            raise ConfigError("Flamingo needs a vision_encoder or, for precomputed features, vision_feature_dim "
+                              "(or a config with vision.kind: features)")
         self.vision_encoder = vision_encoder
 
         lm.requires_grad_(False)
@@ -125,12 +135,12 @@ class Flamingo(nn.Module):
             tokenizer, [config.end_of_chunk_token, config.media_token])
         first_new_id = min(self.eoc_token_id, self.media_token_id)
         if sorted([self.eoc_token_id, self.media_token_id]) != [first_new_id, first_new_id + 1]:
-            raise ValueError(f"tokenizer ids of {config.end_of_chunk_token!r} and {config.media_token!r} must be "
-                             f"consecutive, got {self.eoc_token_id} and {self.media_token_id}")
+            raise ConfigError(f"tokenizer ids of {config.end_of_chunk_token!r} and {config.media_token!r} must be "
+                              f"consecutive, got {self.eoc_token_id} and {self.media_token_id}")
         input_embeddings, output_embeddings = lm.get_input_embeddings(), lm.get_output_embeddings()
         if first_new_id > input_embeddings.weight.shape[0]:
-            raise ValueError(f"the tokenizer has {first_new_id} tokens before {config.end_of_chunk_token!r} but the LM's "
-                             f"embedding table has only {input_embeddings.weight.shape[0]} rows: they do not belong together")
+            raise ConfigError(f"the tokenizer has {first_new_id} tokens before {config.end_of_chunk_token!r} but the LM's "
+                              f"embedding table has only {input_embeddings.weight.shape[0]} rows: they do not belong together")
         tied = output_embeddings is not None and output_embeddings.weight is input_embeddings.weight
         new_embeddings = DecoupledEmbedding(input_embeddings, first_new_id, 2)
         lm.set_input_embeddings(new_embeddings)
@@ -373,8 +383,7 @@ class Flamingo(nn.Module):
             logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
         loss = None
         if labels is not None:
-            # Shift the labels rather than slicing the logits: no copy of the [B, L, V] logits.
-            targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX)
+            targets = next_token_targets(labels.to(logits.device))
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         cache = getattr(out, self._cache_argument, None)
         if isinstance(cache, tuple):  # transformers < 4.47 returns the legacy format unless given a Cache
@@ -405,7 +414,7 @@ class Flamingo(nn.Module):
         if "use_cache" in self._base_params:
             kwargs["use_cache"] = False
         hidden = self._run_with_media(self.lm.base_model, media, kwargs)[0]
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        targets = next_token_targets(labels).reshape(-1)
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         head = self.output_head
         return head_nll_sum(hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), targets.index_select(0, keep),

@@ -135,5 +135,3 @@ def head_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tens
         return _HeadNLL.apply(hidden, targets, weight, bias, new_rows, new_bias, first_new_id, max(1, int(chunk)),
                               compute_dtype)
 
-
-IGNORE_INDEX = -100

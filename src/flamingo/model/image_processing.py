@@ -83,8 +83,7 @@ class ImageProcessor:
             raise ImageProcessingError(f"expected a PIL.Image.Image, got {type(image).__name__}")
         if image.width == 0 or image.height == 0:
             raise ImageProcessingError(f"zero-size image ({image.width}x{image.height}, mode {image.mode})")
-        image = _apply_exif_orientation(image)
-        rgb = to_rgb(image, background=self._mean_rgb8())
+        rgb = upright_rgb(image, background=self._mean_rgb8())
 
         # Longer side -> image_size; Pillow's resize filters are antialiased when downscaling.
         w, h = rgb.size
@@ -108,6 +107,11 @@ class ImageProcessor:
 
 
 # --------------------------------------------------------------------------- mode conversion
+def upright_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """EXIF orientation applied, then 8-bit RGB (transparency composited over `background`)."""
+    return to_rgb(_apply_exif_orientation(image), background=background)
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     """Convert a PIL image of any mode to 8-bit RGB.
 

@@ -334,12 +334,23 @@ def load_language_model(config: LanguageModelConfig, trust_remote_code: bool = F
     except (OSError, HFValidationError) as err:
         raise cannot_load("lm.name_or_path", source, err) from None
     except ValueError as err:
+        _check_remote_code_refusal(err, source)
         # Some architectures (e.g. MPT) have no SDPA path; they keep their own attention.
         if "attn_implementation" not in kwargs or "does not support" not in str(err):
             raise
         kwargs.pop("attn_implementation")
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return lm, tokenizer
+
+
+def _check_remote_code_refusal(err: ValueError, source: str) -> None:
+    """transformers refuses (with a plain ValueError) to load a model or tokenizer whose code comes
+    with it unless trust_remote_code is set: say so as a user error, naming the config field."""
+    if "trust_remote_code" in str(err):
+        raise RemoteCodeError(
+            f"lm.name_or_path: {str(source)[:200]!r} comes with its own Python code, which transformers needs to "
+            f"load it; set lm.trust_remote_code: true in the model config and pass --trust-remote-code (command "
+            f"line) or trust_remote_code=True (Python), if you trust its source") from None
 
 
 class TokenizerNotFound(UserError):
@@ -358,6 +369,8 @@ def _load_tokenizer(config: LanguageModelConfig, lm_source: str, common: dict[st
     try:
         return AutoTokenizer.from_pretrained(source, **common)
     except (OSError, ValueError) as err:  # no tokenizer files there, unreadable ones, unknown hub id
+        if isinstance(err, ValueError):
+            _check_remote_code_refusal(err, source)
         detail = " ".join(str(err).split())
         detail = detail[:300] + (" ..." if len(detail) > 300 else "")
         shown = source if len(source) <= 200 else source[:200] + "..."

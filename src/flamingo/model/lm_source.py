@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from flamingo.errors import UserError
+from flamingo.outputs import cache_root
 
 MANIFEST = "flamingo-cache.json"
 _PACKAGE_SCHEME = "package:"
@@ -29,13 +30,6 @@ _PACKAGE_SCHEME = "package:"
 
 class LanguageModelSourceError(UserError):
     """The LM's files are missing or unusable (with what to install or fix)."""
-
-
-def cache_root() -> Path:
-    """$FLAMINGO_CACHE, else $XDG_CACHE_HOME/flamingo, else ~/.cache/flamingo."""
-    if os.environ.get("FLAMINGO_CACHE"):
-        return Path(os.environ["FLAMINGO_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flamingo"
 
 
 def resolve_package_path(name_or_path: str) -> str:

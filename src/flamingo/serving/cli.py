@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from flamingo.cli_options import add_trust_remote_code_option, load_model_quietly
+
 EPILOG = """examples:
   flamingo serve                                   the embedded model on http://127.0.0.1:8000 (offline)
   flamingo serve --model my-flamingo --device cuda --port 9000
@@ -53,9 +55,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"flamingo serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
-    from flamingo.cli import _quiet_load
 
-    model = _quiet_load(args.model, args.trust_remote_code).to(args.device).eval()
+    model = load_model_quietly(args.model, args.trust_remote_code).to(args.device).eval()
     app = create_app(Engine(model, engine_config), settings)
     print(f"serving {settings.model_name} on http://{args.host}:{args.port} (chat page at /)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -93,7 +94,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from flamingo.cli import add_trust_remote_code_option
     from flamingo.serving.limits import ServerSettings
 
     defaults = ServerSettings()

@@ -57,11 +57,3 @@ def enable_gradient_checkpointing(model: Flamingo) -> int:
             layer.forward = _checkpointed(original)
             layer.__dict__[_MARK] = original
     return len(layers)
-
-
-def disable_gradient_checkpointing(model: Flamingo) -> None:
-    _, layers = find_decoder_layers(model.lm, model.decoder_layers_path)
-    for layer in layers:
-        if _MARK in layer.__dict__:
-            del layer.__dict__["forward"]
-            del layer.__dict__[_MARK]

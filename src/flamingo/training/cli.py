@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flamingo.cli_options import float_range
+from flamingo.cli_options import add_trust_remote_code_option, float_range
 
 TRAIN_EPILOG = """examples:
   flamingo train configs/train/tiny-cpu.yaml
@@ -174,7 +174,6 @@ def _cmd_plot(args: argparse.Namespace) -> None:
 def _run_parser(subparsers: argparse._SubParsersAction, name: str, help: str, epilog: str, config_help: str,
                 func: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
     """A subcommand that runs a config: CONFIG [KEY=VALUE ...] [--resume [CHECKPOINT]] [--print-config]."""
-    from flamingo.cli import add_trust_remote_code_option
 
     parser = subparsers.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=epilog)
@@ -192,7 +191,6 @@ def _run_parser(subparsers: argparse._SubParsersAction, name: str, help: str, ep
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `train`, `finetune`, `wise-ft`, `pretrain-vision` and `plot` subcommands to the `flamingo`
     command line."""
-    from flamingo.cli import add_trust_remote_code_option
 
     _run_parser(subparsers, "train", "train the Flamingo bridge (resampler, xattn layers) from a training config",
                 TRAIN_EPILOG, "training config YAML (see configs/train/)", _cmd_train)
@@ -223,17 +221,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plot.add_argument("run_dir", help="the run directory (holding metrics.jsonl)")
     plot.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
     plot.set_defaults(func=_cmd_plot)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flamingo.training` (what `torchrun -m` runs): the training subcommands."""
-    from flamingo.cli import add_debug_option, main as run
-
-    parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo training")
-    add_debug_option(parser)
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    return run(argv, parser)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from flamingo.data.batch import Batch
+from flamingo.data.config import DatasetConfig
+from flamingo.data.loader import build_loader
 from flamingo.model.config import ConfigError
 from flamingo.model.flamingo import Flamingo
 from flamingo.training.config import DatasetSpec, TrainConfig
@@ -68,12 +70,6 @@ def synthetic_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, w
 
 def pipeline_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
     """THE integration point with the data pipeline (flamingo.data)."""
-    try:
-        from flamingo.data.config import DatasetConfig
-        from flamingo.data.loader import build_loader
-    except ImportError as err:
-        raise ConfigError(f"dataset {spec.name!r} (kind {spec.kind!r}) needs the data pipeline "
-                          f"(flamingo.data.loader.build_loader), which cannot be imported: {err}") from None
     dataset_config = DatasetConfig.from_dict(spec.to_dict())
     # The position is restored by the trainer through load_state_dict, so every loader starts at 0.
     return build_loader(dataset_config, model.tokenizer, model.media_token_id, model.eoc_token_id,

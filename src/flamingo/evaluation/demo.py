@@ -10,7 +10,6 @@ table on held-out tasks (the paper's central claim, in miniature).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
