@@ -224,6 +224,61 @@ def test_resumed_run_is_bit_exact_and_the_tower_loads_as_a_flamingo_vision_encod
     assert build_vision_encoder(config.vision)(torch.randn(1, 1, 1, 3, 48, 48)).shape == (1, 1, 1, 36, 24)
 
 
+def test_a_signal_between_checkpoints_stops_with_a_checkpoint_and_resumes_bit_exact(tmp_path, clip_dir, bert_dir,
+                                                                                    shapes, monkeypatch, capsys):
+    """SIGTERM during update 3 of a run checkpointing every 2 (through the CLI): exit 128 + 15
+    after update 3 with its checkpoint and no tower; the resumed run ends with the weights of a
+    run never stopped."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from flamingo.cli import main
+    from flamingo.training import contrastive
+    from flamingo.training.contrastive import MODEL_FILE, pretrain_vision
+
+    data = pretrain_dict(clip_dir, bert_dir, shapes[0].shards, tmp_path / "stopped", steps=5)
+    reference = pretrain_vision(make_pretrain_config(dict(data, run_dir=str(tmp_path / "reference"))))
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(data))
+    loss, calls = contrastive.contrastive_loss, []
+
+    def loss_with_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(contrastive, "contrastive_loss", loss_with_signal)
+    with pytest.raises(SystemExit) as stopped:
+        main(["pretrain-vision", str(path)])
+    monkeypatch.undo()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 3" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["step-00000002",
+                                                                                         "step-00000003"]
+    assert not (tmp_path / "stopped" / contrastive.VISION_DIR).exists()
+
+    resumed = pretrain_vision(make_pretrain_config(data), resume="auto")
+    assert [r["step"] for r in resumed.records] == [4, 5]
+    assert [r["loss"] for r in resumed.records] == [r["loss"] for r in reference.records[3:]]
+    expected = load_file(str(tmp_path / "reference" / "checkpoints" / "step-00000005" / MODEL_FILE))
+    got = load_file(str(tmp_path / "stopped" / "checkpoints" / "step-00000005" / MODEL_FILE))
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    assert resumed.vision_dir is not None and resumed.interrupted_by is None
+
+
+def test_a_finite_dataset_ends_the_run_with_a_checkpoint_and_the_tower(tmp_path, clip_dir, bert_dir, shapes):
+    from flamingo.training.contrastive import pretrain_vision
+
+    data = pretrain_dict(clip_dir, bert_dir, shapes[0].jsonl, tmp_path / "run", steps=50,
+                         checkpoint={"every": 100, "keep": 1})
+    data["datasets"][0].update(epochs=1, batch_size=40, drop_last=True)  # 96 pairs: 2 updates
+    result = pretrain_vision(make_pretrain_config(data))
+    assert result.step == 2 and result.stopped_early == "a dataset ran out of data after 2 updates"
+    assert result.last_checkpoint.name == "step-00000002" and result.vision_dir.is_dir()
+
+
 def test_heldout_retrieval_rises_above_chance(tmp_path, clip_dir, bert_dir, shapes):
     from flamingo.training.contrastive import pretrain_vision
 

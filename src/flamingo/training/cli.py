@@ -70,9 +70,15 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _run_training(command: str, config_path: str, run: Callable[[], Any]) -> Any:
-    """Run `run()` (returning a TrainResult, or a tuple starting with one), report how it ended;
-    exit 3 on a TrainingError, 128 + signal number when a signal stopped it."""
+def _trained(result: Any) -> str:
+    return (f"trained to step {result.step} ({result.skipped_steps} skipped); model: {result.final_dir}; "
+            f"checkpoint: {result.last_checkpoint}")
+
+
+def _run_training(command: str, config_path: str, run: Callable[[], Any],
+                  report: Callable[[Any], str] = _trained) -> Any:
+    """Run `run()` (returning a TrainResult or PretrainResult, or a tuple starting with one), report
+    how it ended; exit 3 on a TrainingError, 128 + signal number when a signal stopped it."""
     from flamingo.training.trainer import TrainingError
 
     try:
@@ -89,8 +95,7 @@ def _run_training(command: str, config_path: str, run: Callable[[], Any]) -> Any
                   file=sys.stderr)
         raise SystemExit(128 + getattr(signal.Signals, result.interrupted_by, signal.SIGTERM))
     if main_rank:
-        print(f"trained to step {result.step} ({result.skipped_steps} skipped); model: {result.final_dir}; "
-              f"checkpoint: {result.last_checkpoint}")
+        print(report(result))
     return out
 
 
@@ -154,14 +159,17 @@ def _cmd_pretrain_vision(args: argparse.Namespace) -> None:
         return
     from flamingo.training.contrastive import pretrain_vision
 
-    _quiet_transformers()
-    result = pretrain_vision(config, resume=args.resume, trust_remote_code=args.trust_remote_code)
-    if int(os.environ.get("RANK", "0")) == 0:
+    def pretrained(result: Any) -> str:
         last = next((r["heldout"] for r in reversed(result.records) if "heldout" in r), None)
         heldout = (f"; held-out recall@1 i2t {last['i2t_recall']:.3f} t2i {last['t2i_recall']:.3f} "
                    f"(chance {last['chance']:.3f})" if last else "")
-        print(f"pretrained to step {result.step} ({result.skipped_steps} skipped){heldout}; vision encoder: "
-              f"{result.vision_dir} (use it as vision: {{kind: local, name_or_path: {result.vision_dir}}})")
+        return (f"pretrained to step {result.step} ({result.skipped_steps} skipped){heldout}; vision encoder: "
+                f"{result.vision_dir} (use it as vision: {{kind: local, name_or_path: {result.vision_dir}}})")
+
+    _quiet_transformers()
+    _run_training("pretrain-vision", args.config,
+                  lambda: pretrain_vision(config, resume=args.resume, trust_remote_code=args.trust_remote_code),
+                  pretrained)
 
 
 def _cmd_plot(args: argparse.Namespace) -> None:

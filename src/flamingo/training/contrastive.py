@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from flamingo.training.distributed import (
 )
 from flamingo.training.metrics import MetricsLogger
 from flamingo.training.optim import build_optimizer, clip_grad_norm, learning_rate, set_learning_rate
+from flamingo.training.stop_signals import StopSignals
 
 MODEL_FILE = "model.safetensors"
 VISION_DIR = "vision"
@@ -238,8 +240,10 @@ class PretrainResult:
     skipped_steps: int
     records: list[dict[str, Any]]  # metrics records logged by this call (main process)
     last_checkpoint: Path | None
-    vision_dir: Path | None  # the trained tower (main process)
+    vision_dir: Path | None  # the trained tower (main process); None when a signal stopped the run
     model: ContrastiveModel
+    stopped_early: str | None = None  # why the run ended before `steps` (a finite dataset ended, a signal)
+    interrupted_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped it (checkpoint saved)
 
 
 def pretrain_vision(config: PretrainConfig, resume: str | Path | None = None,
@@ -334,59 +338,80 @@ def _pretrain(config: PretrainConfig, rt: Runtime, resume: str | Path | None,
             records.append(result)
         barrier(rt)
 
-    try:
-        while step < config.steps:
-            lr = learning_rate(step, config.optim.lr, config.schedule, config.steps)
-            set_learning_rate(optimizer, lr)
-            optimizer.zero_grad(set_to_none=True)
-            values: dict[str, torch.Tensor] = {}
-            for index, spec in enumerate(config.datasets):
-                batch = next(iterators[spec.name])
-                with gradient_sync(module, rt, sync=index == len(config.datasets) - 1), autocast:
-                    images, texts, scale = module(batch.pixel_values[:, 0, 0].to(rt.device),
-                                                  batch.input_ids.to(rt.device), batch.attention_mask.to(rt.device))
-                    out = contrastive_loss(images.float(), texts.float(), scale.float(), config.label_smoothing,
-                                           rt.rank, rt.world_size)
-                    (spec.weight * out.loss).backward()
-                values[f"losses/{spec.name}"] = out.loss.detach()
-                values[f"i2t_accuracy/{spec.name}"] = out.image_to_text_accuracy
-                values[f"t2i_accuracy/{spec.name}"] = out.text_to_image_accuracy
-            grad_norm = clip_grad_norm(params, config.optim.grad_clip)
-            names = list(values)
-            averaged = all_reduce_sum(torch.stack([values[k].float() for k in names]), rt) / rt.world_size
-            values = dict(zip(names, averaged.tolist()))
-            loss = sum(spec.weight * values[f"losses/{spec.name}"] for spec in config.datasets)
-            if math.isfinite(loss) and math.isfinite(float(grad_norm)):
-                optimizer.step()
-            else:
-                skipped += 1  # a non-finite update is skipped (identically on every rank: values are all-reduced)
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(config.max_logit_scale))
-            step += 1
-            bar.update(1)
-            for key, value in {"loss": loss, "grad_norm": float(grad_norm), **values}.items():
-                interval.setdefault(key, []).append(value)
-            if step % config.logging.every == 0 or step == config.steps:
-                record = {"step": step, "lr": lr, "temperature": float(1 / model.logit_scale.detach().exp()),
-                          "skipped_steps": skipped}
-                for key, seen in interval.items():
-                    record[key] = sum(seen) / len(seen)
-                interval = {}
-                logger.log(_nest(record))
-                records.append(_nest(record))
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if step % config.checkpoint.every == 0 or step == config.steps:
+    stopped_early, interrupted_by, saved_at = None, None, step if resume_from is not None else -1
+    with StopSignals("pretrain-vision", announce=rt.is_main) as stop_signals:
+        try:
+            while step < config.steps:
+                # Every batch of the update is drawn first: a finite dataset that ends stops the run
+                # before any of it is trained on.
+                batches = [next(iterators[spec.name], None) for spec in config.datasets]
+                if any(batch is None for batch in batches):
+                    stopped_early = f"a dataset ran out of data after {step} updates"
+                    break
+                lr = learning_rate(step, config.optim.lr, config.schedule, config.steps)
+                set_learning_rate(optimizer, lr)
+                optimizer.zero_grad(set_to_none=True)
+                values: dict[str, torch.Tensor] = {}
+                for index, (spec, batch) in enumerate(zip(config.datasets, batches)):
+                    with gradient_sync(module, rt, sync=index == len(config.datasets) - 1), autocast:
+                        images, texts, scale = module(batch.pixel_values[:, 0, 0].to(rt.device),
+                                                      batch.input_ids.to(rt.device),
+                                                      batch.attention_mask.to(rt.device))
+                        out = contrastive_loss(images.float(), texts.float(), scale.float(), config.label_smoothing,
+                                               rt.rank, rt.world_size)
+                        (spec.weight * out.loss).backward()
+                    values[f"losses/{spec.name}"] = out.loss.detach()
+                    values[f"i2t_accuracy/{spec.name}"] = out.image_to_text_accuracy
+                    values[f"t2i_accuracy/{spec.name}"] = out.text_to_image_accuracy
+                grad_norm = clip_grad_norm(params, config.optim.grad_clip)
+                # Whether some rank got SIGTERM/SIGINT rides on the metrics' all-reduce: every rank
+                # then stops after this update, with a checkpoint of it.
+                values["stop"] = torch.tensor(1.0 if stop_signals.received else 0.0)
+                names = list(values)
+                averaged = all_reduce_sum(torch.stack([values[k].float() for k in names]), rt) / rt.world_size
+                values = dict(zip(names, averaged.tolist()))
+                stop_agreed = values.pop("stop") > 0
+                loss = sum(spec.weight * values[f"losses/{spec.name}"] for spec in config.datasets)
+                if math.isfinite(loss) and math.isfinite(float(grad_norm)):
+                    optimizer.step()
+                else:
+                    skipped += 1  # a non-finite update is skipped (identically on every rank: values are all-reduced)
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(config.max_logit_scale))
+                step += 1
+                bar.update(1)
+                for key, value in {"loss": loss, "grad_norm": float(grad_norm), **values}.items():
+                    interval.setdefault(key, []).append(value)
+                if step % config.logging.every == 0 or step == config.steps:
+                    record = {"step": step, "lr": lr, "temperature": float(1 / model.logit_scale.detach().exp()),
+                              "skipped_steps": skipped}
+                    for key, seen in interval.items():
+                        record[key] = sum(seen) / len(seen)
+                    interval = {}
+                    logger.log(_nest(record))
+                    records.append(_nest(record))
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if step % config.checkpoint.every == 0 or step == config.steps:
+                    last_checkpoint, saved_at = save(step), step
+                if config.heldout is not None and (step % config.heldout.every == 0 or step == config.steps):
+                    evaluate(step)
+                if stop_agreed and step < config.steps:
+                    interrupted_by = stop_signals.received or "a signal on another rank"
+                    stopped_early = f"stopped by {interrupted_by} after {step} updates"
+                    break
+            if saved_at != step:
                 last_checkpoint = save(step)
-            if config.heldout is not None and (step % config.heldout.every == 0 or step == config.steps):
-                evaluate(step)
-    finally:
-        bar.close()
-        logger.close()
+        finally:
+            bar.close()
+            logger.close()
+    if stopped_early and rt.is_main:
+        print(f"flamingo pretrain-vision: {stopped_early}; stopping", file=sys.stderr)
     vision_dir = None
-    if rt.is_main:
+    if rt.is_main and interrupted_by is None:
         vision_dir = save_vision_encoder(model.vision, run_dir / VISION_DIR)
     barrier(rt)
-    return PretrainResult(run_dir, step, skipped, records, last_checkpoint, vision_dir, model)
+    return PretrainResult(run_dir, step, skipped, records, last_checkpoint, vision_dir, model, stopped_early,
+                          interrupted_by)
 
 
 def _nest(record: dict[str, Any]) -> dict[str, Any]:

@@ -25,11 +25,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ from flamingo.training import checkpoint as ckpt
 from flamingo.training.activation_checkpointing import enable_gradient_checkpointing
 from flamingo.training.config import TrainConfig
 from flamingo.training.data import BatchSource, build_sources
+from flamingo.training.stop_signals import StopSignals
 from flamingo.training.distributed import (
     all_reduce_sum,
     barrier,
@@ -161,7 +160,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
-        self.signal_received: str | None = None  # set by the SIGTERM/SIGINT handler; acted on between updates
+        self.stop_signals = StopSignals("train", announce=rt.is_main)  # acted on between updates
         self.stop_agreed = False  # every rank knows of a signal: stop after the current update
         self.tokens_seen = 0
         if resume_state is not None:
@@ -275,10 +274,10 @@ class Trainer:
         # Whether some rank got SIGTERM/SIGINT rides on this collective: every rank then stops after
         # this update, before drawing the next one's batches (the checkpoint's data positions must
         # be those of the batches actually trained on).
-        nll_sums[-1] = 1.0 if self.signal_received else 0.0
+        nll_sums[-1] = 1.0 if self.stop_signals.received else 0.0
         all_reduce_sum(nll_sums, rt)
         if nll_sums[-1] > 0:
-            self.signal_received = self.signal_received or "a signal on another rank"
+            self.stop_signals.received = self.stop_signals.received or "a signal on another rank"
             self.stop_agreed = True
         losses = {n: float(nll_sums[j] / max(float(target_counts[j]), 1.0)) for j, n in enumerate(names)}
         loss = sum(self.weights[n] * v for n, v in losses.items())
@@ -324,87 +323,61 @@ class Trainer:
         stopped_early = None
         saved_at = self.step if self.resumed_from is not None else -1
         final_dir = None
-        restore_handlers = self._handle_stop_signals()
-        try:
-            while self.step < cfg.steps:
-                result = self.train_step()
-                if result is None:
-                    stopped_early = f"a dataset ran out of data after {self.step} updates"
-                    if main:
-                        print(f"flamingo train: {stopped_early}; stopping", file=sys.stderr)
-                    break
-                history.append(result)
-                interval.append(result)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.input_tokens / result.seconds:.0f}",
-                                         lr=f"{result.lr:.2e}", refresh=False)
-                if self.step % cfg.logging.every == 0 or self.step == cfg.steps or \
-                        self.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+        with self.stop_signals:
+            try:
+                while self.step < cfg.steps:
+                    result = self.train_step()
+                    if result is None:
+                        stopped_early = f"a dataset ran out of data after {self.step} updates"
+                        if main:
+                            print(f"flamingo train: {stopped_early}; stopping", file=sys.stderr)
+                        break
+                    history.append(result)
+                    interval.append(result)
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{result.loss:.4f}",
+                                             tok_s=f"{result.input_tokens / result.seconds:.0f}",
+                                             lr=f"{result.lr:.2e}", refresh=False)
+                    if self.step % cfg.logging.every == 0 or self.step == cfg.steps or \
+                            self.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                        record = self._record(interval, time.perf_counter() - started)
+                        logger.log(record)
+                        records.append(record)
+                        interval = []
+                    if self.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                        first = self.step - self.nonfinite_in_a_row + 1
+                        raise TrainingError(
+                            f"stopping at step {self.step}: the loss or gradient norm was not finite in "
+                            f"{self.nonfinite_in_a_row} consecutive updates (steps {first}-{self.step}, all skipped; "
+                            f"{self.skipped_steps} skipped in all). Latest checkpoint: "
+                            f"{self.last_checkpoint or 'none'}. Check the data, lower optim.lr, use precision: fp32, "
+                            f"or raise max_nonfinite_in_a_row.")
+                    if self.step % cfg.checkpoint.every == 0:
+                        self.save_checkpoint()
+                        saved_at = self.step
+                    if self.stop_agreed and self.step < cfg.steps:
+                        stopped_early = f"stopped by {self.stop_signals.received} after {self.step} updates"
+                        if main:
+                            print(f"flamingo train: {stopped_early}; stopping", file=sys.stderr)
+                        break
+                if interval:
                     record = self._record(interval, time.perf_counter() - started)
                     logger.log(record)
                     records.append(record)
-                    interval = []
-                if self.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
-                    first = self.step - self.nonfinite_in_a_row + 1
-                    raise TrainingError(
-                        f"stopping at step {self.step}: the loss or gradient norm was not finite in "
-                        f"{self.nonfinite_in_a_row} consecutive updates (steps {first}-{self.step}, all skipped; "
-                        f"{self.skipped_steps} skipped in all). Latest checkpoint: "
-                        f"{self.last_checkpoint or 'none'}. Check the data, lower optim.lr, use precision: fp32, "
-                        f"or raise max_nonfinite_in_a_row.")
-                if self.step % cfg.checkpoint.every == 0:
+                if saved_at != self.step:
                     self.save_checkpoint()
-                    saved_at = self.step
-                if self.stop_agreed and self.step < cfg.steps:
-                    stopped_early = f"stopped by {self.signal_received} after {self.step} updates"
-                    if main:
-                        print(f"flamingo train: {stopped_early}; stopping", file=sys.stderr)
-                    break
-            if interval:
-                record = self._record(interval, time.perf_counter() - started)
-                logger.log(record)
-                records.append(record)
-            if saved_at != self.step:
-                self.save_checkpoint()
-            # A signal during the last update stops nothing: the run is finished. Otherwise a stopped
-            # run is not, and --resume finishes it.
-            interrupted_by = self.signal_received if self.stop_agreed and self.step < cfg.steps else None
-            if interrupted_by is None:
-                final_dir = self.save_final()
-        finally:
-            restore_handlers()
-            if progress is not None:
-                progress.close()
-            logger.close()
+                # A signal during the last update stops nothing: the run is finished. Otherwise a stopped
+                # run is not, and --resume finishes it.
+                interrupted_by = self.stop_signals.received if self.stop_agreed and self.step < cfg.steps else None
+                if interrupted_by is None:
+                    final_dir = self.save_final()
+            finally:
+                if progress is not None:
+                    progress.close()
+                logger.close()
         return TrainResult(self.run_dir, self.step, self.skipped_steps, history, records, self.last_checkpoint,
                            final_dir, unwrap(self.module), stopped_early, interrupted_by)
-
-    def _handle_stop_signals(self) -> Callable[[], None]:
-        """SIGTERM (schedulers' preemption, torchrun's shutdown) and SIGINT (Ctrl-C) end the run
-        cleanly after the current update, with a checkpoint; a second signal acts as usual.
-        Returns a function restoring the previous handlers (no-op off the main thread)."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def handler(signum: int, frame: Any) -> None:
-            if self.signal_received:  # the second one: stop now
-                signal.signal(signum, previous[signum])
-                signal.raise_signal(signum)
-                return
-            self.signal_received = signal.Signals(signum).name
-            if self.runtime.is_main:
-                print(f"\nflamingo train: {self.signal_received} received; stopping after this update with a "
-                      f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
-
-        def restore() -> None:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-        for sig in previous:
-            signal.signal(sig, handler)
-        return restore
 
     def _record(self, interval: list[StepResult], elapsed: float) -> dict[str, Any]:
         finite = [r for r in interval if not r.skipped]
