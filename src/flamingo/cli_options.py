@@ -99,12 +99,17 @@ def add_debug_option(parser: argparse.ArgumentParser) -> None:
                         help="show the full traceback of user errors too (bad options, files, configs)")
 
 
-def load_model_quietly(spec: str, trust_remote_code: bool):
-    """Load a model without the LM loader's per-tensor progress bars and reports."""
+def quiet_transformers() -> None:
+    """No per-tensor progress bars and load reports from transformers on the terminal."""
     import transformers
-
-    from flamingo.model.weights import load_model
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def load_model_quietly(spec: str, trust_remote_code: bool):
+    """Load a model without the LM loader's progress bars and reports."""
+    from flamingo.model.weights import load_model
+
+    quiet_transformers()
     return load_model(spec, trust_remote_code=trust_remote_code)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flamingo.cli_options import add_trust_remote_code_option, float_range
+from flamingo.cli_options import add_trust_remote_code_option, float_range, quiet_transformers
 
 TRAIN_EPILOG = """examples:
   flamingo train configs/train/tiny-cpu.yaml
@@ -58,16 +58,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         return
     from flamingo.training.trainer import train
 
-    _quiet_transformers()
+    quiet_transformers()
     _run_training("train", args.config,
                   lambda: train(config, resume=args.resume, trust_remote_code=args.trust_remote_code))
-
-
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def _trained(result: Any) -> str:
@@ -126,7 +119,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         return
     from flamingo.training.finetune import finetune
 
-    _quiet_transformers()
+    quiet_transformers()
     _, wise_dirs = _run_training("finetune", args.config, lambda: finetune(config, resume=args.resume,
                                                                           trust_remote_code=args.trust_remote_code))
     if wise_dirs:
@@ -166,7 +159,7 @@ def _cmd_pretrain_vision(args: argparse.Namespace) -> None:
         return (f"pretrained to step {result.step} ({result.skipped_steps} skipped){heldout}; vision encoder: "
                 f"{result.vision_dir} (use it as vision: {{kind: local, name_or_path: {result.vision_dir}}})")
 
-    _quiet_transformers()
+    quiet_transformers()
     _run_training("pretrain-vision", args.config,
                   lambda: pretrain_vision(config, resume=args.resume, trust_remote_code=args.trust_remote_code),
                   pretrained)
