@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from flamingo.data.config import KINDS, DataError, DatasetConfig
-from flamingo.data.media import IMAGE_EXTS, VIDEO_EXTS, SkipSample, decode_image, decode_video_clip, load_frames
+from flamingo.data.media import VIDEO_EXTS, SkipSample, decode_image, decode_video_clip, load_frames
 from flamingo.data.sources import (
     CAPTION_EXTS,
     UNSAFE_FIELD,
@@ -96,7 +96,7 @@ def _convert_record(record: Record, kind: str, frame_folder_fps: float, max_pixe
                     dropped: Counter) -> dict[str, bytes]:
     """The members (extension -> bytes) of the shard sample of one folder/JSONL record. Every
     image is decoded first (a video file: its first frame): only valid media enter a shard."""
-    from flamingo.data.processing import parse_document, resolve_media
+    from flamingo.data.processing import pair_image, parse_document, resolve_media
 
     if UNSAFE_FIELD in record.fields:
         raise SkipSample("unsafe_path", str(record.fields[UNSAFE_FIELD]))
@@ -108,14 +108,7 @@ def _convert_record(record: Record, kind: str, frame_folder_fps: float, max_pixe
     out: dict[str, bytes] = {}
     if kind == "pairs":
         out["txt"] = _caption_of(record, doc)
-        ext = next((e for e in IMAGE_EXTS if e in record.fields), None)
-        if ext is not None:
-            name, source = f"{record.name}.{ext}", record.fields[ext]
-        elif doc is not None and doc.get("image") is not None:
-            name, source = resolve_media(doc["image"], record)
-        else:
-            raise SkipSample("missing_image", f"{record.name}: no image")
-        ext, data = _checked_image(name, source, max_pixels)
+        ext, data = _checked_image(*pair_image(record, doc), max_pixels)
         out[ext] = data
         out["json"] = json.dumps({"source": record.name}).encode()
     elif kind == "interleaved":

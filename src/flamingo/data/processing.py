@@ -254,6 +254,18 @@ class Outcome:
     removed_messages: dict[str, str] = field(default_factory=dict)
 
 
+def pair_image(record: Record, doc: dict | None) -> tuple[str, MediaSource]:
+    """The image of an image-text pair: a member of the record (`NAME.jpg` in a shard or folder), or
+    its JSONL line's `image` reference (under the dataset folder)."""
+    ext = next((e for e in IMAGE_EXTS if e in record.fields), None)
+    if ext is not None:
+        return f"{record.name}.{ext}", record.fields[ext]
+    if doc is not None and doc.get("image") is not None:
+        return resolve_media(doc["image"], record)
+    raise SkipSample("missing_image", f"{record.name}: no image: expected one of the members {'/'.join(IMAGE_EXTS)} "
+                                      f"or an 'image' field, got {sorted(doc or record.fields)}")
+
+
 class SampleProcessor:
     """Record -> TrainingSample for one dataset config (thread-safe)."""
 
@@ -413,16 +425,7 @@ class SampleProcessor:
     def pair(self, record: Record, rng: np.random.Generator) -> TrainingSample:
         doc = self._jsonl_doc(record)
         caption = self._caption(record, doc)
-        ext = next((e for e in IMAGE_EXTS if e in record.fields), None)
-        if ext is not None:
-            name, source = f"{record.name}.{ext}", record.fields[ext]
-        elif doc is not None and doc.get("image") is not None:
-            name, source = resolve_media(doc["image"], record)
-        else:
-            raise SkipSample("missing_image", f"{record.name}: no image: expected one of the members "
-                                              f"{'/'.join(IMAGE_EXTS)} or an 'image' field, "
-                                              f"got {sorted(doc or record.fields)}")
-        image = self._load_image(name, source)
+        image = self._load_image(*pair_image(record, doc))
         rng_text, rng_media = (np.random.default_rng(s) for s in rng.bit_generator.seed_seq.spawn(2))
         enc = self.encoder
         ids = pair_ids(self._caption_ids(caption, rng_text), enc.media_token_id, enc.eoc_token_id,
