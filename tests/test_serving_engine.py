@@ -21,6 +21,7 @@ from flamingo.serving.engine import (
     EngineConfig,
     EngineOverloaded,
     EngineRequest,
+    EngineStopped,
     SamplingParams,
 )
 
@@ -245,6 +246,38 @@ def test_cancelling_a_stream_frees_its_slot(model):
 
     texts, final = run(go, model, EngineConfig(max_running=1))
     assert texts[0] == reference(model, "<image>An image of", ("red",), max_new_tokens=3)
+
+
+def test_request_stop_ends_running_and_waiting_requests_and_refuses_new_ones(model):
+    """What Ctrl-C on `flamingo serve` does: the requests end at once with EngineStopped rather
+    than decoding to their end."""
+    async def go(engine):
+        params = SamplingParams(max_tokens=200, stop=("never",))
+        running = engine.generate(EngineRequest("the quick brown fox", [], params))
+        waiting = engine.generate(EngineRequest("<image>An image of", [png("red")], params))  # one slot: it waits
+        first = await running.__anext__()
+        engine.request_stop()
+        with pytest.raises(EngineStopped):
+            engine.generate(EngineRequest("the quick brown fox", [], params))
+        outcomes = []
+        for stream in (running, waiting):
+            deltas = []
+            with pytest.raises(EngineStopped):
+                async for delta in stream:
+                    deltas.append(delta)
+            outcomes.append(deltas)
+        return first, outcomes
+
+    first, (running_rest, waiting_deltas) = run(go, model, EngineConfig(max_running=1))
+    assert first.finish_reason is None
+    assert all(delta.finish_reason is None for delta in running_rest) and len(running_rest) < 199
+    assert waiting_deltas == []
+
+
+def test_an_lm_with_sliding_window_attention_is_refused_at_startup(model, monkeypatch):
+    monkeypatch.setattr(model.lm.config, "sliding_window", 8, raising=False)
+    with pytest.raises(UserError, match="sliding-window"):
+        Engine(model)
 
 
 @pytest.mark.parametrize("text, images, params, field", [

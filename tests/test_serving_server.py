@@ -23,7 +23,7 @@ from flamingo.inference import generate_text, text_prompt
 from flamingo.inference.chat import DIALOGUE_STOP_STRINGS, Turn, build_prompt
 from flamingo.inference.scoring import score_candidates
 from flamingo.inference.state import encode_prompts
-from flamingo.serving.engine import Delta, Engine, EngineOverloaded
+from flamingo.serving.engine import Delta, Engine, EngineOverloaded, EngineStopped
 from flamingo.serving.limits import RequestError, ServerSettings, ServerSettingsError
 from flamingo.serving.loadtest import mixed_requests, png_data_url, run_load
 from flamingo.serving.server import BackgroundServer
@@ -362,6 +362,27 @@ def test_full_queue_is_429_and_engine_bugs_are_a_bare_500(model):
         assert broken.status_code == 500 and "secret" not in broken.text
         assert broken.json()["error"]["type"] == "internal_error"
         assert "flamingo_http_internal_errors_total 1.0" in client.get("/metrics").text
+
+
+class StoppingEngine(FakeEngine):
+    """An engine stopped (Ctrl-C on the server) after the first delta of each request."""
+
+    async def _deltas(self, request):
+        yield Delta(0, " a red", None)
+        raise EngineStopped("the server is shutting down: the request was cancelled")
+
+
+def test_a_stopping_engine_is_503_or_an_error_event_not_an_internal_error(model):
+    engine = FakeEngine(model, fail=EngineStopped("the server is shutting down"))
+    with TestClient(create_app(engine, ServerSettings())) as client:
+        refused = client.post("/v1/chat/completions", json=_chat("hi"))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    with TestClient(create_app(StoppingEngine(model), ServerSettings())) as client:
+        streamed = client.post("/v1/chat/completions", json=_chat("hi", stream=True))
+        chunks = sse_chunks(streamed.text)
+        assert chunks[0]["choices"][0]["delta"]["content"] == " a red"
+        assert chunks[-1]["error"]["code"] == "shutting_down"
+        assert "flamingo_http_internal_errors_total 0.0" in client.get("/metrics").text
 
 
 def test_engine_user_errors_are_400(model):

@@ -159,6 +159,19 @@ def _pad(tensor: torch.Tensor, amount: int, dim: int, left: bool = False) -> tor
     return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
 
 
+def has_windowed_attention(model: Flamingo) -> bool:
+    """Whether some LM layers attend within a window (sliding-window or chunked attention): their
+    caches cannot be padded and concatenated (`FlamingoState.concat`, `without_leading_padding`)."""
+    config = model.lm.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        return any("sliding" in str(kind) or "chunked" in str(kind) for kind in kinds)
+    # Configs without layer_types: one setting for every layer (as transformers infers the cache layers).
+    windowed = any(getattr(config, attr, None) is not None for attr in ("sliding_window", "attention_chunk_size"))
+    return windowed and getattr(config, "use_sliding_window", True) is not False
+
+
 def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The keys/values [B, heads, T, head_dim] of each layer of a Hugging Face dynamic cache
     (iterating one gives (keys, values) per layer, then also its sliding window in transformers 5)."""

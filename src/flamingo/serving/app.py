@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flamingo.errors import UserError
 from flamingo.inference.chat import DIALOGUE_STOP_STRINGS
 from flamingo.inference.prompt import context_length
-from flamingo.serving.engine import Delta, Engine, EngineOverloaded, EngineRequest
+from flamingo.serving.engine import Delta, Engine, EngineOverloaded, EngineRequest, EngineStopped
 from flamingo.serving.limits import RequestError, ServerSettings
 from flamingo.serving.media import MediaResolver
 from flamingo.serving.openai_format import (
@@ -340,6 +340,8 @@ class _Server:
                 yield _sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         except (UserError, EngineOverloaded) as err:  # the response has started: the error goes in the stream
             yield _sse(error_body(str(err), "invalid_request_error", getattr(err, "param", None)))
+        except EngineStopped as err:
+            yield _sse(error_body(str(err), "server_error", code="shutting_down"))
         except Exception:  # noqa: BLE001 - logged; the client gets no internals
             logger.exception("request %s failed while streaming", engine_request.request_id)
             self.metrics.internal_errors.inc()
@@ -396,6 +398,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *,
     async def overloaded(request: Request, err: EngineOverloaded) -> JSONResponse:
         return _error_response(429, "the server is busy (its request queue is full); retry shortly",
                                "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+    @app.exception_handler(EngineStopped)
+    async def stopping(request: Request, err: EngineStopped) -> JSONResponse:
+        return _error_response(503, str(err), "server_error", code="shutting_down")
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, err: ClientDisconnected) -> Response:

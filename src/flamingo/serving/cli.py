@@ -34,6 +34,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from flamingo.serving.app import create_app
     from flamingo.serving.engine import Engine, EngineConfig
     from flamingo.serving.limits import LOOPBACK_HOSTS, ServerSettings
+    from flamingo.serving.server import EngineServer
 
     # Option mistakes are reported before the (slow) model load.
     default_max_tokens = args.default_max_tokens or min(ServerSettings.default_max_tokens, args.max_tokens)
@@ -57,9 +58,17 @@ def _cmd_serve(args: argparse.Namespace) -> None:
               "port can use the model", file=sys.stderr)
 
     model = load_model_quietly(args.model, args.trust_remote_code).to(args.device).eval()
-    app = create_app(Engine(model, engine_config), settings)
+    engine = Engine(model, engine_config)
+    app = create_app(engine, settings)
     print(f"serving {settings.model_name} on http://{args.host}:{args.port} (chat page at /)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = EngineServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                         timeout_graceful_shutdown=5), engine)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # a second Ctrl-C: uvicorn's forced exit
+        pass
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: the server could not start (e.g. the port is taken)
 
 
 def _positive_int(text: str) -> int:

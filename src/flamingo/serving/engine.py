@@ -13,6 +13,8 @@
   asyncio consumer through `loop.call_soon_threadsafe`. Requests are validated when submitted (a
   bad prompt or option raises at once, before any delta), wait in a bounded queue
   (`EngineOverloaded` when it is full), and a consumer that stops iterating cancels its request.
+  Stopping (`request_stop`, e.g. on Ctrl-C; `stop`) ends the running and waiting requests with
+  `EngineStopped` after the current step, without decoding them to their end.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from flamingo.inference.generation import (
 )
 from flamingo.inference.prompt import Prompt, context_length
 from flamingo.inference.scoring import score_candidates
-from flamingo.inference.state import FlamingoState, encode_prompts, extend
+from flamingo.inference.state import FlamingoState, encode_prompts, extend, has_windowed_attention
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.image_processing import decode_image
 from flamingo.serving.metrics import EngineMetrics
@@ -52,6 +54,10 @@ class EngineRequestError(UserError):
 
 class EngineOverloaded(Exception):
     """The waiting queue is full (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine is stopping (the server shuts down): the request was not run, or was cut short (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +268,11 @@ class Engine:
             raise EngineRequestError(f"max_queue, max_running: expected integers >= 1, prefix_cache_bytes >= 0; got "
                                      f"{self.config.max_queue}, {self.config.max_running}, "
                                      f"{self.config.prefix_cache_bytes}")
+        if has_windowed_attention(model):
+            raise EngineRequestError(
+                f"the language model ({type(model.lm).__name__}) has sliding-window or chunked attention layers; "
+                f"the serving engine batches requests by padding and concatenating LM caches, which needs full "
+                f"attention in every layer (use flamingo generate / chat for this model)")
         self.metrics = EngineMetrics()
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.metrics)
         self._waiting: collections.deque[_Job] = collections.deque()
@@ -277,13 +288,20 @@ class Engine:
             self._thread.start()
 
     async def stop(self) -> None:
-        """Stop the engine thread; requests still running or waiting end with an error."""
+        """Stop the engine thread (after its current step); requests still running or waiting end
+        with EngineStopped."""
         if self._thread is not None:
             with self._wake:
                 self._stopping = True
                 self._wake.notify()
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
+
+    def request_stop(self) -> None:
+        """Begin stopping without waiting (safe in a signal handler: takes no lock): new requests
+        are refused, and the running and waiting ones end with EngineStopped after the current
+        step, so that their responses close at once. `stop` then joins the thread."""
+        self._stopping = True
 
     # ------------------------------------------------------------------ requests
     def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
@@ -357,6 +375,8 @@ class Engine:
 
     def _submit(self, job: _Job) -> None:
         with self._wake:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
             if len(self._waiting) >= self.config.max_queue:
                 self.metrics.requests_rejected.labels("queue_full").inc()
                 raise EngineOverloaded(f"the queue is full ({self.config.max_queue} requests waiting)")
@@ -368,7 +388,7 @@ class Engine:
     def _run(self) -> None:
         state: FlamingoState | None = None
         running: list[_Sequence] = []
-        with torch.no_grad():
+        with torch.inference_mode():
             while True:
                 joining = self._take_waiting(room=self.config.max_running - len(running), block=not running)
                 if joining is None:  # stopping
@@ -386,10 +406,11 @@ class Engine:
                                           lambda: self._decode_step(state, running))
                     state, running = result if result is not None else (None, [])
                 self.metrics.running_sequences.set(len(running))
-        error = RuntimeError("the engine stopped")
-        for job in {s.job for s in running} | set(self._waiting):
-            job.send(error)
-        self._waiting.clear()
+        error = EngineStopped("the server is shutting down: the request was cancelled")
+        with self._wake:
+            for job in {s.job for s in running} | set(self._waiting):
+                job.send(error)
+            self._waiting.clear()
 
     def _take_waiting(self, room: int, block: bool) -> list[_Job] | None:
         """Waiting jobs that fit in `room` free sequence slots, first come first served (None:
@@ -417,12 +438,13 @@ class Engine:
             return taken
 
     def _guarded(self, jobs: list[_Job], work):
-        """Run `work`; if it fails, its jobs end with the error (a UserError as it is, anything
-        else as an engine error) and the engine goes on serving the others."""
+        """Run `work`; if it fails, its jobs end with the error (a UserError or EngineStopped as it
+        is, anything else as an engine error) and the engine goes on serving the others."""
         try:
             return work()
         except Exception as error:  # noqa: BLE001 - the consumers get it; the engine keeps serving
-            failure = error if isinstance(error, UserError) else RuntimeError(f"engine error: {error!r}")
+            failure = error if isinstance(error, (UserError, EngineStopped)) else RuntimeError(
+                f"engine error: {error!r}")
             for job in jobs:
                 job.send(failure)
                 job.send(_END)
@@ -443,6 +465,8 @@ class Engine:
         for key, group in by_prefix.items():
             context = self.prefix_cache.get(key)
             if context is None:
+                if self._stopping:  # each miss takes a while (its images, its text): stop between them
+                    raise EngineStopped("the server is shutting down: the request was cancelled")
                 self.metrics.prefix_cache_misses.inc()
                 context = encode_prompts(self.model, [group[0].split.prefix])
                 self.prefix_cache.put(key, context)

@@ -1,5 +1,6 @@
-"""Running the app under uvicorn in a background thread, on a free loopback port: for tests, the
-load benchmark and the page screenshot (`flamingo serve` runs uvicorn in the foreground)."""
+"""uvicorn servers for the app: `EngineServer` (`flamingo serve`, in the foreground) and
+`BackgroundServer` (in a background thread, on a free loopback port: for tests, the load
+benchmark and the page screenshot)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,22 @@ import time
 from typing import Any
 
 import uvicorn
+
+from flamingo.serving.engine import Engine
+
+
+class EngineServer(uvicorn.Server):
+    """uvicorn's server that, on Ctrl-C or SIGTERM, also stops the engine at once: the running and
+    waiting requests end (their streams close with an error) instead of uvicorn waiting up to its
+    graceful-shutdown timeout for them while the engine keeps decoding."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.engine.request_stop()
+        super().handle_exit(sig, frame)
 
 
 class BackgroundServer:
