@@ -8,7 +8,7 @@ import torch
 from conftest import build_with_vision, randomize_gates, solid_image
 
 from flamingo.inference.generation import GenerationConfig, GenerationConfigError, generate
-from flamingo.inference.prompt import Prompt, PromptError, interleaved_prompt, text_prompt
+from flamingo.inference.prompt import Prompt, PromptError, encode_media, interleaved_prompt, text_prompt
 from flamingo.inference.scoring import rank_classes, score_candidates
 from flamingo.inference.state import FlamingoState, encode_prompts, extend
 
@@ -106,6 +106,21 @@ def test_batched_prompts_equal_each_alone(model):
         assert generate(model, alone, config)[0].token_ids == batched[i].token_ids
         assert generate(model, alone, GenerationConfig(max_new_tokens=5, num_beams=3, **NO_STOP))[0].token_ids == \
             batched_beam[i].token_ids
+
+
+def test_media_encoded_a_few_at_a_time_land_in_their_slots(model):
+    """encode_media's chunks (a few images per vision call on a CPU) put every image's tokens in
+    its own prompt and slot, with zeros in padding slots, whatever the chunk size."""
+    prompts = [text_prompt("<image><image><image>", [RED, BLUE, GREEN]), text_prompt("none", []),
+               text_prompt("<image>", [GREY]), interleaved_prompt([[GREEN, GREY], "a video", RED])]
+    whole, counts = encode_media(model, prompts, chunk=32)
+    assert counts.tolist() == [3, 0, 1, 2] and whole.shape[1] == 3
+    for chunk in (1, 2, None):
+        tokens, _ = encode_media(model, prompts, chunk=chunk)
+        assert torch.allclose(tokens, whole, atol=1e-5)
+    alone, _ = encode_media(model, [text_prompt("<image>", [BLUE])])
+    assert torch.allclose(whole[0, 1], alone[0, 0], atol=1e-5)
+    assert not whole[1].any() and not whole[2, 1:].any()
 
 
 def test_scores_equal_a_manual_sum_of_log_probs(model):
