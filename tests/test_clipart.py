@@ -119,7 +119,7 @@ def test_coarse_vocabulary_recognises_the_category_named(found):
     assert not clipart.names_coarse_category("a blue square", "animal", vocabulary)
 
 
-def test_shards_hold_the_documents(found, tmp_path, capsys):
+def test_shards_hold_the_documents(found, tmp_path, capsys, monkeypatch):
     from flamingo.cli import main
     from flamingo.data.convert import validate_data
 
@@ -131,6 +131,24 @@ def test_shards_hold_the_documents(found, tmp_path, capsys):
     assert main(["data", "clipart", str(tmp_path / "bad"), "--tasks", "caption=x"]) == 2
     with pytest.raises(clipart.ClipartError, match="tasks"):
         clipart.write_shards(tmp_path / "other", 2, {"nope": 1.0})
+
+    # Written shards are kept unless --overwrite; a folder of other files is never replaced;
+    # an interrupted run leaves the earlier shards and no staging folder.
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "shards").iterdir())
+    assert main(["data", "clipart", str(tmp_path / "shards"), "--n", "3"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    monkeypatch.setattr(clipart, "training_document", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        clipart.write_shards(tmp_path / "shards", 3, overwrite=True)
+    monkeypatch.undo()
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "shards").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+    assert main(["data", "clipart", str(tmp_path / "shards"), "--n", "3", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["clipart-000000.tar"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(["data", "clipart", str(tmp_path / "mine"), "--n", "3", "--overwrite"]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 def test_clipart_source_labels_only_the_answers(found, lm_dir, clip_dir):

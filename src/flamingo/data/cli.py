@@ -92,7 +92,8 @@ def _cmd_clipart(args: argparse.Namespace) -> None:
             tasks[name] = float(weight or 1.0)
         except ValueError:
             raise DataError(f"--tasks: expected NAME or NAME=WEIGHT items, got {item!r}") from None
-    shards = write_shards(args.out, args.n, tasks, seed=args.seed, shard_size=args.shard_size, root=args.root)
+    shards = write_shards(args.out, args.n, tasks, seed=args.seed, shard_size=args.shard_size, root=args.root,
+                          overwrite=args.overwrite)
     print(f"wrote {args.n} documents to {len(shards)} shard(s) in {args.out}")
 
 
@@ -153,15 +154,16 @@ layouts:
     clip = sub.add_parser("clipart", help="write documents about real drawn objects (Open Clip Art, Tux Paint "
                           "stamps; apt-get install openclipart-png tuxpaint-stamps-default) as shards")
     clip.add_argument("out", help="output folder")
-    clip.add_argument("--n", type=int, default=10000, help="number of documents (default 10000)")
+    clip.add_argument("--n", type=positive_int, default=10000, help="number of documents (default 10000)")
     clip.add_argument("--tasks", default=None,
                       help="comma-separated NAME[=WEIGHT] of caption, qa, scene, binding, induction (default: all, "
                            "equal weights)")
-    clip.add_argument("--seed", type=int, default=0)
-    clip.add_argument("--shard-size", type=int, default=1000)
+    clip.add_argument("--seed", type=seed, default=0)
+    clip.add_argument("--shard-size", type=positive_int, default=1000)
     clip.add_argument("--root", default=None,
                       help="folder holding openclipart/png and tuxpaint/stamps (default $FLAMINGO_CLIPART_ROOT "
                            "or /usr/share)")
+    clip.add_argument("--overwrite", action="store_true", help="replace clipart shards already written there")
     clip.set_defaults(func=_cmd_clipart)
 
     dedup = sub.add_parser(

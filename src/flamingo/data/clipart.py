@@ -38,6 +38,7 @@ from PIL import Image, ImageOps
 from flamingo.data.procedural import (Scene, Segment, Split, answered_episode, render,
                                       word_binding_episode)
 from flamingo.errors import UserError
+from flamingo.outputs import check_output_dir, publish, staging_dir
 
 INSTALL = "apt-get install openclipart-png tuxpaint-stamps-default"
 ROOT_ENV = "FLAMINGO_CLIPART_ROOT"  # where share/ lives: <root>/openclipart/png, <root>/tuxpaint/stamps
@@ -419,15 +420,15 @@ def show_object(item: ClipartItem, size: int = 224) -> Image.Image:
 
 # ---------------------------------------------------------------------------------- shards
 def write_shards(out_dir: str | Path, n: int, tasks: dict[str, float] | None = None, seed: int = 0,
-                 shard_size: int = 1000, image_size: int = 224, root: str | Path | None = None) -> list[Path]:
+                 shard_size: int = 1000, image_size: int = 224, root: str | Path | None = None,
+                 overwrite: bool = False) -> list[Path]:
     """Write `n` training documents (tasks mixed by weight) as interleaved WebDataset shards
     OUT_DIR/clipart-000000.tar...: per sample img0.png, img1.png, ... and a json
     {"texts", "images", "source": task} that `flamingo data validate --kind interleaved` and the
-    training pipeline read (the loss then falls on all text, not only on the answers)."""
-    import io
-    import json
+    training pipeline read (the loss then falls on all text, not only on the answers).
+    A non-empty OUT_DIR is refused unless `overwrite` (and then only one holding clipart shards);
+    the shards are written to a staging folder that replaces OUT_DIR when all are written."""
 
-    from webdataset import ShardWriter
 
     tasks = tasks or {t: 1.0 for t in TASKS}
     unknown = sorted(set(tasks) - set(TASKS))
@@ -436,12 +437,23 @@ def write_shards(out_dir: str | Path, n: int, tasks: dict[str, float] | None = N
     if n < 1 or shard_size < 1:
         raise ClipartError(f"n and shard_size: expected integers >= 1, got {n} and {shard_size}")
     found = catalogue(root)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if list(out.glob("clipart-*.tar")):
-        raise ClipartError(f"output folder {out} already has clipart shards; choose an empty folder")
+    out = check_output_dir(out_dir, overwrite, "output folder", ours=("clipart-000000.tar",))
     names, weights = list(tasks), np.array(list(tasks.values()), dtype=np.float64)
-    with ShardWriter(str(out / "clipart-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False, mtime=0) as writer:
+    with staging_dir(out) as staged:
+        _write_documents(staged, found, n, names, weights, seed, shard_size, image_size)
+        publish(staged, out)
+    return sorted(out.glob("clipart-*.tar"))
+
+
+def _write_documents(folder: Path, found: ClipartCatalogue, n: int, names: list[str], weights: np.ndarray, seed: int,
+                     shard_size: int, image_size: int) -> None:
+    import io
+    import json
+
+    from webdataset import ShardWriter
+
+    with ShardWriter(str(folder / "clipart-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False,
+                     mtime=0) as writer:
         for index in range(n):
             rng = np.random.default_rng([seed, index])
             task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
@@ -457,4 +469,3 @@ def write_shards(out_dir: str | Path, n: int, tasks: dict[str, float] | None = N
                 images += [member, None]
             sample["json"] = json.dumps({"texts": texts, "images": images, "source": task}).encode()
             writer.write({"__key__": f"{index:09d}", **sample})
-    return sorted(out.glob("clipart-*.tar"))
