@@ -112,6 +112,9 @@ for p in (weight, scale):  # what DDP does: average over ranks
     dist.all_reduce(p.grad); p.grad /= world
 loss = out.loss.detach().clone(); dist.all_reduce(loss); loss /= world
 save_file({"loss": loss, "weight": weight.grad, "scale": scale.grad}, sys.argv[1] + f"/rank{rank}.safetensors")
+# A rank leaving while its peer still holds the gloo connection can abort the peer (SIGABRT).
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
