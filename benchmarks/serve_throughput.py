@@ -14,15 +14,16 @@ The same 64 requests, all arriving at once: 32 few-shot requests (8-shot prompts
 Fairness: both sides run in this process (not through HTTP) with the same torch threads, and are
 warmed up on a chat and a few-shot prompt first (the engine then has the chat preamble cached, as a
 server that has answered one chat; the warm-up few-shot prompt has its own support set, so the
-measured run still encodes its support set once). The order is
-engine, baseline, engine again (a fresh engine, same warm-up): the engine's figures are the mean of
-its two runs, so a machine load that drifts during the run biases neither side.
+measured run still encodes its support set once). The order is engine, baseline, engine again (a
+fresh engine, same warm-up): the engine's figures are the mean of its two runs, so a machine load
+that drifts during the run biases neither side. Only one thread computes at a time, and only it
+holds OpenMP worker threads (the engine's thread, or the main thread for the baseline, with the
+engine stopped): an idle second team makes libgomp throttle the other's parallel regions.
 
 Printed: requests/s and generated tokens/s of each, p50/p95 latency (arrival to last token),
 the answers that differ between the two, and the time to first token of prefix-cache hits vs the
 baseline's for the same prompts: under load (the few-shot requests of the 64 after the first) and
-one request at a time (8 new few-shot queries, each sent to the idle, warm engine and then to the
-baseline, alternately).
+one request at a time (8 new few-shot queries sent to the idle, warm engine, then to the baseline).
 
     flock /tmp/flamingo-cpu.lock python benchmarks/serve_throughput.py [--requests 64] [--max-tokens 16]
 
@@ -189,13 +190,11 @@ async def main_async(args: argparse.Namespace) -> None:
 
         # Time to first token of prefix-cache hits, one request at a time: the support set is cached by now.
         hits_before = engine.metrics.prefix_cache_hits._value.get()
-        engine_ttft, baseline_ttft = [], []
-        for probe in probes:  # alternately, so that a drifting load biases neither side
-            engine_ttft.append((await engine_one(engine, probe, time.perf_counter()))[2])
-            baseline_ttft.append(baseline_one(model, probe)[2])
+        engine_ttft = [(await engine_one(engine, probe, time.perf_counter()))[2] for probe in probes]
         assert engine.metrics.prefix_cache_hits._value.get() - hits_before == len(probes), "expected cache hits"
     finally:
         await engine.stop()
+    baseline_ttft = [baseline_one(model, probe)[2] for probe in probes]
     ours_ttft, base_ttft = statistics.median(engine_ttft), statistics.median(baseline_ttft)
     print(f"time to first token of one request at a time, {args.shots}-shot prompt, prefix-cache hit: "
           f"{ours_ttft * 1000:.0f} ms vs baseline {base_ttft * 1000:.0f} ms (medians of {len(probes)}): "
