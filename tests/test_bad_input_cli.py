@@ -35,6 +35,7 @@ COMMANDS = {
     "data convert": ["data", "convert", "src", "out", "--kind", "pairs"],
     "data validate": ["data", "validate", "src", "--kind", "pairs"],
     "data shapes": ["data", "shapes", "out", "--kind", "pairs"],
+    "data clipart": ["data", "clipart", "out"],
 }
 HUGE = str(10**30)
 NUMERIC_OPTIONS = [
@@ -70,6 +71,9 @@ NUMERIC_OPTIONS = [
     ("data shapes", "--n", ["0", "-1", HUGE]),
     ("data shapes", "--seed", ["-1"]),
     ("data shapes", "--shard-size", ["0"]),
+    ("data clipart", "--n", ["0", "-1", HUGE]),
+    ("data clipart", "--seed", ["-1", HUGE]),
+    ("data clipart", "--shard-size", ["0"]),
 ]
 
 
@@ -79,6 +83,17 @@ NUMERIC_OPTIONS = [
 def test_numeric_option_out_of_range(tmp_path, monkeypatch, command, option, value):
     monkeypatch.chdir(tmp_path)
     run_cli([*COMMANDS[command], f"{option}={value}"], expect=f"argument {option}:", watch=[tmp_path])
+
+
+def test_eval_offline_json_into_a_missing_folder_is_refused_before_the_evaluation(tmp_path, monkeypatch):
+    from flamingo.model import weights
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded: the bad --json was found out too late")
+
+    monkeypatch.setattr(weights, "load_model", no_load)
+    run_cli(["eval-offline", "--task", "shape", "--json", str(tmp_path / "nowhere" / "r.json")],
+            expect=["--json", "nowhere"], watch=[tmp_path])
 
 
 # ----------------------------------------------------------------------- model configs
