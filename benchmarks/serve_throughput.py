@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--max-running", type=int, default=16)
+    parser.add_argument("--max-running", type=int, default=32)
     parser.add_argument("--ttft-probes", type=int, default=8)
     asyncio.run(main_async(parser.parse_args()))
 

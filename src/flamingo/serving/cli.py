@@ -142,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     engine = p.add_argument_group("engine")
     engine.add_argument("--max-queue", type=_positive_int, default=64,
                         help="waiting requests; beyond: HTTP 429 (default 64)")
-    engine.add_argument("--max-running", type=_positive_int, default=16, help="sequences decoded together (default 16)")
+    engine.add_argument("--max-running", type=_positive_int, default=32, help="sequences decoded together (default 32)")
     engine.add_argument("--prefix-cache-mb", type=_positive_int, default=1024,
                         help="memory bound of the shared prompt-prefix cache (default 1024)")
     p.set_defaults(func=_cmd_serve)

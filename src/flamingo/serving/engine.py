@@ -143,7 +143,7 @@ class Delta:
 @dataclass
 class EngineConfig:
     max_queue: int = 64  # waiting requests; beyond -> EngineOverloaded (HTTP 429)
-    max_running: int = 16  # concurrent sequences in the decode batch
+    max_running: int = 32  # concurrent sequences in the decode batch
     prefix_cache_bytes: int = 1 << 30  # LRU bound of the prefix cache
     max_prompt_tokens: int | None = None
 
