@@ -428,8 +428,6 @@ def write_shards(out_dir: str | Path, n: int, tasks: dict[str, float] | None = N
     training pipeline read (the loss then falls on all text, not only on the answers).
     A non-empty OUT_DIR is refused unless `overwrite` (and then only one holding clipart shards);
     the shards are written to a staging folder that replaces OUT_DIR when all are written."""
-
-
     tasks = tasks or {t: 1.0 for t in TASKS}
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks or any(w <= 0 for w in tasks.values()):

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from flamingo.cli_options import add_trust_remote_code_option, load_model_quietly
+from flamingo.cli_options import add_trust_remote_code_option, int_range, load_model_quietly, positive_int
 
 EPILOG = """examples:
   flamingo serve                                   the embedded model on http://127.0.0.1:8000 (offline)
@@ -71,20 +71,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         sys.exit(3)  # as uvicorn.run: the server could not start (e.g. the port is taken)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text[:32]!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text[:32]!r}")
-    return int(text)
 
 
 def _folder(text: str) -> Path:
@@ -113,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", help="the model id clients send (default: from --model)")
     add_trust_remote_code_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--port", type=int_range(1, 65535), default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (one model per device; run one server "
                                                    "per GPU behind a load balancer to use several)")
     p.add_argument("--api-key", default=os.environ.get("FLAMINGO_API_KEY"),
@@ -132,17 +118,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                             ("max_image_pixels", "pixels of one image (read from its header)"),
                             ("max_tokens", "cap of a request's max_tokens"),
                             ("max_n", "choices per request (n)"), ("max_beams", "beam width (num_beams)")]:
-        limits.add_argument("--" + name.replace("_", "-"), type=_positive_int, default=getattr(defaults, name),
+        limits.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(defaults, name),
                             help=f"{help_text} (default {getattr(defaults, name)})")
-    limits.add_argument("--default-max-tokens", type=_positive_int, default=None,
+    limits.add_argument("--default-max-tokens", type=positive_int, default=None,
                         help=f"max_tokens of a request that gives none (default {defaults.default_max_tokens}, "
                              f"at most --max-tokens)")
-    limits.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
+    limits.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                         help="prompt length in tokens (default: the language model's context)")
     engine = p.add_argument_group("engine")
-    engine.add_argument("--max-queue", type=_positive_int, default=64,
+    engine.add_argument("--max-queue", type=positive_int, default=64,
                         help="waiting requests; beyond: HTTP 429 (default 64)")
-    engine.add_argument("--max-running", type=_positive_int, default=32, help="sequences decoded together (default 32)")
-    engine.add_argument("--prefix-cache-mb", type=_positive_int, default=1024,
+    engine.add_argument("--max-running", type=positive_int, default=32, help="sequences decoded together (default 32)")
+    engine.add_argument("--prefix-cache-mb", type=positive_int, default=1024,
                         help="memory bound of the shared prompt-prefix cache (default 1024)")
     p.set_defaults(func=_cmd_serve)
