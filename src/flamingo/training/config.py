@@ -147,8 +147,18 @@ class DistributedConfig:
     timeout_minutes: float = 30.0
 
 
+class YamlConfig:
+    """`to_dict` (the YAML form, see `config_dict`) and `to_yaml` of a run config dataclass."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(YamlConfig):
     """Everything a training run needs; see the module docstring and configs/train/.
 
     run_dir: where metrics, checkpoints and the final model go (null: runs/<config file stem>).
@@ -242,31 +252,32 @@ class TrainConfig:
     def weights(self) -> dict[str, float]:
         return {d.name: d.weight for d in self.datasets}
 
-    def to_dict(self) -> dict[str, Any]:
-        return config_dict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
     @classmethod
     def from_dict(cls, data: Any, source: str = "train config") -> TrainConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        data = dict(data)
-        missing = [k for k in ("model", "datasets") if k not in data]
-        if missing:
-            raise ConfigError(f"{source}: missing required section(s) {missing}")
+        data, datasets = run_config_sections(data, source, ("model", "datasets"))
         model = data.pop("model")
         if not isinstance(model, dict):
             raise ConfigError(f"{source}: model: expected a mapping (a FlamingoConfig) or a path to one, "
                               f"got {type(model).__name__}")
-        datasets = data.pop("datasets")
-        if not isinstance(datasets, list):
-            raise ConfigError(f"{source}: datasets: expected a list of mappings, got {type(datasets).__name__}")
         kwargs = fields_from_dict(cls, data, source, skip={"model", "datasets"}, error=ConfigError)
         return cls(model=FlamingoConfig(**fields_from_dict(FlamingoConfig, model, source, "model", error=ConfigError)),
                    datasets=[_dataset_from_dict(d, source, f"datasets.{i}") for i, d in enumerate(datasets)],
                    **kwargs)
+
+
+def run_config_sections(data: Any, source: str, required: tuple[str, ...]) -> tuple[dict[str, Any], list[Any]]:
+    """A run config's top-level mapping (a copy, its required sections checked) without its
+    `datasets` list, and that list."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ConfigError(f"{source}: missing required section(s) {missing}")
+    datasets = data.pop("datasets")
+    if not isinstance(datasets, list):
+        raise ConfigError(f"{source}: datasets: expected a list of mappings, got {type(datasets).__name__}")
+    return data, datasets
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -297,11 +308,17 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
         if not model_path.is_absolute():
             model_path = path.parent / model_path
         data["model"] = load_structured(model_path, f"{path}: model: config file", ConfigError)
+    return TrainConfig.from_dict(with_overrides(data, overrides, path), source=str(path))
+
+
+def with_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...], path: Path) -> dict[str, Any]:
+    """The raw mapping of the run config file `path` with the dotted `key=value` overrides applied
+    and run_dir defaulting to runs/<file stem>."""
     for item in overrides:
         apply_override(data, item)
     if data.get("run_dir") is None:
         data["run_dir"] = str(Path("runs") / path.stem)
-    return TrainConfig.from_dict(data, source=str(path))
+    return data
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:

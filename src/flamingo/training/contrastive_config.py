@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from flamingo.config_io import field_checker, fields_from_dict
 from flamingo.model.config import ConfigError, VisionConfig
@@ -33,10 +32,11 @@ from flamingo.training.config import (
     OptimConfig,
     Precision,
     ScheduleConfig,
+    YamlConfig,
     _dataset_from_dict,
-    apply_override,
-    config_dict,
     read_yaml_mapping,
+    run_config_sections,
+    with_overrides,
 )
 
 VISION_KINDS = ("clip", "siglip", "timm", "efficientnet_lite0", "local")
@@ -67,7 +67,7 @@ class HeldOutConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(YamlConfig):
     """Everything a contrastive pretraining run needs; see the module docstring.
 
     vision: the image tower (any VisionConfig; timm with `pretrained: false` trains from scratch
@@ -144,23 +144,9 @@ class PretrainConfig:
             check(h.every >= 1 and h.batch_size >= 1 and h.max_pairs >= 2, "heldout",
                   "every >= 1, batch_size >= 1, max_pairs >= 2", (h.every, h.batch_size, h.max_pairs))
 
-    def to_dict(self) -> dict[str, Any]:
-        return config_dict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
     @classmethod
     def from_dict(cls, data: Any, source: str = "pretrain config") -> PretrainConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        data = dict(data)
-        missing = [k for k in ("vision", "text", "datasets") if k not in data]
-        if missing:
-            raise ConfigError(f"{source}: missing required section(s) {missing}")
-        datasets = data.pop("datasets")
-        if not isinstance(datasets, list):
-            raise ConfigError(f"{source}: datasets: expected a list of mappings, got {type(datasets).__name__}")
+        data, datasets = run_config_sections(data, source, ("vision", "text", "datasets"))
         entries = [{"kind": "pairs", **d} if isinstance(d, dict) else d for d in datasets]
         heldout = data.pop("heldout", None)
         if heldout is not None:
@@ -181,8 +167,4 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | tuple[str, ...
     runs/<file stem>."""
     path = Path(path)
     data = read_yaml_mapping(path, "pretrain config")
-    for item in overrides:
-        apply_override(data, item)
-    if data.get("run_dir") is None:
-        data["run_dir"] = str(Path("runs") / path.stem)
-    return PretrainConfig.from_dict(data, source=str(path))
+    return PretrainConfig.from_dict(with_overrides(data, overrides, path), source=str(path))
