@@ -41,6 +41,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     model = load_model_quietly(args.model, trust_remote_code=False).eval()
+    model.fuse_for_inference()  # as flamingo serve does
     rng = np.random.default_rng(0)
     images = [png_data_url(render(sample_scene(rng))) for _ in range(8)]
     requests = mixed_requests(args.requests, images, "bench", max_tokens=args.max_tokens)

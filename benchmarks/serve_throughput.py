@@ -6,12 +6,14 @@ The same 64 requests, all arriving at once: 32 few-shot requests (8-shot prompts
 `--max-tokens` new tokens.
 
 - Ours: `flamingo.serving.engine.Engine` in this process (continuous batching up to
-  `--max-running` sequences, the prefix cache: the support set is encoded once).
+  `--max-running` sequences, prefills of `--prefill-chunk` requests before decode steps, the prefix
+  cache: the support set is encoded once).
 - Baseline: one request at a time, Hugging Face-style: each prompt encoded from scratch (its
   images re-encoded, no state shared between requests), then KV-cached greedy decoding
   (`encode_prompts` + `generate`, i.e. `generate_text`).
 
-Fairness: both sides run in this process (not through HTTP) with the same torch threads, and are
+Fairness: both sides run in this process (not through HTTP) on the same model (its vision encoder
+fused for inference, as `flamingo serve` does) with the same torch threads, and are
 warmed up on a chat and a few-shot prompt first (the engine then has the chat preamble cached, as a
 server that has answered one chat; the warm-up few-shot prompt has its own support set, so the
 measured run still encodes its support set once). The order is engine, baseline, engine again (a
@@ -153,6 +155,7 @@ def mean_run(runs: list[dict]) -> dict:
 
 async def main_async(args: argparse.Namespace) -> None:
     model = load_model("embedded")
+    model.fuse_for_inference()  # as flamingo serve does; the baseline uses the same model
     requests = make_requests(args.requests, args.shots, args.max_tokens)
     probes = [r for r in make_requests(2 * args.ttft_probes, args.shots, args.max_tokens, seed=1)[::2]]
     probes = [EngineRequest(requests[0].text, requests[0].images[:-1] + p.images[-1:], p.params) for p in probes]
@@ -161,7 +164,8 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"{len(requests)} requests ({sum(len(r.images) > 1 for r in requests)} {args.shots}-shot, the others "
           f"chat), max {args.max_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}")
 
-    config = EngineConfig(max_queue=max(64, args.requests), max_running=args.max_running)
+    config = EngineConfig(max_queue=max(64, args.requests), max_running=args.max_running,
+                          prefill_chunk=args.prefill_chunk)
     for request in warm_up:  # allocator, kernels
         baseline_one(model, request)
     engine = await warm_engine(model, config, warm_up)
@@ -210,7 +214,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--max-running", type=int, default=32)
+    parser.add_argument("--max-running", type=int, default=EngineConfig.max_running)
+    parser.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
     parser.add_argument("--ttft-probes", type=int, default=8)
     asyncio.run(main_async(parser.parse_args()))
 

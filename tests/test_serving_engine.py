@@ -114,6 +114,33 @@ def test_concurrent_requests_equal_each_alone(model):
         assert texts[0] == expected, i
 
 
+def test_waiting_prompts_are_prefilled_in_chunks_before_the_next_decode_step(model, monkeypatch):
+    """Prefill priority: 5 queued requests that all fit are admitted `prefill_chunk` (2) at a time,
+    each chunk's first tokens sent at once, and only then does the decode batch step, with all 5.
+    Before, a decode step ran after every admission, delaying the later requests' first tokens."""
+    events = []
+    admit, decode_step = Engine._admit, Engine._decode_step
+    monkeypatch.setattr(Engine, "_admit", lambda self, jobs: events.append(("admit", len(jobs))) or admit(self, jobs))
+    monkeypatch.setattr(Engine, "_decode_step", lambda self, state, running, pending: events.append(
+        ("step", len(running))) or decode_step(self, state, running, pending))
+    requests = REQUESTS[:5]  # two share a few-shot prefix
+
+    async def go():
+        engine = Engine(model, EngineConfig(max_running=8, prefill_chunk=2))
+        streams = [engine.generate(EngineRequest(text, [png(c) for c in colours], SamplingParams(max_tokens=4)))
+                   for text, colours in requests]  # all queued before the engine starts
+        await engine.start()
+        try:
+            return await asyncio.gather(*(collect(stream) for stream in streams))
+        finally:
+            await engine.stop()
+
+    results = asyncio.run(go())
+    assert events[:4] == [("admit", 2), ("admit", 2), ("admit", 1), ("step", 5)]
+    for (text, colours), (texts, _) in zip(requests, results):
+        assert texts[0] == reference(model, text, colours, max_new_tokens=4)
+
+
 def test_requests_joining_at_random_times_equal_each_alone(model):
     async def go(engine):
         async def one(i):
@@ -131,7 +158,8 @@ def test_requests_joining_at_random_times_equal_each_alone(model):
 
 def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
     """The support set is encoded once (a miss), then reused (hits); the answers equal those of
-    the whole prompt encoded from scratch; the prefix tokenizes alone as inside the prompt."""
+    the whole prompt encoded from scratch; the prefix tokenizes alone as inside the prompt; the
+    images of a cached prefix are not decoded at submission, only if it must be encoded again."""
     queries = [REQUESTS[0], REQUESTS[3], REQUESTS[6], REQUESTS[0]]
 
     async def go(engine):
@@ -140,8 +168,8 @@ def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
             texts, _ = await collect(engine.generate(EngineRequest(text, [png(c) for c in colours],
                                                                    SamplingParams(max_tokens=6))))
             answers.append(texts[0])
-        split = engine._split(text_prompt(text, [solid_image(c) for c in colours]),
-                              model.tokenizer(text)["input_ids"], [png(c) for c in colours])
+        prompt, _, split = engine._prompt(text, [png(c) for c in colours], 6)
+        assert prompt is None and split.prefix_media is None  # cached: its images were not decoded
         return answers, split, engine.metrics
 
     answers, split, metrics = run(go, model)
@@ -149,8 +177,10 @@ def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
         assert answer == reference(model, text, colours, max_new_tokens=6)
     assert answers[0] == answers[3]
     assert metrics.prefix_cache_misses._value.get() == 1 and metrics.prefix_cache_hits._value.get() == 3
-    assert split.prefix.text == SUPPORT and len(split.prefix.media) == 2 and len(split.suffix.media) == 1
-    ids = model.tokenizer(split.prefix.text)["input_ids"] + model.tokenizer(
+    prefix = split.prefix()  # decoded now, as for a prefix evicted before its request was encoded
+    assert prefix.text == SUPPORT and len(prefix.media) == 2 and len(split.suffix.media) == 1
+    assert [m[0].tobytes() for m in prefix.media] == [solid_image(c).convert("RGB").tobytes() for c in colours[:2]]
+    ids = model.tokenizer(prefix.text)["input_ids"] + model.tokenizer(
         split.suffix.text, add_special_tokens=False)["input_ids"]
     assert ids == model.tokenizer(REQUESTS[0][0])["input_ids"]
 

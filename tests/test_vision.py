@@ -377,3 +377,28 @@ def test_incomplete_checkpoint_is_rejected(tmp_path, clip_models):
 def test_efficientnet_lite0_other_resolution():
     enc = EfficientNetLite0Encoder(image_size=256)
     assert enc(pixels(b=1, n=1, size=256)).shape == (1, 1, 1, 64, 1280)  # stride 32: 8x8 tokens
+
+
+def test_efficientnet_lite0_fused_for_inference_gives_the_same_features():
+    """BatchNorm folded into the convolutions, channels-last: the same features up to float
+    rounding (in bf16, channels-last only: as close to the fp32 features as before); once is
+    enough; a trained (unfrozen) encoder is refused."""
+    x = pixels(b=2, n=1, t=2, size=224, seed=2)
+    with torch.no_grad():
+        encoder = build_vision_encoder(VisionConfig(kind="efficientnet_lite0"))
+        expected = encoder(x)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in encoder.modules()) == 49
+        assert encoder.fuse_for_inference() and not encoder.fuse_for_inference()
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
+        torch.testing.assert_close(encoder(x), expected, rtol=0, atol=1e-4)
+        assert_frozen(encoder)
+
+        half = build_vision_encoder(VisionConfig(kind="efficientnet_lite0")).to(torch.bfloat16)
+        error_before = (half(x.bfloat16()).float() - expected).abs().mean()
+        half.fuse_for_inference()
+        error_after = (half(x.bfloat16()).float() - expected).abs().mean()
+        assert half._param_dtype() == torch.bfloat16 and error_after < 1.2 * error_before
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in half.modules()) == 49
+    trained = build_vision_encoder(VisionConfig(kind="efficientnet_lite0")).requires_grad_(True)
+    with pytest.raises(ConfigError, match="unfreeze.vision"):
+        trained.fuse_for_inference()

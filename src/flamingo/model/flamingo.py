@@ -194,6 +194,11 @@ class Flamingo(nn.Module):
             self.vision_encoder.eval()
         return self
 
+    def fuse_for_inference(self) -> bool:
+        """Rewrite the frozen vision encoder for faster inference (`VisionEncoder.fuse_for_inference`:
+        same outputs up to float rounding; not for training or saving). Returns whether anything changed."""
+        return self.vision_encoder is not None and self.vision_encoder.fuse_for_inference()
+
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The trained bridge, under LM-independent names (these prefix the saved weights), then
         the backbone parts unfrozen by `config.unfreeze` (vision_encoder, lm_blocks.<i>)."""

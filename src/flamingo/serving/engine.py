@@ -1,10 +1,13 @@
 """The serving engine: requests in, streamed text deltas out, many requests in one decode batch.
 
 - Continuous (iteration-level) batching: the running sequences are one `FlamingoState` batch
-  (LM KV cache, visual tokens, cross-attention keys/values). Before every decode step, waiting
-  requests are prefilled together and concatenated into it (`FlamingoState.concat`: left-padded
-  histories, media rows padded to the most images); finished and cancelled sequences leave it
-  after every step. Beam search and ranking requests run as a batch of their own, between steps.
+  (LM KV cache, visual tokens, cross-attention keys/values). Waiting requests that fit are
+  prefilled (up to `prefill_chunk` at a time, together), their first tokens streamed at once, and
+  concatenated into it (`FlamingoState.concat`: left-padded histories, media rows padded to the
+  most images); finished and cancelled sequences leave it after every step. Prefills come before
+  decode steps (as in vLLM's default scheduler): a request's first token does not wait for the
+  others' decoding, and the decode batch is as large as it can be. Beam search and ranking
+  requests run as a batch of their own, between steps.
 - Prefix cache: a prompt is split before its last image; the state after the prefix (text and
   image bytes, hashed) is kept in an LRU bounded by bytes and continued with `extend`, so the
   few-shot support set of a task is encoded once for all users. A hit computes exactly what a
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
+from PIL import Image
 
 from flamingo.errors import UserError
 from flamingo.inference.generation import (
@@ -143,7 +147,8 @@ class Delta:
 @dataclass
 class EngineConfig:
     max_queue: int = 64  # waiting requests; beyond -> EngineOverloaded (HTTP 429)
-    max_running: int = 32  # concurrent sequences in the decode batch
+    max_running: int = 64  # concurrent sequences in the decode batch
+    prefill_chunk: int = 16  # requests prefilled together; their first tokens are sent before the next chunk's
     prefix_cache_bytes: int = 1 << 30  # LRU bound of the prefix cache
     max_prompt_tokens: int | None = None
 
@@ -157,14 +162,24 @@ class _Split:
     """A prompt cut before its last image: the cacheable prefix and the rest."""
 
     key: str  # hash of the prefix's token ids and image bytes
-    prefix: Prompt
+    prefix_text: str
+    prefix_images: list[bytes]
+    prefix_media: list[list[Image.Image]] | None  # decoded; None while the prefix is cached (not needed)
     suffix: Prompt
+
+    def prefix(self) -> Prompt:
+        """The prefix as a prompt, its images decoded now if they were not at submission (the
+        prefix was cached then; these bytes decoded without error when it was stored)."""
+        if self.prefix_media is None:
+            self.prefix_media = [[decode_image(data)] for data in self.prefix_images]
+        return Prompt(self.prefix_text, self.prefix_media)
 
 
 class _Job:
-    """A submitted request: its decoded prompt, and the channel back to its consumer's loop."""
+    """A submitted request: its decoded prompt (or, when it has a cacheable prefix, its split),
+    and the channel back to its consumer's loop."""
 
-    def __init__(self, prompt: Prompt, prompt_tokens: int, split: _Split | None, params: SamplingParams,
+    def __init__(self, prompt: Prompt | None, prompt_tokens: int, split: _Split | None, params: SamplingParams,
                  loop: asyncio.AbstractEventLoop, candidates: list[str] | None = None) -> None:
         self.prompt, self.prompt_tokens, self.split, self.params = prompt, prompt_tokens, split, params
         self.candidates = candidates  # a ranking job
@@ -248,6 +263,9 @@ class PrefixCache:
         self.entries: collections.OrderedDict[str, tuple[FlamingoState, int]] = collections.OrderedDict()
         self.bytes = 0
 
+    def __contains__(self, key: str) -> bool:  # no LRU update: safe to ask from another thread
+        return key in self.entries
+
     def get(self, key: str) -> FlamingoState | None:
         entry = self.entries.get(key)
         if entry is None:
@@ -281,10 +299,11 @@ class Engine:
     def __init__(self, model: Flamingo, config: EngineConfig | None = None) -> None:
         self.model = model.eval()
         self.config = config or EngineConfig()
-        if self.config.max_queue < 1 or self.config.max_running < 1 or self.config.prefix_cache_bytes < 0:
-            raise EngineRequestError(f"max_queue, max_running: expected integers >= 1, prefix_cache_bytes >= 0; got "
-                                     f"{self.config.max_queue}, {self.config.max_running}, "
-                                     f"{self.config.prefix_cache_bytes}")
+        config = self.config
+        if min(config.max_queue, config.max_running, config.prefill_chunk) < 1 or config.prefix_cache_bytes < 0:
+            raise EngineRequestError(f"max_queue, max_running, prefill_chunk: expected integers >= 1, "
+                                     f"prefix_cache_bytes >= 0; got {config.max_queue}, {config.max_running}, "
+                                     f"{config.prefill_chunk}, {config.prefix_cache_bytes}")
         if has_windowed_attention(model):
             raise EngineRequestError(
                 f"the language model ({type(model.lm).__name__}) has sliding-window or chunked attention layers; "
@@ -351,9 +370,11 @@ class Engine:
             return scores
         raise asyncio.CancelledError
 
-    def _prompt(self, text: str, images: list[bytes], max_new_tokens: int) -> tuple[Prompt, int, _Split | None]:
+    def _prompt(self, text: str, images: list[bytes], max_new_tokens: int
+                ) -> tuple[Prompt | None, int, _Split | None]:
         """Check and decode a prompt (placeholders vs images, token limits, image data) and find
-        its cacheable prefix."""
+        its cacheable prefix. The images of a prefix that is cached are not decoded: they were
+        when it was stored."""
         if not isinstance(text, str) or not text:
             raise EngineRequestError("text: expected a non-empty prompt")
         token = self.model.config.media_token
@@ -368,28 +389,34 @@ class Engine:
         if context is not None and len(ids) + max_new_tokens > context:
             raise EngineRequestError(f"max_tokens: the prompt has {len(ids)} tokens and {max_new_tokens} new "
                                      f"tokens are asked for, more than the model's context of {context}")
-        prompt = Prompt(text, [[decode_image(data, name=f"images[{i}]")] for i, data in enumerate(images)])
-        return prompt, len(ids), self._split(prompt, ids, images)
+        split = self._split(text, ids, images)
+        cached = len(split.prefix_images) if split is not None and split.key in self.prefix_cache else 0
+        media = [[decode_image(data, name=f"images[{i}]")] for i, data in enumerate(images) if i >= cached]
+        if split is None:
+            return Prompt(text, media), len(ids), None
+        before = len(split.prefix_images)
+        split.prefix_media = None if cached else media[:before]
+        split.suffix = Prompt(split.suffix.text, media[before - cached:])
+        return None, len(ids), split  # encoded from its parts
 
-    def _split(self, prompt: Prompt, ids: list[int], images: list[bytes]) -> _Split | None:
+    def _split(self, text: str, ids: list[int], images: list[bytes]) -> _Split | None:
         """Cut the prompt before its last image when the part before is worth caching and
-        tokenizes on its own exactly as inside the whole prompt."""
+        tokenizes on its own exactly as inside the whole prompt (media not decoded yet)."""
         token = self.model.config.media_token
-        cut = prompt.text.rfind(token)
+        cut = text.rfind(token)
         if self.config.prefix_cache_bytes == 0 or cut <= 0:
             return None
-        images_before = prompt.text[:cut].count(token)
-        prefix_ids = self.model.tokenizer(prompt.text[:cut])["input_ids"]
+        images_before = text[:cut].count(token)
+        prefix_ids = self.model.tokenizer(text[:cut])["input_ids"]
         if images_before == 0 and len(prefix_ids) < MIN_TEXT_PREFIX_TOKENS:
             return None
-        suffix_ids = self.model.tokenizer(prompt.text[cut:], add_special_tokens=False)["input_ids"]
+        suffix_ids = self.model.tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
         if prefix_ids + suffix_ids != ids:  # the tokenizer would merge across the cut: no caching
             return None
         digest = hashlib.sha256(repr(prefix_ids).encode())
         for data in images[:images_before]:
             digest.update(hashlib.sha256(data).digest())
-        return _Split(digest.hexdigest(), Prompt(prompt.text[:cut], prompt.media[:images_before]),
-                      Prompt(prompt.text[cut:], prompt.media[images_before:]))
+        return _Split(digest.hexdigest(), text[:cut], images[:images_before], None, Prompt(text[cut:], []))
 
     def _submit(self, job: _Job) -> None:
         with self._wake:
@@ -406,23 +433,25 @@ class Engine:
     def _run(self) -> None:
         state: FlamingoState | None = None
         running: list[_Sequence] = []
+        pending: torch.Tensor | None = None  # each running sequence's chosen (and sent) token, not yet fed
         with torch.inference_mode():
             while True:
                 joining = self._take_waiting(room=self.config.max_running - len(running), block=not running)
                 if joining is None:  # stopping
                     break
-                for job in [j for j in joining if j.runs_alone]:
-                    self._guarded([job], lambda job=job: self._run_alone(job))
-                joining = [j for j in joining if not j.runs_alone]
-                if joining:
-                    new = self._guarded(joining, lambda: self._prefill(joining))
-                    if new is not None:
+                if joining:  # prefills first: the next decode step waits until every prompt that fits has joined
+                    for job in [j for j in joining if j.runs_alone]:
+                        self._guarded([job], lambda job=job: self._run_alone(job))
+                    joining = [j for j in joining if not j.runs_alone]
+                    new = self._guarded(joining, lambda: self._admit(joining)) if joining else None
+                    if new is not None and new[1]:
                         state = new[0] if state is None else FlamingoState.concat([state, new[0]])
                         running += new[1]
-                if running:
+                        pending = new[2] if pending is None else torch.cat([pending, new[2]])
+                elif running:
                     result = self._guarded(list(dict.fromkeys(s.job for s in running)),
-                                          lambda: self._decode_step(state, running))
-                    state, running = result if result is not None else (None, [])
+                                          lambda: self._decode_step(state, running, pending))
+                    state, running, pending = result if result is not None else (None, [], None)
                 self.metrics.running_sequences.set(len(running))
         error = EngineStopped("the server is shutting down: the request was cancelled")
         with self._wake:
@@ -431,8 +460,8 @@ class Engine:
             self._waiting.clear()
 
     def _take_waiting(self, room: int, block: bool) -> list[_Job] | None:
-        """Waiting jobs that fit in `room` free sequence slots, first come first served (None:
-        the engine is stopping). Blocks until there is one when `block`."""
+        """Waiting jobs that fit in `room` free sequence slots, first come first served, at most
+        `prefill_chunk` (None: the engine is stopping). Blocks until there is one when `block`."""
         with self._wake:
             while block and not self._waiting and not self._stopping:
                 self._wake.wait()
@@ -443,7 +472,7 @@ class Engine:
             if not block and room < min(len(self._waiting), max(1, self.config.max_running // 4)):
                 return []
             taken = []
-            while self._waiting:
+            while self._waiting and len(taken) < self.config.prefill_chunk:
                 job = self._waiting[0]
                 if job.cancelled:
                     self._waiting.popleft()
@@ -486,7 +515,7 @@ class Engine:
                 if self._stopping:  # each miss takes a while (its images, its text): stop between them
                     raise EngineStopped("the server is shutting down: the request was cancelled")
                 self.metrics.prefix_cache_misses.inc()
-                context = encode_prompts(self.model, [group[0].split.prefix])
+                context = encode_prompts(self.model, [group[0].split.prefix()])
                 self.prefix_cache.put(key, context)
                 self.metrics.prefix_cache_hits.inc(len(group) - 1)
             else:
@@ -495,8 +524,8 @@ class Engine:
             order += group
         return FlamingoState.concat(states), order
 
-    def _prefill(self, jobs: list[_Job]) -> tuple[FlamingoState, list[_Sequence]]:
-        """The joining jobs' prompts encoded, one row per choice, and their sequences."""
+    def _admit(self, jobs: list[_Job]) -> tuple[FlamingoState | None, list[_Sequence], torch.Tensor | None]:
+        """Prefill the joining jobs' prompts (one row per choice) and choose, and send, their first tokens."""
         state, order = self._encode(jobs)
         if any(job.params.n > 1 for job in order):
             rows = [row for row, job in enumerate(order) for _ in range(job.params.n)]
@@ -508,19 +537,26 @@ class Engine:
                 config = job.params.generation_config(choice)
                 sequences.append(_Sequence(job, choice, config, SequenceDecoder(self.model, config, stream=True),
                                            sampling_generator(config, device)))
-        return state, sequences
+        return self._choose(state, sequences)
 
-    def _decode_step(self, state: FlamingoState, running: list[_Sequence]
-                     ) -> tuple[FlamingoState | None, list[_Sequence]]:
-        """Choose every sequence's next token, stream it, drop the sequences that ended or were
-        cancelled, and feed the others' tokens to the model."""
+    def _decode_step(self, state: FlamingoState, running: list[_Sequence], pending: torch.Tensor
+                     ) -> tuple[FlamingoState | None, list[_Sequence], torch.Tensor | None]:
+        """Feed every running sequence its chosen token, then choose the next ones."""
+        state.step(self.model, pending[:, None])
+        return self._choose(state, running)
+
+    def _choose(self, state: FlamingoState, sequences: list[_Sequence]
+                ) -> tuple[FlamingoState | None, list[_Sequence], torch.Tensor | None]:
+        """Choose every sequence's next token from the state's logits and stream it; drop the
+        sequences that ended or were cancelled. Returns the state, sequences and chosen tokens
+        of the others (the tokens still to be fed)."""
         logits = state.next_token_logits
         tokens = logits.argmax(-1)
-        for row, sequence in enumerate(running):
+        for row, sequence in enumerate(sequences):
             if sequence.generator is not None:
                 tokens[row] = choose_next_tokens(logits[row:row + 1], sequence.config, sequence.generator)[0]
         keep = []
-        for row, (sequence, token) in enumerate(zip(running, tokens.tolist())):
+        for row, (sequence, token) in enumerate(zip(sequences, tokens.tolist())):
             job = sequence.job
             if job.cancelled:
                 continue
@@ -536,12 +572,10 @@ class Engine:
             else:
                 keep.append(row)
         if not keep:
-            return None, []
-        if len(keep) < len(running):
-            state = state.select_rows(torch.tensor(keep, device=tokens.device), keep_logits=False)
-            state = state.without_leading_padding()
-        state.step(self.model, tokens[keep][:, None])
-        return state, [running[row] for row in keep]
+            return None, [], None
+        if len(keep) < len(sequences):
+            state = state.select_rows(torch.tensor(keep, device=tokens.device)).without_leading_padding()
+        return state, [sequences[row] for row in keep], tokens[keep]
 
     def _run_alone(self, job: _Job) -> None:
         """A ranking or beam search job, as a batch of its own."""
