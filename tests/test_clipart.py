@@ -63,7 +63,7 @@ def test_training_documents_never_show_held_out_categories(found):
         for segment in document:
             assert segment.image.size == (48, 48) and segment.image.mode == "RGB"
             assert _segment_categories(found, segment) <= set(found.names("train")), segment.true_caption()
-            assert any(is_target for _, is_target in segment.text) or task in ("binding", "induction")
+            assert any(is_target for _, is_target in segment.text) or task in ("binding", "instance", "induction")
             for piece, _ in segment.text:
                 for held_out in found.names("eval"):
                     assert held_out not in piece
@@ -98,6 +98,26 @@ def test_binding_episodes_bind_words_to_held_out_categories(found):
         assert len(word_category) == ways
         (query_category,) = _segment_categories(found, query)
         assert word_category[answer] == query_category and query.text == [("This is a", False)]
+
+
+def test_instance_episodes_bind_each_word_to_one_drawing_shown_anew(found, monkeypatch):
+    shown = []  # the drawing behind each composed chunk, in order
+    compose = clipart.compose
+    monkeypatch.setattr(clipart, "compose", lambda objects, rng, size: shown.append(objects[0]) or compose(
+        objects, rng, size))
+    rng = np.random.default_rng(3)
+    for ways in (2, 3):
+        shown.clear()
+        support, query, answer, candidates = clipart.instance_binding_episode(found, rng, 48, ways=ways, shots=6)
+        assert len(candidates) == ways and answer in candidates and len(shown) == 7
+        word_drawing = {}
+        for segment, drawing in zip(support, shown):
+            assert _segment_categories(found, segment) <= set(found.names("train"))
+            assert word_drawing.setdefault(segment.text[1][0], drawing) is drawing  # one drawing per word
+        assert len(set(map(id, word_drawing.values()))) == ways
+        assert word_drawing[answer] is shown[-1] and query.text == [("This is a", False)]
+        images = [np.asarray(s.image) for s in (*support, query)]
+        assert len({image.tobytes() for image in images}) == len(images)  # composed anew each time
 
 
 def test_the_grey_control_keeps_the_words_but_not_the_support_images(found):

@@ -15,6 +15,7 @@ From the catalogue, documents of `flamingo.data.procedural.Segment`s, like the p
   animal is this?";
 - scene: two or three objects side by side, "a bird, a car and a flower";
 - binding: new words bound to object categories inside the prompt ("This is a dax.");
+- instance: the same with each word bound to one drawing, shown anew each time (matching what is seen);
 - induction: "Output: X", X the object's category or its coarse category, shown only by example.
 Backgrounds are the procedural ones (plain, gradient, noise) or crops of scikit-image's texture
 photos. Everything is a pure function of the numpy Generator passed in and the installed files.
@@ -329,6 +330,23 @@ def binding_episode(catalogue: ClipartCatalogue, rng: np.random.Generator, size:
                                 lambda category: object_segment(catalogue, rng, size, split, category)[0])
 
 
+def instance_binding_episode(catalogue: ClipartCatalogue, rng: np.random.Generator, size: int,
+                             split: Split = "train", *, ways: int = 2, shots: int = 4
+                             ) -> tuple[list[Segment], Segment, str, list[str]]:
+    """New words bound to individual drawings, not categories: each way is one object of the
+    split (two may share a category), composed anew (background, scale, side) every time it is
+    shown, the query included. What it trains is matching what is seen, which holds for any
+    object, rather than recognising the training categories."""
+    pool = [item for name in catalogue.names(split) for item in catalogue.by_category[name]]
+    chosen = [pool[int(i)] for i in rng.choice(len(pool), size=ways, replace=False)]
+
+    def draw(way: str) -> Segment:
+        item = chosen[int(way)]
+        return Segment(compose([object_image(item.path)], rng, size), [], caption=item.caption)
+
+    return word_binding_episode(rng, [str(i) for i in range(ways)], split, shots, draw)
+
+
 def induction_episode(catalogue: ClipartCatalogue, rng: np.random.Generator, size: int, split: Split = "train", *,
                       shots: int = 4, attribute: Literal["category", "coarse"] | None = None,
                       ) -> tuple[list[Segment], Segment, str, list[str]]:
@@ -356,22 +374,23 @@ def category_episode(catalogue: ClipartCatalogue, rng: np.random.Generator, size
     return support, query, answer, [f" {c}" for c in COARSE]
 
 
-TASKS = ("caption", "qa", "scene", "binding", "induction")
+TASKS = ("caption", "qa", "scene", "binding", "instance", "induction")
 
 
 def training_document(catalogue: ClipartCatalogue, task: str, rng: np.random.Generator, size: int) -> list[Segment]:
-    """One training document of `task` (caption | qa | scene | binding | induction) over the
-    training categories; episode queries become ordinary chunks with their answers as targets."""
+    """One training document of `task` (caption | qa | scene | binding | instance | induction) over
+    the training categories; episode queries become ordinary chunks with their answers as targets."""
     if task == "caption":
         return caption_document(catalogue, rng, size)
     if task == "qa":
         return qa_document(catalogue, rng, size)
     if task == "scene":
         return scene_document(catalogue, rng, size)
-    if task in ("binding", "induction"):
-        if task == "binding":
-            support, query, answer, _ = binding_episode(catalogue, rng, size, ways=2 + int(rng.integers(2)),
-                                                        shots=3 + int(rng.integers(5)))
+    if task in ("binding", "instance", "induction"):
+        if task in ("binding", "instance"):
+            episode = binding_episode if task == "binding" else instance_binding_episode
+            support, query, answer, _ = episode(catalogue, rng, size, ways=2 + int(rng.integers(2)),
+                                                shots=3 + int(rng.integers(5)))
         else:
             support, query, answer, _ = induction_episode(catalogue, rng, size, shots=2 + int(rng.integers(4)))
         query.text.append((answer, True))
