@@ -10,7 +10,7 @@ from conftest import build_with_vision, randomize_gates, solid_image
 from flamingo.inference.generation import GenerationConfig, GenerationConfigError, generate
 from flamingo.inference.prompt import Prompt, PromptError, encode_media, interleaved_prompt, text_prompt
 from flamingo.inference.scoring import rank_classes, score_candidates
-from flamingo.inference.state import FlamingoState, encode_prompts, extend
+from flamingo.inference.state import FlamingoState, encode_prompts, extend, extend_contexts
 
 RED, BLUE, GREEN, GREY = (solid_image(c) for c in ("red", "blue", "green", "grey"))
 NO_STOP = dict(stop_at_end_of_chunk=False)
@@ -90,6 +90,32 @@ def test_few_shot_context_reuse_equals_full_prompts(lm_dir, clip_dir, mode):
             beams[i].token_ids
         alone_scores = score_candidates(m, alone, ["a green square", "red"])
         assert torch.allclose(scores.sum_logprob[i], alone_scores.sum_logprob[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["previous", "all_previous"])
+def test_several_contexts_extended_in_one_pass_equal_full_prompts(lm_dir, clip_dir, mode):
+    """Contexts of different lengths and image counts (2 images, none, 1), each with its own
+    queries, continued in one forward pass: every row equals its whole prompt encoded alone."""
+    m = build_with_vision(lm_dir("llama"), clip_dir, **{"cross_attention.media_attention": mode})
+    randomize_gates(m)
+    contexts = [text_prompt("<image>Output: a red square.<|endofchunk|><image>Output: a blue square.<|endofchunk|>",
+                            [RED, BLUE]),
+                text_prompt("A conversation between a user and an assistant who describes images.\nUser: ", []),
+                text_prompt("<image>This is a dax.<|endofchunk|>", [GREEN])]
+    queries = [[text_prompt("<image>Output:", [GREEN]), text_prompt(" no image here, Output:", [])],
+               [text_prompt("<image>What is this?\nAssistant:", [GREY])],
+               [text_prompt("Look:<image> and<image> This is a", [GREY, RED]), text_prompt("<image>This is a", [BLUE])]]
+    state = extend_contexts(m, [encode_prompts(m, [c]) for c in contexts], queries)
+    config = GenerationConfig(max_new_tokens=4, **NO_STOP)
+    together = generate(m, state, config)
+    rows = [(context, query) for context, group in zip(contexts, queries) for query in group]
+    assert state.batch_size == len(rows) == 5
+    for i, (context, query) in enumerate(rows):
+        alone = encode_prompts(m, [Prompt(context.text + query.text, context.media + query.media)])
+        assert torch.allclose(state.next_token_logits[i], alone.next_token_logits[0], atol=1e-4, rtol=1e-4), i
+        assert generate(m, alone, config)[0].token_ids == together[i].token_ids, i
+    with pytest.raises(PromptError, match="one non-empty list of queries per context"):
+        extend_contexts(m, [encode_prompts(m, [contexts[0]])], [[]])
 
 
 def test_batched_prompts_equal_each_alone(model):

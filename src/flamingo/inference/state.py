@@ -242,7 +242,6 @@ def encode_prompts(model: Flamingo, prompts: Sequence[Prompt], *, max_new_tokens
     return FlamingoState(out.past_key_values, mask.to(device), visual_tokens, counts, out.logits[:, -1], kv)
 
 
-@torch.no_grad()
 def extend(model: Flamingo, context: FlamingoState, queries: Sequence[Prompt], *,
            max_new_tokens: int = 0) -> FlamingoState:
     """Continue one encoded context (e.g. the few-shot support examples) with each query.
@@ -251,28 +250,59 @@ def extend(model: Flamingo, context: FlamingoState, queries: Sequence[Prompt], *
     query token can only see the last context image or its own, so only that one context image
     is carried over (all of them in the "all_previous" ablation mode).
     """
-    if context.batch_size != 1:
-        raise PromptError(f"extend continues one context, got a state of batch size {context.batch_size}")
     if not queries:
         raise PromptError("no query given")
-    _check_media(model, queries)
-    ids, query_mask = _tokenize(model, [q.text for q in queries], add_special_tokens=False)
-    _check_length(model, context.length + ids.shape[1], max_new_tokens)
-    device = context.attention_mask.device
-    num = len(queries)
+    return extend_contexts(model, [context], [queries], max_new_tokens=max_new_tokens)
 
-    context_media = int(context.num_media[0])
-    keep = 1 if model.config.cross_attention.media_attention == "previous" and context_media else context_media
-    carried = context.visual_tokens[:, context_media - keep:context_media].expand(num, -1, -1, -1)
-    query_tokens, query_counts = encode_media(model, queries)
-    visual_tokens = torch.cat([carried, query_tokens.to(carried.dtype)], dim=1)
+
+@torch.no_grad()
+def extend_contexts(model: Flamingo, contexts: Sequence[FlamingoState], queries: Sequence[Sequence[Prompt]], *,
+                    max_new_tokens: int = 0) -> FlamingoState:
+    """`extend` for several contexts at once, in one forward pass: each context (a batch-1 state,
+    e.g. one few-shot task's support set, or a chat preamble) is continued with its own queries;
+    the rows are the queries in order, context by context. Shorter contexts are left-padded
+    (masked) to the longest."""
+    if len(contexts) != len(queries) or not contexts or not all(queries):
+        raise PromptError("expected one non-empty list of queries per context")
+    for context in contexts:
+        if context.batch_size != 1:
+            raise PromptError(f"extend continues one context, got a state of batch size {context.batch_size}")
+    flat = [query for group in queries for query in group]
+    _check_media(model, flat)
+    ids, query_mask = _tokenize(model, [q.text for q in flat], add_special_tokens=False)
+    length = max(context.length for context in contexts)
+    _check_length(model, length + ids.shape[1], max_new_tokens)
+    device = contexts[0].attention_mask.device
+    sizes = [len(group) for group in queries]
+
+    # Media rows: each context's carried images (its last one under the paper's masking, all of
+    # them in the "all_previous" ablation), then the query's own, padded to the most slots.
+    query_tokens, query_counts = encode_media(model, flat)
+    carried, keeps = [], []
+    for context, size in zip(contexts, sizes):
+        context_media = int(context.num_media[0])
+        keep = 1 if model.config.cross_attention.media_attention == "previous" and context_media else context_media
+        carried.append(context.visual_tokens[:, context_media - keep:context_media].expand(size, -1, -1, -1))
+        keeps += [keep] * size
+    dtype = carried[0].dtype
+    rows = torch.split(query_tokens.to(dtype), sizes)
+    groups = [torch.cat([kept, own], dim=1) for kept, own in zip(carried, rows)]
+    slots = max(group.shape[1] for group in groups)
+    visual_tokens = torch.cat([_pad(group, slots - group.shape[1], dim=1) for group in groups])
+    keep = torch.tensor(keeps, device=device)
     num_media = query_counts + keep
 
-    cache = _copy_cache(context.past_key_values)
-    cache.batch_repeat_interleave(num)
-    mask = torch.cat([context.attention_mask.expand(num, -1), query_mask.to(device)], dim=1)
+    # LM caches: each context's copied per query, left-padded to the longest context.
+    layers = []
+    for per_context in zip(*[_cache_layers(context.past_key_values) for context in contexts]):
+        keys, values = ([_pad(kv[i], length - context.length, dim=2, left=True).expand(size, -1, -1, -1)
+                         for kv, context, size in zip(per_context, contexts, sizes)] for i in (0, 1))
+        layers.append((torch.cat(keys), torch.cat(values)))
+    cache = _cache_from_layers(contexts[0].past_key_values, layers)
+    context_mask = torch.cat([_pad(context.attention_mask, length - context.length, dim=1, left=True).expand(size, -1)
+                              for context, size in zip(contexts, sizes)])
+    mask = torch.cat([context_mask, query_mask.to(device)], dim=1)
     kv: dict = {}
-    out = model(ids.to(device), visual_tokens=visual_tokens, num_media=num_media,
-                media_offset=torch.full((num,), keep, device=device), attention_mask=mask,
-                past_key_values=cache, use_cache=True, kv_cache=kv, logits_to_keep=1)
+    out = model(ids.to(device), visual_tokens=visual_tokens, num_media=num_media, media_offset=keep,
+                attention_mask=mask, past_key_values=cache, use_cache=True, kv_cache=kv, logits_to_keep=1)
     return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv)

@@ -9,9 +9,10 @@
   others' decoding, and the decode batch is as large as it can be. Beam search and ranking
   requests run as a batch of their own, between steps.
 - Prefix cache: a prompt is split before its last image; the state after the prefix (text and
-  image bytes, hashed) is kept in an LRU bounded by bytes and continued with `extend`, so the
-  few-shot support set of a task is encoded once for all users. A hit computes exactly what a
-  miss computes (the miss encodes the prefix, stores it, then extends it the same way).
+  image bytes, hashed) is kept in an LRU bounded by bytes and continued with `extend_contexts`
+  (the queries of every prefix in a prefill chunk in one forward pass), so the few-shot support
+  set of a task is encoded once for all users. A hit computes what a miss computes (the miss
+  encodes the prefix, stores it, then extends it the same way).
 - Model compute runs in one background thread (it blocks); each request's deltas reach its
   asyncio consumer through `loop.call_soon_threadsafe`. Requests are validated when submitted (a
   bad prompt or option raises at once, before any delta), wait in a bounded queue
@@ -45,7 +46,7 @@ from flamingo.inference.generation import (
 )
 from flamingo.inference.prompt import Prompt, context_length
 from flamingo.inference.scoring import score_candidates
-from flamingo.inference.state import FlamingoState, encode_prompts, extend, has_windowed_attention
+from flamingo.inference.state import FlamingoState, encode_prompts, extend_contexts, has_windowed_attention
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.image_processing import decode_image
 from flamingo.serving.metrics import EngineMetrics
@@ -499,7 +500,8 @@ class Engine:
 
     def _encode(self, jobs: list[_Job]) -> tuple[FlamingoState, list[_Job]]:
         """Prefill the prompts of `jobs`: one row each, in the returned order. Prompts with a
-        cached (or cacheable) prefix continue it; the others are encoded together."""
+        cached (or cacheable) prefix continue it, all of them in one forward pass whatever their
+        prefixes; the others are encoded together."""
         plain = [job for job in jobs if job.split is None]
         by_prefix: dict[str, list[_Job]] = {}
         for job in jobs:
@@ -509,6 +511,7 @@ class Engine:
         if plain:
             states.append(encode_prompts(self.model, [job.prompt for job in plain]))
             order += plain
+        contexts = []
         for key, group in by_prefix.items():
             context = self.prefix_cache.get(key)
             if context is None:
@@ -520,8 +523,11 @@ class Engine:
                 self.metrics.prefix_cache_hits.inc(len(group) - 1)
             else:
                 self.metrics.prefix_cache_hits.inc(len(group))
-            states.append(extend(self.model, context, [job.split.suffix for job in group]))
+            contexts.append(context)
             order += group
+        if contexts:
+            states.append(extend_contexts(self.model, contexts, [[job.split.suffix for job in group]
+                                                                 for group in by_prefix.values()]))
         return FlamingoState.concat(states), order
 
     def _admit(self, jobs: list[_Job]) -> tuple[FlamingoState | None, list[_Sequence], torch.Tensor | None]:
