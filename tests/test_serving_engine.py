@@ -47,6 +47,20 @@ def run(coroutine_function, model, config: EngineConfig | None = None):
     return asyncio.run(main())
 
 
+def run_queued(model, config: EngineConfig, requests, params) -> list:
+    """Queue every request (text, colours) before the engine starts, then collect all answers."""
+    async def main():
+        engine = Engine(model, config)
+        streams = [engine.generate(EngineRequest(text, [png(c) for c in colours], p))
+                   for (text, colours), p in zip(requests, params)]
+        await engine.start()
+        try:
+            return await asyncio.gather(*(collect(stream) for stream in streams))
+        finally:
+            await engine.stop()
+    return asyncio.run(main())
+
+
 async def collect(stream) -> tuple[dict[int, str], dict[int, Delta]]:
     texts: dict[int, str] = {}
     final: dict[int, Delta] = {}
@@ -97,18 +111,7 @@ def test_concurrent_requests_equal_each_alone(model):
     are prefilled together, the others join the running batch as slots free up (at different
     steps), and every answer equals the request's answer alone."""
     params = [SamplingParams(max_tokens=3 + i % 4 * 2, stop=("e",) if i == 5 else ()) for i in range(len(REQUESTS))]
-
-    async def go():
-        engine = Engine(model, EngineConfig(max_running=4, prefix_cache_bytes=0))
-        streams = [engine.generate(EngineRequest(text, [png(c) for c in colours], params[i]))
-                   for i, (text, colours) in enumerate(REQUESTS)]  # all queued before the engine starts
-        await engine.start()
-        try:
-            return await asyncio.gather(*(collect(stream) for stream in streams))
-        finally:
-            await engine.stop()
-
-    results = asyncio.run(go())
+    results = run_queued(model, EngineConfig(max_running=4, prefix_cache_bytes=0), REQUESTS, params)
     for i, ((text, colours), (texts, final)) in enumerate(zip(REQUESTS, results)):
         expected = reference(model, text, colours, max_new_tokens=params[i].max_tokens, stop_strings=params[i].stop)
         assert texts[0] == expected, i
@@ -124,18 +127,8 @@ def test_waiting_prompts_are_prefilled_in_chunks_before_the_next_decode_step(mod
     monkeypatch.setattr(Engine, "_decode_step", lambda self, state, running, pending: events.append(
         ("step", len(running))) or decode_step(self, state, running, pending))
     requests = REQUESTS[:5]  # two share a few-shot prefix
-
-    async def go():
-        engine = Engine(model, EngineConfig(max_running=8, prefill_chunk=2))
-        streams = [engine.generate(EngineRequest(text, [png(c) for c in colours], SamplingParams(max_tokens=4)))
-                   for text, colours in requests]  # all queued before the engine starts
-        await engine.start()
-        try:
-            return await asyncio.gather(*(collect(stream) for stream in streams))
-        finally:
-            await engine.stop()
-
-    results = asyncio.run(go())
+    params = [SamplingParams(max_tokens=4)] * len(requests)
+    results = run_queued(model, EngineConfig(max_running=8, prefill_chunk=2), requests, params)
     assert events[:4] == [("admit", 2), ("admit", 2), ("admit", 1), ("step", 5)]
     for (text, colours), (texts, _) in zip(requests, results):
         assert texts[0] == reference(model, text, colours, max_new_tokens=4)
