@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import threading
 
 import pytest
 import torch
@@ -295,6 +296,29 @@ def test_request_stop_ends_running_and_waiting_requests_and_refuses_new_ones(mod
     assert first.finish_reason is None
     assert all(delta.finish_reason is None for delta in running_rest) and len(running_rest) < 199
     assert waiting_deltas == []
+
+
+def test_request_stop_abandons_a_running_beam_search(model, monkeypatch):
+    """Beam search runs as a batch of its own; Ctrl-C stops it between steps, not after its 200."""
+    import flamingo.serving.engine as engine_module
+
+    started, steps = threading.Event(), []
+    run_alone, beam_search = Engine._run_alone, engine_module.beam_search
+    monkeypatch.setattr(Engine, "_run_alone", lambda self, job: started.set() or run_alone(self, job))
+    monkeypatch.setattr(engine_module, "beam_search", lambda *args, before_step, **options: beam_search(
+        *args, before_step=lambda: steps.append(1) or before_step(), **options))
+
+    async def go(engine):
+        stream = engine.generate(EngineRequest("the quick brown fox", [],
+                                               SamplingParams(max_tokens=200, num_beams=2, stop=("never",))))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        engine.request_stop()
+        with pytest.raises(EngineStopped):
+            async for _ in stream:
+                pass
+
+    run(go, model)
+    assert 1 <= len(steps) < 200
 
 
 def test_an_lm_with_sliding_window_attention_is_refused_at_startup(model, monkeypatch):

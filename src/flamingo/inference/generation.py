@@ -220,9 +220,10 @@ class _Hypothesis:
 
 @torch.no_grad()
 def beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig,
-                num_return: int = 1) -> list[list[Generation]]:
+                num_return: int = 1, before_step: Callable[[], None] | None = None) -> list[list[Generation]]:
     """Beam search from every sequence of `state` (left unchanged): per sequence, its best
-    `num_return` (<= num_beams) hypotheses, best first."""
+    `num_return` (<= num_beams) hypotheses, best first. `before_step()` runs before every step
+    (e.g. to abandon the search by raising when a server stops)."""
     if not 1 <= num_return <= config.num_beams:
         raise GenerationConfigError(f"num_return: expected 1 to num_beams ({config.num_beams}), got {num_return!r}")
     width, samples = config.num_beams, state.batch_size
@@ -242,6 +243,8 @@ def beam_search(model: Flamingo, state: FlamingoState, config: GenerationConfig,
         return score / (max(length, 1) ** config.length_penalty)
 
     for step in range(config.max_new_tokens):
+        if before_step is not None:
+            before_step()
         logprobs = work.next_token_logits.float().log_softmax(-1).view(samples, width, vocab)
         candidates = (beam_scores[..., None] + logprobs).view(samples, width * vocab)
         top_scores, top_index = candidates.topk(2 * width, dim=-1)

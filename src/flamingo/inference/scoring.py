@@ -8,7 +8,7 @@ log-probabilities are gathered with tensor ops (no loop over tokens or classes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ class CandidateScores:
 
 @torch.no_grad()
 def score_candidates(model: Flamingo, state: FlamingoState, candidates: Sequence[Sequence[str]] | Sequence[str],
-                     *, max_rows: int = 128) -> CandidateScores:
+                     *, max_rows: int = 128, before_step: Callable[[], None] | None = None) -> CandidateScores:
     """Score each candidate continuation of each sequence of `state` (left unchanged).
 
     candidates: one list per sequence, or one list shared by all sequences (class names).
@@ -42,7 +42,8 @@ def score_candidates(model: Flamingo, state: FlamingoState, candidates: Sequence
     pass); the others need the candidate fed up to its last-but-one token. Candidates are
     grouped by that length (no padding), and each forward pass takes up to `max_rows` of them,
     by whole prompts where possible so that a prompt's rows share its visual tokens and
-    cross-attention keys/values.
+    cross-attention keys/values. `before_step()` runs before each of those passes (e.g. to
+    abandon the scoring by raising when a server stops).
     """
     batch = state.batch_size
     if candidates and isinstance(candidates[0], str):
@@ -79,6 +80,8 @@ def score_candidates(model: Flamingo, state: FlamingoState, candidates: Sequence
             by_length.setdefault(len(entry[2]), []).append(entry)
     for group in by_length.values():
         for chunk in _chunks(group, max_rows):
+            if before_step is not None:
+                before_step()
             rest = _score_rows(model, state, chunk)
             sums.index_put_((torch.tensor([b for b, _, _ in chunk]), torch.tensor([c for _, c, _ in chunk])),
                             rest, accumulate=True)

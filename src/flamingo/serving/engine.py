@@ -158,6 +158,10 @@ _FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "length": "lengt
 _END = object()  # the last item of a stream
 
 
+class _Cancelled(Exception):
+    """Raised inside a beam search or ranking whose client went away."""
+
+
 @dataclass
 class _Split:
     """A prompt cut before its last image: the cacheable prefix and the rest."""
@@ -584,13 +588,25 @@ class Engine:
         return state, [sequences[row] for row in keep], tokens[keep]
 
     def _run_alone(self, job: _Job) -> None:
-        """A ranking or beam search job, as a batch of its own."""
+        """A ranking or beam search job, as a batch of its own (abandoned between its forward
+        passes when the engine stops or the client goes away)."""
+        def check() -> None:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down: the request was cancelled")
+            if job.cancelled:
+                raise _Cancelled
+
         state, _ = self._encode([job])
-        if job.candidates is not None:
-            job.send(score_candidates(self.model, state, [job.candidates]).sum_logprob[0].tolist())
-            job.send(_END)
+        try:
+            if job.candidates is not None:
+                scores = score_candidates(self.model, state, [job.candidates], before_step=check)
+                job.send(scores.sum_logprob[0].tolist())
+                job.send(_END)
+                return
+            results = beam_search(self.model, state, job.params.generation_config(), num_return=job.params.n,
+                                  before_step=check)[0]
+        except _Cancelled:  # nobody is listening
             return
-        results = beam_search(self.model, state, job.params.generation_config(), num_return=job.params.n)[0]
         job.first_token_at = time.perf_counter()
         self.metrics.time_to_first_token.observe(job.first_token_at - job.submitted)
         for choice, result in enumerate(results):
