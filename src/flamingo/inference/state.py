@@ -295,9 +295,9 @@ def extend_contexts(model: Flamingo, contexts: Sequence[FlamingoState], queries:
     # LM caches: each context's copied per query, left-padded to the longest context.
     layers = []
     for per_context in zip(*[_cache_layers(context.past_key_values) for context in contexts]):
-        keys, values = ([_pad(kv[i], length - context.length, dim=2, left=True).expand(size, -1, -1, -1)
-                         for kv, context, size in zip(per_context, contexts, sizes)] for i in (0, 1))
-        layers.append((torch.cat(keys), torch.cat(values)))
+        padded = [[_pad(tensor, length - context.length, dim=2, left=True).expand(size, -1, -1, -1) for tensor in kv]
+                  for kv, context, size in zip(per_context, contexts, sizes)]
+        layers.append((torch.cat([keys for keys, _ in padded]), torch.cat([values for _, values in padded])))
     cache = _cache_from_layers(contexts[0].past_key_values, layers)
     context_mask = torch.cat([_pad(context.attention_mask, length - context.length, dim=1, left=True).expand(size, -1)
                               for context, size in zip(contexts, sizes)])
