@@ -71,6 +71,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         pass
     if not server.started:
         sys.exit(3)  # as uvicorn.run: the server could not start (e.g. the port is taken)
+    if server.stopped_by is not None:
+        sys.exit(128 + server.stopped_by)  # stopped by Ctrl-C (130) or SIGTERM (143), cleanly
 
 
 

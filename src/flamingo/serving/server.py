@@ -4,10 +4,11 @@ benchmark and the page screenshot)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import uvicorn
 
@@ -22,10 +23,23 @@ class EngineServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
         super().__init__(config)
         self.engine = engine
+        self.stopped_by: int | None = None  # the signal that stopped the server
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.engine.request_stop()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn would raise the signal again here, inside the event loop, where the
+            # KeyboardInterrupt cancels the app's lifespan task midway (a logged traceback after a
+            # clean shutdown); `flamingo serve` exits with 128 + its number instead.
+            captured = getattr(self, "_captured_signals", None)
+            if captured:
+                self.stopped_by = int(captured[0])
+                captured.clear()
 
 
 class BackgroundServer:
