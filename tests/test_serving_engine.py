@@ -179,6 +179,38 @@ def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
     assert ids == model.tokenizer(REQUESTS[0][0])["input_ids"]
 
 
+def test_a_chat_turn_continues_the_previous_turns_cached_state(model, monkeypatch):
+    """A chat is resent whole with each turn. It is cut at its last cut (before its last image, or
+    after its last reply), and that prefix (a miss) continues the previous turn's cached prefix
+    instead of encoding the conversation again: only turn 1 encodes anything from scratch. Every
+    answer equals generate_text's."""
+    import flamingo.serving.engine as engine_module
+
+    from_scratch = []
+    encode_prompts = engine_module.encode_prompts
+    monkeypatch.setattr(engine_module, "encode_prompts", lambda model, prompts, **options: from_scratch.append(
+        [p.text for p in prompts]) or encode_prompts(model, prompts, **options))
+    preamble = "A chat between User and Flamingo about the pictures User sends.\n"  # >= 32 tokens here
+    turn1 = preamble + "User: <image>What is this?\nFlamingo:"
+    turn2 = turn1 + " A red square.<|endofchunk|>\nUser: <image>And this?\nFlamingo:"
+    turn3 = turn2 + " A blue one.<|endofchunk|>\nUser: Which is brighter?\nFlamingo:"
+    turns = [(turn1, ("red",)), (turn2, ("red", "blue")), (turn3, ("red", "blue"))]
+
+    async def go(engine):
+        answers = []
+        for text, colours in turns:
+            texts, _ = await collect(engine.generate(EngineRequest(text, [png(c) for c in colours],
+                                                                   SamplingParams(max_tokens=5))))
+            answers.append(texts[0])
+        return answers, engine.metrics
+
+    answers, metrics = run(go, model)
+    for (text, colours), answer in zip(turns, answers):
+        assert answer == reference(model, text, colours, max_new_tokens=5)
+    assert from_scratch == [[preamble + "User: "]]  # turn 1's preamble; turns 2 and 3 continue
+    assert metrics.prefix_cache_misses._value.get() == 3
+
+
 def test_prefix_cache_is_bounded_by_bytes_and_evicts_the_least_recently_used(model):
     other_support = "<image>Output: a green star.<|endofchunk|>"
 

@@ -8,11 +8,13 @@
   decode steps (as in vLLM's default scheduler): a request's first token does not wait for the
   others' decoding, and the decode batch is as large as it can be. Beam search and ranking
   requests run as a batch of their own, between steps.
-- Prefix cache: a prompt is split before its last image; the state after the prefix (text and
-  image bytes, hashed) is kept in an LRU bounded by bytes and continued with `extend_contexts`
+- Prefix cache: a prompt is split at its last chunk boundary (before its last image, or after
+  its last <|endofchunk|>: a chat's last reply); the state after the prefix (text and image
+  bytes, hashed) is kept in an LRU bounded by bytes and continued with `extend_contexts`
   (the queries of every prefix in a prefill chunk in one forward pass), so the few-shot support
   set of a task is encoded once for all users. A hit computes what a miss computes (the miss
-  encodes the prefix, stores it, then extends it the same way).
+  encodes the prefix, stores it, then extends it the same way). A missed prefix continues the
+  longest cached prefix of itself, if any (a chat's previous turn), rather than starting over.
 - Model compute runs in one background thread (it blocks); each request's deltas reach its
   asyncio consumer through `loop.call_soon_threadsafe`. Requests are validated when submitted (a
   bad prompt or option raises at once, before any delta), wait in a bounded queue
@@ -27,6 +29,7 @@ import asyncio
 import collections
 import ctypes
 import hashlib
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,12 +49,13 @@ from flamingo.inference.generation import (
 )
 from flamingo.inference.prompt import Prompt, context_length
 from flamingo.inference.scoring import score_candidates
-from flamingo.inference.state import FlamingoState, encode_prompts, extend_contexts, has_windowed_attention
+from flamingo.inference.state import FlamingoState, encode_prompts, extend, extend_contexts, has_windowed_attention
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.image_processing import decode_image
 from flamingo.serving.metrics import EngineMetrics
 
 MIN_TEXT_PREFIX_TOKENS = 32  # a prefix without images is cached only from this length on
+MAX_CHAINED_CUTS = 8  # a missed prefix looks for a cached shorter one at its last few cuts
 
 
 def release_openmp_threads() -> None:
@@ -404,13 +408,29 @@ class Engine:
         split.suffix = Prompt(split.suffix.text, media[before - cached:])
         return None, len(ids), split  # encoded from its parts
 
+    def _cuts(self, text: str) -> list[int]:
+        """Where a prompt may be cut for caching, in order: before each image and after each
+        <|endofchunk|> (a few-shot example's end, or a chat reply's)."""
+        media, end = self.model.config.media_token, self.model.config.end_of_chunk_token
+        cuts = {m.start() for m in re.finditer(re.escape(media), text)}
+        cuts |= {m.end() for m in re.finditer(re.escape(end), text)}
+        return sorted(cut for cut in cuts if 0 < cut < len(text))
+
+    def _prefix_key(self, prefix_ids: list[int], images: list[bytes]) -> str:
+        digest = hashlib.sha256(repr(prefix_ids).encode())
+        for data in images:
+            digest.update(hashlib.sha256(data).digest())
+        return digest.hexdigest()
+
     def _split(self, text: str, ids: list[int], images: list[bytes]) -> _Split | None:
-        """Cut the prompt before its last image when the part before is worth caching and
-        tokenizes on its own exactly as inside the whole prompt (media not decoded yet)."""
+        """Cut the prompt at its last cut (`_cuts`: before the query image of a few-shot prompt,
+        after the last reply of a chat) when the part before is worth caching and tokenizes on its
+        own exactly as inside the whole prompt (media not decoded yet)."""
         token = self.model.config.media_token
-        cut = text.rfind(token)
-        if self.config.prefix_cache_bytes == 0 or cut <= 0:
+        cuts = self._cuts(text)
+        if self.config.prefix_cache_bytes == 0 or not cuts:
             return None
+        cut = cuts[-1]
         images_before = text[:cut].count(token)
         prefix_ids = self.model.tokenizer(text[:cut])["input_ids"]
         if images_before == 0 and len(prefix_ids) < MIN_TEXT_PREFIX_TOKENS:
@@ -418,10 +438,26 @@ class Engine:
         suffix_ids = self.model.tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
         if prefix_ids + suffix_ids != ids:  # the tokenizer would merge across the cut: no caching
             return None
-        digest = hashlib.sha256(repr(prefix_ids).encode())
-        for data in images[:images_before]:
-            digest.update(hashlib.sha256(data).digest())
-        return _Split(digest.hexdigest(), text[:cut], images[:images_before], None, Prompt(text[cut:], []))
+        return _Split(self._prefix_key(prefix_ids, images[:images_before]), text[:cut], images[:images_before], None,
+                      Prompt(text[cut:], []))
+
+    def _encode_prefix(self, split: _Split) -> FlamingoState:
+        """The state after a prefix that is not cached: the longest cached prefix of it (at an
+        earlier cut: e.g. the chat up to the previous reply) continued with the rest, else the
+        prefix encoded from scratch."""
+        token = self.model.config.media_token
+        prefix = split.prefix()
+        for cut in reversed(self._cuts(prefix.text)[-MAX_CHAINED_CUTS:]):
+            before = prefix.text[:cut].count(token)
+            ids = self.model.tokenizer(prefix.text[:cut])["input_ids"]
+            context = self.prefix_cache.get(self._prefix_key(ids, split.prefix_images[:before]))
+            if context is None:
+                continue
+            rest_ids = self.model.tokenizer(prefix.text[cut:], add_special_tokens=False)["input_ids"]
+            if ids + rest_ids != self.model.tokenizer(prefix.text)["input_ids"]:
+                break  # the tokenizer would merge across the cut
+            return extend(self.model, context, [Prompt(prefix.text[cut:], prefix.media[before:])])
+        return encode_prompts(self.model, [prefix])
 
     def _submit(self, job: _Job) -> None:
         with self._wake:
@@ -522,7 +558,7 @@ class Engine:
                 if self._stopping:  # each miss takes a while (its images, its text): stop between them
                     raise EngineStopped("the server is shutting down: the request was cancelled")
                 self.metrics.prefix_cache_misses.inc()
-                context = encode_prompts(self.model, [group[0].split.prefix()])
+                context = self._encode_prefix(group[0].split)
                 self.prefix_cache.put(key, context)
                 self.metrics.prefix_cache_hits.inc(len(group) - 1)
             else:
