@@ -3,6 +3,7 @@
 documents and episodes, shards, the in-memory training source, and the object evaluation."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,23 @@ def test_object_tasks_and_captions_run_on_a_tiny_model(found, model):
     assert len(captions.examples) == 3 and 0 <= captions.names_coarse <= 1
     assert (captions.cider is None) == (shutil.which("java") is None) and (captions.cider or 0) >= 0
     assert {e["category"] for e in captions.examples} == set(found.names("eval"))  # spread over categories
+
+
+def test_the_feature_probe_finds_categories_that_differ_at_a_glance_separable(found):
+    """scripts/clipart_feature_probe.py on the miniature packages, whose training categories differ
+    in colour and shape (red ellipses, green rectangles): its probes find them apart (a broken probe
+    sits at chance)."""
+    import importlib.util
+
+    from flamingo.model.config import VisionConfig
+    from flamingo.model.vision import build_vision_encoder
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "clipart_feature_probe.py"
+    spec = importlib.util.spec_from_file_location("clipart_feature_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    encoder = build_vision_encoder(VisionConfig(kind="efficientnet_lite0"))
+    accuracies = [probe.prototype_accuracy(encoder, found, "train", ways=2, shots=4, episodes=6, on_white=on_white)
+                  for on_white in (False, True)]
+    linear = probe.linear_probe_accuracy(encoder, found, "train", folds=2)
+    assert min(accuracies) >= 0.8 and linear >= 0.7, (accuracies, linear)

@@ -1,0 +1,127 @@
+"""How well a frozen vision encoder's features separate the clip-art categories, with no bridge:
+the ceiling the embedded model's few-shot binding on held-out categories runs into (README, "Real
+drawn objects"). Three probes on the encoder's features, mean-pooled over its grid:
+
+- nearest class mean on binding episodes (as `flamingo eval-offline --task objects-binding` draws
+  them: the objects composed on varied backgrounds), centred per episode, cosine;
+- the same with every object alone on white;
+- a supervised linear probe per split (objects on white, k-fold): whether the categories are
+  separable at all when they are trained on.
+
+    python scripts/clipart_feature_probe.py                 # the embedded model's EfficientNet-Lite0
+    python scripts/clipart_feature_probe.py --episodes 128 --ways 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pooled_features(encoder, images) -> torch.Tensor:
+    """[K, D] mean over the feature grid, first `encoder`-native channels only (not the colour bins)."""
+    processor = encoder.image_processor()
+    with torch.inference_mode():
+        features = encoder.encode(torch.stack([processor(image) for image in images]))
+    width = features.shape[-1] - getattr(encoder, "colour_bins", 0) ** 3
+    return features[..., :width].mean(1).float()
+
+
+def prototype_accuracy(encoder, catalogue, split: str, *, ways: int, shots: int, episodes: int,
+                       on_white: bool, seed: int = 0) -> float:
+    """Nearest class mean (episode-centred cosine) on `episodes` binding episodes of the split."""
+    from flamingo.data import clipart
+    from flamingo.data.procedural import Segment, word_binding_episode
+
+    names = catalogue.names(split)
+    correct = 0
+    for index in range(episodes):
+        rng = np.random.default_rng([seed, index])
+        categories = [names[int(i)] for i in rng.choice(len(names), size=ways, replace=False)]  # as binding_episode
+
+        def draw(category: str) -> Segment:
+            if on_white:
+                return Segment(clipart.show_object(catalogue.pick(rng, split, category)), [])
+            return clipart.object_segment(catalogue, rng, 224, split, category)[0]
+
+        support, query, answer, _ = word_binding_episode(rng, categories, split, shots, draw)
+        labels = [segment.text[1][0] for segment in support]
+        features = pooled_features(encoder, [segment.image for segment in support] + [query.image])
+        features = torch.nn.functional.normalize(features - features.mean(0), dim=-1)
+        means = {label: features[[i for i, x in enumerate(labels) if x == label]].mean(0) for label in set(labels)}
+        correct += max(means, key=lambda label: float(features[-1] @ means[label])) == answer
+    return correct / episodes
+
+
+def linear_probe_accuracy(encoder, catalogue, split: str, *, folds: int = 4, seed: int = 0) -> float:
+    """k-fold accuracy of a multinomial logistic regression on the split's categories (objects on white)."""
+    from flamingo.data import clipart
+
+    names = catalogue.names(split)
+    items = [(item, label) for label, name in enumerate(names) for item in catalogue.by_category[name]]
+    features = torch.cat([pooled_features(encoder, [clipart.show_object(item) for item, _ in items[i:i + 16]])
+                          for i in range(0, len(items), 16)])
+    features = (features - features.mean(0)) / (features.std(0) + 1e-6)
+    labels = torch.tensor([label for _, label in items])
+    order = torch.tensor(np.random.default_rng(seed).permutation(len(items)))
+    correct = 0
+    for fold in range(folds):
+        test = order[fold::folds]
+        train = order[torch.isin(order, test, invert=True)]
+        weight = torch.zeros(features.shape[1], len(names), requires_grad=True)
+        bias = torch.zeros(len(names), requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=200)
+
+        def loss() -> torch.Tensor:
+            optimizer.zero_grad()
+            value = torch.nn.functional.cross_entropy(features[train] @ weight + bias, labels[train])
+            value = value + 1e-2 * weight.pow(2).sum()
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+        with torch.no_grad():
+            correct += int(((features[test] @ weight + bias).argmax(1) == labels[test]).sum())
+    return correct / len(items)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded", help="a Flamingo whose vision encoder is probed")
+    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--ways", type=int, default=2)
+    parser.add_argument("--shots", type=int, default=4)
+    args = parser.parse_args()
+
+    from flamingo.cli_options import load_model_quietly
+    from flamingo.data import clipart
+    from flamingo.errors import UserError
+
+    try:
+        catalogue = clipart.catalogue()
+        encoder = load_model_quietly(args.model, trust_remote_code=False).vision_encoder
+    except UserError as error:
+        print(f"clipart_feature_probe: {error}", file=sys.stderr)
+        return 2
+    print(f"| probe ({args.ways}-way, {args.shots} shots, {args.episodes} episodes) | held-out categories | "
+          f"training categories |\n|---|---|---|")
+    for on_white in (False, True):
+        cells = [prototype_accuracy(encoder, catalogue, split, ways=args.ways, shots=args.shots,
+                                    episodes=args.episodes, on_white=on_white) for split in ("eval", "train")]
+        view = "objects alone on white" if on_white else "objects composed as in the episodes"
+        print(f"| nearest class mean, {view} | " + " | ".join(f"{100 * c:.1f}%" for c in cells) + " |")
+    cells = [linear_probe_accuracy(encoder, catalogue, split) for split in ("eval", "train")]
+    print("| linear probe on all the split's categories (4-fold, on white) | " +
+          " | ".join(f"{100 * c:.1f}%" for c in cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
