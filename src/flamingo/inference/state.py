@@ -109,12 +109,7 @@ class FlamingoState:
         its `num_media`, so no token attends to them)."""
         if len(states) == 1:
             return states[0]
-        length = max(s.length for s in states)
-        per_state = [_cache_layers(s.past_key_values) for s in states]
-        layers = [(torch.cat([_pad(k, length - s.length, dim=2, left=True) for s, (k, _) in zip(states, kvs)]),
-                   torch.cat([_pad(v, length - s.length, dim=2, left=True) for s, (_, v) in zip(states, kvs)]))
-                  for kvs in zip(*per_state)]
-        mask = torch.cat([_pad(s.attention_mask, length - s.length, dim=1, left=True) for s in states])
+        cache, mask = _concat_histories(states)
         media = [s.media_per_sequence() for s in states]
         slots = max(tokens.shape[1] for tokens, _, _ in media)
         visual_tokens = torch.cat([_pad(tokens, slots - tokens.shape[1], dim=1) for tokens, _, _ in media])
@@ -127,8 +122,7 @@ class FlamingoState:
             kv[layer] = (torch.cat([_pad(k, width - k.shape[2], dim=2) for k, _ in parts]),
                          torch.cat([_pad(v, width - v.shape[2], dim=2) for _, v in parts]))
         logits = torch.cat([s.next_token_logits for s in states])
-        return FlamingoState(_cache_from_layers(states[0].past_key_values, layers), mask, visual_tokens,
-                             torch.cat([n for _, n, _ in media]), logits, kv)
+        return FlamingoState(cache, mask, visual_tokens, torch.cat([n for _, n, _ in media]), logits, kv)
 
     def without_leading_padding(self) -> "FlamingoState":
         """The same sequences without the leading positions that are padding in every row (left
@@ -157,6 +151,27 @@ def _pad(tensor: torch.Tensor, amount: int, dim: int, left: bool = False) -> tor
     shape[dim] = amount
     zeros = tensor.new_zeros(shape)
     return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
+
+
+def _concat_histories(states: Sequence[FlamingoState], repeats: Sequence[int] | None = None
+                      ) -> tuple[Any, torch.Tensor]:
+    """The LM caches and attention masks of `states`, one after the other, the shorter histories
+    left-padded (masked) to the longest. With `repeats`, state i (of batch size 1) is repeated
+    `repeats[i]` times."""
+    length = max(state.length for state in states)
+    counts = repeats or [None] * len(states)
+
+    def fit(tensor: torch.Tensor, state: FlamingoState, count: int | None, dim: int) -> torch.Tensor:
+        tensor = _pad(tensor, length - state.length, dim=dim, left=True)
+        return tensor if count is None else tensor.expand(count, *tensor.shape[1:])
+
+    layers = []
+    for per_state in zip(*[_cache_layers(state.past_key_values) for state in states]):  # one layer
+        rows = list(zip(per_state, states, counts))
+        layers.append((torch.cat([fit(keys, state, count, 2) for (keys, _), state, count in rows]),
+                       torch.cat([fit(values, state, count, 2) for (_, values), state, count in rows])))
+    mask = torch.cat([fit(state.attention_mask, state, count, 1) for state, count in zip(states, counts)])
+    return _cache_from_layers(states[0].past_key_values, layers), mask
 
 
 def has_windowed_attention(model: Flamingo) -> bool:
@@ -292,15 +307,7 @@ def extend_contexts(model: Flamingo, contexts: Sequence[FlamingoState], queries:
     keep = torch.tensor(keeps, device=device)
     num_media = query_counts + keep
 
-    # LM caches: each context's copied per query, left-padded to the longest context.
-    layers = []
-    for per_context in zip(*[_cache_layers(context.past_key_values) for context in contexts]):
-        padded = [[_pad(tensor, length - context.length, dim=2, left=True).expand(size, -1, -1, -1) for tensor in kv]
-                  for kv, context, size in zip(per_context, contexts, sizes)]
-        layers.append((torch.cat([keys for keys, _ in padded]), torch.cat([values for _, values in padded])))
-    cache = _cache_from_layers(contexts[0].past_key_values, layers)
-    context_mask = torch.cat([_pad(context.attention_mask, length - context.length, dim=1, left=True).expand(size, -1)
-                              for context, size in zip(contexts, sizes)])
+    cache, context_mask = _concat_histories(contexts, repeats=sizes)  # each context's copied per query
     mask = torch.cat([context_mask, query_mask.to(device)], dim=1)
     kv: dict = {}
     out = model(ids.to(device), visual_tokens=visual_tokens, num_media=num_media, media_offset=keep,
