@@ -168,10 +168,11 @@ class _Cancelled(Exception):
 
 @dataclass
 class _Split:
-    """A prompt cut before its last image: the cacheable prefix and the rest."""
+    """A prompt cut at its last chunk boundary (`Engine._cuts`): the cacheable prefix and the rest."""
 
     key: str  # hash of the prefix's token ids and image bytes
     prefix_text: str
+    prefix_ids: list[int]
     prefix_images: list[bytes]
     prefix_media: list[list[Image.Image]] | None  # decoded; None while the prefix is cached (not needed)
     suffix: Prompt
@@ -435,11 +436,15 @@ class Engine:
         prefix_ids = self.model.tokenizer(text[:cut])["input_ids"]
         if images_before == 0 and len(prefix_ids) < MIN_TEXT_PREFIX_TOKENS:
             return None
-        suffix_ids = self.model.tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
-        if prefix_ids + suffix_ids != ids:  # the tokenizer would merge across the cut: no caching
+        if not self._tokenizes_apart(prefix_ids, text[cut:], ids):
             return None
-        return _Split(self._prefix_key(prefix_ids, images[:images_before]), text[:cut], images[:images_before], None,
-                      Prompt(text[cut:], []))
+        return _Split(self._prefix_key(prefix_ids, images[:images_before]), text[:cut], prefix_ids,
+                      images[:images_before], None, Prompt(text[cut:], []))
+
+    def _tokenizes_apart(self, head_ids: list[int], tail: str, ids: list[int]) -> bool:
+        """Whether a text whose ids are `ids` tokenizes as its head (`head_ids`) then `tail` on its
+        own: the tokenizer does not merge across the cut."""
+        return head_ids + self.model.tokenizer(tail, add_special_tokens=False)["input_ids"] == ids
 
     def _encode_prefix(self, split: _Split) -> FlamingoState:
         """The state after a prefix that is not cached: the longest cached prefix of it (at an
@@ -453,9 +458,8 @@ class Engine:
             context = self.prefix_cache.get(self._prefix_key(ids, split.prefix_images[:before]))
             if context is None:
                 continue
-            rest_ids = self.model.tokenizer(prefix.text[cut:], add_special_tokens=False)["input_ids"]
-            if ids + rest_ids != self.model.tokenizer(prefix.text)["input_ids"]:
-                break  # the tokenizer would merge across the cut
+            if not self._tokenizes_apart(ids, prefix.text[cut:], split.prefix_ids):
+                break
             return extend(self.model, context, [Prompt(prefix.text[cut:], prefix.media[before:])])
         return encode_prompts(self.model, [prefix])
 
