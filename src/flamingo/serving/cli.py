@@ -75,8 +75,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         sys.exit(128 + server.stopped_by)  # stopped by Ctrl-C (130) or SIGTERM (143), cleanly
 
 
-
-
 def _folder(text: str) -> Path:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text[:200]!r} is not a directory")

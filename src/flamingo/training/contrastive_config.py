@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from flamingo.config_io import field_checker, fields_from_dict
 from flamingo.model.config import ConfigError, VisionConfig
 from flamingo.training.config import (
