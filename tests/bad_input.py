@@ -156,6 +156,13 @@ def run_cli(argv: Sequence[str], expect: Expect, *, watch: Iterable[str | Path] 
     return CliResult(got, out.getvalue(), stderr, line)
 
 
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh interpreter that runs this checkout (its sources first on the
+    path) with the hub offline, plus `extra`."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
 def run_cli_subprocess(argv: Sequence[str], expect: Expect, *, watch: Iterable[str | Path] = (),
                        allowed: Iterable[str | Path] = (), stdin: bytes | str | None = None, code: int = 2,
                        one_line: bool = True, cwd: str | Path | None = None, timeout: float = 300,
@@ -164,11 +171,10 @@ def run_cli_subprocess(argv: Sequence[str], expect: Expect, *, watch: Iterable[s
     path, hub offline) and check the bad-input contract."""
     watch = list(watch)
     before = snapshot(watch)
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
     raw = stdin.encode() if isinstance(stdin, str) else stdin
     proc = subprocess.run([sys.executable, "-m", module, *argv], input=raw if raw is not None else b"",
-                          capture_output=True, cwd=cwd, env=full_env, timeout=timeout)
+                          capture_output=True, cwd=cwd, env=checkout_env(PYTHONIOENCODING="utf-8", **(env or {})),
+                          timeout=timeout)
     stderr = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == code, f"exit code {proc.returncode}, expected {code}; stderr:\n{stderr[-3000:]}"
     line = check_error_output(stderr, expect, one_line=one_line)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from bad_input import checkout_env
 
 from flamingo import FlamingoConfig
 from flamingo.cli import main
@@ -63,10 +63,9 @@ def test_serve_stops_on_ctrl_c_or_sigterm_cleanly(saved_model, signum):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "flamingo.cli", "serve", "--model", str(saved_model), "--port",
-                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=checkout_env(OMP_NUM_THREADS="1"))
     try:
         deadline = time.monotonic() + 120
         while True:
