@@ -180,10 +180,10 @@ def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
 
 
 def test_a_chat_turn_continues_the_previous_turns_cached_state(model, monkeypatch):
-    """A chat is resent whole with each turn. It is cut at its last cut (before its last image, or
-    after its last reply), and that prefix (a miss) continues the previous turn's cached prefix
-    instead of encoding the conversation again: only turn 1 encodes anything from scratch. Every
-    answer equals generate_text's."""
+    """A chat is resent whole with each turn. It is cut at its last chunk boundary (before its last
+    image, or after its last reply), and that prefix (a miss) continues the previous turn's cached
+    prefix instead of encoding the conversation again: only turn 1 encodes anything from scratch.
+    Every answer equals generate_text's."""
     import flamingo.serving.engine as engine_module
 
     from_scratch = []
