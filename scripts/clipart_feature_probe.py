@@ -10,6 +10,7 @@ drawn objects"). Three probes on the encoder's features, mean-pooled over its gr
 
     python scripts/clipart_feature_probe.py                 # the embedded model's EfficientNet-Lite0
     python scripts/clipart_feature_probe.py --episodes 128 --ways 3
+    python scripts/clipart_feature_probe.py --vision runs/clipart-vision/vision   # a pretrain-vision tower
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def linear_probe_accuracy(encoder, catalogue, split: str, *, folds: int = 4, see
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help="a Flamingo whose vision encoder is probed")
+    parser.add_argument("--vision", help="probe this vision encoder instead (a directory `flamingo pretrain-vision` "
+                        "wrote: RUN_DIR/vision)")
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--ways", type=int, default=2)
     parser.add_argument("--shots", type=int, default=4)
@@ -106,7 +109,11 @@ def main() -> int:
 
     try:
         catalogue = clipart.catalogue()
-        encoder = load_model_quietly(args.model, trust_remote_code=False).vision_encoder
+        if args.vision:
+            from flamingo.model.vision import load_vision_encoder
+            encoder = load_vision_encoder(args.vision)
+        else:
+            encoder = load_model_quietly(args.model, trust_remote_code=False).vision_encoder
     except UserError as error:
         print(f"clipart_feature_probe: {error}", file=sys.stderr)
         return 2

@@ -172,6 +172,32 @@ def test_shards_hold_the_documents(found, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
+def test_pair_shards_caption_one_object_of_the_split(found, tmp_path, capsys):
+    """`--kind pairs` writes jpg + txt pairs that the pairs pipeline reads; captions name the object
+    and its coarse category; the eval split draws only held-out categories, the train split none."""
+    import tarfile
+
+    from flamingo.cli import main
+    from flamingo.data.convert import validate_data
+
+    for split in ("train", "eval"):
+        out = tmp_path / split
+        assert main(["data", "clipart", str(out), "--kind", "pairs", "--split", split, "--n", "12"]) == 0
+        assert f"wrote 12 {split} pairs" in capsys.readouterr().out
+        report = validate_data(str(out), "pairs")
+        assert report.stats.samples == 12 and report.bad == 0
+        with tarfile.open(out / "clipart-000000.tar") as tar:
+            captions = [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+        for index, caption in enumerate(captions):  # sample i is drawn from Generator([seed, i])
+            _, item = clipart.object_segment(found, np.random.default_rng([0, index]), 224, split)
+            assert item.category.held_out == (split == "eval")
+            assert caption == f"{item.caption} {clipart.with_article(item.category.coarse).capitalize()}."
+    assert main(["data", "clipart", str(tmp_path / "x"), "--kind", "pairs", "--tasks", "caption"]) == 2
+    assert "--tasks" in capsys.readouterr().err
+    assert main(["data", "clipart", str(tmp_path / "x"), "--split", "eval"]) == 2
+    assert "--split eval" in capsys.readouterr().err
+
+
 def test_clipart_source_labels_only_the_answers(found, lm_dir, clip_dir):
     from conftest import build_with_vision
 

@@ -60,6 +60,19 @@ def make_pretrain_config(data: dict):
     return PretrainConfig.from_dict(data)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted([*(ROOT / "configs" / "pretrain").glob("*.yaml"),
+                                         *(ROOT / "configs" / "embedded").glob("pretrain-*.yaml")]),
+                         ids=lambda p: p.name)
+def test_shipped_pretrain_configs_load(path):
+    from flamingo.training.contrastive_config import load_pretrain_config
+
+    config = load_pretrain_config(path)
+    assert config.datasets and config.steps >= 1
+
+
 # ------------------------------------------------------------------------------------------ loss
 def reference_clip_loss(images, texts, scale, smoothing):
     """The paper's loss written out: -log softmax of the diagonal, image->text plus text->image,

@@ -6,6 +6,7 @@ that duplicate evaluation images.
     flamingo data validate PATH --kind pairs [--json] [--strict]
     flamingo data shapes OUT_DIR --kind interleaved [--n 32] [--seed 0]
     flamingo data clipart OUT_DIR [--n 10000] [--tasks caption,qa,scene,binding,induction]
+    flamingo data clipart OUT_DIR --kind pairs [--split eval]
     flamingo data dedup SHARDS --eval coco=val2014/ --out OUT [--cosine 0.85] [--hash-distance 6]
 
 `register(subparsers)` registers them on the `flamingo` command's subparsers.
@@ -85,16 +86,21 @@ def _add_allow_absolute_paths(parser: argparse.ArgumentParser) -> None:
 def _cmd_clipart(args: argparse.Namespace) -> None:
     from flamingo.data.clipart import TASKS, write_shards
 
-    tasks = {}
-    for item in (args.tasks or ",".join(TASKS)).split(","):
+    if args.kind == "pairs" and args.tasks:
+        raise DataError("--tasks: only with --kind documents (pairs are one object and its caption each)")
+    if args.kind == "documents" and args.split != "train":
+        raise DataError(f"--split {args.split}: only with --kind pairs (documents are over the training categories)")
+    tasks = None if args.kind == "pairs" else {}
+    for item in [] if args.kind == "pairs" else (args.tasks or ",".join(TASKS)).split(","):
         name, _, weight = item.strip().partition("=")
         try:
             tasks[name] = float(weight or 1.0)
         except ValueError:
             raise DataError(f"--tasks: expected NAME or NAME=WEIGHT items, got {item!r}") from None
     shards = write_shards(args.out, args.n, tasks, seed=args.seed, shard_size=args.shard_size, root=args.root,
-                          overwrite=args.overwrite)
-    print(f"wrote {args.n} documents to {len(shards)} shard(s) in {args.out}")
+                          overwrite=args.overwrite, kind=args.kind, split=args.split)
+    what = "documents" if args.kind == "documents" else f"{args.split} pairs"
+    print(f"wrote {args.n} {what} to {len(shards)} shard(s) in {args.out}")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -110,6 +116,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
   flamingo data shapes tiny/ --kind interleaved --n 64
   flamingo data shapes tiny-vqa/ --kind vqa --n 64    # VQAv2 format + data.yaml (flamingo eval / finetune)
   flamingo data clipart objects/ --n 20000      (first: apt-get install openclipart-png tuxpaint-stamps-default)
+  flamingo data clipart object-pairs/ --kind pairs --n 16000   # for flamingo pretrain-vision
   flamingo data dedup 'laion/*.tar' --eval coco=coco/val2014 --eval flickr30k=flickr30k/images --out laion-dedup
 layouts:
   pairs        x.jpg + x.txt (folder or shards); JSONL {"image": path, "caption": text}
@@ -158,6 +165,11 @@ layouts:
     clip.add_argument("--tasks", default=None,
                       help="comma-separated NAME[=WEIGHT] of caption, qa, scene, binding, induction (default: all, "
                            "equal weights)")
+    clip.add_argument("--kind", choices=("documents", "pairs"), default="documents",
+                      help="documents (default): interleaved training documents of the tasks; pairs: one object on a "
+                           "background + a caption naming it and its coarse category, for flamingo pretrain-vision")
+    clip.add_argument("--split", choices=("train", "eval"), default="train",
+                      help="pairs only: train (default) or eval, the held-out categories (to watch, never to train on)")
     clip.add_argument("--seed", type=seed, default=0)
     clip.add_argument("--shard-size", type=positive_int, default=1000)
     clip.add_argument("--root", default=None,

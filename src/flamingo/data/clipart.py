@@ -377,6 +377,14 @@ def category_episode(catalogue: ClipartCatalogue, rng: np.random.Generator, size
 TASKS = ("caption", "qa", "scene", "binding", "instance", "induction")
 
 
+def pair(catalogue: ClipartCatalogue, rng: np.random.Generator, size: int, split: Split = "train"
+         ) -> tuple[Image.Image, str]:
+    """One object of the split on a background and a caption naming it and its coarse category
+    ("A beaver. An animal."): an image-text pair for contrastive pretraining of the vision encoder."""
+    segment, item = object_segment(catalogue, rng, size, split)
+    return segment.image, f"{item.caption} {with_article(item.category.coarse).capitalize()}."
+
+
 def training_document(catalogue: ClipartCatalogue, task: str, rng: np.random.Generator, size: int) -> list[Segment]:
     """One training document of `task` (caption | qa | scene | binding | instance | induction) over
     the training categories; episode queries become ordinary chunks with their answers as targets."""
@@ -440,13 +448,26 @@ def show_object(item: ClipartItem, size: int = 224) -> Image.Image:
 # ---------------------------------------------------------------------------------- shards
 def write_shards(out_dir: str | Path, n: int, tasks: dict[str, float] | None = None, seed: int = 0,
                  shard_size: int = 1000, image_size: int = 224, root: str | Path | None = None,
-                 overwrite: bool = False) -> list[Path]:
-    """Write `n` training documents (tasks mixed by weight) as interleaved WebDataset shards
-    OUT_DIR/clipart-000000.tar...: per sample img0.png, img1.png, ... and a json
-    {"texts", "images", "source": task} that `flamingo data validate --kind interleaved` and the
-    training pipeline read (the loss then falls on all text, not only on the answers).
+                 overwrite: bool = False, kind: Literal["documents", "pairs"] = "documents",
+                 split: Split = "train") -> list[Path]:
+    """Write `n` samples as WebDataset shards OUT_DIR/clipart-000000.tar...
+
+    - kind "documents": training documents (tasks mixed by weight), per sample img0.png, img1.png,
+      ... and a json {"texts", "images", "source": task} that `flamingo data validate --kind
+      interleaved` and the training pipeline read (the loss then falls on all text, not only on
+      the answers). Always over the training categories.
+    - kind "pairs": image-text pairs of the `split` (`pair`), per sample a .jpg and a .txt, for
+      `flamingo pretrain-vision` (`--kind pairs` data); split "eval" gives held-out pairs to watch.
+
     A non-empty OUT_DIR is refused unless `overwrite` (and then only one holding clipart shards);
     the shards are written to a staging folder that replaces OUT_DIR when all are written."""
+    if kind not in ("documents", "pairs") or split not in ("train", "eval"):
+        raise ClipartError(f"kind and split: expected documents|pairs and train|eval, got {kind!r} and {split!r}")
+    if kind == "pairs" and tasks is not None:
+        raise ClipartError("tasks: pairs have no tasks (each is one object and its caption)")
+    if kind == "documents" and split != "train":
+        raise ClipartError(f"split: documents are over the training categories only, got {split!r} (held-out "
+                           f"pairs: kind pairs)")
     tasks = tasks or {t: 1.0 for t in TASKS}
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks or any(w <= 0 for w in tasks.values()):
@@ -457,9 +478,30 @@ def write_shards(out_dir: str | Path, n: int, tasks: dict[str, float] | None = N
     out = check_output_dir(out_dir, overwrite, "output folder", ours=("clipart-000000.tar",))
     names, weights = list(tasks), np.array(list(tasks.values()), dtype=np.float64)
     with staging_dir(out) as staged:
-        _write_documents(staged, found, n, names, weights, seed, shard_size, image_size)
+        if kind == "pairs":
+            _write_pairs(staged, found, n, split, seed, shard_size, image_size)
+        else:
+            _write_documents(staged, found, n, names, weights, seed, shard_size, image_size)
         publish(staged, out)
     return sorted(out.glob("clipart-*.tar"))
+
+
+def _shard_writer(folder: Path, shard_size: int):
+    from webdataset import ShardWriter
+
+    return ShardWriter(str(folder / "clipart-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False, mtime=0)
+
+
+def _write_pairs(folder: Path, found: ClipartCatalogue, n: int, split: Split, seed: int, shard_size: int,
+                 image_size: int) -> None:
+    import io
+
+    with _shard_writer(folder, shard_size) as writer:
+        for index in range(n):
+            image, caption = pair(found, np.random.default_rng([seed, index]), image_size, split)
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG", quality=90)  # ~8x smaller than PNG
+            writer.write({"__key__": f"{index:09d}", "jpg": buffer.getvalue(), "txt": caption.encode()})
 
 
 def _write_documents(folder: Path, found: ClipartCatalogue, n: int, names: list[str], weights: np.ndarray, seed: int,
@@ -467,10 +509,7 @@ def _write_documents(folder: Path, found: ClipartCatalogue, n: int, names: list[
     import io
     import json
 
-    from webdataset import ShardWriter
-
-    with ShardWriter(str(folder / "clipart-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False,
-                     mtime=0) as writer:
+    with _shard_writer(folder, shard_size) as writer:
         for index in range(n):
             rng = np.random.default_rng([seed, index])
             task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
