@@ -90,13 +90,15 @@ def _cmd_clipart(args: argparse.Namespace) -> None:
         raise DataError("--tasks: only with --kind documents (pairs are one object and its caption each)")
     if args.kind == "documents" and args.split != "train":
         raise DataError(f"--split {args.split}: only with --kind pairs (documents are over the training categories)")
-    tasks = None if args.kind == "pairs" else {}
-    for item in [] if args.kind == "pairs" else (args.tasks or ",".join(TASKS)).split(","):
-        name, _, weight = item.strip().partition("=")
-        try:
-            tasks[name] = float(weight or 1.0)
-        except ValueError:
-            raise DataError(f"--tasks: expected NAME or NAME=WEIGHT items, got {item!r}") from None
+    tasks = None  # pairs have none
+    if args.kind == "documents":
+        tasks = {}
+        for item in (args.tasks or ",".join(TASKS)).split(","):
+            name, _, weight = item.strip().partition("=")
+            try:
+                tasks[name] = float(weight or 1.0)
+            except ValueError:
+                raise DataError(f"--tasks: expected NAME or NAME=WEIGHT items, got {item!r}") from None
     shards = write_shards(args.out, args.n, tasks, seed=args.seed, shard_size=args.shard_size, root=args.root,
                           overwrite=args.overwrite, kind=args.kind, split=args.split)
     what = "documents" if args.kind == "documents" else f"{args.split} pairs"
