@@ -158,10 +158,11 @@ def test_shards_hold_the_documents(found, tmp_path, capsys, monkeypatch):
     before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "shards").iterdir())
     assert main(["data", "clipart", str(tmp_path / "shards"), "--n", "3"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    monkeypatch.setattr(clipart, "training_document", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        clipart.write_shards(tmp_path / "shards", 3, overwrite=True)
-    monkeypatch.undo()
+    # (a context of its own: undoing the fixture's monkeypatch would also unset the clip-art root)
+    with monkeypatch.context() as patch:
+        patch.setattr(clipart, "training_document", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            clipart.write_shards(tmp_path / "shards", 3, overwrite=True)
     assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "shards").iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
     assert main(["data", "clipart", str(tmp_path / "shards"), "--n", "3", "--overwrite"]) == 0
