@@ -136,3 +136,52 @@ def test_faiss_and_torch_searches_agree():
     (c1, i1), (c2, i2) = plain.nearest_embeddings(queries), indexed.nearest_embeddings(queries)
     assert i1.tolist() == i2.tolist() == [1, 8, 15]  # rows 3, 17, 30 are images 1, 8, 15 (2 rows per image)
     np.testing.assert_allclose(c1, c2, rtol=1e-5)
+
+
+def interleaved_shard(path: Path, documents: dict[str, list]) -> Path:
+    """A shard of interleaved documents: key -> segments, each a text (str), image bytes (a member
+    of the sample) or a dict reference (e.g. {"url": ...}); returns the shard."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as writer:
+        for key, segments in documents.items():
+            sample, texts, images = {"__key__": key}, [], []
+            for segment in segments:
+                if isinstance(segment, str):
+                    texts.append(segment)
+                    images.append(None)
+                    continue
+                if isinstance(segment, bytes):
+                    member = f"img{len(sample)}.png"
+                    sample[member], segment = segment, member
+                texts.append(None)
+                images.append(segment)
+            sample["json"] = json.dumps({"texts": texts, "images": images}).encode()
+            writer.write(sample)
+    return path
+
+
+def png(image: Image.Image) -> bytes:
+    data = io.BytesIO()
+    image.save(data, "PNG")
+    return data.getvalue()
+
+
+def test_every_image_of_a_document_is_checked(planted, tmp_path):
+    """An evaluation copy in a document is found whatever else the document holds: a corrupt
+    image or an image given only by URL before it does not leave the document unchecked (the
+    training loader drops only those images and trains on the copy)."""
+    from flamingo.data.dedup import DedupConfig, deduplicate
+
+    copy, other = png(photo("camera.png")), png(photo("coins.png"))
+    corrupt = copy[:100]
+    shard = interleaved_shard(tmp_path / "docs.tar", {
+        "corrupt-first": ["a corrupt image, then the copy", corrupt, copy],
+        "url-first": ["an image only by URL, then the copy", {"url": "http://example.com/x.png"}, copy],
+        "copy-first": ["the copy, then a corrupt image", copy, corrupt],
+        "clean": ["a distinct photo and a corrupt image", other, corrupt]})
+    report = deduplicate(str(shard), "interleaved", {"vqav2": str(planted / "vqav2")}, tmp_path / "out",
+                         DedupConfig(cosine=None))
+    assert sorted(d.train for d in report.duplicates["vqav2"]) == \
+        ["docs.tar:copy-first", "docs.tar:corrupt-first", "docs.tar:url-first"]
+    assert report.removed == 3 and report.kept == 1 and report.images == 4

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from flamingo.data.config import DataError
-from flamingo.data.media import IMAGE_EXTS, MediaSource, SkipSample, decode_image
-from flamingo.data.sources import Record, iter_shard, parse_json, resolve_paths
+from flamingo.data.media import IMAGE_EXTS, SkipSample, decode_image
+from flamingo.data.processing import pair_image, parse_document, record_document, resolve_media
+from flamingo.data.sources import Record, iter_shard, resolve_paths
 from flamingo.model.config import VisionConfig
 from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
 from flamingo.outputs import check_output_dir, publish, staging_dir
@@ -216,17 +217,19 @@ def training_records(paths: list[str], report: "DedupReport") -> Iterator[Record
         yield from iter_shard(shard, unit, damaged)
 
 
-def record_images(record: Record, kind: str) -> list[tuple[str, MediaSource]]:
-    """(name, bytes) of every image of a shard record."""
-    from flamingo.data.processing import parse_document, resolve_media
-
+def image_refs(record: Record, kind: str) -> list[Any]:
+    """The references of every image of a shard record, in order (a pair's record is its own
+    reference); SkipSample when an interleaved record's document cannot be read."""
     if kind == "pairs":
-        ext = next((e for e in IMAGE_EXTS if e in record.fields), None)
-        if ext is None:
-            raise SkipSample("missing_image", f"{record.name}: no image member ({'/'.join(IMAGE_EXTS)})")
-        return [(f"{record.name}.{ext}", record.fields[ext])]
-    doc = parse_json(record, "json")
-    return [resolve_media(value, record) for seg_kind, value in parse_document(doc, record.name) if seg_kind == "image"]
+        return [None]
+    return [value for seg_kind, value in parse_document(record_document(record), record.name) if seg_kind == "image"]
+
+
+def load_image(record: Record, kind: str, ref: Any, max_pixels: int) -> tuple[str, Image.Image]:
+    """(name, RGB image) of one image of a record; SkipSample when it cannot be read (not a
+    member, only a URL, corrupt), as the training loader would skip it."""
+    name, source = pair_image(record, None) if kind == "pairs" else resolve_media(ref, record)
+    return name, decode_image(source, name, max_pixels).convert("RGB")
 
 
 # ----------------------------------------------------------------------------------- report
@@ -314,12 +317,21 @@ def _check_chunk(records: list[Record], kind: str, indexes: list[EvaluationIndex
     images: list[Image.Image] = []
     for i, record in enumerate(records):
         try:
-            for name, source in record_images(record, kind):
-                images.append(decode_image(source, name, config.max_pixels).convert("RGB"))
-                owners.append(i)
-                names.append(name)
+            refs = image_refs(record, kind)
         except SkipSample as skip:
             report.unreadable[skip.reason] += 1
+            continue
+        # Every image that decodes is checked: the training loader drops only the unreadable
+        # images of a document and trains on the rest.
+        for ref in refs:
+            try:
+                name, image = load_image(record, kind, ref, config.max_pixels)
+            except SkipSample as skip:
+                report.unreadable[skip.reason] += 1
+                continue
+            images.append(image)
+            owners.append(i)
+            names.append(name)
     flagged = [False] * len(records)
     if not images:
         return flagged

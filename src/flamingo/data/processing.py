@@ -205,6 +205,14 @@ def parse_document(doc: Any, name: str) -> list[tuple[str, Any]]:
     return segments
 
 
+def record_document(record: Record) -> Any:
+    """The parsed JSON document of an interleaved record (its .json or .jsonl member)."""
+    for member in ("json", "jsonl"):
+        if member in record.fields:
+            return parse_json(record, member)
+    raise SkipSample("undecodable", f"{record.name}: no .json document among the members {sorted(record.fields)}")
+
+
 def resolve_media(ref: Any, record: Record, what: str = "image") -> tuple[str, MediaSource]:
     """(display name, bytes or Path) of a media reference in a record (see parse_document)."""
     missing = "missing_image" if what == "image" else "missing_video"
@@ -333,13 +341,7 @@ class SampleProcessor:
     # -------------------------------------------------------------------- interleaved
     def interleaved(self, record: Record, rng: np.random.Generator, outcome: Outcome) -> TrainingSample:
         cfg, enc = self.config, self.encoder
-        if "json" in record.fields:
-            doc = parse_json(record, "json")
-        elif "jsonl" in record.fields:
-            doc = parse_json(record, "jsonl")
-        else:
-            raise SkipSample("undecodable", f"{record.name}: no .json document among the members {sorted(record.fields)}")
-        segments = parse_document(doc, record.name)
+        segments = parse_document(record_document(record), record.name)
         rng_text, rng_media = (np.random.default_rng(s) for s in rng.bit_generator.seed_seq.spawn(2))
         attend_next = bool(rng_text.random() < cfg.p_next)
 
