@@ -158,9 +158,10 @@ def run_cli(argv: Sequence[str], expect: Expect, *, watch: Iterable[str | Path] 
 
 def checkout_env(**extra: str) -> dict[str, str]:
     """The environment of a fresh interpreter that runs this checkout (its sources first on the
-    path) with the hub offline, plus `extra`."""
+    path) with the hub offline, plus `extra`. A FutureWarning is an error there as in pytest's own
+    process (pyproject's filterwarnings), so a deprecated API used only in a subprocess fails too."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "error::FutureWarning", **extra}
 
 
 def run_cli_subprocess(argv: Sequence[str], expect: Expect, *, watch: Iterable[str | Path] = (),

@@ -220,10 +220,10 @@ def test_shipped_fine_tuning_configs_parse():
 def test_two_process_fine_tuning_matches_one_process_ddp_then_fsdp(setup):
     """2 ranks x batch 1 (torchrun, gloo) == 1 process x batch 2 with the vision encoder and an LM
     block unfrozen: steps 1-2 under DDP, step 3 resumed from its checkpoint under FSDP."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
+
+    from bad_input import checkout_env
 
     unfreeze = {"vision": True, "lm_blocks": [1]}
     # Adam turns gradients that are zero up to rounding (attention key biases) into updates of
@@ -232,9 +232,7 @@ def test_two_process_fine_tuning_matches_one_process_ddp_then_fsdp(setup):
     single = write_config(setup, "single", unfreeze=unfreeze, batch_size=2, train=train)
     reference, _ = finetune(load_finetune_config(single))
     multi = write_config(setup, "multi", unfreeze=unfreeze, batch_size=1, train=train)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1] / "src"),
-                                                       os.environ.get("PYTHONPATH")) if p))
+    env = checkout_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     for overrides in (["train.steps=2", "train.distributed.strategy=ddp"],
                       ["train.distributed.strategy=fsdp", "--resume"]):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -5,7 +5,6 @@ the same global batch, across a checkpoint written under one and resumed under t
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from bad_input import checkout_env
 from safetensors.torch import load_file
 from test_training import make_config, tiny_train_dict
 
@@ -23,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    return env
+    return checkout_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 def _metrics(run_dir: Path) -> list[dict]:

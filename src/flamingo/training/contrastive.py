@@ -7,8 +7,9 @@ the paper: softmax cross-entropy of every image against all texts of the batch a
 against all images, with a learnable inverse temperature (clamped to [1, max_logit_scale] after
 every update, as CLIP does) and label smoothing.
 
-Across ranks the features are all-gathered with gradients (`torch.distributed.nn.functional.
-all_gather`) and each rank scores only its own rows against all gathered columns (open_clip's
+Across ranks the features are all-gathered with gradients (`torch.distributed._functional_collectives.
+all_gather_single`, which torch recommends over the deprecated `torch.distributed.nn.functional.all_gather`)
+and each rank scores only its own rows against all gathered columns (open_clip's
 "local loss"): memory is linear in the global batch, and with DDP averaging the gradients the
 update equals that of one process on the concatenated batch.
 
@@ -115,9 +116,11 @@ def gather_with_grad(features: torch.Tensor, world_size: int) -> torch.Tensor:
     the gradient of its own rows from all ranks' losses."""
     if world_size == 1:
         return features
-    from torch.distributed.nn.functional import all_gather
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_gather_single
 
-    return torch.cat(all_gather(features))
+    # Differentiable: its backward reduce-scatters (sums) the gathered rows' gradients to their ranks.
+    return all_gather_single(features, 0, dist.group.WORLD)
 
 
 def contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor,
