@@ -260,6 +260,17 @@ REFUSALS = [
     ("rank", {"prompt": "a", "candidates": ["ok", ""]}, 400, "candidates[1]"),
     ("rank", {"prompt": "a", "candidates": ["<image>"]}, 400, "candidates[0]"),
     ("rank", {"prompt": "<image>a", "images": [], "candidates": ["x"]}, 400, "images"),
+    # lone UTF-16 surrogates (valid JSON escapes, invalid Unicode): wherever user text goes
+    ("chat", _chat("hi \ud800"), 400, "messages[0].content"),
+    ("chat", _chat([{"type": "text", "text": "hi \udfff"}]), 400, "messages[0].content[0].text"),
+    ("chat", {"messages": [{"role": "system", "content": "\ud800"}, {"role": "user", "content": "hi"}]}, 400,
+     "messages[0].content"),
+    ("chat", _chat("hi", stop="\ud800"), 400, "stop"),
+    ("chat", _chat("hi", stop=["ok", "\ud800"]), 400, "stop[1]"),
+    ("chat", _chat("hi", model="\ud800"), 400, "model"),
+    ("completions", {"prompt": "a \ud800"}, 400, "prompt"),
+    ("rank", {"prompt": "a \ud800", "candidates": ["x"]}, 400, "prompt"),
+    ("rank", {"prompt": "a", "candidates": ["x", "\udc00y"]}, 400, "candidates[1]"),
 ]
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "rank": "/v1/rank"}
 
@@ -273,7 +284,8 @@ def limited(model):
 
 @pytest.mark.parametrize("endpoint, body, status, param", REFUSALS)
 def test_every_refusal_is_a_4xx_naming_its_field(limited, endpoint, body, status, param):
-    response = limited.post(PATHS[endpoint], json=body)
+    # json.dumps escapes what UTF-8 cannot carry (lone surrogates) as JSON does: \\ud800
+    response = limited.post(PATHS[endpoint], content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param

@@ -33,7 +33,7 @@ from flamingo.serving.limits import RequestError, ServerSettings
 from flamingo.serving.media import MediaResolver
 from flamingo.serving.openai_format import (
     ChatCompletionRequest, CompletionRequest, PromptSpec, RankRequest, SamplingFields, chat_prompt, check_candidates,
-    completion_prompt, error_body, new_id, now, sampling_params, usage)
+    check_unicode, completion_prompt, error_body, new_id, now, sampling_params, usage)
 
 logger = logging.getLogger("flamingo.serving")
 STATIC = Path(__file__).with_name("static")
@@ -205,6 +205,11 @@ class _Server:
         self.created = now()
 
     # ------------------------------------------------------------------------ request checks
+    def check_request(self, body: ChatCompletionRequest | CompletionRequest | RankRequest) -> None:
+        """The checks every endpoint starts with: valid Unicode throughout, then the model's name."""
+        check_unicode(body)
+        self.check_model(body.model)
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.model_name:
             raise RequestError(f"model: this server serves {self.settings.model_name!r}, not {name[:64]!r}",
@@ -236,21 +241,21 @@ class _Server:
 
     # --------------------------------------------------------------------------- endpoints
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self.check_model(body.model)
+        self.check_request(body)
         params = sampling_params(body, self.settings, extra_stop=DIALOGUE_STOP_STRINGS)
         spec = chat_prompt(body.messages, self.media_token, self.end_of_chunk)
         text, images = await self.prepare(spec, "messages", "messages", params.max_tokens)
         return await self.respond(request, body, EngineRequest(text, images, params, new_id("chatcmpl")), chat=True)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self.check_model(body.model)
+        self.check_request(body)
         params = sampling_params(body, self.settings)
         spec = completion_prompt(body, self.media_token)
         text, images = await self.prepare(spec, "prompt", "images", params.max_tokens)
         return await self.respond(request, body, EngineRequest(text, images, params, new_id("cmpl")), chat=False)
 
     async def rank(self, body: RankRequest, request: Request) -> Response:
-        self.check_model(body.model)
+        self.check_request(body)
         check_candidates(body.candidates, self.settings, (self.media_token, self.end_of_chunk))
         spec = completion_prompt(body, self.media_token)
         longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in body.candidates)

@@ -11,6 +11,7 @@ stop strings and the server's caps are checked here, each error naming its field
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from flamingo.serving.limits import RequestError, ServerSettings
 
 MAX_STOP_CHARS = 128
 MAX_CANDIDATE_CHARS = 1000
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Request(BaseModel):
@@ -80,6 +82,36 @@ class PromptSpec:
 
 
 # ------------------------------------------------------------------------------------ requests
+def check_unicode(body: BaseModel) -> None:
+    """Refuse a request with a lone UTF-16 surrogate ("\\ud800", which JSON allows) in any string it
+    carries: no tokenizer or UTF-8 encoder takes one. The error names the first such field."""
+    param = _lone_surrogate(body, "body")
+    if param is not None:
+        raise RequestError(f"{param}: the text contains a lone UTF-16 surrogate (half of a character pair, "
+                           f"e.g. \\ud800); send valid Unicode", param)
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string under `value` (a request model, a list, a dict) that is not
+    valid Unicode, or None. Paths are written as in every error: messages[0].content[1].text."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, BaseModel):
+        children = [(name, getattr(value, name)) for name in type(value).model_fields]
+    elif isinstance(value, dict):
+        children = list(value.items())
+    elif isinstance(value, list):
+        children = list(enumerate(value))
+    else:
+        return None
+    for key, child in children:
+        where = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path != "body" else str(key))
+        found = _lone_surrogate(child, where)
+        if found is not None:
+            return found
+    return None
+
+
 def sampling_params(body: SamplingFields, settings: ServerSettings, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
     max_tokens_field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     max_tokens = getattr(body, max_tokens_field) or settings.default_max_tokens
