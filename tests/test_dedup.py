@@ -103,8 +103,8 @@ def test_planted_duplicates_are_found_and_removed(planted, tmp_path):
             for sample in wds.WebDataset(str(shard), shardshuffle=False)]
     assert sorted(kept) == sorted(set(found_captions.values()) - set(PLANTED))
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
-    assert summary["benchmarks"] == {"coco": {"eval_images": 3, "duplicates": 3},
-                                     "vqav2": {"eval_images": 3, "duplicates": 2}}
+    assert summary["benchmarks"] == {"coco": {"eval_images": 3, "unreadable_eval_images": 0, "duplicates": 3},
+                                     "vqav2": {"eval_images": 3, "unreadable_eval_images": 0, "duplicates": 2}}
     coco = json.loads((tmp_path / "out" / "report" / "coco.json").read_text())
     assert len(coco["duplicates"]) == 3 and "coco: 3 duplicate" in (tmp_path / "out" / "report" / "summary.txt").read_text()
 
@@ -185,3 +185,30 @@ def test_every_image_of_a_document_is_checked(planted, tmp_path):
     assert sorted(d.train for d in report.duplicates["vqav2"]) == \
         ["docs.tar:copy-first", "docs.tar:corrupt-first", "docs.tar:url-first"]
     assert report.removed == 3 and report.kept == 1 and report.images == 4
+
+
+def test_unreadable_images_are_reported_as_such(planted, tmp_path):
+    """Evaluation images that cannot be read are counted and named; training images that cannot be
+    read are reported as not checked (not as records kept: their record may go for another image)."""
+    from flamingo.data.dedup import DedupConfig, deduplicate
+
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    photo("camera.png").save(evals / "camera.png")
+    (evals / "empty.png").write_bytes(b"")
+    (evals / "cut.png").write_bytes(png(photo("horse.png"))[:200])
+    copy = png(photo("camera.png"))
+    shard = interleaved_shard(tmp_path / "docs.tar", {"doc": ["the copy, then a corrupt image", copy, copy[:100]]})
+    report = deduplicate(str(shard), "interleaved", {"val": str(evals)}, tmp_path / "out", DedupConfig(cosine=None))
+    assert report.removed == 1 and report.kept == 0
+    assert sorted(Path(f).name for f in report.eval_unreadable["val"]) == ["cut.png", "empty.png"]
+    summary = (tmp_path / "out" / "report" / "summary.txt").read_text()
+    assert "val: 1 duplicate image(s) of 1 evaluation image" in summary
+    assert "2 evaluation image(s) could not be read" in summary and "cut.png" in summary and "empty.png" in summary
+    assert "kept unchecked" not in summary and "training images not checked" in summary
+    details = json.loads((tmp_path / "out" / "report" / "val.json").read_text())
+    assert sorted(Path(f).name for f in details["unreadable_eval_images"]) == ["cut.png", "empty.png"]
+    assert "0 bytes" in details["unreadable_eval_images"][str(evals / "empty.png")]
+    counts = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert counts["unchecked"] == {"corrupt_image": 1}
+    assert counts["benchmarks"]["val"] == {"eval_images": 1, "unreadable_eval_images": 2, "duplicates": 1}

@@ -137,7 +137,7 @@ class EvaluationIndex:
     files: list[Path]
     hashes: np.ndarray  # [2N] uint64
     embeddings: np.ndarray | None  # [2N, D] float32
-    unreadable: int = 0
+    unreadable: dict[str, str] = field(default_factory=dict)  # file -> why it could not be read
     faiss_index: Any = None
 
     def nearest_hashes(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,14 +173,14 @@ def index_benchmark(name: str, files: list[Path], config: DedupConfig, embedder:
     kept: list[Path] = []
     hashes: list[np.uint64] = []
     embeddings: list[np.ndarray] = []
-    unreadable = 0
+    unreadable: dict[str, str] = {}
     for chunk in _chunks(iter(files), config.batch_size):
         images = []
         for file in chunk:
             try:
                 image = decode_image(file, str(file), config.max_pixels).convert("RGB")
-            except SkipSample:
-                unreadable += 1
+            except SkipSample as skip:
+                unreadable[str(file)] = skip.message
                 continue
             mirror = ImageOps.mirror(image)
             images += [image, mirror]
@@ -211,7 +211,7 @@ def training_records(paths: list[str], report: "DedupReport") -> Iterator[Record
                         f"with `flamingo data convert`")
 
     def damaged(reason: str, message: str) -> None:
-        report.unreadable[reason] += 1
+        report.damaged.append(message)
 
     for unit, shard in enumerate(files):
         yield from iter_shard(shard, unit, damaged)
@@ -250,20 +250,33 @@ class DedupReport:
     images: int = 0  # training images checked
     removed: int = 0  # records dropped (one duplicate image is enough)
     kept: int = 0
-    unreadable: Counter = field(default_factory=Counter)  # records kept unchecked / damaged shards, by reason
+    # training images (or documents) that could not be read, by reason: nothing to check, and the
+    # training loader skips them too; their records stay unless another image is a duplicate
+    unchecked: Counter = field(default_factory=Counter)
+    damaged: list[str] = field(default_factory=list)  # what was wrong with each damaged shard
     duplicates: dict[str, list[Duplicate]] = field(default_factory=dict)  # by benchmark
-    eval_images: dict[str, int] = field(default_factory=dict)
+    eval_images: dict[str, int] = field(default_factory=dict)  # evaluation images read, by benchmark
+    eval_unreadable: dict[str, dict[str, str]] = field(default_factory=dict)  # by benchmark: file -> why
     shards: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"training records: {self.records} ({self.images} images); removed {self.removed}, kept {self.kept} "
-                 f"in {len(self.shards)} shard(s) under {self.out_dir / 'shards'}"]
-        if self.unreadable:
-            lines.append("kept unchecked (unreadable): " + ", ".join(f"{k}={v}" for k, v in sorted(self.unreadable.items())))
+        lines = [f"training records: {self.records} ({self.images} images checked); removed {self.removed}, "
+                 f"kept {self.kept} in {len(self.shards)} shard(s) under {self.out_dir / 'shards'}"]
+        if self.unchecked:
+            lines.append("training images not checked, unreadable (the training loader skips them too): "
+                         + ", ".join(f"{k}={v}" for k, v in sorted(self.unchecked.items())))
+        if self.damaged:
+            lines.append(f"damaged training shards: {len(self.damaged)} (their readable records were checked), "
+                         f"e.g. {self.damaged[0][:300]}")
         for name, found in self.duplicates.items():
             by = Counter(d.match for d in found)
-            lines.append(f"{name}: {len(found)} duplicate image(s) of {self.eval_images[name]} evaluation images "
-                         f"(hash {by['hash']}, embedding {by['embedding']})")
+            line = (f"{name}: {len(found)} duplicate image(s) of {self.eval_images[name]} evaluation image(s) "
+                    f"(hash {by['hash']}, embedding {by['embedding']})")
+            if unreadable := self.eval_unreadable.get(name):
+                files = ", ".join(sorted(unreadable)[:5]) + (", ..." if len(unreadable) > 5 else "")
+                line += (f"; {len(unreadable)} evaluation image(s) could not be read and were not compared: {files} "
+                         f"(all in {name}.json)")
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -288,7 +301,8 @@ def deduplicate(train_paths: str | list[str], kind: str, benchmarks: dict[str, s
     embedder = Embedder(vision or VisionConfig(kind="efficientnet_lite0")) if config.cosine is not None else None
     indexes = [index_benchmark(name, found, config, embedder) for name, found in files.items()]
     report = DedupReport(out, duplicates={i.name: [] for i in indexes},
-                         eval_images={i.name: len(i.files) for i in indexes})
+                         eval_images={i.name: len(i.files) for i in indexes},
+                         eval_unreadable={i.name: i.unreadable for i in indexes})
     with staging_dir(out) as staged:
         (staged / "shards").mkdir()
         with ShardWriter(str(staged / "shards" / "shard-%06d.tar"), maxcount=config.shard_size, verbose=0,
@@ -319,7 +333,7 @@ def _check_chunk(records: list[Record], kind: str, indexes: list[EvaluationIndex
         try:
             refs = image_refs(record, kind)
         except SkipSample as skip:
-            report.unreadable[skip.reason] += 1
+            report.unchecked[skip.reason] += 1
             continue
         # Every image that decodes is checked: the training loader drops only the unreadable
         # images of a document and trains on the rest.
@@ -327,7 +341,7 @@ def _check_chunk(records: list[Record], kind: str, indexes: list[EvaluationIndex
             try:
                 name, image = load_image(record, kind, ref, config.max_pixels)
             except SkipSample as skip:
-                report.unreadable[skip.reason] += 1
+                report.unchecked[skip.reason] += 1
                 continue
             images.append(image)
             owners.append(i)
@@ -362,10 +376,12 @@ def _write_reports(report: DedupReport, folder: Path, config: DedupConfig, visio
     for name, found in report.duplicates.items():
         (folder / f"{name}.json").write_text(json.dumps({
             "benchmark": name, "eval_images": report.eval_images[name], "settings": settings,
-            "duplicates": [asdict(d) for d in found]}, indent=1))
+            "unreadable_eval_images": report.eval_unreadable[name], "duplicates": [asdict(d) for d in found]}, indent=1))
     (folder / "summary.json").write_text(json.dumps({
         "records": report.records, "images": report.images, "removed": report.removed, "kept": report.kept,
-        "unreadable": dict(report.unreadable), "shards": [str(p) for p in report.shards], "settings": settings,
-        "benchmarks": {name: {"eval_images": report.eval_images[name], "duplicates": len(found)}
+        "unchecked": dict(report.unchecked), "damaged_shards": report.damaged,
+        "shards": [str(p) for p in report.shards], "settings": settings,
+        "benchmarks": {name: {"eval_images": report.eval_images[name],
+                              "unreadable_eval_images": len(report.eval_unreadable[name]), "duplicates": len(found)}
                        for name, found in report.duplicates.items()}}, indent=1))
     (folder / "summary.txt").write_text(report.summary() + "\n")
