@@ -212,3 +212,25 @@ def test_unreadable_images_are_reported_as_such(planted, tmp_path):
     counts = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
     assert counts["unchecked"] == {"corrupt_image": 1}
     assert counts["benchmarks"]["val"] == {"eval_images": 1, "unreadable_eval_images": 2, "duplicates": 1}
+
+
+def test_max_pixels_bounds_what_is_decoded(tmp_path, capsys):
+    """--max-pixels: larger images (decompression bombs) are not decoded, on either side."""
+    from bad_input import run_cli
+
+    from flamingo.cli import main
+
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    small, large = photo("coins.png"), photo("camera.png")  # 151x192 and 256x256 pixels
+    small.save(evals / "coins.png")
+    large.save(evals / "camera.png")
+    shard = interleaved_shard(tmp_path / "docs.tar", {"doc": ["two copies", png(large), png(small)]})
+    args = ["data", "dedup", str(shard), "--kind", "interleaved", "--eval", f"val={evals}", "--hash-only"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--max-pixels", "50000"]) == 0
+    summary = capsys.readouterr().out
+    assert "training images not checked, unreadable (the training loader skips them too): corrupt_image=1" in summary
+    assert "val: 1 duplicate image(s) of 1 evaluation image(s)" in summary and "camera.png" in summary
+    details = json.loads((tmp_path / "out" / "report" / "val.json").read_text())
+    assert "more than max_pixels=50000" in details["unreadable_eval_images"][str(evals / "camera.png")]
+    run_cli([*args, "--out", str(tmp_path / "out2"), "--max-pixels", "0"], expect="--max-pixels", watch=[tmp_path])

@@ -71,7 +71,8 @@ def _cmd_dedup(args: argparse.Namespace) -> None:
     kind, _, name_or_path = args.vision.partition(":")
     vision = VisionConfig(kind=kind, name_or_path=name_or_path or VisionConfig.name_or_path)
     config = DedupConfig(hash_distance=args.hash_distance, cosine=None if args.hash_only else args.cosine,
-                         batch_size=args.batch_size, search=args.search, shard_size=args.shard_size)
+                         batch_size=args.batch_size, search=args.search, shard_size=args.shard_size,
+                         max_pixels=args.max_pixels)
     report = deduplicate(args.train, args.kind, benchmarks, args.out, config, vision, overwrite=args.overwrite)
     print(report.summary())
     print(f"reports: {report.out_dir / 'report'}")
@@ -201,6 +202,9 @@ layouts:
                        help="nearest-neighbour search (auto: faiss-cpu for large benchmarks when installed)")
     dedup.add_argument("--batch-size", type=int, default=64, help="images per chunk (default 64)")
     dedup.add_argument("--shard-size", type=int, default=1000, help="records per output shard (default 1000)")
+    dedup.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                       help="images with more pixels are not decoded (decompression bombs) and are reported as "
+                            f"unreadable; keep it >= the training config's max_pixels (default {DEFAULT_MAX_PIXELS})")
     dedup.add_argument("--overwrite", action="store_true", help="replace an earlier dedup output folder")
     dedup.set_defaults(func=_cmd_dedup)
     return data

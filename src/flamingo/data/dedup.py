@@ -59,7 +59,9 @@ class DedupConfig:
     batch_size: images hashed and embedded per chunk.
     search: "auto" (faiss when installed and an evaluation set has >= faiss_min_rows
         embeddings), "faiss" or "torch".
-    shard_size: records per output shard."""
+    shard_size: records per output shard.
+    max_pixels: images with more pixels are not decoded (decompression bombs) and count as unreadable;
+        an evaluation image over it goes unchecked, so keep it >= the training data's max_pixels."""
 
     hash_distance: int = 6
     cosine: float | None = 0.85
@@ -74,8 +76,9 @@ class DedupConfig:
             raise DataError(f"hash_distance: expected an integer in 0..64, got {self.hash_distance!r}")
         if self.cosine is not None and not -1 <= self.cosine <= 1:
             raise DataError(f"cosine: expected a number in [-1, 1] or None, got {self.cosine!r}")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise DataError(f"batch_size / shard_size: expected integers >= 1, got {self.batch_size}, {self.shard_size}")
+        if self.batch_size < 1 or self.shard_size < 1 or self.max_pixels < 1:
+            raise DataError(f"batch_size / shard_size / max_pixels: expected integers >= 1, got {self.batch_size}, "
+                            f"{self.shard_size}, {self.max_pixels}")
         if self.search not in ("auto", "faiss", "torch"):
             raise DataError(f"search: expected auto, faiss or torch, got {self.search!r}")
 
