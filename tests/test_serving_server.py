@@ -9,7 +9,9 @@ import base64
 import io
 import json
 import socket
+import struct
 import threading
+import zlib
 from types import SimpleNamespace
 
 import httpx
@@ -183,6 +185,16 @@ def _bomb_png() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _huge_header_png(side: int = 30000) -> str:
+    """A 69-byte PNG whose header says side x side pixels: beyond PIL's own bomb limit (179 MP)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def _truncated_png() -> str:
     buffer = io.BytesIO()
     Image.effect_noise((64, 64), 50).save(buffer, format="PNG")
@@ -208,6 +220,10 @@ REFUSALS = [
     ("chat", _chat("hi", num_beams=2, n=3), 400, "n"),
     ("chat", _chat("hi", num_beams=2, temperature=0.7), 400, "temperature"),
     ("chat", _chat("hi", temperature=3), 400, "temperature"),
+    ("chat", _chat("hi", temperature="0.5"), 400, "temperature"),  # as strict as n and max_tokens
+    ("chat", _chat("hi", temperature=True), 400, "temperature"),
+    ("chat", _chat("hi", top_p=True), 400, "top_p"),
+    ("completions", {"prompt": "a", "top_p": "0.9"}, 400, "top_p"),
     ("chat", _chat("hi", top_p=0), 400, "top_p"),
     ("chat", _chat("hi", seed=-1), 400, "seed"),
     ("chat", _chat("hi", stop=["a", "b", "c", "d", "e"]), 400, "stop"),
@@ -241,6 +257,7 @@ REFUSALS = [
         b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n").decode())), 400,
      "messages[0].content[0].image_url.url"),
     ("chat", _chat(_image(_bomb_png())), 400, "messages[0].content[0].image_url.url"),
+    ("chat", _chat(_image(_huge_header_png())), 400, "messages[0].content[0].image_url.url"),
     ("chat", _chat(_image("data:image/png;base64," + "A" * 300_000)), 400, "messages[0].content[0].image_url.url"),
     ("chat", _chat(_image("https://example.com/cat.png")), 400, "messages[0].content[0].image_url.url"),
     ("chat", _chat(_image("file:///etc/passwd")), 400, "messages[0].content[0].image_url.url"),
@@ -260,6 +277,8 @@ REFUSALS = [
     ("rank", {"prompt": "a", "candidates": ["ok", ""]}, 400, "candidates[1]"),
     ("rank", {"prompt": "a", "candidates": ["<image>"]}, 400, "candidates[0]"),
     ("rank", {"prompt": "<image>a", "images": [], "candidates": ["x"]}, 400, "images"),
+    ("rank", {"prompt": "the quick brown fox " * 16, "candidates": ["x", "a red circle " * 20]}, 400,
+     "candidates"),  # prompt + longest candidate > context: rank has no max_tokens
     # lone UTF-16 surrogates (valid JSON escapes, invalid Unicode): wherever user text goes
     ("chat", _chat("hi \ud800"), 400, "messages[0].content"),
     ("chat", _chat([{"type": "text", "text": "hi \udfff"}]), 400, "messages[0].content[0].text"),
@@ -291,6 +310,18 @@ def test_every_refusal_is_a_4xx_naming_its_field(limited, endpoint, body, status
     assert error["param"] == param
     assert error["message"].startswith(param) and len(error["message"]) < 400
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("url", [_bomb_png(), _huge_header_png()], ids=["25MP", "900MP"])
+def test_image_bombs_are_too_large_by_our_limit_from_their_header(limited, url):
+    """Refused by --max-image-pixels as read from the header, also beyond PIL's own bomb limit."""
+    error = limited.post("/v1/chat/completions", json=_chat(_image(url))).json()["error"]
+    assert error["code"] == "image_too_large" and "more than the limit of 1000000" in error["message"]
+
+
+def test_temperature_and_top_p_take_integers_too(limited):
+    ok = limited.post("/v1/chat/completions", json=_chat("hi", temperature=1, top_p=1))
+    assert ok.status_code == 200 and limited.engine.requests[-1].params.temperature == 1.0
 
 
 def test_refusals_never_reach_the_engine_or_the_500_handler(limited):
@@ -458,6 +489,8 @@ def test_serve_options_are_checked_before_the_model_loads(argv, expect, tmp_path
 def test_server_settings_are_validated(tmp_path):
     with pytest.raises(ServerSettingsError, match="max_images"):
         ServerSettings(max_images=0)
+    with pytest.raises(ServerSettingsError, match="max_image_pixels"):  # the engine decodes up to 64 MP
+        ServerSettings(max_image_pixels=100_000_000)
     with pytest.raises(ServerSettingsError, match="allowed_local_media_path"):
         ServerSettings(allowed_local_media_path=tmp_path / "missing")
     assert issubclass(RequestError, ValueError)

@@ -215,17 +215,19 @@ class _Server:
             raise RequestError(f"model: this server serves {self.settings.model_name!r}, not {name[:64]!r}",
                                "model", status=404, code="model_not_found")
 
-    async def prepare(self, spec: PromptSpec, param: str, images_param: str,
-                      max_new_tokens: int) -> tuple[str, list[bytes]]:
-        """The prompt's text and checked image bytes; cheap checks first (image count, length), then the images."""
+    async def prepare(self, spec: PromptSpec, param: str, images_param: str, max_new_tokens: int,
+                      new_tokens_param: str = "max_tokens") -> tuple[str, list[bytes]]:
+        """The prompt's text and checked image bytes; cheap checks first (image count, length), then the
+        images. The prompt and `max_new_tokens` more (named by `new_tokens_param`) must fit the context."""
         if len(spec.image_urls) > self.settings.max_images:
             raise RequestError(f"{images_param}: {len(spec.image_urls)} images, more than the limit of "
                                f"{self.settings.max_images} per request", images_param, code="too_many_images")
         prompt_tokens = self.count_tokens(spec.text, param)
         if self.context is not None and prompt_tokens + max_new_tokens > self.context:
-            raise RequestError(f"max_tokens: the prompt has {prompt_tokens} tokens and max_tokens is {max_new_tokens}, "
-                               f"{prompt_tokens + max_new_tokens} in all, more than the model's context of "
-                               f"{self.context} tokens", "max_tokens", code="context_length_exceeded")
+            what = "max_tokens is" if new_tokens_param == "max_tokens" else "the longest candidate has"
+            raise RequestError(f"{new_tokens_param}: the prompt has {prompt_tokens} tokens and {what} "
+                               f"{max_new_tokens}, {prompt_tokens + max_new_tokens} in all, more than the model's "
+                               f"context of {self.context} tokens", new_tokens_param, code="context_length_exceeded")
         return spec.text, [await self.resolver.load(url, where) for url, where in spec.image_urls]
 
     def count_tokens(self, text: str, param: str) -> int:
@@ -259,7 +261,7 @@ class _Server:
         check_candidates(body.candidates, self.settings, (self.media_token, self.end_of_chunk))
         spec = completion_prompt(body, self.media_token)
         longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in body.candidates)
-        text, images = await self.prepare(spec, "prompt", "images", longest)
+        text, images = await self.prepare(spec, "prompt", "images", longest, new_tokens_param="candidates")
         scores = await _until_disconnected(request, self.engine.rank(text, images, body.candidates))
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return JSONResponse({

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flamingo.errors import UserError
+from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
 
 
 class ServerSettingsError(UserError):
@@ -59,6 +60,8 @@ class ServerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ServerSettingsError(f"{name}: expected an integer >= 1, got {value!r}")
+        if self.max_image_pixels > DEFAULT_MAX_PIXELS:  # the engine decodes images up to that many
+            raise ServerSettingsError(f"max_image_pixels: at most {DEFAULT_MAX_PIXELS}, got {self.max_image_pixels}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ServerSettingsError(f"max_prompt_tokens: expected an integer >= 1, got {self.max_prompt_tokens!r}")
         if self.default_max_tokens > self.max_tokens:

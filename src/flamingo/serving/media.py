@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from flamingo.model.image_processing import ImageProcessingError, decode_image
 from flamingo.serving.limits import RequestError, ServerSettings
@@ -145,15 +145,34 @@ class MediaResolver:
 def check_image(data: bytes, param: str, max_pixels: int) -> None:
     """Refuse anything that is not a decodable PNG/JPEG/GIF/WebP/BMP of at most `max_pixels`; the
     format and the pixel count come from the header, before any pixel is decoded."""
-    try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS):  # the header only
-            pass
-    except UnidentifiedImageError:
+    size = header_size(data)
+    if size is None:
         raise RequestError(f"{param}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})", param,
-                           code="invalid_image") from None
-    except Exception:  # noqa: BLE001 - a damaged header or a bomb: decode_image below names the problem
-        pass
+                           code="invalid_image")
+    width, height = size
+    if width * height > max_pixels:
+        raise RequestError(f"{param}: the image is {width}x{height} = {width * height} pixels, more than the limit "
+                           f"of {max_pixels}", param, code="image_too_large")
     try:
         decode_image(data, max_pixels=max_pixels, name=param)
     except ImageProcessingError as err:
         raise RequestError(str(err), param, code="invalid_image") from None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of an image in one of IMAGE_FORMATS, (0, 0) when its header
+    is damaged (the full decode names the problem), None when it is in no such format. Read with
+    the format's own PIL plugin, as `Image.open` does, but without `Image.open`'s own
+    decompression-bomb check, which would refuse a huge image before our limit could."""
+    Image.init()
+    prefix = data[:16]
+    for name in IMAGE_FORMATS:
+        factory, accept = Image.OPEN[name]
+        if accept is not None and not accept(prefix):
+            continue
+        try:
+            with factory(io.BytesIO(data)) as image:
+                return image.size
+        except Exception:  # noqa: BLE001 - a damaged header: the full decode names the problem
+            return 0, 0
+    return None

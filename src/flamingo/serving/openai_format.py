@@ -41,8 +41,9 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(_Request):
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)  # 0 or absent: greedy
-    top_p: float | None = Field(None, gt=0, le=1)
+    # strict, as OpenAI's: numbers only (1 and 1.0 alike), no "0.5" strings or booleans
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)  # 0 or absent: greedy
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
     n: StrictInt = Field(1, ge=1)
     stop: Any = None  # a string or a list of strings (checked below)
     seed: StrictInt | None = Field(None, ge=0, lt=1 << 63)
