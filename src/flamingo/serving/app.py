@@ -33,7 +33,7 @@ from flamingo.serving.limits import RequestError, ServerSettings
 from flamingo.serving.media import MediaResolver
 from flamingo.serving.openai_format import (
     ChatCompletionRequest, CompletionRequest, PromptSpec, RankRequest, SamplingFields, chat_prompt, check_candidates,
-    check_unicode, completion_prompt, error_body, new_id, now, sampling_params, usage)
+    check_unicode, completion_prompt, error_body, new_id, now, sampling_params, special_tokens, usage)
 
 logger = logging.getLogger("flamingo.serving")
 STATIC = Path(__file__).with_name("static")
@@ -109,7 +109,7 @@ class RequestGuard:
             return None
         host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
         name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-        if name in allowed:
+        if name.lower() in (a.lower() for a in allowed):  # host names are case-insensitive (RFC 3986)
             return None
         return _error_response(400, f"Host header: {host[:64]!r} is not served here (serving {', '.join(allowed)})",
                                param="Host", code="invalid_host")
@@ -117,8 +117,9 @@ class RequestGuard:
     def _authorise(self, scope: dict) -> JSONResponse | None:
         if self.settings.api_key is None:
             return None
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if secrets.compare_digest(given, b"Bearer " + self.settings.api_key.encode()):
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        # the scheme is case-insensitive (RFC 9110 11.1: "bearer" is "Bearer"); the key is not
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(b" "), self.settings.api_key.encode()):
             return None
         return _error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                param="Authorization", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -199,6 +200,7 @@ class _Server:
         self.tokenizer = model.tokenizer
         self.media_token = model.config.media_token
         self.end_of_chunk = model.config.end_of_chunk_token
+        self.special = special_tokens(self.tokenizer, self.media_token, self.end_of_chunk)
         self.context = context_length(model)
         caps = [c for c in (settings.max_prompt_tokens, self.context) if c is not None]
         self.prompt_cap = min(caps) if caps else 4096
@@ -245,21 +247,21 @@ class _Server:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_request(body)
         params = sampling_params(body, self.settings, extra_stop=DIALOGUE_STOP_STRINGS)
-        spec = chat_prompt(body.messages, self.media_token, self.end_of_chunk)
+        spec = chat_prompt(body.messages, self.media_token, self.end_of_chunk, self.special)
         text, images = await self.prepare(spec, "messages", "messages", params.max_tokens)
         return await self.respond(request, body, EngineRequest(text, images, params, new_id("chatcmpl")), chat=True)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check_request(body)
         params = sampling_params(body, self.settings)
-        spec = completion_prompt(body, self.media_token)
+        spec = completion_prompt(body, self.media_token, self.end_of_chunk, self.special)
         text, images = await self.prepare(spec, "prompt", "images", params.max_tokens)
         return await self.respond(request, body, EngineRequest(text, images, params, new_id("cmpl")), chat=False)
 
     async def rank(self, body: RankRequest, request: Request) -> Response:
         self.check_request(body)
-        check_candidates(body.candidates, self.settings, (self.media_token, self.end_of_chunk))
-        spec = completion_prompt(body, self.media_token)
+        check_candidates(body.candidates, self.settings, self.special)
+        spec = completion_prompt(body, self.media_token, self.end_of_chunk, self.special)
         longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in body.candidates)
         text, images = await self.prepare(spec, "prompt", "images", longest, new_tokens_param="candidates")
         scores = await _until_disconnected(request, self.engine.rank(text, images, body.candidates))

@@ -150,17 +150,28 @@ def _stop_strings(stop: Any, settings: ServerSettings) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def special_tokens(tokenizer: Any, media_token: str, end_of_chunk: str) -> tuple[str, ...]:
+    """Every special token of the model's tokenizer (BOS/EOS such as <|endoftext|>, the media and
+    end-of-chunk tokens, any other added special token), longest first: typed in user text, the
+    tokenizer would read each as the control token, so user text may contain none of them."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    tokens = {t for t in [*tokenizer.all_special_tokens, *added, media_token, end_of_chunk] if t}
+    return tuple(sorted(tokens, key=lambda t: (-len(t), t)))
+
+
 def _check_text(text: str, param: str, special: tuple[str, ...]) -> str:
     for token in special:
         if token in text:
-            raise RequestError(f"{param}: the text contains the model's special token {token!r}; send images as "
-                               f"image_url parts", param)
+            raise RequestError(f"{param}: the text contains {token!r}, a special token of the model's tokenizer, "
+                               f"which user text may not contain (send images as image_url parts)", param)
     return text
 
 
-def chat_prompt(messages: list[ChatMessage], media_token: str, end_of_chunk: str) -> PromptSpec:
-    """The dialogue prompt of a conversation; images go where their parts are, in user messages."""
-    special = (media_token, end_of_chunk)
+def chat_prompt(messages: list[ChatMessage], media_token: str, end_of_chunk: str,
+                special: tuple[str, ...] = ()) -> PromptSpec:
+    """The dialogue prompt of a conversation; images go where their parts are, in user messages. No
+    text may contain a special token (`special`, and always the media and end-of-chunk tokens)."""
+    special = (*special, media_token, end_of_chunk)
     system, turns, urls = [], [], []
     for i, message in enumerate(messages):
         param = f"messages[{i}].content"
@@ -222,13 +233,16 @@ def _user_content(content: Any, param: str, media_token: str, special: tuple[str
     return "".join(pieces)
 
 
-def completion_prompt(body: CompletionRequest | RankRequest, media_token: str) -> PromptSpec:
-    """The interleaved prompt: `<image>` (or the model's own media token) where each image goes."""
+def completion_prompt(body: CompletionRequest | RankRequest, media_token: str, end_of_chunk: str,
+                      special: tuple[str, ...] = ()) -> PromptSpec:
+    """The interleaved prompt: `<image>` (or the model's own media token) where each image goes and
+    <|endofchunk|> after each example, the paper's format; no other special token (`special`)."""
     prompt = body.prompt
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt: expected a non-empty string (one prompt per request)", "prompt")
+    _check_text(prompt, "prompt", tuple(t for t in special if t not in ("<image>", media_token, end_of_chunk)))
     text = prompt.replace("<image>", media_token)
     if text.count(media_token) != len(body.images):
         raise RequestError(f"images: the prompt has {text.count(media_token)} <image> placeholder(s) but "
