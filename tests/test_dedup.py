@@ -234,3 +234,37 @@ def test_max_pixels_bounds_what_is_decoded(tmp_path, capsys):
     details = json.loads((tmp_path / "out" / "report" / "val.json").read_text())
     assert "more than max_pixels=50000" in details["unreadable_eval_images"][str(evals / "camera.png")]
     run_cli([*args, "--out", str(tmp_path / "out2"), "--max-pixels", "0"], expect="--max-pixels", watch=[tmp_path])
+
+
+def pairs_shard(path: Path, pairs: dict[str, tuple[Image.Image, str]]) -> Path:
+    """A shard of image-text pairs: key -> (image, caption), written as KEY.png + KEY.txt."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as writer:
+        for key, (image, caption) in pairs.items():
+            writer.write({"__key__": key, "png": png(image), "txt": caption.encode()})
+    return path
+
+
+def test_a_record_cut_by_a_truncated_shard_is_left_out(planted, tmp_path):
+    """A shard cut inside its last record's caption: that record is not written without its
+    text; the records before it are checked and kept, and the damage is reported."""
+    import tarfile
+
+    import webdataset as wds
+
+    from flamingo.data.dedup import DedupConfig, deduplicate
+
+    shard = pairs_shard(tmp_path / "cut.tar", {"a": (photo("coins.png"), "coins"), "b": (photo("page.png"), "page"),
+                                              "c": (photo("brick.png"), "brick")})
+    with tarfile.open(shard) as tar:
+        caption = tar.getmember("c.txt")
+    shard.write_bytes(shard.read_bytes()[:caption.offset_data + 2])  # c.png whole, c.txt cut
+    report = deduplicate(str(shard), "pairs", {"vqav2": str(planted / "vqav2")}, tmp_path / "out",
+                         DedupConfig(cosine=None))
+    written = [sample for out in report.shards for sample in wds.WebDataset(str(out), shardshuffle=False)]
+    assert [s["txt"] for s in written] == [b"coins", b"page"]
+    assert report.records == report.kept == 2 and report.left_out == 1 and len(report.damaged) == 1
+    summary = (tmp_path / "out" / "report" / "summary.txt").read_text()
+    assert "damaged training shards: 1" in summary and "1 record cut by the damage left out" in summary
+    assert "cut.tar" in summary

@@ -41,7 +41,7 @@ from PIL import Image, ImageOps
 from flamingo.data.config import DataError
 from flamingo.data.media import IMAGE_EXTS, SkipSample, decode_image
 from flamingo.data.processing import pair_image, parse_document, record_document, resolve_media
-from flamingo.data.sources import Record, iter_shard, resolve_paths
+from flamingo.data.sources import CORRUPT_FIELD, Record, iter_shard, resolve_paths
 from flamingo.model.config import VisionConfig
 from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
 from flamingo.outputs import check_output_dir, publish, staging_dir
@@ -206,8 +206,8 @@ def index_benchmark(name: str, files: list[Path], config: DedupConfig, embedder:
 
 # --------------------------------------------------------------------------- training side
 def training_records(paths: list[str], report: "DedupReport") -> Iterator[Record]:
-    """The records of a training set's shards in stored order, one shard at a time; the rest of
-    a damaged shard is counted as `corrupt_shard`."""
+    """The records of a training set's shards in stored order, one shard at a time. The damage of a
+    damaged shard is reported, and the record it cut short left out (counted in `left_out`)."""
     layout, files = resolve_paths(paths)
     if layout != "shards":
         raise DataError(f"training data {paths[0]!r}: expected WebDataset shards, got a {layout}; convert it first "
@@ -217,7 +217,11 @@ def training_records(paths: list[str], report: "DedupReport") -> Iterator[Record
         report.damaged.append(message)
 
     for unit, shard in enumerate(files):
-        yield from iter_shard(shard, unit, damaged)
+        for record in iter_shard(shard, unit, damaged):
+            if CORRUPT_FIELD in record.fields:
+                report.left_out += 1
+            else:
+                yield record
 
 
 def image_refs(record: Record, kind: str) -> list[Any]:
@@ -257,6 +261,7 @@ class DedupReport:
     # training loader skips them too; their records stay unless another image is a duplicate
     unchecked: Counter = field(default_factory=Counter)
     damaged: list[str] = field(default_factory=list)  # what was wrong with each damaged shard
+    left_out: int = 0  # records cut short by a shard's damage: neither checked nor written
     duplicates: dict[str, list[Duplicate]] = field(default_factory=dict)  # by benchmark
     eval_images: dict[str, int] = field(default_factory=dict)  # evaluation images read, by benchmark
     eval_unreadable: dict[str, dict[str, str]] = field(default_factory=dict)  # by benchmark: file -> why
@@ -269,7 +274,8 @@ class DedupReport:
             lines.append("training images not checked, unreadable (the training loader skips them too): "
                          + ", ".join(f"{k}={v}" for k, v in sorted(self.unchecked.items())))
         if self.damaged:
-            lines.append(f"damaged training shards: {len(self.damaged)} (their readable records were checked), "
+            lines.append(f"damaged training shards: {len(self.damaged)} (their readable records were checked; "
+                         f"{self.left_out} record{'s' * (self.left_out != 1)} cut by the damage left out), "
                          f"e.g. {self.damaged[0][:300]}")
         for name, found in self.duplicates.items():
             by = Counter(d.match for d in found)
@@ -382,7 +388,7 @@ def _write_reports(report: DedupReport, folder: Path, config: DedupConfig, visio
             "unreadable_eval_images": report.eval_unreadable[name], "duplicates": [asdict(d) for d in found]}, indent=1))
     (folder / "summary.json").write_text(json.dumps({
         "records": report.records, "images": report.images, "removed": report.removed, "kept": report.kept,
-        "unchecked": dict(report.unchecked), "damaged_shards": report.damaged,
+        "unchecked": dict(report.unchecked), "damaged_shards": report.damaged, "left_out": report.left_out,
         "shards": [str(p) for p in report.shards], "settings": settings,
         "benchmarks": {name: {"eval_images": report.eval_images[name],
                               "unreadable_eval_images": len(report.eval_unreadable[name]), "duplicates": len(found)}

@@ -197,11 +197,16 @@ def count_shard_samples(path: Path) -> int:
 
 
 def iter_shard(path: Path, unit: int, on_error: Callable[[str, str], None]) -> Iterator[Record]:
-    """The samples of one shard in stored order (webdataset tar iterator + key grouping)."""
+    """The samples of one shard in stored order (webdataset tar iterator + key grouping). In a
+    damaged shard, the sample being read when the damage was met may lack members: it comes as a
+    placeholder record (CORRUPT_FIELD: what was wrong), and the shard ends there."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    damage: list[str] = []
+
     def handler(exn: Exception) -> bool:
-        on_error("corrupt_shard", f"shard {path}: {type(exn).__name__}: {exn}")
+        damage.append(f"shard {path}: {type(exn).__name__}: {exn}")
+        on_error("corrupt_shard", damage[-1])
         return False  # stop reading this shard, keep what was read
 
     try:
@@ -212,8 +217,11 @@ def iter_shard(path: Path, unit: int, on_error: Callable[[str, str], None]) -> I
     with stream:
         files = tar_file_expander([{"url": str(path), "stream": stream}], handler=handler)
         for index, sample in enumerate(group_by_keys(files, handler=handler)):
-            fields = {k: v for k, v in sample.items() if not k.startswith("__")}
-            yield Record((unit, index), f"{path.name}:{sample['__key__']}", fields, None)
+            name = f"{path.name}:{sample['__key__']}"
+            if damage:  # grouped after the damage: possibly cut short
+                yield Record((unit, index), name, {CORRUPT_FIELD: damage[-1]}, None)
+                return
+            yield Record((unit, index), name, {k: v for k, v in sample.items() if not k.startswith("__")}, None)
 
 
 # --------------------------------------------------------------------------- folder/JSONL
