@@ -198,6 +198,27 @@ def test_torchrun_pretraining_matches_one_process_with_the_global_batch(tmp_path
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_torchrun_stops_together_when_one_rank_runs_out_of_data_first(tmp_path, clip_dir, bert_dir):
+    """3 shards x 8 pairs over 2 ranks, one epoch, batch 4: rank 0 holds 4 batches, rank 1 only 2.
+    Both ranks stop after update 2 (rank 1 used to stop alone while rank 0 waited for it in the
+    forward pass's collectives until the timeout)."""
+    from flamingo.data.shapes import make_shapes_dataset
+
+    shards = make_shapes_dataset(tmp_path / "data", 24, seed=0, shard_size=8).shards
+    data = pretrain_dict(clip_dir, bert_dir, shards, tmp_path / "run", steps=50,
+                         checkpoint={"every": 100, "keep": 1}, distributed={"timeout_minutes": 1})
+    data["datasets"][0].update(batch_size=4, epochs=1, shuffle=False)
+    config_path = tmp_path / "pretrain.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "flamingo.training", "pretrain-vision", str(config_path)],
+                          env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a dataset ran out of data after 2 updates" in done.stderr
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir() and (tmp_path / "run" / "vision").is_dir()
+
+
 # ------------------------------------------------------------------------- runs and outputs
 def test_resumed_run_is_bit_exact_and_the_tower_loads_as_a_flamingo_vision_encoder(tmp_path, clip_dir, bert_dir,
                                                                                    shapes, lm_dir):

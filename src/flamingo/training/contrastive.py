@@ -346,9 +346,11 @@ def _pretrain(config: PretrainConfig, rt: Runtime, resume: str | Path | None,
         try:
             while step < config.steps:
                 # Every batch of the update is drawn first: a finite dataset that ends stops the run
-                # before any of it is trained on.
+                # before any of it is trained on. The ranks agree on it first (shards of unequal
+                # length run out on one rank earlier), or the others would wait in the forward pass.
                 batches = [next(iterators[spec.name], None) for spec in config.datasets]
-                if any(batch is None for batch in batches):
+                exhausted = torch.tensor([float(any(batch is None for batch in batches))], device=rt.device)
+                if all_reduce_sum(exhausted, rt).item() > 0:
                     stopped_early = f"a dataset ran out of data after {step} updates"
                     break
                 lr = learning_rate(step, config.optim.lr, config.schedule, config.steps)
