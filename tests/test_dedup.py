@@ -268,3 +268,20 @@ def test_a_record_cut_by_a_truncated_shard_is_left_out(planted, tmp_path):
     summary = (tmp_path / "out" / "report" / "summary.txt").read_text()
     assert "damaged training shards: 1" in summary and "1 record cut by the damage left out" in summary
     assert "cut.tar" in summary
+
+
+def test_kept_records_keep_their_keys(planted, tmp_path):
+    """The output's records keep their input keys (traceable); two shards reusing a key do not
+    merge their records in the output."""
+    import webdataset as wds
+
+    from flamingo.data.dedup import DedupConfig, deduplicate
+
+    (tmp_path / "in").mkdir()
+    pairs_shard(tmp_path / "in" / "a.tar", {"s-7": (photo("coins.png"), "coins"), "s-9": (photo("page.png"), "page")})
+    pairs_shard(tmp_path / "in" / "b.tar", {"s-9": (photo("brick.png"), "brick"), "s-3": (photo("camera.png"), "copy")})
+    report = deduplicate(str(tmp_path / "in"), "pairs", {"vqav2": str(planted / "vqav2")}, tmp_path / "out",
+                         DedupConfig(cosine=None, shard_size=10))
+    assert [d.train for d in report.duplicates["vqav2"]] == ["b.tar:s-3"]
+    written = list(wds.WebDataset([str(s) for s in report.shards], shardshuffle=False))
+    assert [(s["__key__"], s["txt"]) for s in written] == [("s-7", b"coins"), ("s-9", b"page"), ("s-9", b"brick")]

@@ -20,8 +20,9 @@ are WebDataset shards (`flamingo data convert` writes a folder or JSONL file as 
 Outputs in OUT: report/BENCHMARK.json (every duplicate: the training record and image, the
 evaluation image, which detector fired, the Hamming distance and the cosine similarity),
 report/summary.json and report/summary.txt, and shards/shard-NNNNNN.tar: the training records
-without the duplicates, members copied byte for byte. OUT is built in a temporary folder and
-renamed into place at the end, so an interrupted run leaves no partial output.
+without the duplicates, under their input keys, members copied byte for byte (a record whose key
+equals the previous one's starts a new shard, so the two stay apart). OUT is built in a temporary
+folder and renamed into place at the end, so an interrupted run leaves no partial output.
 """
 
 from __future__ import annotations
@@ -205,9 +206,9 @@ def index_benchmark(name: str, files: list[Path], config: DedupConfig, embedder:
 
 
 # --------------------------------------------------------------------------- training side
-def training_records(paths: list[str], report: "DedupReport") -> Iterator[Record]:
-    """The records of a training set's shards in stored order, one shard at a time. The damage of a
-    damaged shard is reported, and the record it cut short left out (counted in `left_out`)."""
+def training_records(paths: list[str], report: "DedupReport") -> Iterator[tuple[str, Record]]:
+    """(key, record) of a training set's shards in stored order, one shard at a time. The damage of
+    a damaged shard is reported, and the record it cut short left out (counted in `left_out`)."""
     layout, files = resolve_paths(paths)
     if layout != "shards":
         raise DataError(f"training data {paths[0]!r}: expected WebDataset shards, got a {layout}; convert it first "
@@ -221,7 +222,7 @@ def training_records(paths: list[str], report: "DedupReport") -> Iterator[Record
             if CORRUPT_FIELD in record.fields:
                 report.left_out += 1
             else:
-                yield record
+                yield record.name.removeprefix(f"{shard.name}:"), record
 
 
 def image_refs(record: Record, kind: str) -> list[Any]:
@@ -316,15 +317,17 @@ def deduplicate(train_paths: str | list[str], kind: str, benchmarks: dict[str, s
         (staged / "shards").mkdir()
         with ShardWriter(str(staged / "shards" / "shard-%06d.tar"), maxcount=config.shard_size, verbose=0,
                          encoder=False, mtime=0) as writer:
+            last_key = None
             for chunk in _chunks(training_records(paths, report), config.batch_size):
-                flagged = _check_chunk(chunk, kind, indexes, config, embedder, report)
-                for record, duplicate in zip(chunk, flagged):
+                flagged = _check_chunk([record for _, record in chunk], kind, indexes, config, embedder, report)
+                for (key, record), duplicate in zip(chunk, flagged):
                     if duplicate:
                         report.removed += 1
-                    else:
-                        # fresh keys: two input shards may reuse keys, and equal neighbouring keys would merge
-                        writer.write({"__key__": f"{report.kept:09d}", **record.fields})
-                        report.kept += 1
+                        continue
+                    if key == last_key:  # two input shards reuse a key: readers would merge neighbours
+                        writer.next_stream()
+                    writer.write({"__key__": key, **record.fields})
+                    report.kept, last_key = report.kept + 1, key
         report.shards = [out / "shards" / p.name for p in sorted((staged / "shards").glob("shard-*.tar"))]
         _write_reports(report, staged / "report", config, vision)
         publish(staged, out)
