@@ -462,10 +462,36 @@ def test_engine_user_errors_are_400(model):
         assert response.status_code == 400 and response.json()["error"]["message"].startswith("max_tokens")
 
 
+PUBLIC_ADDRESS = "93.184.216.34"  # a public address; the tests answer DNS themselves, nothing is looked up
+
+
+def fake_dns(table: dict[str, list[str]]):
+    """A resolver for create_app: names from `table`, address literals as themselves."""
+    import ipaddress
+
+    async def resolve(host: str, port: int) -> list[str]:
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown name")
+        return table[host]
+
+    return resolve
+
+
 def test_url_fetch_when_allowed_has_a_size_cap_and_reports_failures(model):
     png = base64.b64decode(RED_URL.split(",")[1])
+    seen = []
 
     def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.host, request.headers["host"]))
+        redirects = {"/to-red": "/red.png", "/to-loopback": "http://127.0.0.1/red.png",
+                     "/to-internal": "http://internal.test/red.png", "/loop": "/loop",
+                     "/to-file": "file:///etc/passwd"}
+        if request.url.path in redirects:
+            return httpx.Response(302, headers={"Location": redirects[request.url.path]})
         if request.url.path == "/red.png":
             return httpx.Response(200, content=png)
         if request.url.path == "/huge.png":
@@ -473,14 +499,79 @@ def test_url_fetch_when_allowed_has_a_size_cap_and_reports_failures(model):
         return httpx.Response(404)
 
     engine = FakeEngine(model)
+    dns = fake_dns({"images.test": [PUBLIC_ADDRESS], "internal.test": ["10.1.2.3"],
+                    "mixed.test": [PUBLIC_ADDRESS, "127.0.0.1"]})
     app = create_app(engine, ServerSettings(allow_url_fetch=True, max_image_bytes=4000),
-                     http_transport=httpx.MockTransport(handler))
+                     http_transport=httpx.MockTransport(handler), resolve_host=dns)
     with TestClient(app) as client:
-        assert client.post("/v1/chat/completions", json=_chat(_image("http://images.test/red.png"))).status_code == 200
-        assert engine.requests[-1].images == [png]
-        for path, code in [("/huge.png", "image_too_large"), ("/missing.png", "image_fetch_failed")]:
-            error = client.post("/v1/chat/completions", json=_chat(_image("http://images.test" + path))).json()
-            assert error["error"]["code"] == code and error["error"]["param"] == "messages[0].content[0].image_url.url"
+        for path in ("/red.png", "/to-red"):
+            response = client.post("/v1/chat/completions", json=_chat(_image("http://images.test" + path)))
+            assert response.status_code == 200 and engine.requests[-1].images == [png]
+        # the connection went to the address that was checked; the Host header is the URL's
+        assert seen[0] == (PUBLIC_ADDRESS, "images.test")
+        for url, code in [("http://images.test/huge.png", "image_too_large"),
+                          ("http://images.test/missing.png", "image_fetch_failed"),
+                          ("http://images.test/loop", "image_fetch_failed"),
+                          ("http://nowhere.test/red.png", "image_fetch_failed"),
+                          # SSRF: a redirect, or a name, to a private address
+                          ("http://images.test/to-loopback", "private_address"),
+                          ("http://images.test/to-internal", "private_address"),
+                          ("http://internal.test/red.png", "private_address"),
+                          ("http://mixed.test/red.png", "private_address"),
+                          ("http://images.test/to-file", "invalid_image_url")]:
+            error = client.post("/v1/chat/completions", json=_chat(_image(url))).json()["error"]
+            assert (error["code"], error["param"]) == (code, "messages[0].content[0].image_url.url"), url
+        assert not any(host in ("127.0.0.1", "10.1.2.3") for host, _ in seen)
+
+
+@pytest.fixture(scope="module")
+def local_image_server():
+    """An HTTP server on this machine's loopback (the only network the tests use): /red.png."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    png = base64.b64decode(RED_URL.split(",")[1])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+SSRF_URLS = ["http://{local}/red.png", "http://localhost:{port}/red.png", "http://[::1]:{port}/red.png",
+             "http://[::ffff:127.0.0.1]:{port}/red.png", "http://0.0.0.0:{port}/red.png",
+             "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/red.png", "http://192.168.1.1/red.png",
+             "http://100.64.0.1/red.png", "http://[fe80::1]/red.png", "http://[fd00::1]/red.png",
+             "http://224.0.0.1/red.png", "http://240.0.0.1/red.png"]
+
+
+@pytest.mark.parametrize("template", SSRF_URLS)
+def test_url_fetch_refuses_private_addresses(model, local_image_server, template):
+    """With --allow-url-fetch the server's own machine and network stay out of reach (the system
+    resolver answers "localhost" from the hosts file; the others are address literals)."""
+    url = template.format(local=local_image_server, port=local_image_server.split(":")[1])
+    with fake_client(model, allow_url_fetch=True) as client:
+        error = client.post("/v1/chat/completions", json=_chat(_image(url))).json()["error"]
+        assert error["code"] == "private_address" and "--allow-private-urls" in error["message"]
+        assert not client.engine.requests
+
+
+def test_url_fetch_from_private_addresses_when_allowed(model, local_image_server):
+    with fake_client(model, allow_url_fetch=True, allow_private_urls=True) as client:
+        response = client.post("/v1/chat/completions", json=_chat(_image(f"http://{local_image_server}/red.png")))
+        assert response.status_code == 200
+        assert client.engine.requests[-1].images == [base64.b64decode(RED_URL.split(",")[1])]
 
 
 def test_local_files_only_strictly_under_the_allowed_folder(model, tmp_path):

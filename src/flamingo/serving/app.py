@@ -30,7 +30,7 @@ from flamingo.inference.chat import DIALOGUE_STOP_STRINGS
 from flamingo.inference.prompt import context_length
 from flamingo.serving.engine import Delta, Engine, EngineOverloaded, EngineRequest, EngineStopped
 from flamingo.serving.limits import RequestError, ServerSettings
-from flamingo.serving.media import MediaResolver
+from flamingo.serving.media import HostResolver, MediaResolver, resolve_host
 from flamingo.serving.openai_format import (
     ChatCompletionRequest, CompletionRequest, PromptSpec, RankRequest, SamplingFields, chat_prompt, check_candidates,
     check_unicode, completion_prompt, error_body, new_id, now, sampling_params, special_tokens, usage)
@@ -373,12 +373,12 @@ def _param(loc: tuple) -> str | None:
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None, *,
-               http_transport: Any = None) -> FastAPI:
-    """The server over `engine`. `http_transport` (an httpx transport) replaces the network for
-    image URL fetches (tests)."""
+               http_transport: Any = None, resolve_host: HostResolver = resolve_host) -> FastAPI:
+    """The server over `engine`. `http_transport` (an httpx transport) and `resolve_host` replace
+    the network and DNS for image URL fetches (tests)."""
     settings = settings or ServerSettings()
     metrics = HttpMetrics()
-    resolver = MediaResolver(settings, http_transport)
+    resolver = MediaResolver(settings, http_transport, resolve_host)
     server = _Server(engine, settings, resolver, metrics)
 
     @asynccontextmanager

@@ -46,7 +46,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, default_max_tokens=default_max_tokens, max_n=args.max_n,
-        max_beams=args.max_beams, allow_url_fetch=args.allow_url_fetch,
+        max_beams=args.max_beams, allow_url_fetch=args.allow_url_fetch, allow_private_urls=args.allow_private_urls,
         allowed_local_media_path=args.allowed_local_media_path)
     engine_config = EngineConfig(max_queue=args.max_queue, max_running=args.max_running,
                                  prefill_chunk=args.prefill_chunk,
@@ -111,7 +111,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "loopback names are served by default, against DNS rebinding; elsewhere any name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     media = p.add_argument_group("image sources (data: URLs are always accepted)")
-    media.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) image URLs (timeout + size cap)")
+    media.add_argument("--allow-url-fetch", action="store_true",
+                       help="fetch http(s) image URLs from public addresses (timeout + size cap)")
+    media.add_argument("--allow-private-urls", action="store_true",
+                       help="with --allow-url-fetch, also fetch from loopback, private, link-local and reserved "
+                            "addresses (this machine's and its network's services: only for trusted clients)")
     media.add_argument("--allowed-local-media-path", type=_folder, metavar="DIR",
                        help="accept file:// URLs and paths of images under DIR (nothing outside it)")
     limits = p.add_argument_group("limits")

@@ -50,6 +50,7 @@ class ServerSettings:
     max_stop: int = 4                           # stop strings per request (OpenAI's own limit)
     max_candidates: int = 64                    # /v1/rank candidates per request
     allow_url_fetch: bool = False               # image_url with http(s)://
+    allow_private_urls: bool = False            # ... also from loopback, private, link-local, reserved addresses
     url_fetch_timeout_s: float = 10.0
     allowed_local_media_path: Path | None = None  # file:// URLs and paths, resolved strictly under this folder
 

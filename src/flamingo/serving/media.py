@@ -1,6 +1,11 @@
 """Images of a request: from data URLs, and only when the operator allows it from http(s) URLs or
 files under one folder; checked (byte size, format, pixel count from the header, full decode)
 before they reach the engine.
+
+URLs are fetched from public addresses only (unless the operator allows private ones): the host
+is resolved, every address it resolves to must be public, and the connection goes to the address
+that was checked (so a second DNS answer cannot swap in another); redirects are followed one by
+one, each checked the same way. A client cannot make the server probe its own network (SSRF).
 """
 
 from __future__ import annotations
@@ -8,8 +13,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
+import socket
 import urllib.parse
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import anyio
 import httpx
@@ -21,6 +29,22 @@ from flamingo.serving.limits import RequestError, ServerSettings
 # Formats PIL decodes by itself (no external programs, unlike EPS); anything else is refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
 MAX_REDIRECTS = 3
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+# The addresses a host name resolves to (IPv4 or IPv6 text), as the system resolver answers.
+HostResolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    return [info[4][0] for info in await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def is_public(address: str) -> bool:
+    """Whether an address is globally routable: not loopback, private, link-local (cloud metadata at
+    169.254.169.254), shared, reserved, unspecified or multicast; IPv4-mapped IPv6 as its IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope ("fe80::1%eth0") is not part of it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
 
 
 def _short(text: str, limit: int = 48) -> str:
@@ -36,9 +60,11 @@ def _too_big(param: str, size: int, cap: int) -> RequestError:
 class MediaResolver:
     """Turns the `url` of an image_url part (or an `images` entry) into checked image bytes."""
 
-    def __init__(self, settings: ServerSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, settings: ServerSettings, transport: httpx.AsyncBaseTransport | None = None,
+                 resolve: HostResolver = resolve_host) -> None:
         self.settings = settings
         self._transport = transport
+        self._resolve = resolve
         self._client: httpx.AsyncClient | None = None
 
     async def aclose(self) -> None:
@@ -84,30 +110,68 @@ class MediaResolver:
                                f"--allow-url-fetch to fetch them); send the image as a data URL", param,
                                code="url_fetch_disabled")
         if self._client is None:
-            self._client = httpx.AsyncClient(transport=self._transport, follow_redirects=True,
-                                             max_redirects=MAX_REDIRECTS, timeout=self.settings.url_fetch_timeout_s)
-        cap = self.settings.max_image_bytes
+            self._client = httpx.AsyncClient(transport=self._transport, follow_redirects=False,
+                                             timeout=self.settings.url_fetch_timeout_s)
         try:
             with anyio.fail_after(self.settings.url_fetch_timeout_s):  # in all: a slow trickle times out too
-                async with self._client.stream("GET", url) as response:
-                    if response.status_code != 200:
-                        raise RequestError(f"{param}: fetching the image failed with HTTP {response.status_code}",
-                                           param, code="image_fetch_failed")
-                    declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > cap:
-                        raise _too_big(param, int(declared), cap)
-                    data = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        data += chunk
-                        if len(data) > cap:
-                            raise _too_big(param, len(data), cap)
-                    return bytes(data)
+                for _ in range(MAX_REDIRECTS + 1):
+                    request = await self._request(url, param)
+                    response = await self._client.send(request, stream=True)
+                    try:
+                        location = response.headers.get("location")
+                        if response.status_code in REDIRECT_STATUSES and location:
+                            url = str(httpx.URL(url).join(location))  # against the URL asked for, not the address
+                            continue
+                        return await self._body(response, param)
+                    finally:
+                        await response.aclose()
+                raise RequestError(f"{param}: fetching the image was redirected more than {MAX_REDIRECTS} times",
+                                   param, code="image_fetch_failed")
         except TimeoutError:
             raise RequestError(f"{param}: fetching the image took longer than {self.settings.url_fetch_timeout_s} s",
                                param, code="image_fetch_failed") from None
         except httpx.HTTPError as err:
             raise RequestError(f"{param}: fetching the image failed: {type(err).__name__}", param,
                                code="image_fetch_failed") from None
+
+    async def _request(self, url: str, param: str) -> httpx.Request:
+        """The GET of `url` (the client's, or a redirect's), to an address checked to be public
+        unless private ones are allowed; the Host header and TLS name stay the URL's."""
+        target = httpx.URL(url)
+        if target.scheme not in ("http", "https") or not target.host:
+            raise RequestError(f"{param}: expected an http(s) URL with a host, got {_short(url)}", param,
+                               code="invalid_image_url")
+        if self.settings.allow_private_urls:
+            return self._client.build_request("GET", target)
+        try:
+            addresses = await self._resolve(target.host, target.port or (443 if target.scheme == "https" else 80))
+        except OSError:
+            raise RequestError(f"{param}: the image's host {_short(target.host)} could not be resolved", param,
+                               code="image_fetch_failed") from None
+        private = [a for a in addresses if not is_public(a)]
+        if private or not addresses:
+            raise RequestError(f"{param}: the image's host {_short(target.host)} resolves to "
+                               f"{_short(private[0] if private else 'nothing')}, not a public address; this server "
+                               f"fetches public addresses only (start it with --allow-private-urls to fetch others)",
+                               param, code="private_address")
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        return self._client.build_request("GET", target.copy_with(host=addresses[0].split("%", 1)[0]),
+                                          headers={"Host": target.netloc.decode("ascii")}, extensions=extensions)
+
+    async def _body(self, response: httpx.Response, param: str) -> bytes:
+        if response.status_code != 200:
+            raise RequestError(f"{param}: fetching the image failed with HTTP {response.status_code}", param,
+                               code="image_fetch_failed")
+        cap = self.settings.max_image_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise _too_big(param, int(declared), cap)
+        data = bytearray()
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > cap:
+                raise _too_big(param, len(data), cap)
+        return bytes(data)
 
     def _local_file(self, url: str, param: str) -> bytes:
         root = self.settings.allowed_local_media_path
