@@ -140,12 +140,16 @@ def test_cli_finetune_higher_resolution_wise_ft_and_eval(setup, capsys):
     final = setup / "runs" / "cli" / "final"
     model = load_model(final)
     assert model.config.vision.image_size == 48 and model.vision_encoder.image_processor().image_size == 48
-    # alpha 0 / 1 reproduce the zero-shot and the fine-tuned model bit for bit
+    # alpha 0 / 1 reproduce the zero-shot and the fine-tuned model bit for bit, config included
     for alpha, endpoint in (("0", setup / "base"), ("1", final)):
-        mixed = dict(load_model(setup / "runs" / "cli" / f"wise-ft-{alpha}").named_parameters())
+        mixed_dir = setup / "runs" / "cli" / f"wise-ft-{alpha}"
+        mixed = dict(load_model(mixed_dir).named_parameters())
         reference = dict(load_model(endpoint).named_parameters())
         assert mixed.keys() == reference.keys()
         assert all(torch.equal(mixed[k], reference[k]) for k in mixed), alpha
+        assert yaml.safe_load((mixed_dir / "config.yaml").read_text())["vision"]["image_size"] == \
+            yaml.safe_load((endpoint / "config.yaml").read_text())["vision"]["image_size"], alpha
+        assert json.loads((mixed_dir / "provenance.json").read_text())["wise_ft"]["alpha"] == float(alpha)
     # the fine-tuned directory evaluates through the existing suite
     assert main(["eval", "--model", str(final), "--task", "vqav2", "--shots", "0,1", "--trials", "1",
                  "--support-size", "4", "--max-new-tokens", "2", "--batch-size", "2", "--no-progress",
@@ -168,22 +172,66 @@ def test_wise_ft_interpolates_and_refuses_mismatched_models(setup, lm_dir, clip_
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "config.yaml").write_text((result.final_dir / "config.yaml").read_text())
+    for name in ("config.yaml", "provenance.json"):
+        (broken / name).write_text((result.final_dir / name).read_text())
     save_file({k: (v[:-1] if k == "perceiver.latents" else v) for k, v in tuned.items()}, str(broken / WEIGHTS_FILE))
     with pytest.raises(WiseFTError, match="first differing tensor perceiver.latents"):
         wise_ft(setup / "base", broken, 0.5, tmp_path / "x")
 
     other = build_with_vision(lm_dir("llama"), clip_dir, **{"perceiver.depth": 3})
     save_pretrained(other, tmp_path / "deeper")
-    with pytest.raises(WiseFTError, match=r"first differing tensor perceiver\.layers\.2\."):
+    with pytest.raises(WiseFTError, match=r"config field perceiver\.depth is 3 vs 2"):
         wise_ft(tmp_path / "deeper", result.final_dir, 0.5, tmp_path / "x")
     run_cli(["wise-ft", str(tmp_path / "deeper"), str(result.final_dir), "--alpha", "0.5", "--out",
-             str(tmp_path / "x")], expect="first differing tensor perceiver.layers.2.", watch=[setup, tmp_path])
+             str(tmp_path / "x")], expect="config field perceiver.depth is 3 vs 2", watch=[setup, tmp_path])
     run_cli(["wise-ft", str(setup / "base"), str(result.final_dir), "--alpha", "2", "--out", str(tmp_path / "y")],
             expect="--alpha", watch=[setup, tmp_path])
     save_pretrained(build_with_vision(lm_dir("llama"), clip_dir, activation="gelu"), tmp_path / "gelu")
     with pytest.raises(WiseFTError, match="config field activation is 'gelu' vs 'sqrelu'"):
         wise_ft(tmp_path / "gelu", result.final_dir, 0.5, tmp_path / "x")
+
+
+def test_models_record_their_provenance_and_wise_ft_refuses_another_base(setup, lm_dir, clip_dir, tmp_path,
+                                                                         monkeypatch):
+    """The fine-tuned model records its base (spec, hash of its weights); a WiSE-FT model records
+    alpha and both endpoints. An unrelated zero-shot model of the same shape is refused unless
+    --force; a model without provenance too; a different architecture is refused before any
+    backbone is built; --out may not be (or hold, or lie in) an input, even with --overwrite."""
+    from flamingo.model.weights import weights_digest
+    from flamingo.training import wise_ft as wise_module
+
+    result, _ = finetune(load_finetune_config(write_config(setup, "provenance")))
+    final = result.final_dir
+    base_digest = weights_digest(load_file(str(setup / "base" / WEIGHTS_FILE)))
+    recorded = json.loads((final / "provenance.json").read_text())
+    assert recorded["base"] == {"spec": str(setup / "base"), "directory": str(setup / "base"),
+                                "weights_sha256": base_digest}
+    mixed = wise_ft(setup / "base", final, 0.25, tmp_path / "mixed")
+    wise = json.loads((mixed / "provenance.json").read_text())["wise_ft"]
+    assert wise["alpha"] == 0.25 and wise["zero_shot"]["weights_sha256"] == base_digest
+    assert wise["fine_tuned"]["weights_sha256"] == weights_digest(load_file(str(final / WEIGHTS_FILE)))
+    assert wise["fine_tuned"]["base"] == recorded["base"] and wise["forced"] is False
+
+    unrelated = tmp_path / "unrelated"
+    save_pretrained(build_with_vision(lm_dir("llama"), clip_dir, seed=1), unrelated)  # same shapes, other weights
+    run_cli(["wise-ft", str(unrelated), str(final), "--alpha", "0.5", "--out", str(tmp_path / "x")],
+            expect=["is not the base model of", "--force"], watch=[setup, tmp_path])
+    assert main(["wise-ft", str(unrelated), str(final), "--alpha", "0.5", "--out", str(tmp_path / "forced"),
+                 "--force"]) == 0
+    assert json.loads((tmp_path / "forced" / "provenance.json").read_text())["wise_ft"]["forced"] is True
+    with pytest.raises(WiseFTError, match="does not record the base model"):
+        wise_ft(setup / "base", unrelated, 0.5, tmp_path / "x")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a backbone was built before the configs were compared")
+
+    monkeypatch.setattr(wise_module, "build_flamingo", no_build)
+    save_pretrained(build_with_vision(lm_dir("llama"), clip_dir, **{"cross_attention.every": 4}), tmp_path / "sparse")
+    with pytest.raises(WiseFTError, match="config field cross_attention.every"):
+        wise_ft(tmp_path / "sparse", final, 0.5, tmp_path / "x", force=True)
+    for out in (final, final / "inside", final.parent):
+        run_cli(["wise-ft", str(setup / "base"), str(final), "--alpha", "0.5", "--out", str(out), "--overwrite"],
+                expect=["--out", "is read from there"], watch=[setup, tmp_path])
 
 
 @pytest.mark.parametrize("fields, message", [

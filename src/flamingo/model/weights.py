@@ -6,7 +6,10 @@ strict and never unpickles anything.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,17 +22,49 @@ from flamingo.outputs import check_output_dir, publish, staging_dir
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "bridge.safetensors"
+# Where a derived model came from (fine-tuning: its base; WiSE-FT: alpha and both endpoints).
+PROVENANCE_FILE = "provenance.json"
 
 
 class CheckpointError(UserError):
     """A checkpoint does not match the model (missing, unexpected or mis-shaped tensors)."""
 
 
-def write_model_files(folder: Path, tensors: dict[str, torch.Tensor], model_config: FlamingoConfig) -> None:
-    """config.yaml + bridge.safetensors into an existing `folder` (a staging folder: see save_pretrained)."""
+def write_model_files(folder: Path, tensors: dict[str, torch.Tensor], model_config: FlamingoConfig,
+                      provenance: dict[str, Any] | None = None) -> None:
+    """config.yaml + bridge.safetensors (+ provenance.json when given) into an existing `folder` (a
+    staging folder: see save_pretrained)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "flamingo_weights": "bridge-v1"})
     model_config.save(folder / CONFIG_FILE)
+    if provenance is not None:
+        (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of a model's trainable weights (names, dtypes, shapes, values): the identity of a
+    base model in the provenance of the models derived from it, whatever file it was saved in."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_provenance(directory: str | Path) -> dict[str, Any] | None:
+    """The provenance record of a model directory, None when it has none (saved by
+    save_pretrained, trained from scratch, or written before provenance was recorded)."""
+    path = Path(directory) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable provenance record: {err}") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} is not a provenance record (expected a JSON object)")
+    return record
 
 
 def save_pretrained(model: Flamingo, directory: str | Path, *, overwrite: bool = False) -> Path:

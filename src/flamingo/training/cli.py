@@ -131,7 +131,8 @@ def _cmd_wise_ft(args: argparse.Namespace) -> None:
     from flamingo.training.wise_ft import wise_ft
 
     out = wise_ft(model_directory(args.zero_shot), model_directory(args.fine_tuned), args.alpha, args.out,
-                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, force=args.force,
+                  zero_shot_spec=args.zero_shot, fine_tuned_spec=args.fine_tuned)
     print(f"WiSE-FT model (alpha {args.alpha:g}): {out}")
 
 
@@ -211,6 +212,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     wise.add_argument("--alpha", type=float_range(0, 1), required=True, help="weight of the fine-tuned model, in [0, 1]")
     wise.add_argument("--out", required=True, help="output model directory")
     wise.add_argument("--overwrite", action="store_true", help="replace an existing model directory --out")
+    wise.add_argument("--force", action="store_true",
+                      help="interpolate even when ZERO_SHOT is not the base FINE_TUNED records in its "
+                           "provenance.json (or it records none)")
     add_trust_remote_code_option(wise)
     wise.set_defaults(func=_cmd_wise_ft)
 

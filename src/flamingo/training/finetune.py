@@ -31,7 +31,8 @@ as it measures any other. The config (YAML; `load_finetune_config`):
 
 The run starts from the base model's weights; unfrozen backbone parts start from their
 pretrained values. RUN_DIR/final is a normal model directory (config.yaml with the `unfreeze`
-section, safetensors holding the bridge and the unfrozen parts).
+section, safetensors holding the bridge and the unfrozen parts, provenance.json naming the base
+and the hash of its weights, which `wise-ft` checks).
 
 The training data is also a dataset kind of its own, usable in any training config:
 `{name: vqa, kind: task, task: vqav2, data: data.yaml, batch_size: 8}` (`TaskSource`).
@@ -254,10 +255,11 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None,
     from flamingo.training.wise_ft import wise_ft
 
     base_dir = model_directory(config.base)
-    result = train(config.train_config(base_dir), resume=resume, trust_remote_code=trust_remote_code)
+    result = train(config.train_config(base_dir), resume=resume, trust_remote_code=trust_remote_code,
+                   base_spec=config.base)
     wise_dirs = []
     if result.final_dir is not None:
         for alpha in config.wise_alpha:
             wise_dirs.append(wise_ft(base_dir, result.final_dir, alpha, result.run_dir / f"wise-ft-{alpha:g}",
-                                     overwrite=True, trust_remote_code=trust_remote_code))
+                                     overwrite=True, trust_remote_code=trust_remote_code, zero_shot_spec=config.base))
     return result, wise_dirs

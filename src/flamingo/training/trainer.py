@@ -40,7 +40,13 @@ from flamingo.data.batch import Batch
 from flamingo.errors import UserError
 from flamingo.model.config import ConfigError
 from flamingo.model.flamingo import Flamingo
-from flamingo.model.weights import load_trainable_weights, load_weights_file, write_model_files
+from flamingo.model.weights import (
+    WEIGHTS_FILE,
+    load_trainable_weights,
+    load_weights_file,
+    weights_digest,
+    write_model_files,
+)
 from flamingo.outputs import publish, staging_dir, write_text_atomic
 from flamingo.training import checkpoint as ckpt
 from flamingo.training.activation_checkpointing import enable_gradient_checkpointing
@@ -105,20 +111,23 @@ class Trainer:
     resume: None (a fresh run; refused when the checkpoint directory already holds checkpoints),
     "auto" (the latest checkpoint when there is one, else fresh) or a checkpoint folder.
     trust_remote_code: let a language model that needs its own code (`lm.trust_remote_code`) run it.
+    base_spec: how the user named the `init_from` model (e.g. "embedded"), recorded with the hash
+    of its weights in RUN_DIR/final/provenance.json (default: the `init_from` path).
     """
 
     def __init__(self, config: TrainConfig, *, resume: str | Path | None = None, model: Flamingo | None = None,
-                 sources: dict[str, BatchSource] | None = None, trust_remote_code: bool = False) -> None:
+                 sources: dict[str, BatchSource] | None = None, trust_remote_code: bool = False,
+                 base_spec: str | None = None) -> None:
         self.config = config
         self.runtime = init_runtime(config)
         try:
-            self._build(config, resume, model, sources, trust_remote_code)
+            self._build(config, resume, model, sources, trust_remote_code, base_spec)
         except BaseException:
             shutdown(self.runtime)
             raise
 
     def _build(self, config: TrainConfig, resume: str | Path | None, model: Flamingo | None,
-               sources: dict[str, BatchSource] | None, trust_remote_code: bool) -> None:
+               sources: dict[str, BatchSource] | None, trust_remote_code: bool, base_spec: str | None) -> None:
         rt = self.runtime
         self.run_dir = Path(config.run_dir or "runs/flamingo")
         self.checkpoint_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else self.run_dir / "checkpoints"
@@ -131,16 +140,19 @@ class Trainer:
             model = build_flamingo(config.model, trust_remote_code=trust_remote_code)
         self.model = model
         resume_state = None
+        self.provenance: dict[str, Any] | None = None
+        if config.init_from:  # read on resume too: the final model records what it started from
+            path = Path(config.init_from)
+            path = path / WEIGHTS_FILE if path.is_dir() else path
+            base = load_weights_file(path)
+            self.provenance = {"base": {"spec": base_spec or config.init_from, "directory": str(config.init_from),
+                                        "weights_sha256": weights_digest(base)}}
         if resume_from is not None:
             tensors, resume_state = ckpt.load_checkpoint(resume_from)
             load_trainable_weights(model, tensors, source=str(resume_from))
         elif config.init_from:
-            from flamingo.model.weights import WEIGHTS_FILE
-
-            path = Path(config.init_from)
-            path = path / WEIGHTS_FILE if path.is_dir() else path
             # A bridge-only model may start a run that unfreezes backbone parts (fine-tuning).
-            load_trainable_weights(model, load_weights_file(path), source=str(path), backbone_defaults=True)
+            load_trainable_weights(model, base, source=str(path), backbone_defaults=True)
         self.resumed_from = resume_from
 
         self._setup_precision(model)
@@ -500,14 +512,15 @@ class Trainer:
                                            f"({type(err).__name__}: {str(err)[:200]})") from None
 
     def save_final(self) -> Path | None:
-        """The trained model as a model directory RUN_DIR/final (config.yaml + bridge.safetensors)."""
+        """The trained model as a model directory RUN_DIR/final (config.yaml + bridge.safetensors, and
+        provenance.json naming the `init_from` model it started from)."""
         model = unwrap(self.module)
         tensors = {k: full_tensor(v.detach()) for k, v in model.trainable_state_dict().items()}
         final = None
         if self.runtime.is_main:
             final = self.run_dir / FINAL_DIR
             with staging_dir(final) as staged:
-                write_model_files(staged, tensors, model.config)
+                write_model_files(staged, tensors, model.config, self.provenance)
                 publish(staged, final)
         barrier(self.runtime)
         return final
@@ -517,13 +530,15 @@ class Trainer:
 
 
 def train(config: TrainConfig, *, resume: str | Path | None = None, model: Flamingo | None = None,
-          sources: dict[str, BatchSource] | None = None, trust_remote_code: bool = False) -> TrainResult:
+          sources: dict[str, BatchSource] | None = None, trust_remote_code: bool = False,
+          base_spec: str | None = None) -> TrainResult:
     """Run (or resume) training as `config` says; see `Trainer`. Restores torch's CPU thread
     count afterwards (a config may set `threads`)."""
     threads = torch.get_num_threads()
     trainer = None
     try:
-        trainer = Trainer(config, resume=resume, model=model, sources=sources, trust_remote_code=trust_remote_code)
+        trainer = Trainer(config, resume=resume, model=model, sources=sources, trust_remote_code=trust_remote_code,
+                          base_spec=base_spec)
         return trainer.fit()
     finally:
         if trainer is not None:

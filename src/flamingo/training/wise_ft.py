@@ -7,18 +7,32 @@ Every parameter that can differ between the two is interpolated: the bridge, and
 parts either of them unfroze (`FlamingoConfig.unfreeze`); a part unfrozen in one model only has
 its pretrained backbone value in the other. Everything else is the same frozen backbone in both.
 The result is a normal model directory: the fine-tuned model's config (its resolution) with the
-union of both unfrozen sets. alpha 0 and 1 give the two endpoints bit for bit.
+union of both unfrozen sets; alpha 0 and 1 give the two endpoints bit for bit (alpha 0: the
+zero-shot model's config and tensors). Its provenance.json records alpha and both endpoints (spec
+and hash of their trainable weights). The zero-shot model must be the fine-tuned model's base, as
+the fine-tuned model's provenance.json records it, unless `force`.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
+from flamingo.config_io import short
 from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig, UnfreezeConfig
-from flamingo.model.weights import CONFIG_FILE, WEIGHTS_FILE, build_flamingo, load_weights_file, write_model_files
+from flamingo.model.weights import (
+    CONFIG_FILE,
+    PROVENANCE_FILE,
+    WEIGHTS_FILE,
+    build_flamingo,
+    load_weights_file,
+    read_provenance,
+    weights_digest,
+    write_model_files,
+)
 from flamingo.outputs import check_output_dir, publish, staging_dir
 
 # Config fields that may differ: what is trained, and the input resolution (the same weights).
@@ -61,37 +75,85 @@ def _check_alpha(alpha: float) -> None:
 
 
 def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float, out_dir: str | Path, *,
-            overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+            overwrite: bool = False, trust_remote_code: bool = False, force: bool = False,
+            zero_shot_spec: str | None = None, fine_tuned_spec: str | None = None) -> Path:
     """Write the WiSE-FT model of two saved model directories as the folder `out_dir` (refused
-    when it exists unless `overwrite`, written whole or not at all; see `save_pretrained`); see the
-    module docstring."""
+    when it exists unless `overwrite`, or when it is, holds or lies inside either input; written
+    whole or not at all; see `save_pretrained`); see the module docstring.
+
+    The zero-shot model must be the fine-tuned model's base, as its provenance.json records it
+    (the hash of the base's trainable weights); `force` interpolates models whose relation is
+    unknown or different. The specs name the two models in the output's provenance (default:
+    their directories)."""
     _check_alpha(alpha)
-    out_dir = check_output_dir(out_dir, overwrite, "model directory", ours=(CONFIG_FILE, WEIGHTS_FILE))
     zero_shot_dir, fine_tuned_dir = Path(zero_shot_dir), Path(fine_tuned_dir)
+    _check_out_apart(Path(out_dir), {"zero-shot": zero_shot_dir, "fine-tuned": fine_tuned_dir})
+    out_dir = check_output_dir(out_dir, overwrite, "model directory", ours=(CONFIG_FILE, WEIGHTS_FILE))
     zs_config = FlamingoConfig.load(zero_shot_dir / CONFIG_FILE)
     ft_config = FlamingoConfig.load(fine_tuned_dir / CONFIG_FILE)
-    ft_config.unfreeze = UnfreezeConfig(zs_config.unfreeze.vision or ft_config.unfreeze.vision,
-                                        sorted(set(zs_config.unfreeze.lm_blocks) | set(ft_config.unfreeze.lm_blocks)))
-    model = build_flamingo(ft_config, trust_remote_code=trust_remote_code)  # pretrained backbones: the value of a part the other model kept frozen
-    pretrained = {k: v.detach() for k, v in model.trainable_state_dict().items()}
-    backbone = model.unfrozen_backbone_names()
-    endpoints = [_endpoint(directory, pretrained, backbone) for directory in (zero_shot_dir, fine_tuned_dir)]
-    # Same tensors; the backbones (and the rest of the architecture) must be the same too.
+    # The architecture and backbones must be the same: checked before any backbone is built
+    # (which may download a language model).
     zs_fields, ft_fields = _flat(zs_config), _flat(ft_config)
     for key in ft_fields:
         if not key.startswith(_FREE_FIELDS) and zs_fields.get(key) != ft_fields[key]:
             raise WiseFTError(f"{zero_shot_dir} and {fine_tuned_dir} are not the same model: config field {key} is "
                               f"{zs_fields.get(key)!r} vs {ft_fields[key]!r}")
+    saved = [load_weights_file(directory / WEIGHTS_FILE) for directory in (zero_shot_dir, fine_tuned_dir)]
+    digests = [weights_digest(tensors) for tensors in saved]
+    if not force:
+        _check_base(zero_shot_dir, fine_tuned_dir, digests[0])
+    union = copy.deepcopy(ft_config)
+    union.unfreeze = UnfreezeConfig(zs_config.unfreeze.vision or ft_config.unfreeze.vision,
+                                    sorted(set(zs_config.unfreeze.lm_blocks) | set(ft_config.unfreeze.lm_blocks)))
+    model = build_flamingo(union, trust_remote_code=trust_remote_code)  # pretrained backbones: the value of a part the other model kept frozen
+    pretrained = {k: v.detach() for k, v in model.trainable_state_dict().items()}
+    backbone = model.unfrozen_backbone_names()
+    endpoints = [_endpoint(directory, tensors, pretrained, backbone)
+                 for directory, tensors in zip((zero_shot_dir, fine_tuned_dir), saved)]
+    mixed = interpolate(endpoints[0], endpoints[1], alpha)
+    config = union
+    if alpha == 0:  # the zero-shot model itself: its config (resolution, unfrozen parts) and tensors
+        config, mixed = zs_config, {key: mixed[key] for key in saved[0]}
+    specs = (zero_shot_spec or str(zero_shot_dir), fine_tuned_spec or str(fine_tuned_dir))
+    zero_shot = {"spec": specs[0], "weights_sha256": digests[0]}
+    provenance = {"base": zero_shot,
+                  "wise_ft": {"alpha": alpha, "zero_shot": zero_shot,
+                              "fine_tuned": {"spec": specs[1], "weights_sha256": digests[1],
+                                             "base": (read_provenance(fine_tuned_dir) or {}).get("base")},
+                              "forced": force}}
     with staging_dir(out_dir) as staged:
-        write_model_files(staged, interpolate(endpoints[0], endpoints[1], alpha), ft_config)
+        write_model_files(staged, mixed, config, provenance)
         publish(staged, out_dir)
     return out_dir
 
 
-def _endpoint(directory: Path, pretrained: dict[str, torch.Tensor], backbone: set[str]) -> dict[str, torch.Tensor]:
-    """A model's value of every interpolated tensor: its saved weights, and the pretrained value
-    of the backbone parts it did not train."""
-    tensors = load_weights_file(directory / WEIGHTS_FILE)
+def _check_out_apart(out_dir: Path, inputs: dict[str, Path]) -> None:
+    """Writing the output must not replace or change an input (even with --overwrite)."""
+    out = out_dir.resolve()
+    for name, directory in inputs.items():
+        there = directory.resolve()
+        if out == there or out.is_relative_to(there) or there.is_relative_to(out):
+            raise WiseFTError(f"--out {out_dir}: the {name} model {directory} is read from there; write the "
+                              f"WiSE-FT model to a folder apart from both models")
+
+
+def _check_base(zero_shot_dir: Path, fine_tuned_dir: Path, zero_shot_digest: str) -> None:
+    """Refuse a zero-shot model that is not the base the fine-tuned model was trained from."""
+    base = (read_provenance(fine_tuned_dir) or {}).get("base")
+    if not isinstance(base, dict) or not isinstance(base.get("weights_sha256"), str):
+        raise WiseFTError(f"{fine_tuned_dir} does not record the base model it was fine-tuned from (no "
+                          f"{PROVENANCE_FILE}, as `flamingo finetune` writes); pass --force (force=True) to "
+                          f"interpolate it with {zero_shot_dir} anyway")
+    if base["weights_sha256"] != zero_shot_digest:
+        raise WiseFTError(f"{zero_shot_dir} is not the base model of {fine_tuned_dir}: its weights differ from "
+                          f"those it was fine-tuned from ({short(base.get('spec'))}, sha256 "
+                          f"{base['weights_sha256'][:12]}); pass --force (force=True) to interpolate them anyway")
+
+
+def _endpoint(directory: Path, tensors: dict[str, torch.Tensor], pretrained: dict[str, torch.Tensor],
+              backbone: set[str]) -> dict[str, torch.Tensor]:
+    """A model's value of every interpolated tensor: its saved weights (`tensors`), and the
+    pretrained value of the backbone parts it did not train."""
     for key in sorted(set(tensors) | set(pretrained)):
         here = tuple(tensors[key].shape) if key in tensors else None
         there = tuple(pretrained[key].shape) if key in pretrained else None
