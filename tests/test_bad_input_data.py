@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,46 @@ def test_convert_skips_undecodable_videos(tmp_path, what):
         (ds / "x" / "f1.png").write_bytes(shape_png()[:100])
     run_cli(["data", "convert", str(ds), str(tmp_path / "out"), "--kind", "video"],
             expect=["ds/x", "corrupt_video"], watch=[tmp_path])
+
+
+def _empty_tar() -> bytes:
+    import io
+    import tarfile
+
+    data = io.BytesIO()
+    tarfile.open(fileobj=data, mode="w").close()
+    return data.getvalue()
+
+
+def _pairs_tar() -> bytes:
+    import io
+    import tarfile
+
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        for name, payload in (("x.png", shape_png()), ("x.txt", b"a circle")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return data.getvalue()
+
+
+UNREADABLE_SHARDS = {
+    "random-bytes": lambda: random.Random(0).randbytes(4096),
+    "empty-file": lambda: b"",
+    "no-members": _empty_tar,
+    "cut-header": lambda: _pairs_tar()[:300],
+}
+
+
+@pytest.mark.parametrize("make", UNREADABLE_SHARDS.values(), ids=UNREADABLE_SHARDS.keys())
+def test_dedup_fails_when_no_training_record_can_be_read(tmp_path, make):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "x.png").write_bytes(shape_png())
+    (tmp_path / "train.tar").write_bytes(make())
+    run_cli(["data", "dedup", str(tmp_path / "train.tar"), "--eval", f"val={tmp_path / 'eval'}", "--hash-only",
+             "--out", str(tmp_path / "out")], expect=["train.tar", "no training record could be read"],
+            watch=[tmp_path])
 
 
 # ---------------------------------------------------------------------- outputs that exist

@@ -328,6 +328,9 @@ def deduplicate(train_paths: str | list[str], kind: str, benchmarks: dict[str, s
                         writer.next_stream()
                     writer.write({"__key__": key, **record.fields})
                     report.kept, last_key = report.kept + 1, key
+        if not report.records:  # an empty output would look like a clean result
+            why = report.damaged[0].splitlines()[0][:300] if report.damaged else "the shards hold no records"
+            raise DataError(f"training data {', '.join(paths)[:300]}: no training record could be read ({why})")
         report.shards = [out / "shards" / p.name for p in sorted((staged / "shards").glob("shard-*.tar"))]
         _write_reports(report, staged / "report", config, vision)
         publish(staged, out)

@@ -205,7 +205,9 @@ def iter_shard(path: Path, unit: int, on_error: Callable[[str, str], None]) -> I
     damage: list[str] = []
 
     def handler(exn: Exception) -> bool:
-        damage.append(f"shard {path}: {type(exn).__name__}: {exn}")
+        # webdataset appends its stream and URL to the exception (args, " @ <stream>"): keep the reason
+        reason = str(exn.args[0] if exn.args else exn).partition(" @ <")[0]
+        damage.append(f"shard {path}: {type(exn).__name__}: {reason}")
         on_error("corrupt_shard", damage[-1])
         return False  # stop reading this shard, keep what was read
 
