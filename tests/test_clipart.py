@@ -271,3 +271,13 @@ def test_the_feature_probe_finds_categories_that_differ_at_a_glance_separable(fo
                   for on_white in (False, True)]
     linear = probe.linear_probe_accuracy(encoder, found, "train", folds=2)
     assert min(accuracies) >= 0.8 and linear >= 0.7, (accuracies, linear)
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e999", "0", "-1"])
+def test_task_weights_must_be_finite_and_positive(tmp_path, weight):
+    from bad_input import run_cli
+
+    run_cli(["data", "clipart", str(tmp_path / "out"), "--n", "2", "--tasks", f"qa,caption={weight}"],
+            expect=["tasks", "positive"], watch=[tmp_path])
+    with pytest.raises(clipart.ClipartError, match="tasks"):
+        clipart.write_shards(tmp_path / "out", 2, {"caption": float(weight)})

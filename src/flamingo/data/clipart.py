@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import re
 import warnings
@@ -470,8 +471,8 @@ def write_shards(out_dir: str | Path, n: int, tasks: dict[str, float] | None = N
                            f"pairs: kind pairs)")
     tasks = tasks or {t: 1.0 for t in TASKS}
     unknown = sorted(set(tasks) - set(TASKS))
-    if unknown or not tasks or any(w <= 0 for w in tasks.values()):
-        raise ClipartError(f"tasks: expected positive weights for some of {list(TASKS)}, got {tasks!r}")
+    if unknown or not tasks or not all(0 < w < math.inf for w in tasks.values()):  # False for NaN too
+        raise ClipartError(f"tasks: expected finite positive weights for some of {list(TASKS)}, got {tasks!r}")
     if n < 1 or shard_size < 1:
         raise ClipartError(f"n and shard_size: expected integers >= 1, got {n} and {shard_size}")
     found = catalogue(root)
