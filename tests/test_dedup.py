@@ -285,3 +285,35 @@ def test_kept_records_keep_their_keys(planted, tmp_path):
     assert [d.train for d in report.duplicates["vqav2"]] == ["b.tar:s-3"]
     written = list(wds.WebDataset([str(s) for s in report.shards], shardshuffle=False))
     assert [(s["__key__"], s["txt"]) for s in written] == [("s-7", b"coins"), ("s-9", b"page"), ("s-9", b"brick")]
+
+
+@pytest.mark.parametrize("radius", [0, 6, 12, 40])
+def test_hash_search_is_exact_within_the_radius_in_bounded_memory(radius):
+    """The hash index finds the nearest evaluation hash whenever one is within the radius (multi-
+    index hashing for small radii, a blocked scan for wide ones), reports none closer where there
+    is none, and a search of 64 training hashes against 200k evaluation hashes stays far below the
+    [64, 200k] distance matrix (100 MB) of a brute-force search."""
+    import tracemalloc
+
+    from flamingo.data.dedup import EvaluationIndex, HashIndex
+
+    rng = np.random.default_rng(radius)
+    hashes = rng.integers(0, 2**64, 200_000, dtype=np.uint64)  # rows 2i, 2i + 1: image i and its mirror
+    hashes[:5000] = hashes[0]  # a crowded bucket: 2500 copies of one image
+    queries = rng.integers(0, 2**64, 64, dtype=np.uint64)
+    near = rng.integers(0, len(hashes), 48)
+    for i, row in enumerate(near):  # 48 queries at distance 0..radius of some evaluation hash
+        queries[i] = hashes[row] ^ np.uint64(sum(1 << int(b) for b in rng.choice(64, i % (radius + 1), replace=False)))
+    index = EvaluationIndex("x", [], hashes, None, hash_index=HashIndex(hashes, radius))
+    assert (index.hash_index.plan is None) == (radius == 40)
+    tracemalloc.start()
+    distance, image = index.nearest_hashes(queries)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 30e6, peak
+    exact = np.bitwise_count(queries[:, None] ^ hashes[None, :]).astype(np.int64)
+    within = exact.min(1) <= radius
+    assert within[:48].all()
+    assert np.array_equal(distance[within], exact.min(1)[within])
+    assert all(exact[q, 2 * image[q]:2 * image[q] + 2].min() == exact[q].min() for q in np.flatnonzero(within))
+    assert (distance[~within] > radius).all()
