@@ -130,9 +130,9 @@ class HashIndex:
     ceil((radius + 1) / tables) - 1 bits of at least one substring (pigeonhole), so looking up each
     table's buckets at the query's substring with up to `flips` bits flipped finds it. A table is
     the hashes sorted by their substring plus bucket offsets (numpy: faiss's IndexBinaryMultiHash
-    took 12x longer per query on 2M hashes, its IndexBinaryFlat 170x). Where the radius is too
-    wide for that to beat a scan, the search is a popcount over blocks of hashes. Either way a
-    search holds at most about `budget` candidates (~40 bytes each) at a time."""
+    took 6x longer per query on 2M hashes, its IndexBinaryFlat 80x; benchmarks/dedup_index.py).
+    Where the radius is too wide for that to beat a scan, the search is a popcount over blocks of
+    hashes. Either way a search holds at most about `budget` candidates (~40 bytes each) at a time."""
 
     def __init__(self, hashes: np.ndarray, radius: int, budget: int = 1 << 20) -> None:
         self.hashes, self.radius, self.budget = np.ascontiguousarray(hashes, dtype=np.uint64), radius, budget
