@@ -352,6 +352,14 @@ def test_eval_device_that_does_not_exist(tmp_path, device):
              "--device", device], expect="argument --device", watch=[tmp_path])
 
 
+@pytest.mark.parametrize("path", ["", "missing-folder"])
+def test_serve_local_media_path_must_name_a_folder(tmp_path, monkeypatch, path):
+    """An empty --allowed-local-media-path used to allow the working directory."""
+    monkeypatch.chdir(tmp_path)
+    run_cli(["serve", "--allowed-local-media-path", path], expect="argument --allowed-local-media-path",
+            watch=[tmp_path])
+
+
 def test_train_on_cuda_without_a_gpu(tmp_path, monkeypatch):
     import torch
 

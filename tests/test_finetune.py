@@ -234,6 +234,25 @@ def test_models_record_their_provenance_and_wise_ft_refuses_another_base(setup, 
                 expect=["--out", "is read from there"], watch=[setup, tmp_path])
 
 
+def test_non_finite_weights_are_refused_by_finetune_and_wise_ft(setup, tmp_path):
+    """A base with a NaN weight is refused when it is loaded (it used to "train" and save a NaN
+    model); wise-ft refuses an endpoint holding infinity instead of writing a broken model."""
+    import shutil
+
+    damaged = shutil.copytree(setup / "base", tmp_path / "nan-base")
+    tensors = load_file(str(damaged / WEIGHTS_FILE))
+    tensors["perceiver.latents"][0, 0] = float("nan")
+    save_file(tensors, str(damaged / WEIGHTS_FILE))
+    path = write_config(setup, "nan-base", base=str(damaged), train={"run_dir": str(tmp_path / "run")})
+    run_cli(["finetune", str(path)], expect=["nan-base", "NaN or infinite weights", "perceiver.latents"],
+            watch=[setup, tmp_path])
+
+    tensors["perceiver.latents"][0, 0] = float("inf")
+    save_file(tensors, str(damaged / WEIGHTS_FILE))
+    run_cli(["wise-ft", str(setup / "base"), str(damaged), "--alpha", "0.5", "--out", str(tmp_path / "mixed"),
+             "--force"], expect=["nan-base", "NaN or infinite weights", "perceiver.latents"], watch=[setup, tmp_path])
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"task": "nope"}, "unknown task 'nope'"),
     ({"task": "rareact"}, "zero-shot only"),

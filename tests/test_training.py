@@ -366,6 +366,15 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path, lm_dir
     assert last["step"] == 3 and last["skipped_steps"] == 3 and last["nonfinite_in_a_row"] == 3
     assert last["loss"] is None
 
+    # A run shorter than that limit, every update non-finite: an error too, and no final model.
+    config = make_config(tiny_train_dict(lm_dir("llama"), clip_dir, tmp_path / "run3", steps=2,
+                                         max_nonfinite_in_a_row=3))
+    sources = build_sources(config, model)
+    sources["shapes"] = PoisonedSource(sources["shapes"], range(100))
+    with pytest.raises(TrainingError, match=r"every update of the run \(2\) had a non-finite loss"):
+        Trainer(config, model=model, sources=sources).fit()
+    assert not (tmp_path / "run3" / "final").exists()
+
 
 # ---------------------------------------------------------------------------- checkpoints
 def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, lm_dir, clip_dir, monkeypatch):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig
+from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL, check_backbone_packages
 from flamingo.model.flamingo import Flamingo
 from flamingo.outputs import check_output_dir, publish, staging_dir
 
@@ -80,11 +81,22 @@ def save_pretrained(model: Flamingo, directory: str | Path, *, overwrite: bool =
     return directory
 
 
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity: such a model computes nothing meaningful (and
+    training from it, or interpolating it, only spreads the damage)."""
+    bad = [key for key, tensor in sorted(tensors.items())
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise CheckpointError(f"{source} holds NaN or infinite weights (in {shown}): the model is damaged")
+
+
 def load_trainable_weights(model: Flamingo, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
                            backbone_defaults: bool = False) -> None:
     """Copy `tensors` into the model's trainable parameters; the key sets must match exactly,
     except that with `backbone_defaults` the unfrozen backbone parts (`config.unfreeze`) may be
-    absent: they keep their pretrained values (a bridge-only model starting a fine-tuning run)."""
+    absent: they keep their pretrained values (a bridge-only model starting a fine-tuning run).
+    Non-finite values are refused (`check_finite`)."""
     expected = model.trainable_state_dict()
     optional = model.unfrozen_backbone_names() if backbone_defaults else set()
     missing = sorted(set(expected) - set(tensors) - optional)
@@ -98,6 +110,7 @@ def load_trainable_weights(model: Flamingo, tensors: dict[str, torch.Tensor], so
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
                 parts.append(f"{title} keys: {shown}")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    check_finite(tensors, source)
     with torch.no_grad():
         for key, param in expected.items():
             if key in tensors:
@@ -136,13 +149,26 @@ def load_pretrained(directory: str | Path, *, trust_remote_code: bool = False) -
     return model
 
 
+def load_embedded(progress: bool = True) -> Flamingo:
+    """The embedded default (flamingo.model.embedded), offline. The first call converts the LM's
+    GGUF file into a cached safetensors checkpoint (~20 s); later calls load it in seconds."""
+    from tqdm.auto import tqdm
+
+    check_backbone_packages()
+    # One step: load_pretrained converts/verifies the LM cache itself (verifying hashes ~0.5 GB,
+    # so it must not be done a second time here just to show a stage).
+    with tqdm(total=1, desc="loading the embedded Flamingo (LM, vision encoder, bridge)", unit="model",
+              disable=not progress) as bar:
+        model = load_pretrained(ASSETS)
+        bar.update()
+    return model.eval()
+
+
 def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = False) -> Flamingo:
     """A model from a saved directory, a config file (fresh bridge), a hub repository id
     holding a saved directory (`config.yaml` + `bridge.safetensors`), or "embedded"/None: the
     embedded default (offline, see flamingo.model.embedded). Code that comes with the language
     model runs only with `trust_remote_code=True`, whatever the config says."""
-    from flamingo.model.embedded import EMBEDDED_MODEL, load_embedded
-
     if spec is None or str(spec) == EMBEDDED_MODEL:
         return load_embedded()
     if Path(spec).suffix in (".yaml", ".yml", ".json") and not Path(spec).is_dir():
@@ -153,8 +179,6 @@ def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = Fals
 def model_directory(spec: str | Path) -> Path:
     """The local saved model directory of `spec`: a directory, a hub id holding one (fetched),
     or "embedded" (the embedded default's, inside this package)."""
-    from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL, check_backbone_packages
-
     if str(spec) == EMBEDDED_MODEL:
         check_backbone_packages()  # its backbones are built from them next
         return ASSETS

@@ -76,7 +76,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _folder(text: str) -> Path:
-    if not Path(text).is_dir():
+    if not text or not Path(text).is_dir():  # '' would be the working directory
         raise argparse.ArgumentTypeError(f"{text[:200]!r} is not a directory")
     return Path(text)
 

@@ -377,6 +377,13 @@ class Trainer:
                     record = self._record(interval, time.perf_counter() - started)
                     logger.log(record)
                     records.append(record)
+                if self.step > 0 and self.nonfinite_in_a_row >= self.step:
+                    # A run shorter than max_nonfinite_in_a_row whose every update was skipped
+                    # learned nothing: no final model that looks trained.
+                    raise TrainingError(
+                        f"every update of the run ({self.step}) had a non-finite loss or gradient norm and was "
+                        f"skipped: nothing was trained, so no model is saved. Check the data and the base "
+                        f"model's weights, lower optim.lr, or use precision: fp32.")
                 if saved_at != self.step:
                     self.save_checkpoint()
                 # A signal during the last update stops nothing: the run is finished. Otherwise a stopped

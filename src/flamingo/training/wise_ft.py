@@ -28,6 +28,7 @@ from flamingo.model.weights import (
     PROVENANCE_FILE,
     WEIGHTS_FILE,
     build_flamingo,
+    check_finite,
     load_weights_file,
     read_provenance,
     weights_digest,
@@ -99,6 +100,8 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
             raise WiseFTError(f"{zero_shot_dir} and {fine_tuned_dir} are not the same model: config field {key} is "
                               f"{zs_fields.get(key)!r} vs {ft_fields[key]!r}")
     saved = [load_weights_file(directory / WEIGHTS_FILE) for directory in (zero_shot_dir, fine_tuned_dir)]
+    for directory, tensors in zip((zero_shot_dir, fine_tuned_dir), saved):
+        check_finite(tensors, str(directory / WEIGHTS_FILE))
     digests = [weights_digest(tensors) for tensors in saved]
     if not force:
         _check_base(zero_shot_dir, fine_tuned_dir, digests[0])
@@ -111,6 +114,7 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
     endpoints = [_endpoint(directory, tensors, pretrained, backbone)
                  for directory, tensors in zip((zero_shot_dir, fine_tuned_dir), saved)]
     mixed = interpolate(endpoints[0], endpoints[1], alpha)
+    check_finite(mixed, f"the WiSE-FT model at alpha {alpha:g}")  # e.g. a low-precision overflow
     config = union
     if alpha == 0:  # the zero-shot model itself: its config (resolution, unfrozen parts) and tensors
         config, mixed = zs_config, {key: mixed[key] for key in saved[0]}
