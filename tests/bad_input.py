@@ -27,7 +27,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,38 @@ def run_cli_subprocess(argv: Sequence[str], expect: Expect, *, watch: Iterable[s
     diff = changes(before, snapshot(watch), allowed)
     assert not diff, "files changed outside the output folder: " + "; ".join(diff[:10])
     return CliResult(proc.returncode, proc.stdout.decode("utf-8", "replace"), stderr, line)
+
+
+@contextlib.contextmanager
+def serve_subprocess(argv: Sequence[str], *, module: str = "flamingo.cli", env: dict[str, str] | None = None,
+                     startup_timeout_s: float = 120) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python -m MODULE serve ARGV --port P` in a fresh interpreter (`checkout_env` plus `env`) on a
+    free loopback port: yields the process (stdout and stderr piped) and its URL once /health
+    answers; the process is killed on the way out if it still runs."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", module, "serve", *argv, "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=checkout_env(OMP_NUM_THREADS="1", **(env or {})))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                time.sleep(0.3)
+        yield server, url
+    finally:
+        server.kill()
 
 
 # ------------------------------------------------------------------------------------- API

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from bad_input import checkout_env
+from bad_input import serve_subprocess
 
 from flamingo import FlamingoConfig
 from flamingo.cli import main
@@ -60,26 +55,9 @@ def test_serve_stops_on_ctrl_c_or_sigterm_cleanly(saved_model, signum):
     """`flamingo serve` in its own process: ready, then a signal; it exits 128 + the signal's
     number with no traceback (uvicorn's own re-raise of the signal used to cancel the app's
     lifespan after the shutdown and log one)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "flamingo.cli", "serve", "--model", str(saved_model), "--port",
-                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=checkout_env(OMP_NUM_THREADS="1"))
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                time.sleep(0.3)
+    with serve_subprocess(["--model", str(saved_model)]) as (server, _):
         server.send_signal(signum)
         _, err = server.communicate(timeout=60)
-    finally:
-        server.kill()
     assert server.returncode == 128 + signum and "Traceback" not in err.decode(), err.decode()[-3000:]
 
 

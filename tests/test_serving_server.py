@@ -8,6 +8,8 @@ import asyncio
 import base64
 import io
 import json
+import os
+import signal
 import socket
 import struct
 import threading
@@ -681,3 +683,115 @@ def test_bounded_load_loses_nothing(model):
     print(result.summary())
     assert result.server_errors == 0 and result.lost == 0, result.problems
     assert result.statuses[200] == 40 and len(result.latencies_s) == 40 and result.ttfts_s
+
+
+# ------------------------------------------------------------------------- SIGTERM under load
+SLOW_SERVE = '''"""`flamingo serve` whose engine steps take as long as a large model's on a CPU: each decode step
+{decode_s} s, each prefill after the first {prefill_s} s (longer than uvicorn's graceful shutdown
+timeout). Marks in {marks!r}: a line in "submitted" per request, "prefilling"/"prefilled" around
+the slow prefill."""
+import sys
+import time
+from pathlib import Path
+
+from flamingo.serving import engine
+
+MARKS = Path({marks!r})
+_submit, _admit, _decode_step = engine.Engine._submit, engine.Engine._admit, engine.Engine._decode_step
+admits = []
+
+
+def submit(self, job):
+    _submit(self, job)
+    with open(MARKS / "submitted", "a") as f:
+        f.write("job\\n")
+
+
+def admit(self, jobs):
+    admits.append(len(jobs))
+    if len(admits) > 1:
+        (MARKS / "prefilling").touch()
+        time.sleep({prefill_s})
+        (MARKS / "prefilled").touch()
+    return _admit(self, jobs)
+
+
+def decode_step(self, *args):
+    time.sleep({decode_s})
+    return _decode_step(self, *args)
+
+
+engine.Engine._submit, engine.Engine._admit, engine.Engine._decode_step = submit, admit, decode_step
+from flamingo.cli import main  # noqa: E402
+
+sys.exit(main())
+'''
+
+
+def test_sigterm_under_load_answers_every_request_at_once_with_503_or_an_error_event(model, tmp_path):
+    """`flamingo serve` in its own process, one answer streaming and more requests waiting for
+    their first token (in a long prefill, or queued), then SIGTERM: every request ends at once
+    with the documented 503 `shutting_down` (or, once streaming, its error event), none with
+    uvicorn's bare 500 after its graceful timeout; the server exits 143 after the current step."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bad_input import ROOT, serve_subprocess
+
+    from flamingo.model.weights import save_pretrained
+
+    saved = save_pretrained(model, tmp_path / "model")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "slow_serve.py").write_text(SLOW_SERVE.format(decode_s=0.05, prefill_s=8, marks=str(marks)))
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(tmp_path)])}
+    first_token = threading.Event()
+
+    def ask(url: str, path: str, body: dict) -> tuple[int | None, str]:
+        try:
+            with httpx.Client(base_url=url, timeout=120) as http:
+                with http.stream("POST", path, json=body) as response:
+                    text = ""
+                    for chunk in response.iter_text():
+                        text += chunk
+                        if text.startswith("data: {"):  # a stream's first event comes with its first token
+                            first_token.set()
+                    return response.status_code, text
+        except httpx.HTTPError as err:  # a connection cut mid-answer
+            return None, repr(err)
+
+    requests = [("/v1/chat/completions", _chat("What is it?", max_tokens=4)),
+                ("/v1/chat/completions", _chat("What is it?", max_tokens=4, stream=True)),
+                ("/v1/completions", {"prompt": "An image of", "max_tokens": 4}),
+                ("/v1/completions", {"prompt": "An image of", "max_tokens": 4, "stream": True, "n": 2}),
+                ("/v1/rank", {"prompt": "This is a", "candidates": [" dax", " wug"]})] * 2
+    with serve_subprocess(["--model", str(saved), "--max-tokens", "200"], module="slow_serve", env=env) as (
+            server, url), ThreadPoolExecutor(len(requests) + 1) as pool:
+        answering = pool.submit(ask, url, "/v1/completions", {"prompt": "An image of", "max_tokens": 150,
+                                                              "stream": True})
+        while not first_token.wait(0.1):
+            assert not answering.done(), answering.result()
+        waiting = [pool.submit(ask, url, path, body) for path, body in requests]
+        deadline = time.monotonic() + 60
+        while not ((marks / "prefilling").exists() and (marks / "submitted").exists()
+                   and len((marks / "submitted").read_text().split()) == len(requests) + 1):
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        signalled = time.time()
+        answers = [answering.result(timeout=120)] + [w.result(timeout=120) for w in waiting]
+        answered, answered_during_the_step = time.time(), not (marks / "prefilled").exists()
+        _, err = server.communicate(timeout=60)
+        print(f"SIGTERM -> every request answered: {answered - signalled:.2f} s; the step's end -> exit: "
+              f"{time.time() - (marks / 'prefilled').stat().st_mtime:.2f} s")
+    status, text = answers[0]
+    assert status == 200 and sse_chunks(text)[-1]["error"]["code"] == "shutting_down", text[-500:]
+    assert sse_chunks(text)[0]["choices"][0]["text"]
+    for (path, _), (status, text) in zip(requests, answers[1:]):
+        if status == 200 and path == "/v1/rank":  # ranked before the slow prefill began
+            assert json.loads(text)["results"]
+            continue
+        assert status == 503, (path, status, text[-500:])
+        assert json.loads(text)["error"]["code"] == "shutting_down"
+    assert answered_during_the_step, "the requests were answered only after the engine's step"
+    assert server.returncode == 128 + signal.SIGTERM and "Traceback" not in err.decode(), err.decode()[-3000:]

@@ -32,6 +32,7 @@ import hashlib
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -322,6 +323,7 @@ class Engine:
         self.metrics = EngineMetrics()
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes, self.metrics)
         self._waiting: collections.deque[_Job] = collections.deque()
+        self._jobs: weakref.WeakSet[_Job] = weakref.WeakSet()  # submitted, still referenced (by a consumer)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -346,9 +348,14 @@ class Engine:
 
     def request_stop(self) -> None:
         """Begin stopping without waiting (safe in a signal handler: takes no lock): new requests
-        are refused, and the running and waiting ones end with EngineStopped after the current
-        step, so that their responses close at once. `stop` then joins the thread."""
+        are refused, and the running and waiting ones end with EngineStopped now, without waiting
+        for the current step (which may take seconds), so that their responses close at once;
+        the engine thread drops them. `stop` then joins the thread after its current step."""
         self._stopping = True
+        for job in list(self._jobs):
+            if not job.cancelled:
+                job.cancelled = True
+                job.send(EngineStopped("the server is shutting down: the request was cancelled"))
 
     # ------------------------------------------------------------------ requests
     def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
@@ -471,6 +478,7 @@ class Engine:
                 self.metrics.requests_rejected.labels("queue_full").inc()
                 raise EngineOverloaded(f"the queue is full ({self.config.max_queue} requests waiting)")
             self._waiting.append(job)
+            self._jobs.add(job)
             self.metrics.queue_length.set(len(self._waiting))
             self._wake.notify()
 
