@@ -11,6 +11,19 @@ from flamingo.model.config import (
 
 __version__ = "0.1.0"
 
+# `from flamingo import load_model` without importing torch and transformers at `import flamingo`
+# (the command line imports this package first, for every subcommand).
+_WEIGHTS = ("build_flamingo", "load_model", "load_pretrained", "save_pretrained")
+
+
+def __getattr__(name: str):
+    if name in _WEIGHTS:
+        from flamingo.model import weights
+
+        return getattr(weights, name)
+    raise AttributeError(f"module 'flamingo' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigError",
     "CrossAttentionConfig",
@@ -19,4 +32,8 @@ __all__ = [
     "PerceiverConfig",
     "VisionConfig",
     "__version__",
+    "build_flamingo",
+    "load_model",
+    "load_pretrained",
+    "save_pretrained",
 ]

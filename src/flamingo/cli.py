@@ -20,7 +20,7 @@ from flamingo.cli_options import (
     seed,
 )
 from flamingo.config_io import short
-from flamingo.errors import UserError
+from flamingo.errors import MissingExtra, UserError
 
 EXAMPLES = """examples:
   flamingo demo                                  the embedded model learning from examples, offline
@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             traceback.print_exc()
         print(f"flamingo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except MissingExtra as err:  # not the user's mistake: the install lacks an optional part
+        print(err, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -59,6 +59,9 @@ def _cmd_shapes(args: argparse.Namespace) -> None:
 
 def _cmd_dedup(args: argparse.Namespace) -> None:
     from flamingo.data.dedup import DedupConfig, deduplicate
+    from flamingo.errors import import_extra
+
+    import_extra("imagehash", "dedup", "flamingo data dedup")  # before any work
     from flamingo.model.config import VisionConfig
 
     benchmarks: dict[str, str] = {}

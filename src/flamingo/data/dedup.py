@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from flamingo.data.config import DataError
+from flamingo.errors import import_extra
 from flamingo.data.media import IMAGE_EXTS, SkipSample, decode_image
 from flamingo.data.processing import pair_image, parse_document, record_document, resolve_media
 from flamingo.data.sources import CORRUPT_FIELD, Record, iter_shard, resolve_paths
@@ -89,8 +90,7 @@ class DedupConfig:
 
 # ------------------------------------------------------------------------------- features
 def phash64(image: Image.Image) -> np.uint64:
-    import imagehash
-
+    imagehash = import_extra("imagehash", "dedup", "flamingo data dedup")
     return np.uint64(int(str(imagehash.phash(image)), 16))
 
 

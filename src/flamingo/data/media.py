@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, UnidentifiedImageError
 
+from flamingo.errors import import_extra
 from flamingo.model import image_processing
 from flamingo.model.image_processing import ImageProcessingError, to_rgb
 
@@ -165,10 +166,7 @@ def decode_video_clip(source: MediaSource, name: str, frames: int, fps: float,
     Each timestamp gets the frame on screen at that time (the last frame whose presentation time
     is <= it). Raises SkipSample("missing_video" / "corrupt_video").
     """
-    try:
-        import av
-    except ImportError as err:  # pragma: no cover - av is a dependency
-        raise ImportError("reading video files needs PyAV: pip install av") from err
+    av = import_extra("av", "video", "reading video files")
 
     if isinstance(source, Path):
         if not source.is_file():

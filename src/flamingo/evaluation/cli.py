@@ -34,10 +34,13 @@ tasks: """
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from flamingo.errors import import_extra
     from flamingo.evaluation.data_config import load_data_config
     from flamingo.evaluation.settings import EvalSettings
     from flamingo.evaluation.tasks import get_task
 
+    for module in ("pycocoevalcap", "nltk", "matplotlib"):  # the metrics and results.png
+        import_extra(module, "eval", "flamingo eval")
     # Bad tasks, data config and options are reported before the (slow) model load.
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     for name in tasks:

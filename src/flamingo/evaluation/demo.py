@@ -91,7 +91,7 @@ def run_demo(seed: int = 0, episodes: int = 24, say: Callable[[str], None] = pri
         _show(model, "5. New words with real photos (scikit-image's data)", items, names, say, f" {words[0]}.")
         _show(model, "6. Captioning a real photo", [photos[a_name]], names, say)
     else:
-        say("\n(scikit-image is not installed: skipping the real photos; pip install scikit-image)")
+        say("\n(scikit-image is not installed: skipping the real photos; pip install 'flamingo[demo]')")
 
     tasks = ["binding", "induction"]
     try:

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flamingo.errors import UserError
+from flamingo.errors import UserError, import_extra
 from flamingo.outputs import cache_root
 
 
@@ -124,8 +124,8 @@ def cider(predictions: dict[str, str], references: dict[str, list[str]]) -> floa
 
     Needs a ``java`` executable on PATH (the tokenizer runs a JVM once per call).
     """
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    Cider = import_extra("pycocoevalcap.cider.cider", "eval", "CIDEr").Cider
+    PTBTokenizer = import_extra("pycocoevalcap.tokenizer.ptbtokenizer", "eval", "CIDEr").PTBTokenizer
 
     if not predictions:
         raise MetricError("cider: no predictions to score")
@@ -286,7 +286,7 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _porter_stemmer() -> Any:
-    from nltk.stem.porter import PorterStemmer
+    PorterStemmer = import_extra("nltk.stem.porter", "eval", "the stemmed VQA accuracy (OK-VQA)").PorterStemmer
 
     return PorterStemmer()
 
@@ -685,7 +685,7 @@ def _wups_one_way(words1: list[str], words2: list[str], threshold: float) -> flo
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer() -> Any:
-    from nltk.tokenize import NLTKWordTokenizer
+    NLTKWordTokenizer = import_extra("nltk.tokenize", "eval", "WUPS").NLTKWordTokenizer
 
     return NLTKWordTokenizer()
 

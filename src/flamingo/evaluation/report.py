@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from flamingo.errors import import_extra
 from flamingo.evaluation.aggregate import score_records
 from flamingo.evaluation.samples import Sample
 from flamingo.evaluation.tasks import TaskSpec
@@ -83,7 +84,7 @@ def markdown_table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    matplotlib = import_extra("matplotlib", "eval", "the results plot of flamingo eval")
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt

@@ -28,6 +28,10 @@ def model_name(spec: str) -> str:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
+    from flamingo.errors import import_extra
+
+    for module in ("fastapi", "uvicorn", "prometheus_client", "httpx"):  # one line, not an ImportError's traceback
+        import_extra(module, "serve", "flamingo serve")
     import torch
     import uvicorn
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flamingo.errors import UserError
+from flamingo.errors import UserError, import_extra
 from flamingo.training.metrics import METRICS_FILE, read_metrics
 
 
@@ -32,10 +32,7 @@ def _series(records: list[dict], *keys: str) -> tuple[list[float], list[float]]:
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the figures (default into RUN_DIR/plots) and return their paths."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("flamingo plot needs matplotlib: pip install matplotlib") from None
+    matplotlib = import_extra("matplotlib", "plot", "flamingo plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
