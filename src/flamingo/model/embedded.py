@@ -9,6 +9,9 @@ Neither backbone is contrastively trained like the paper's, and the bridge has s
 procedural images (`flamingo.data.procedural`): this model demonstrates the mechanism — few-shot
 learning from examples in the prompt — offline. For real-world use, load an OpenFlamingo
 checkpoint or train over CLIP ViT-L/14 + a larger LM (configs/).
+
+This module names the model and checks its packages; `flamingo.model.weights.load_embedded` (or
+`load_model("embedded")`) loads it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import importlib.util
 from pathlib import Path
 
 from flamingo.errors import UserError
-from flamingo.model.flamingo import Flamingo
 
 EMBEDDED_MODEL = "embedded"
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "embedded"
@@ -40,20 +42,3 @@ def check_backbone_packages() -> None:
     if missing:
         raise EmbeddedModelError("the embedded default model needs packages that are not installed; run: "
                                  + " && ".join(missing))
-
-
-def load_embedded(progress: bool = True) -> Flamingo:
-    """The embedded default, offline. The first call converts the LM's GGUF file into a cached
-    safetensors checkpoint (~20 s); later calls load it in seconds."""
-    from tqdm.auto import tqdm
-
-    from flamingo.model.weights import load_pretrained
-
-    check_backbone_packages()
-    # One step: load_pretrained converts/verifies the LM cache itself (verifying hashes ~0.5 GB,
-    # so it must not be done a second time here just to show a stage).
-    with tqdm(total=1, desc="loading the embedded Flamingo (LM, vision encoder, bridge)", unit="model",
-              disable=not progress) as bar:
-        model = load_pretrained(ASSETS)
-        bar.update()
-    return model.eval()
