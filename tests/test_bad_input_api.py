@@ -359,7 +359,7 @@ DATA_CONFIGS = [
 @pytest.mark.parametrize("text, message", DATA_CONFIGS, ids=lambda v: str(v)[:24])
 def test_eval_data_config(tmp_path, text, message):
     from flamingo.evaluation import EvalDataError
-    from flamingo.evaluation.data_config import load_data_config
+    from flamingo.data.benchmarks.data_config import load_data_config
 
     (tmp_path / "data.yaml").write_text(text)
     expect_user_error(lambda: load_data_config(tmp_path / "data.yaml"), expect=["data.yaml", message],

@@ -15,7 +15,7 @@ from flamingo.evaluation import EvalSettings, evaluate, load_data_config
 from flamingo.evaluation.records import RecordWriter, merge_shards, read_all
 from flamingo.evaluation.runner import TaskEvaluator
 from flamingo.evaluation.suite import load_subsets
-from flamingo.evaluation.tasks import get_task
+from flamingo.data.benchmarks.tasks import get_task
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,10 +11,10 @@ import pytest
 
 import eval_fixtures as F
 from flamingo.evaluation.aggregate import score_records
-from flamingo.evaluation.data_config import SplitPaths, load_data_config
-from flamingo.evaluation.loaders import LOADERS, rareact_caption
-from flamingo.evaluation.samples import EvalDataError, Sample
-from flamingo.evaluation.tasks import TASKS, get_task
+from flamingo.data.benchmarks.data_config import SplitPaths, load_data_config
+from flamingo.data.benchmarks.loaders import LOADERS, rareact_caption
+from flamingo.data.benchmarks.samples import EvalDataError, Sample
+from flamingo.data.benchmarks.tasks import TASKS, get_task
 
 
 def _csv(path: Path, rows: list[dict]) -> Path:
@@ -281,7 +281,7 @@ def test_a_field_the_task_does_not_read_is_an_error(tmp_path):
 def test_example_data_config_covers_every_task_with_fields_it_reads():
     from dataclasses import fields as dc_fields
 
-    from flamingo.evaluation.data_config import SplitPaths
+    from flamingo.data.benchmarks.data_config import SplitPaths
 
     config = load_data_config(Path(__file__).parents[1] / "configs" / "eval" / "data.example.yaml")
     assert set(config.tasks) == set(TASKS)

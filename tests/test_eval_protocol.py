@@ -8,16 +8,16 @@ import pytest
 import torch
 
 import eval_fixtures as F
-from flamingo.evaluation.data_config import SplitPaths
-from flamingo.evaluation.loaders import LOADERS
-from flamingo.evaluation.media import read_media
+from flamingo.data.benchmarks.data_config import SplitPaths
+from flamingo.data.benchmarks.loaders import LOADERS
+from flamingo.data.benchmarks.media import read_media
 from flamingo.evaluation.records import RecordWriter
 from flamingo.evaluation.rices import SupportIndex, media_features
 from flamingo.evaluation.runner import EOC, TaskEvaluator
-from flamingo.evaluation.samples import Sample
+from flamingo.data.benchmarks.samples import Sample
 from flamingo.evaluation.settings import EvalSettings
 from flamingo.evaluation.subsets import Subsets, make_subsets
-from flamingo.evaluation.tasks import get_task
+from flamingo.data.benchmarks.tasks import get_task
 from flamingo.inference import GenerationConfig, encode_prompts, generate, interleaved_prompt, score_candidates
 
 

@@ -18,7 +18,8 @@ from conftest import build_with_vision, randomize_gates
 from flamingo.cli import main
 from flamingo.model.config import ConfigError
 from flamingo.model.weights import WEIGHTS_FILE, load_model, save_pretrained
-from flamingo.training.finetune import TaskSource, finetune, load_finetune_config
+from flamingo.training.finetune import finetune, load_finetune_config
+from flamingo.training.task_source import TaskSource
 from flamingo.training.wise_ft import WiseFTError, wise_ft
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

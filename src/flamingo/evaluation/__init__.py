@@ -4,11 +4,11 @@
     results = evaluate(model, ["coco"], load_data_config("data.yaml"), EvalSettings(shots=[0, 4]), "runs/eval")
 """
 
-from flamingo.evaluation.data_config import DataConfig, load_data_config
-from flamingo.evaluation.samples import EvalDataError, Sample
+from flamingo.data.benchmarks.data_config import DataConfig, load_data_config
+from flamingo.data.benchmarks.samples import EvalDataError, Sample
+from flamingo.data.benchmarks.tasks import TASKS, TaskSpec, get_task
 from flamingo.evaluation.settings import EvalSettings
 from flamingo.evaluation.suite import evaluate
-from flamingo.evaluation.tasks import TASKS, TaskSpec, get_task
 
 __all__ = ["TASKS", "DataConfig", "EvalDataError", "EvalSettings", "Sample", "TaskSpec", "evaluate", "get_task",
            "load_data_config"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from flamingo.data.benchmarks.samples import Sample
+from flamingo.data.benchmarks.tasks import TaskSpec
 from flamingo.evaluation import metrics as M
-from flamingo.evaluation.samples import Sample
-from flamingo.evaluation.tasks import TaskSpec
 
 
 def _softmax_first(pair: Sequence[float]) -> float:

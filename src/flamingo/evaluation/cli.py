@@ -34,10 +34,10 @@ tasks: """
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from flamingo.data.benchmarks.data_config import load_data_config
+    from flamingo.data.benchmarks.tasks import get_task
     from flamingo.errors import import_extra
-    from flamingo.evaluation.data_config import load_data_config
     from flamingo.evaluation.settings import EvalSettings
-    from flamingo.evaluation.tasks import get_task
 
     for module in ("pycocoevalcap", "nltk", "matplotlib"):  # the metrics and results.png
         import_extra(module, "eval", "flamingo eval")
@@ -79,8 +79,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from flamingo.data.benchmarks.tasks import TASKS
     from flamingo.evaluation.settings import MAX_BATCH_SIZE
-    from flamingo.evaluation.tasks import TASKS
     from flamingo.inference.generation import MAX_BEAMS, MAX_NEW_TOKENS
 
     p = sub.add_parser("eval", help="few-shot evaluation on the paper's benchmarks (resumable, torchrun)",

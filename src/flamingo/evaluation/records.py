@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from flamingo.config_io import short
-from flamingo.evaluation.samples import EvalDataError
+from flamingo.data.benchmarks.samples import EvalDataError
 
 STATUSES = ("ok", "missing", "ooc")
 DAMAGED = "the predictions file is damaged; delete it to recompute this task"

@@ -9,10 +9,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from flamingo.data.benchmarks.samples import Sample
+from flamingo.data.benchmarks.tasks import TaskSpec
 from flamingo.errors import import_extra
 from flamingo.evaluation.aggregate import score_records
-from flamingo.evaluation.samples import Sample
-from flamingo.evaluation.tasks import TaskSpec
 from flamingo.outputs import write_text_atomic
 
 

@@ -20,9 +20,9 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from flamingo.data.benchmarks.samples import Sample
 from flamingo.data.media import SkipSample
 from flamingo.errors import UserError
-from flamingo.evaluation.samples import Sample
 from flamingo.model.flamingo import Flamingo
 
 

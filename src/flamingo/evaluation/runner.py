@@ -18,17 +18,17 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from flamingo.data.benchmarks.loaders import class_names_of
+from flamingo.data.benchmarks.media import MediaCache, VideoSampling, read_media
+from flamingo.data.benchmarks.samples import EvalDataError, Sample
+from flamingo.data.benchmarks.tasks import TaskSpec
 from flamingo.data.media import SkipSample
 from flamingo.data.sources import keyed_rng
 from flamingo.evaluation import metrics as M
-from flamingo.evaluation.loaders import class_names_of
-from flamingo.evaluation.media import MediaCache, VideoSampling, read_media
 from flamingo.evaluation.records import RecordWriter, record_key
 from flamingo.evaluation.rices import SupportIndex, media_features
-from flamingo.evaluation.samples import EvalDataError, Sample
 from flamingo.evaluation.settings import EvalSettings
 from flamingo.evaluation.subsets import Subsets
-from flamingo.evaluation.tasks import TaskSpec
 from flamingo.inference.generation import GenerationConfig, generate
 from flamingo.inference.prompt import Prompt, context_length, interleaved_prompt
 from flamingo.inference.scoring import score_candidates

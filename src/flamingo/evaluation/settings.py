@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flamingo.config_io import check_fields, short
-from flamingo.evaluation.samples import EvalDataError
+from flamingo.data.benchmarks.samples import EvalDataError
 
 PAPER_SHOTS = (0, 4, 8, 16, 32)
 MAX_BATCH_SIZE = 4096

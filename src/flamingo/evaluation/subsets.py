@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+from flamingo.data.benchmarks.samples import EvalDataError, Sample
+from flamingo.data.benchmarks.tasks import TaskSpec
 from flamingo.data.sources import keyed_rng
-from flamingo.evaluation.samples import EvalDataError, Sample
-from flamingo.evaluation.tasks import TaskSpec
 
 
 @dataclass

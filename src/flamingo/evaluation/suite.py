@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from flamingo.evaluation.data_config import DataConfig, SplitPaths
-from flamingo.evaluation.loaders import LOADERS
+from flamingo.data.benchmarks.data_config import DataConfig, SplitPaths
+from flamingo.data.benchmarks.loaders import LOADERS
+from flamingo.data.benchmarks.samples import EvalDataError
+from flamingo.data.benchmarks.tasks import TaskSpec, get_task
 from flamingo.evaluation.records import RecordWriter, merge_shards, read_all, record_key
 from flamingo.evaluation.report import summarize, write_reports
 from flamingo.evaluation.rices import cache_path
 from flamingo.evaluation.runner import TaskEvaluator
-from flamingo.evaluation.samples import EvalDataError
 from flamingo.evaluation.settings import EvalSettings
 from flamingo.evaluation.subsets import Subsets, make_subsets
-from flamingo.evaluation.tasks import TaskSpec, get_task
 from flamingo.model.flamingo import Flamingo
 from flamingo.outputs import cache_root, write_text_atomic
 

@@ -6,7 +6,7 @@ the config's `datasets:` list:
 
 - kind "synthetic_shapes" / "procedural" / "clipart": `flamingo.training.synthetic.ShapesSource` /
   `ProceduralSource` / `ClipartSource` (generated in memory; clipart reads the installed clip-art);
-- kind "task": `flamingo.training.finetune.TaskSource` (a benchmark's annotations, as `flamingo
+- kind "task": `flamingo.training.task_source.TaskSource` (a benchmark's annotations, as `flamingo
   eval` reads them, in its prompt format: fine-tuning);
 - any other kind: the data pipeline's `flamingo.data.loader.build_loader`, given the entry as its
   `DatasetConfig` (name, kind, weight, batch_size and all other keys of the entry map one to
@@ -25,6 +25,7 @@ from flamingo.data.loader import build_loader
 from flamingo.model.config import ConfigError
 from flamingo.model.flamingo import Flamingo
 from flamingo.training.config import DatasetSpec, TrainConfig
+from flamingo.training.task_source import task_source
 
 SYNTHETIC_KINDS = ("synthetic_shapes", "procedural", "clipart")
 TASK_KIND = "task"  # a benchmark's annotations in the evaluation's prompt format (flamingo.training.finetune)
@@ -79,8 +80,6 @@ def pipeline_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, wo
 
 def build_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
     if spec.kind == TASK_KIND:
-        from flamingo.training.finetune import task_source
-
         return task_source(spec, model, _image_processor(model, spec), seed, rank, world_size)
     make = synthetic_source if spec.kind in SYNTHETIC_KINDS else pipeline_source
     return make(spec, model, seed, rank, world_size)

@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+from flamingo.data.benchmarks.data_config import SplitPaths
+from flamingo.data.benchmarks.samples import EvalDataError, Sample, get, items, read_csv, read_json, read_jsonl
 from flamingo.data.media import IMAGE_EXTS
-from flamingo.evaluation.data_config import SplitPaths
-from flamingo.evaluation.samples import EvalDataError, Sample, get, items, read_csv, read_json, read_jsonl
 
 Loader = Callable[[SplitPaths, str, str], list[Sample]]  # (paths, split, "tasks.NAME.SPLIT") -> samples
 

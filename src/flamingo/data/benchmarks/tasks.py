@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flamingo.evaluation.samples import EvalDataError, Sample
+from flamingo.data.benchmarks.samples import EvalDataError, Sample
 
 Kind = Literal["caption", "vqa", "classification", "binary", "choice", "visdial", "retrieval"]
 

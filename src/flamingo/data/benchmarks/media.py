@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from flamingo.data.benchmarks.samples import Sample
 from flamingo.data.media import SkipSample, decode_image, decode_video_clip
-from flamingo.evaluation.samples import Sample
 from flamingo.model.image_processing import DEFAULT_MAX_PIXELS
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flamingo.config_io import load_structured, short
-from flamingo.evaluation.samples import EvalDataError
+from flamingo.data.benchmarks.samples import EvalDataError
 
 SPLITS = ("train", "test")
 
