@@ -44,7 +44,8 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
     import json
 
     from flamingo.data.clipart import ClipartError, catalogue
-    from flamingo.evaluation.procedural import TASKS, caption_objects, evaluate, format_table
+    from flamingo.data.episodes import TASKS
+    from flamingo.evaluation.procedural import caption_objects, evaluate, format_table
     from flamingo.outputs import write_text_atomic
 
     unknown = [t for t in args.task or [] if t not in TASKS]

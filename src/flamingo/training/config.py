@@ -42,7 +42,7 @@ class DatasetSpec:
 
     name: label (per-dataset losses, data positions); unique.
     kind: "synthetic_shapes" (in-memory coloured shapes), "procedural" (in-memory scenes and
-        few-shot episodes, `flamingo.data.procedural`; see `flamingo.training.synthetic`), "clipart"
+        few-shot episodes, `flamingo.data.procedural`; see `flamingo.data.synthetic`), "clipart"
         (the same over real drawn objects, `flamingo.data.clipart`), "task"
         (a benchmark's training annotations in the evaluation's prompt format, options task, data,
         ...: `flamingo.training.finetune`), or a kind
