@@ -130,3 +130,18 @@ def test_serving_example_runs_against_flamingo_serve(name, served, tmp_path, cap
         assert response["object"] == "chat.completion" and response["choices"][0]["message"]["content"] is not None
     else:
         assert out.strip(), f"{name} printed nothing"
+
+
+# Files the pages name: repository paths anywhere (commands included), package paths in backticks.
+REPO_PATH = re.compile(r"(?<![\w/.])((?:src/flamingo|configs|benchmarks|scripts|tests)/[\w/.-]*\w\.(?:py|yaml))")
+PACKAGE_PATH = re.compile(r"`((?:model|data|training|inference|serving|evaluation)/[\w/]+\.py)`")
+
+
+def test_the_files_the_pages_name_exist():
+    missing = []
+    for page in PAGES:
+        text = page.read_text()
+        missing += [f"{page.name}: {path}" for path in REPO_PATH.findall(text) if not (ROOT / path).exists()]
+        missing += [f"{page.name}: {path}" for path in PACKAGE_PATH.findall(text)
+                    if not (ROOT / "src" / "flamingo" / path).exists()]
+    assert not missing, "the docs name files that are not there (moved?): " + ", ".join(missing)
