@@ -327,9 +327,28 @@ def test_loss_is_the_mean_next_token_nll_over_labelled_tokens(lm_dir):
     labels = ids.masked_fill(ids == model.media_token_id, -100)
     with torch.no_grad():
         out = model(ids, vision_features=features(3), labels=labels)
-    logp = out.logits.log_softmax(-1)
+        logp = model(ids, vision_features=features(3)).logits.log_softmax(-1)
     terms = [-logp[0, t - 1, labels[0, t]] for t in range(1, ids.shape[1]) if labels[0, t] != -100]
     assert torch.allclose(out.loss, torch.stack(terms).mean(), atol=1e-6)
+    assert torch.allclose(out.nll_sum, torch.stack(terms).sum(), atol=1e-5)
+
+
+def test_the_labels_loss_never_computes_the_vocabulary_logits(lm_dir, monkeypatch):
+    """`forward(labels=...)`, the training call, takes the fused head + NLL (fused_head_loss):
+    the output head module never runs, so no [B, L, vocabulary] logits exist, and no logits are
+    returned. (It computed the full logits and then their mean cross-entropy, 25% slower.)"""
+    model = build_tiny(lm_dir("llama"))
+    randomize_gates(model)
+    fused_calls = []
+    fused = flamingo_model.head_nll_sum
+    monkeypatch.setattr(flamingo_model, "head_nll_sum", lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+    head_calls = []
+    model.output_head.register_forward_hook(lambda *_: head_calls.append(1))
+    ids = encode(model, PROMPT)
+    out = model(ids, vision_features=features(3), labels=ids)
+    out.loss.backward()
+    assert out.logits is None and fused_calls == [1] and head_calls == []
+    assert model.cross_attn_layers[0].attn_gate.grad is not None
 
 
 @pytest.mark.parametrize("family", FAMILIES)

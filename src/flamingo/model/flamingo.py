@@ -67,8 +67,9 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.T
 
 @dataclass
 class FlamingoOutput:
-    logits: torch.Tensor | None  # None when `nll_labels` asked for the loss alone
-    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None  # None with labels: the training loss never materialises them
+    loss: torch.Tensor | None = None  # with labels: the mean next-token NLL of the labelled tokens
+    nll_sum: torch.Tensor | None = None  # with labels: the same NLL summed (fp32), as the trainer weighs it
     past_key_values: Any = None
     visual_tokens: torch.Tensor | None = None  # [B, N, R, D], reusable by later calls
 
@@ -296,34 +297,39 @@ class Flamingo(nn.Module):
                 [b, j]; text-only input gives none.
             attention_mask [B, L] (or [B, past+L] with a cache): 1 for real tokens.
             num_media [B]: real media per sample when samples have different counts (default: N).
-            labels [B, L]: next-token targets (-100 ignored); the mean loss is returned.
+            labels [B, L]: next-token targets (-100 ignored), aligned with the inputs: `loss` is
+                their mean NLL and `nll_sum` their summed NLL (fp32), computed without the [B, L, V]
+                logits (`training_nll`); `logits` is then None (call without labels for logits).
             attend_next [B] bool: per-sample "next image" attention (A.3.2); default from config.
             media_offset [B]: images consumed by earlier calls whose KV cache is passed as
                 past_key_values (cached decoding); media then holds all images so far.
             past_key_values: the LM's cache from an earlier call (`FlamingoOutput.past_key_values`).
             kv_cache: a dict to keep the cross-attention keys/values of `visual_tokens` per layer.
             logits_to_keep: if an int > 0, only the logits of the last so many positions are
-                computed; a 1-D tensor of positions keeps those. Ignored with `labels`.
-            nll_labels [B, L]: training. Labels as `labels` (aligned with the inputs, -100
-                ignored); `loss` is then their summed next-token NLL (fp32) and `logits` None
-                (see `training_nll`). Not with `labels`, `logits_to_keep` or a cache.
+                computed; a 1-D tensor of positions keeps those. Not with `labels`.
+            nll_labels [B, L]: as `labels`, but `loss` is the summed NLL.
 
         Media may be given for fewer rows than input_ids (visual_tokens [B / k, ...]): then each
         run of k consecutive rows shares one row of media, without copies (beams, candidates).
         """
         if input_ids.ndim != 2:
             raise FlamingoInputError(f"input_ids: expected shape [B, L], got {tuple(input_ids.shape)}")
-        if nll_labels is not None and (labels is not None or use_cache or past_key_values is not None
-                                       or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)):
-            raise FlamingoInputError("nll_labels: not with labels, logits_to_keep or a KV cache")
+        if labels is not None and nll_labels is not None:
+            raise FlamingoInputError("give labels or nll_labels, not both")
+        summed = nll_labels is not None
+        labels = nll_labels if summed else labels
+        if labels is not None and (use_cache or past_key_values is not None
+                                   or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)):
+            raise FlamingoInputError("labels: not with logits_to_keep or a KV cache")
         visual_tokens, media = self.prepare_media(
             input_ids, pixel_values=pixel_values, vision_features=vision_features, visual_tokens=visual_tokens,
             num_media=num_media, attend_next=attend_next, media_offset=media_offset, kv_cache=kv_cache)
         inputs = self._lm_inputs(input_ids, attention_mask)
-        if nll_labels is not None:
-            return FlamingoOutput(logits=None, loss=self.training_nll(inputs, media, nll_labels),
-                                  visual_tokens=visual_tokens)
-        out = self.logits_and_cache(inputs, media, labels=labels, past_key_values=past_key_values,
+        if labels is not None:
+            nll = self.training_nll(inputs, media, labels)
+            mean = nll / (next_token_targets(labels.to(nll.device)) != IGNORE_INDEX).sum()
+            return FlamingoOutput(logits=None, loss=nll if summed else mean, nll_sum=nll, visual_tokens=visual_tokens)
+        out = self.logits_and_cache(inputs, media, past_key_values=past_key_values,
                                     use_cache=use_cache, logits_to_keep=logits_to_keep)
         out.visual_tokens = visual_tokens
         return out
@@ -371,31 +377,26 @@ class Flamingo(nn.Module):
         )
         return visual_tokens, context
 
-    def logits_and_cache(self, inputs: dict[str, Any], media: MediaContext, *, labels: torch.Tensor | None = None,
-                         past_key_values: Any = None, use_cache: bool = False,
-                         logits_to_keep: int | torch.Tensor = 0) -> FlamingoOutput:
+    def logits_and_cache(self, inputs: dict[str, Any], media: MediaContext, *, past_key_values: Any = None,
+                         use_cache: bool = False, logits_to_keep: int | torch.Tensor = 0) -> FlamingoOutput:
         """The LM's forward with the media (`_lm_inputs` as `inputs`): logits (the last
-        `logits_to_keep`, or those positions), the LM's cache, and the mean loss of `labels`."""
+        `logits_to_keep`, or those positions) and the LM's cache."""
         kwargs = dict(inputs, use_cache=use_cache)
         if past_key_values is not None:
             kwargs[self._cache_argument] = past_key_values
-        keep_some = labels is None and (isinstance(logits_to_keep, torch.Tensor) or logits_to_keep > 0)
+        keep_some = isinstance(logits_to_keep, torch.Tensor) or logits_to_keep > 0
         if keep_some and "logits_to_keep" in self._lm_params:
             kwargs["logits_to_keep"] = logits_to_keep
         out = self._run_with_media(self.lm, media, kwargs)
         logits = out.logits
         if keep_some and "logits_to_keep" not in self._lm_params:
             logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
-        loss = None
-        if labels is not None:
-            targets = next_token_targets(labels.to(logits.device))
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         cache = getattr(out, self._cache_argument, None)
         if isinstance(cache, tuple):  # transformers < 4.47 returns the legacy format unless given a Cache
             from transformers import DynamicCache
 
             cache = DynamicCache.from_legacy_cache(cache)
-        return FlamingoOutput(logits=logits, loss=loss, past_key_values=cache)
+        return FlamingoOutput(logits=logits, past_key_values=cache)
 
     def training_nll(self, inputs: dict[str, Any], media: MediaContext, labels: torch.Tensor) -> torch.Tensor:
         """Summed next-token NLL (fp32) of `labels` [B, L] (aligned with the inputs, -100 ignored).
