@@ -273,6 +273,46 @@ def test_rank_equals_score_candidates(model):
     assert torch.allclose(torch.tensor(scores), expected, atol=1e-4)
 
 
+def test_a_long_ranking_does_not_stall_the_decode_batch(model, monkeypatch):
+    """A ranking runs as a batch of its own, in passes of a bounded number of candidate tokens;
+    between them, requests join the decode batch and decode: a short answer asked for while a
+    long ranking runs ends before the ranking does, and both equal what they are alone."""
+    import flamingo.serving.engine as engine_module
+
+    started, submitted, finished = threading.Event(), threading.Event(), []
+    score = engine_module.score_candidates
+
+    def first_pass_waits(*args, before_step, **options):  # until the answer is asked for
+        def hook():
+            if not started.is_set():
+                started.set()
+                submitted.wait(60)
+            before_step()
+        return score(*args, before_step=hook, **options)
+
+    monkeypatch.setattr(engine_module, "score_candidates", first_pass_waits)
+    monkeypatch.setattr(engine_module, "RANK_TOKENS_PER_PASS", 64)
+    candidates = [" a red circle" * k for k in range(1, 13)]  # 12 lengths: a pass (or more) each
+    text, colours = REQUESTS[0]
+
+    async def go(engine):
+        ranking = asyncio.ensure_future(engine.rank("the quick brown fox", [], candidates))
+        ranking.add_done_callback(lambda _: finished.append("ranking"))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        answer = asyncio.ensure_future(collect(engine.generate(EngineRequest(
+            text, [png(c) for c in colours], SamplingParams(max_tokens=3)))))
+        answer.add_done_callback(lambda _: finished.append("answer"))
+        submitted.set()
+        return await asyncio.gather(ranking, answer)
+
+    scores, (texts, _) = run(go, model)
+    assert finished == ["answer", "ranking"]
+    assert texts[0] == reference(model, text, colours, max_new_tokens=3)
+    state = encode_prompts(model, [text_prompt("the quick brown fox", [])])
+    expected = score_candidates(model, state, [candidates]).sum_logprob[0]
+    assert torch.allclose(torch.tensor(scores), expected, atol=1e-4)
+
+
 def test_full_queue_raises_engine_overloaded(model):
     async def go():
         engine = Engine(model, EngineConfig(max_queue=2))  # not started: nothing leaves the queue
@@ -336,7 +376,7 @@ def test_request_stop_abandons_a_running_beam_search(model, monkeypatch):
 
     started, steps = threading.Event(), []
     run_alone, beam_search = Engine._run_alone, engine_module.beam_search
-    monkeypatch.setattr(Engine, "_run_alone", lambda self, job: started.set() or run_alone(self, job))
+    monkeypatch.setattr(Engine, "_run_alone", lambda self, *args: started.set() or run_alone(self, *args))
     monkeypatch.setattr(engine_module, "beam_search", lambda *args, before_step, **options: beam_search(
         *args, before_step=lambda: steps.append(1) or before_step(), **options))
 

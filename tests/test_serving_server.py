@@ -291,6 +291,7 @@ REFUSALS = [
     ("rank", {"prompt": "<image>a", "images": [], "candidates": ["x"]}, 400, "images"),
     ("rank", {"prompt": "the quick brown fox " * 16, "candidates": ["x", "a red circle " * 20]}, 400,
      "candidates"),  # prompt + longest candidate > context: rank has no max_tokens
+    ("rank", {"prompt": "a", "candidates": ["a red circle " * 8] * 4}, 400, "candidates"),  # > max_rank_tokens
     # lone UTF-16 surrogates (valid JSON escapes, invalid Unicode): wherever user text goes
     ("chat", _chat("hi \ud800"), 400, "messages[0].content"),
     ("chat", _chat([{"type": "text", "text": "hi \udfff"}]), 400, "messages[0].content[0].text"),
@@ -309,7 +310,7 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "rank
 @pytest.fixture(scope="module")
 def limited(model):
     with fake_client(model, max_images=2, max_image_bytes=200_000, max_image_pixels=1_000_000, max_tokens=100,
-                     max_n=8, max_beams=8, max_prompt_tokens=2000) as client:
+                     max_n=8, max_beams=8, max_prompt_tokens=2000, max_rank_tokens=100) as client:
         yield client
 
 
@@ -329,6 +330,14 @@ def test_image_bombs_are_too_large_by_our_limit_from_their_header(limited, url):
     """Refused by --max-image-pixels as read from the header, also beyond PIL's own bomb limit."""
     error = limited.post("/v1/chat/completions", json=_chat(_image(url))).json()["error"]
     assert error["code"] == "image_too_large" and "more than the limit of 1000000" in error["message"]
+
+
+def test_the_work_of_a_ranking_is_bounded(limited):
+    """All the candidates' tokens are fed through the model: their sum is bounded (--max-rank-tokens)."""
+    ok = limited.post("/v1/rank", json={"prompt": "a", "candidates": ["a red circle " * 8] * 2})
+    assert ok.status_code == 200
+    error = limited.post("/v1/rank", json={"prompt": "a", "candidates": ["a red circle " * 8] * 4}).json()["error"]
+    assert error["code"] == "rank_too_large" and "--max-rank-tokens" in error["message"]
 
 
 def test_temperature_and_top_p_take_integers_too(limited):

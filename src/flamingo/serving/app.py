@@ -262,7 +262,12 @@ class _Server:
         self.check_request(body)
         check_candidates(body.candidates, self.settings, self.special)
         spec = completion_prompt(body, self.media_token, self.end_of_chunk, self.special)
-        longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in body.candidates)
+        lengths = [len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in body.candidates]
+        if sum(lengths) > self.settings.max_rank_tokens:  # the work of a ranking: every candidate token is fed
+            raise RequestError(f"candidates: {len(lengths)} candidates of {sum(lengths)} tokens in all, more than this "
+                               f"server's limit of {self.settings.max_rank_tokens} (--max-rank-tokens)", "candidates",
+                               code="rank_too_large")
+        longest = max(lengths)
         text, images = await self.prepare(spec, "prompt", "images", longest, new_tokens_param="candidates")
         scores = await _until_disconnected(request, self.engine.rank(text, images, body.candidates))
         order = sorted(range(len(scores)), key=lambda i: -scores[i])

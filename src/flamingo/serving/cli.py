@@ -51,7 +51,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, default_max_tokens=default_max_tokens, max_n=args.max_n,
-        max_beams=args.max_beams, allow_url_fetch=args.allow_url_fetch, allow_private_urls=args.allow_private_urls,
+        max_beams=args.max_beams, max_rank_tokens=args.max_rank_tokens, allow_url_fetch=args.allow_url_fetch,
+        allow_private_urls=args.allow_private_urls,
         allowed_local_media_path=args.allowed_local_media_path)
     engine_config = EngineConfig(max_queue=args.max_queue, max_running=args.max_running,
                                  prefill_chunk=args.prefill_chunk,
@@ -134,7 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             ("max_image_bytes", "encoded size of one image"),
                             ("max_image_pixels", "pixels of one image (read from its header)"),
                             ("max_tokens", "cap of a request's max_tokens"),
-                            ("max_n", "choices per request (n)"), ("max_beams", "beam width (num_beams)")]:
+                            ("max_n", "choices per request (n)"), ("max_beams", "beam width (num_beams)"),
+                            ("max_rank_tokens", "tokens of all the candidates of one /v1/rank request")]:
         limits.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(defaults, name),
                             help=f"{help_text} (default {getattr(defaults, name)})")
     limits.add_argument("--default-max-tokens", type=positive_int, default=None,

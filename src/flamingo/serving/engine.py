@@ -7,7 +7,9 @@
   most images); finished and cancelled sequences leave it after every step. Prefills come before
   decode steps (as in vLLM's default scheduler): a request's first token does not wait for the
   others' decoding, and the decode batch is as large as it can be. Beam search and ranking
-  requests run as a batch of their own, between steps.
+  requests run as a batch of their own; between their forward passes (a ranking's hold a bounded
+  number of candidate tokens) the decode batch takes a step or admits new requests, so a long
+  ranking does not stall the other answers.
 - Prefix cache: a prompt is split at its last chunk boundary (before its last image, or after
   its last <|endofchunk|>: a chat's last reply); the state after the prefix (text and image
   bytes, hashed) is kept in an LRU bounded by bytes and continued with `extend_contexts`
@@ -34,7 +36,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 from PIL import Image
@@ -57,6 +59,7 @@ from flamingo.serving.metrics import EngineMetrics
 
 MIN_TEXT_PREFIX_TOKENS = 32  # a prefix without images is cached only from this length on
 MAX_CHAINED_CUTS = 8  # a missed prefix looks for a cached shorter one at its last few cuts
+RANK_TOKENS_PER_PASS = 512  # candidate tokens per forward pass of a ranking, between decode steps
 
 
 def release_openmp_threads() -> None:
@@ -487,24 +490,45 @@ class Engine:
         state: FlamingoState | None = None
         running: list[_Sequence] = []
         pending: torch.Tensor | None = None  # each running sequence's chosen (and sent) token, not yet fed
+
+        def admit(joining: list[_Job]) -> None:
+            nonlocal state, running, pending
+            new = self._guarded(joining, lambda: self._admit(joining))
+            if new is not None and new[1]:
+                state = new[0] if state is None else FlamingoState.concat([state, new[0]])
+                running += new[1]
+                pending = new[2] if pending is None else torch.cat([pending, new[2]])
+
+        def decode() -> None:
+            nonlocal state, running, pending
+            result = self._guarded(list(dict.fromkeys(s.job for s in running)),
+                                   lambda: self._decode_step(state, running, pending))
+            state, running, pending = result if result is not None else (None, [], None)
+
+        def between_passes() -> None:
+            """Between the forward passes of a ranking or beam search: the decode batch goes on
+            (a step), or requests join it, so that one long job does not stall every other
+            answer; ranking and beam search jobs wait their turn."""
+            joining = self._take_waiting(room=self.config.max_running - len(running), block=False, alone=False)
+            if joining:
+                admit(joining)
+            elif joining is not None and running:
+                decode()
+            self.metrics.running_sequences.set(len(running))
+
         with torch.inference_mode():
             while True:
                 joining = self._take_waiting(room=self.config.max_running - len(running), block=not running)
                 if joining is None:  # stopping
                     break
                 if joining:  # prefills first: the next decode step waits until every prompt that fits has joined
+                    batched = [j for j in joining if not j.runs_alone]
+                    if batched:
+                        admit(batched)
                     for job in [j for j in joining if j.runs_alone]:
-                        self._guarded([job], lambda job=job: self._run_alone(job))
-                    joining = [j for j in joining if not j.runs_alone]
-                    new = self._guarded(joining, lambda: self._admit(joining)) if joining else None
-                    if new is not None and new[1]:
-                        state = new[0] if state is None else FlamingoState.concat([state, new[0]])
-                        running += new[1]
-                        pending = new[2] if pending is None else torch.cat([pending, new[2]])
+                        self._guarded([job], lambda job=job: self._run_alone(job, between_passes))
                 elif running:
-                    result = self._guarded(list(dict.fromkeys(s.job for s in running)),
-                                          lambda: self._decode_step(state, running, pending))
-                    state, running, pending = result if result is not None else (None, [], None)
+                    decode()
                 self.metrics.running_sequences.set(len(running))
         error = EngineStopped("the server is shutting down: the request was cancelled")
         with self._wake:
@@ -512,9 +536,10 @@ class Engine:
                 job.send(error)
             self._waiting.clear()
 
-    def _take_waiting(self, room: int, block: bool) -> list[_Job] | None:
+    def _take_waiting(self, room: int, block: bool, alone: bool = True) -> list[_Job] | None:
         """Waiting jobs that fit in `room` free sequence slots, first come first served, at most
-        `prefill_chunk` (None: the engine is stopping). Blocks until there is one when `block`."""
+        `prefill_chunk` (None: the engine is stopping). Blocks until there is one when `block`.
+        Without `alone`, ranking and beam search jobs are passed over (they stay waiting)."""
         with self._wake:
             while block and not self._waiting and not self._stopping:
                 self._wake.wait()
@@ -524,16 +549,20 @@ class Engine:
             # jobs fit): one forward pass over several prompts is cheaper than one pass each.
             if not block and room < min(len(self._waiting), max(1, self.config.max_running // 4)):
                 return []
-            taken = []
+            taken, passed_over = [], []
             while self._waiting and len(taken) < self.config.prefill_chunk:
                 job = self._waiting[0]
                 if job.cancelled:
                     self._waiting.popleft()
                     continue
+                if job.runs_alone and not alone:
+                    passed_over.append(self._waiting.popleft())
+                    continue
                 if not job.runs_alone and job.params.n > room:
                     break
                 taken.append(self._waiting.popleft())
                 room -= 0 if job.runs_alone else job.params.n
+            self._waiting.extendleft(reversed(passed_over))
             self.metrics.queue_length.set(len(self._waiting))
             return taken
 
@@ -635,19 +664,25 @@ class Engine:
             state = state.select_rows(torch.tensor(keep, device=tokens.device)).without_leading_padding()
         return state, [sequences[row] for row in keep], tokens[keep]
 
-    def _run_alone(self, job: _Job) -> None:
-        """A ranking or beam search job, as a batch of its own (abandoned between its forward
-        passes when the engine stops or the client goes away)."""
+    def _run_alone(self, job: _Job, between_passes: Callable[[], None]) -> None:
+        """A ranking or beam search job, as a batch of its own: `between_passes` runs between its
+        forward passes (the decode batch goes on), and it is abandoned there when the engine
+        stops or the client goes away. A ranking's passes hold about RANK_TOKENS_PER_PASS
+        candidate tokens each, so that the decode batch is never held up long."""
         def check() -> None:
             if self._stopping:
                 raise EngineStopped("the server is shutting down: the request was cancelled")
             if job.cancelled:
                 raise _Cancelled
+            between_passes()
 
         state, _ = self._encode([job])
         try:
             if job.candidates is not None:
-                scores = score_candidates(self.model, state, [job.candidates], before_step=check)
+                longest = max(len(ids) for ids in self.model.tokenizer(job.candidates, add_special_tokens=False)[
+                    "input_ids"])
+                scores = score_candidates(self.model, state, [job.candidates], before_step=check,
+                                          max_rows=max(1, RANK_TOKENS_PER_PASS // longest))
                 job.send(scores.sum_logprob[0].tolist())
                 job.send(_END)
                 return

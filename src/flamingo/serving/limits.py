@@ -49,6 +49,7 @@ class ServerSettings:
     max_beams: int = 8                          # num_beams (extension)
     max_stop: int = 4                           # stop strings per request (OpenAI's own limit)
     max_candidates: int = 64                    # /v1/rank candidates per request
+    max_rank_tokens: int = 1024                 # /v1/rank candidate tokens per request, all candidates together
     allow_url_fetch: bool = False               # image_url with http(s)://
     allow_private_urls: bool = False            # ... also from loopback, private, link-local, reserved addresses
     url_fetch_timeout_s: float = 10.0
@@ -56,7 +57,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         positive = ("max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels", "max_tokens",
-                    "default_max_tokens", "max_n", "max_beams", "max_stop", "max_candidates")
+                    "default_max_tokens", "max_n", "max_beams", "max_stop", "max_candidates", "max_rank_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
