@@ -1,20 +1,24 @@
 """The chat page in a real browser: headless Chromium (Debian's `chromium` + `chromium-driver`,
 installed by .ci/run) loads `/` from a live server over a tiny model, uploads an image, asks a
-question and shows the streamed answer; the few-shot mode generates and ranks."""
+question and shows the streamed answer; the few-shot mode generates and ranks; large photos are
+scaled down before they are sent, and refusals and empty answers are told in a person's words."""
 
 from __future__ import annotations
 
+import io
 import shutil
 
+import numpy as np
 import pytest
 from conftest import solid_image
+from PIL import Image
 
 from flamingo.inference import generate_text, text_prompt
 from flamingo.inference.chat import DIALOGUE_PROMPT, DIALOGUE_STOP_STRINGS
 from flamingo.inference.scoring import score_candidates
 from flamingo.inference.state import encode_prompts
 from flamingo.serving.app import create_app
-from flamingo.serving.engine import Engine
+from flamingo.serving.engine import Delta, Engine
 from flamingo.serving.limits import ServerSettings
 from flamingo.serving.server import BackgroundServer
 
@@ -98,3 +102,90 @@ def test_page_sends_an_image_and_a_question_and_shows_the_streamed_answer(browse
         scores = score_candidates(model, state, [" dax", " wug"]).sum_logprob[0].tolist()
         assert shown == (["dax", "wug"] if scores[0] >= scores[1] else ["wug", "dax"])
         assert browser.find_element(By.ID, "status").text == ""
+
+
+class RecordingEngine(Engine):
+    """The real engine, keeping the images each request sent; `empty` makes every answer empty
+    (the model ends at once)."""
+
+    def __init__(self, model, empty: bool = False) -> None:
+        super().__init__(model)
+        self.images: list[bytes] = []
+        self.empty = empty
+
+    def generate(self, request):
+        self.images += request.images
+        if not self.empty:
+            return super().generate(request)
+
+        async def nothing():
+            yield Delta(0, "", "stop", prompt_tokens=1, completion_tokens=1)
+        return nothing()
+
+
+def _noise(width: int, height: int):
+    return Image.frombytes("RGB", (width, height), np.random.default_rng(0).bytes(width * height * 3))
+
+
+def _send(browser, path, question: str = "What is it?"):
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "image-input").send_keys(str(path))
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments img") or d.find_element(
+        By.ID, "status").text, "the attachment or a message")
+    if not browser.find_elements(By.CSS_SELECTOR, "#attachments img"):
+        return None
+    browser.find_element(By.ID, "prompt").send_keys(question)
+    browser.find_element(By.ID, "send").click()
+    return _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".message[data-done=true]"), "the answer")[-1]
+
+
+def test_page_scales_a_large_photo_down_and_keeps_the_original_for_display(browser, model, tmp_path):
+    """A 9 MB photo (2000x1500): the server gets it at most 1024 px on its longer side, within its
+    byte limit; the conversation shows the original."""
+    from selenium.webdriver.common.by import By
+
+    _noise(2000, 1500).save(tmp_path / "photo.png")
+    assert (tmp_path / "photo.png").stat().st_size > ServerSettings().max_image_bytes
+    engine = RecordingEngine(model)
+    with BackgroundServer(create_app(engine, ServerSettings(model_name="tiny"))) as server:
+        browser.get(server.url + "/")
+        _wait(browser, lambda d: d.find_element(By.ID, "model-name").text == "tiny", "the model name")
+        browser.execute_script("arguments[0].value = '2'", browser.find_element(By.ID, "max-tokens"))
+        reply = _send(browser, tmp_path / "photo.png")
+        assert "error" not in reply.get_attribute("class"), reply.text
+        sent = Image.open(io.BytesIO(engine.images[-1]))
+        assert max(sent.size) <= 1024 and sent.size[0] * 3 == sent.size[1] * 4
+        assert len(engine.images[-1]) <= ServerSettings().max_image_bytes
+        shown = browser.find_element(By.CSS_SELECTOR, ".message.user .thumbs img")
+        assert browser.execute_script("return arguments[0].naturalWidth", shown) == 2000
+
+
+def test_page_speaks_of_too_large_images_and_empty_answers_to_a_person(browser, model, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _noise(600, 600).save(tmp_path / "noise.png")  # 1.0 MB; about 100 KB as a JPEG even at 512 px
+    solid_image("red", 200).save(tmp_path / "red.png")
+    settings = ServerSettings(model_name="tiny", max_image_bytes=20_000, max_image_pixels=10_000)
+    engine = RecordingEngine(model, empty=True)
+    with BackgroundServer(create_app(engine, settings)) as server:
+        browser.get(server.url + "/")
+        _wait(browser, lambda d: d.find_element(By.ID, "model-name").text == "tiny", "the model name")
+        # too many bytes even scaled down: the page says so and sends nothing
+        assert _send(browser, tmp_path / "noise.png") is None
+        assert browser.find_element(By.ID, "status").text == (
+            "This image is 1.0 MB; the server takes up to 20 KB, and it is still larger scaled down.")
+        assert not engine.images
+        # too many pixels (the server's check): its refusal in a person's words, not the API's
+        reply = _send(browser, tmp_path / "red.png")
+        assert "error" in reply.get_attribute("class")
+        text = reply.find_element(By.CLASS_NAME, "text").text
+        assert text.startswith("This image is too large for the server") and "image_url" not in text
+        # an empty answer is marked as one
+        browser.find_element(By.ID, "reset").click()
+        browser.find_element(By.ID, "prompt").send_keys("Say nothing.")
+        browser.find_element(By.ID, "send").click()
+        reply = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant[data-done=true]"),
+                      "the empty answer")[-1]
+        assert "empty" in reply.get_attribute("class")
+        assert reply.find_element(By.CLASS_NAME, "text").text == "(empty answer: the model said nothing)"

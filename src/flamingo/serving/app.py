@@ -281,6 +281,7 @@ class _Server:
             "id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "flamingo",
             "media_token": self.media_token, "end_of_chunk_token": self.end_of_chunk,
             "context_length": self.context, "max_images": self.settings.max_images,
+            "max_image_bytes": self.settings.max_image_bytes, "max_image_pixels": self.settings.max_image_pixels,
         }]}
 
     # -------------------------------------------------------------------------- responses

@@ -1,11 +1,14 @@
 // The chat page: plain JavaScript over the server's own OpenAI-compatible API (no build step, no CDN).
 "use strict";
 
-const MAX_SIDE = 1024;  // images are scaled down in the browser before upload (the encoder sees ~224 px)
+// Images are scaled down in the browser before upload (the model reads 224-560 px): to at most the
+// first side that fits the server's byte limit; the original is kept for display.
+const SIDES = [1024, 768, 512];
 const $ = (id) => document.getElementById(id);
-const server = { model: null, mediaToken: "<image>", endOfChunk: "<|endofchunk|>", maxImages: 16 };
+const server = { model: null, mediaToken: "<image>", endOfChunk: "<|endofchunk|>", maxImages: 16,
+                 maxImageBytes: 8 << 20 };
 let history = [];       // OpenAI chat messages of this conversation
-let attachments = [];   // data URLs waiting for the next message
+let attachments = [];   // images waiting for the next message: { display: blob URL, url: data URL sent }
 let running = null;     // AbortController of the request in flight
 
 // ------------------------------------------------------------------------------------- API
@@ -16,10 +19,33 @@ function headers() {
   return h;
 }
 
+// Sizes as people read them: 9485229 -> "9.0 MB", 8388608 -> "8 MB" (rounded), 20000 -> "20 KB".
+function megabytes(bytes, exact) {
+  if (bytes < (1 << 20)) return Math.round(bytes / 1024) + " KB";
+  const mb = (bytes / (1 << 20)).toFixed(1);
+  return (exact ? mb : String(Number(mb))) + " MB";
+}
+
+// The server's refusal in a person's words where the page knows better ones than the API's.
+const HUMAN_ERRORS = {
+  image_too_large: () => "This image is too large for the server (it takes up to " +
+    megabytes(server.maxImageBytes) + " and a limited number of pixels); try a smaller one.",
+  invalid_image: () => "The server could not read this image; try a PNG or JPEG file.",
+  too_many_images: () => "Too many images for one message (the server takes up to " + server.maxImages + ").",
+  context_length_exceeded: () => "The conversation is too long for the model; start a new chat.",
+  queue_full: () => "The server is busy; try again in a moment.",
+  shutting_down: () => "The server is shutting down.",
+};
+
+function humanError(error) {
+  const words = error && HUMAN_ERRORS[error.code];
+  return words ? words() : (error && error.message) || "the server refused the request";
+}
+
 async function errorText(response) {
   try {
     const body = await response.json();
-    return body.error && body.error.message ? body.error.message : "HTTP " + response.status;
+    return body.error ? humanError(body.error) : "HTTP " + response.status;
   } catch (e) {
     return "HTTP " + response.status;
   }
@@ -49,7 +75,7 @@ async function readStream(response, onChunk) {
         const data = line.slice(5).trim();
         if (data === "[DONE]") return;
         const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.error) throw new Error(humanError(chunk.error));
         onChunk(chunk);
       }
     }
@@ -72,6 +98,7 @@ async function loadModel() {
     server.mediaToken = card.media_token || server.mediaToken;
     server.endOfChunk = card.end_of_chunk_token || server.endOfChunk;
     server.maxImages = card.max_images || server.maxImages;
+    server.maxImageBytes = card.max_image_bytes || server.maxImageBytes;
     $("model-name").textContent = card.id;
     setStatus("");
   } catch (e) {
@@ -81,6 +108,12 @@ async function loadModel() {
 }
 
 // ---------------------------------------------------------------------------------- images
+// Bytes of the data URL's payload (what the server counts).
+function payloadBytes(dataURL) {
+  const payload = dataURL.slice(dataURL.indexOf(",") + 1);
+  return Math.floor(payload.length * 3 / 4) - (payload.endsWith("==") ? 2 : payload.endsWith("=") ? 1 : 0);
+}
+
 function readFile(file) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
@@ -90,19 +123,36 @@ function readFile(file) {
   });
 }
 
-// A data URL of the image, scaled so that its longer side is at most MAX_SIDE.
-async function imageDataURL(file) {
-  const original = await readFile(file);
+// The image to show (the original, as a blob URL) and the one to send: a data URL at most SIDES[0]
+// px on its longer side, smaller still if it must be to fit the server's byte limit. Throws a
+// person's message if no size fits.
+async function prepareImage(file) {
+  const display = URL.createObjectURL(file);
   const image = new Image();
-  image.src = original;
+  image.src = display;
   await image.decode();
-  const scale = MAX_SIDE / Math.max(image.naturalWidth, image.naturalHeight);
-  if (scale >= 1) return original;
-  const canvas = document.createElement("canvas");
-  canvas.width = Math.round(image.naturalWidth * scale);
-  canvas.height = Math.round(image.naturalHeight * scale);
-  canvas.getContext("2d").drawImage(image, 0, 0, canvas.width, canvas.height);
-  return canvas.toDataURL("image/jpeg", 0.92);
+  const longer = Math.max(image.naturalWidth, image.naturalHeight);
+  if (longer <= SIDES[0] && file.size <= server.maxImageBytes) return { display, url: await readFile(file) };
+  for (const side of SIDES) {
+    const scale = Math.min(1, side / longer);
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(image.naturalWidth * scale));
+    canvas.height = Math.max(1, Math.round(image.naturalHeight * scale));
+    canvas.getContext("2d").drawImage(image, 0, 0, canvas.width, canvas.height);
+    // PNG keeps drawings and transparency exact; JPEG is far smaller for photos.
+    for (const url of [file.type === "image/png" ? canvas.toDataURL("image/png") : null,
+                       canvas.toDataURL("image/jpeg", 0.9)]) {
+      if (url && payloadBytes(url) <= server.maxImageBytes) return { display, url };
+    }
+  }
+  URL.revokeObjectURL(display);
+  throw new Error("This image is " + megabytes(file.size, true) + "; the server takes up to " +
+                  megabytes(server.maxImageBytes) + ", and it is still larger scaled down.");
+}
+
+function imageProblem(file, error) {
+  const message = String((error && error.message) || error);
+  return message.startsWith("This image") ? message : "Could not read " + file.name + " as an image.";
 }
 
 function thumbnail(url, onRemove) {
@@ -127,9 +177,9 @@ async function attach(files) {
   for (const file of files) {
     if (!file.type.startsWith("image/")) continue;
     try {
-      attachments.push(await imageDataURL(file));
+      attachments.push(await prepareImage(file));
     } catch (e) {
-      setStatus("could not read " + file.name + ": " + e);
+      setStatus(imageProblem(file, e));
     }
   }
   renderAttachments();
@@ -137,8 +187,8 @@ async function attach(files) {
 
 function renderAttachments() {
   const box = $("attachments");
-  box.replaceChildren(...attachments.map((url, i) =>
-    thumbnail(url, () => { attachments.splice(i, 1); renderAttachments(); })));
+  box.replaceChildren(...attachments.map((image, i) =>
+    thumbnail(image.display, () => { attachments.splice(i, 1); renderAttachments(); })));
 }
 
 // ------------------------------------------------------------------------------------ chat
@@ -176,9 +226,9 @@ async function sendChat(event) {
   event.preventDefault();
   const text = $("prompt").value.trim();
   if ((!text && !attachments.length) || running) return;
-  const content = attachments.map((url) => ({ type: "image_url", image_url: { url } }));
+  const content = attachments.map((image) => ({ type: "image_url", image_url: { url: image.url } }));
   if (text) content.push({ type: "text", text });
-  addMessage("user", text, attachments);
+  addMessage("user", text, attachments.map((image) => image.display));
   const message = { role: "user", content };
   $("prompt").value = "";
   attachments = [];
@@ -198,6 +248,10 @@ async function sendChat(event) {
       }
     });
     history.push(message, { role: "assistant", content: out.textContent });
+    if (!out.textContent) {  // the model ended its answer at once: say so rather than show nothing
+      reply.classList.add("empty");
+      out.textContent = "(empty answer: the model said nothing)";
+    }
   } catch (e) {
     if (e.name !== "AbortError") {
       reply.className = "message error";
@@ -245,11 +299,23 @@ function exampleRow(text) {
   remove.textContent = "Remove";
   remove.onclick = () => row.remove();
   input.onchange = async () => {
-    row.dataset.image = input.files[0] ? await imageDataURL(input.files[0]) : "";
-    thumbs.replaceChildren(...(row.dataset.image ? [thumbnail(row.dataset.image)] : []));
+    const image = await chooseImage(input.files[0]);
+    row.dataset.image = image ? image.url : "";
+    thumbs.replaceChildren(...(image ? [thumbnail(image.display)] : []));
   };
   row.append(thumbs, label, answer, remove);
   $("examples").appendChild(row);
+}
+
+// A few-shot image (or null, with the reason in the status line).
+async function chooseImage(file) {
+  if (!file) return null;
+  try {
+    return await prepareImage(file);
+  } catch (e) {
+    setStatus(imageProblem(file, e));
+    return null;
+  }
 }
 
 // The interleaved prompt: <image>text<|endofchunk|> per example, then <image>query.
@@ -346,9 +412,9 @@ $("reset").onclick = resetChat;
 $("stop").onclick = () => running && running.abort();
 $("add-example").onclick = () => exampleRow("");
 $("query-image").onchange = async () => {
-  const file = $("query-image").files[0];
-  $("query-thumb").dataset.image = file ? await imageDataURL(file) : "";
-  $("query-thumb").replaceChildren(...(file ? [thumbnail($("query-thumb").dataset.image)] : []));
+  const image = await chooseImage($("query-image").files[0]);
+  $("query-thumb").dataset.image = image ? image.url : "";
+  $("query-thumb").replaceChildren(...(image ? [thumbnail(image.display)] : []));
 };
 $("fs-generate").onclick = fewShotGenerate;
 $("fs-rank").onclick = fewShotRank;
