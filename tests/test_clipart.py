@@ -122,7 +122,7 @@ def test_instance_episodes_bind_each_word_to_one_drawing_shown_anew(found, monke
 
 
 def test_the_grey_control_keeps_the_words_but_not_the_support_images(found):
-    from flamingo.evaluation.procedural import make_episode
+    from flamingo.data.episodes import make_episode
 
     plain = make_episode("objects-binding", shots=4, seed=0, index=3, image_size=48)
     grey = make_episode("objects-binding-grey", shots=4, seed=0, index=3, image_size=48)
@@ -202,7 +202,7 @@ def test_pair_shards_caption_one_object_of_the_split(found, tmp_path, capsys):
 def test_clipart_source_labels_only_the_answers(found, lm_dir, clip_dir):
     from conftest import build_with_vision
 
-    from flamingo.training.synthetic import ClipartSource
+    from flamingo.data.synthetic import ClipartSource
 
     model = build_with_vision(lm_dir("llama"), clip_dir)
     source = ClipartSource("objects", model.tokenizer, model.media_token_id, model.eoc_token_id,

@@ -163,7 +163,7 @@ def test_the_shipped_bridge_binds_new_words_from_four_examples(embedded, index):
     """Fixed 4-shot binding episodes (held-out kinds, held-out made-up words): the word shown with
     the query's kind ranks first (margins 3.5-5.9 nats when pinned; 7 of episodes 0-7 are right).
     Without the examples the words are unknown: the 0-shot rate is chance (README table)."""
-    from flamingo.evaluation.procedural import episode_items, make_episode
+    from flamingo.data.episodes import episode_items, make_episode
 
     support, query, answer, candidates = make_episode("binding", shots=4, seed=0, index=index)
     assert _best_answer(embedded, episode_items(support, query), candidates) == answer

@@ -61,13 +61,13 @@ def test_init_logits_equal_frozen_lm(lm_dir, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_media_reach_the_layers_as_chosen_when_built(lm_dir, family, monkeypatch):
     """The media travel as an argument of the LM's forward where its decoder stack passes keyword
-    arguments on to its blocks (the context variable is then never used), else through the
-    context variable; either way they reach the layers, in the logits and in the training loss."""
+    arguments on to its blocks (nothing is then set on the layers), else set on our layers for
+    the call; either way they reach the layers, in the logits and in the training loss."""
     model = build_tiny(lm_dir(family))
     if Version(transformers.__version__) >= Version("5"):
-        assert model.media_passing == ("context" if family == "mpt" else "argument")
+        assert model.media_passing == ("layers" if family == "mpt" else "argument")
     if model.media_passing == "argument":
-        monkeypatch.setattr(flamingo_model, "media_context", None)  # any use would fail
+        monkeypatch.setattr(flamingo_model, "media_on_layers", None)  # any use would fail
     randomize_gates(model)
     ids = encode(model, PROMPT)
     labels = ids.masked_fill(ids == model.media_token_id, -100)
@@ -75,6 +75,39 @@ def test_media_reach_the_layers_as_chosen_when_built(lm_dir, family, monkeypatch
         logits = [model(ids, vision_features=features(3, seed=s)).logits for s in (0, 1)]
         losses = [model(ids, vision_features=features(3, seed=s), nll_labels=labels).loss for s in (0, 1)]
     assert not torch.allclose(*logits) and not torch.allclose(*losses)
+
+
+def test_media_set_on_layers_are_taken_back_after_the_call(lm_dir):
+    """For a decoder stack that drops keyword arguments (MPT's) the media are set on our layers for
+    the call only: gone afterwards, also when the call fails, so a later call of the LM on its own
+    is the frozen LM's."""
+    model = build_tiny(lm_dir("mpt"))
+    model.media_passing = "layers"  # also where transformers passes MPT's keyword arguments on
+    randomize_gates(model)
+    ids = encode(model, PROMPT)
+    seen = []
+    for layer in model._media_layers:
+        layer.register_forward_pre_hook(lambda module, _args: seen.append(module.media is not None))
+    with torch.no_grad():
+        with_images = model(ids, vision_features=features(3)).logits
+    assert seen and all(seen)
+    assert all(layer.media is None for layer in model._media_layers)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        hook = model._media_layers[-1].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+        model(ids, vision_features=features(3))
+    hook.remove()
+    assert all(layer.media is None for layer in model._media_layers)
+    with torch.no_grad():
+        assert not torch.allclose(model.lm(ids).logits[..., :with_images.shape[-1]], with_images)
+
+
+def test_no_context_variable_carries_media():
+    """One channel for the media: arguments (or our layers' attribute for the call), never a
+    module-level context variable."""
+    from pathlib import Path
+
+    sources = Path(flamingo_model.__file__).parent.rglob("*.py")
+    assert not [p.name for p in sources if "ContextVar" in p.read_text()]
 
 
 def test_cross_attention_layers_follow_the_config(lm_dir):

@@ -116,7 +116,7 @@ def test_binding_episode_answer_is_the_word_shown_with_the_same_kind():
 def test_procedural_source_labels_only_the_answers(lm_dir, clip_dir):
     from conftest import build_with_vision
 
-    from flamingo.training.synthetic import ProceduralSource
+    from flamingo.data.synthetic import ProceduralSource
 
     model = build_with_vision(lm_dir("llama"), clip_dir)
     source = ProceduralSource("episodes", model.tokenizer, model.media_token_id, model.eoc_token_id,
@@ -147,7 +147,7 @@ def test_question_episode_answers_describe_the_query_scene():
 
 
 def test_episode_items_can_replace_images_by_their_captions():
-    from flamingo.evaluation.procedural import episode_items
+    from flamingo.data.episodes import episode_items
 
     support, query, _, _ = procedural.binding_episode(np.random.default_rng(3), 32, "eval", ways=2, shots=2)
     with_images = episode_items(support, query)

@@ -65,7 +65,7 @@ def caption_lm_dir(tmp_path_factory):
     from conftest import make_lm_config, make_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from flamingo.training.synthetic import COLOURS, SHAPES
+    from flamingo.data.synthetic import COLOURS, SHAPES
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -247,7 +247,7 @@ def test_warmup_then_constant_and_cosine():
 
 # ------------------------------------------------------------------- gradient checkpointing
 def _shape_batch(model, batch_size=3, images=2, seed=5):
-    from flamingo.training.synthetic import ShapesSource
+    from flamingo.data.synthetic import ShapesSource
 
     source = ShapesSource("g", model.tokenizer, model.media_token_id, model.eoc_token_id,
                           model.vision_encoder.image_processor(), batch_size, seed=seed,
@@ -598,7 +598,7 @@ def test_tiny_training_run_learns_to_read_the_images(tmp_path, caption_lm_dir, c
 
     # The model reads the images: captions of held-out samples are likelier under their own
     # images than under another sample's.
-    from flamingo.training.synthetic import ShapesSource
+    from flamingo.data.synthetic import ShapesSource
 
     model = result.model.eval()
     batch = ShapesSource("held-out", model.tokenizer, model.media_token_id, model.eoc_token_id,

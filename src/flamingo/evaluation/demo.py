@@ -17,7 +17,8 @@ from PIL import Image, ImageOps
 
 from flamingo.data import clipart, procedural
 from flamingo.data.clipart import package_photos
-from flamingo.evaluation.procedural import episode_items, evaluate, format_table
+from flamingo.data.episodes import episode_items
+from flamingo.evaluation.procedural import evaluate, format_table
 from flamingo.inference.api import generate_text
 from flamingo.model.flamingo import Flamingo
 

@@ -7,17 +7,16 @@ with alpha initialised to 0, so at initialisation the Flamingo model computes ex
 frozen LM computes.
 
 Which visual tokens a text token may see is described by a `MediaContext` that
-`Flamingo.forward` builds once per call from the token ids and hands to the layers: as a keyword
-argument of the LM's forward where its decoder stack passes those on to its blocks, otherwise
-through `media_context` for the duration of the call. Nothing persists on the layers between calls.
+`Flamingo` builds once per call from the token ids and hands to the layers as a keyword argument
+of the LM's forward (for decoder stacks that drop keyword arguments, it is set on the wrapper
+layers for the duration of the call: `language_model.media_on_layers`). Nothing persists on the
+layers between calls.
 """
 
 from __future__ import annotations
 
-import contextlib
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,27 +97,6 @@ class MediaContext:
         if layer_idx not in self.kv_cache:
             self.kv_cache[layer_idx] = compute(self.visual_tokens)
         return self.kv_cache[layer_idx]
-
-
-_ACTIVE_MEDIA: ContextVar[MediaContext | None] = ContextVar("flamingo_media_context", default=None)
-
-
-@contextlib.contextmanager
-def media_context(context: MediaContext) -> Iterator[None]:
-    """Make `context` visible to the cross-attention layers for the duration of one LM call.
-
-    Only for decoder stacks that do not pass extra keyword arguments on to their blocks (MPT's),
-    where the media cannot travel as an argument. It is reset on exit, also on error.
-    """
-    token = _ACTIVE_MEDIA.set(context)
-    try:
-        yield
-    finally:
-        _ACTIVE_MEDIA.reset(token)
-
-
-def active_media_context() -> MediaContext | None:
-    return _ACTIVE_MEDIA.get()
 
 
 class MaskedCrossAttention(nn.Module):

@@ -17,7 +17,7 @@ from torch import nn
 
 from flamingo.errors import UserError
 from flamingo.model.config import ConfigError, FlamingoConfig
-from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, media_context, token_media_index
+from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, token_media_index
 from flamingo.model.fused_head_loss import DEFAULT_CHUNK, head_nll_sum
 from flamingo.model.language_model import (
     MEDIA_ARGUMENT,
@@ -26,6 +26,7 @@ from flamingo.model.language_model import (
     FlamingoDecoderLayer,
     add_special_tokens,
     find_decoder_layers,
+    media_on_layers,
     forward_parameters,
     hidden_size,
     inspect_lm_forward,
@@ -121,9 +122,9 @@ class Flamingo(nn.Module):
         cross_attn_indices = config.cross_attention_layers(len(layers))
         lm_forward = inspect_lm_forward(lm, layers[cross_attn_indices[0]])
         # How the media reach the cross-attention layers: as an argument of the LM's forward where
-        # its decoder stack passes keyword arguments on to its blocks, else a context variable.
-        self.media_passing: Literal["argument", "context"] = (
-            "argument" if lm_forward.passes_layer_kwargs else "context")
+        # its decoder stack passes keyword arguments on to its blocks, else set on our layers.
+        self.media_passing: Literal["argument", "layers"] = (
+            "argument" if lm_forward.passes_layer_kwargs else "layers")
         # Training loss (`nll_labels`) from the base model's last hidden state through a fused,
         # chunked head + NLL (fused_head_loss); otherwise from the LM's logits of the labelled
         # positions (an LM that post-processes its logits, or a head that is not a linear layer).
@@ -159,6 +160,7 @@ class Flamingo(nn.Module):
                                              config.activation, config.bias)
             layers[idx] = FlamingoDecoderLayer(layers[idx], block, idx)
             self.cross_attn_layers[idx] = block
+        self._media_layers = [layers[idx] for idx in cross_attn_indices]  # a plain list: not registered twice
 
     def _unfreeze(self, config: FlamingoConfig, layers: nn.ModuleList) -> dict[str, nn.Module]:
         """Make the backbone parts `config.unfreeze` names trainable; returns them by saved-weight
@@ -439,7 +441,7 @@ class Flamingo(nn.Module):
         """Call the LM (or its base model) with the media reaching our layers (`media_passing`)."""
         if self.media_passing == "argument":
             return module(**kwargs, **{MEDIA_ARGUMENT: media})
-        with media_context(media):
+        with media_on_layers(self._media_layers, media):
             return module(**kwargs)
 
     @staticmethod

@@ -8,9 +8,10 @@ keeping their own KV cache and attention implementation.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import nn
 
 from flamingo.errors import UserError, cannot_load
 from flamingo.model.config import LanguageModelConfig
-from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, active_media_context
+from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext
 from flamingo.model.lm_source import converted_gguf_checkpoint, dtype_argument, resolve_package_path
 
 # The keyword argument that carries a call's `MediaContext` through the LM's forward to our layers.
@@ -85,8 +86,9 @@ class FlamingoDecoderLayer(nn.Module):
     """A frozen LM block with a GATED XATTN-DENSE layer in front of it.
 
     The media of a call arrive as the `MEDIA_ARGUMENT` keyword argument (decoder stacks that
-    hand their keyword arguments on to their blocks) or, for stacks that drop them, through
-    `media_context`. Without media (the LM called on its own) the block is exactly the LM's.
+    hand their keyword arguments on to their blocks) or, for stacks that drop them, as `media`,
+    set on the layer for the duration of the call (`media_on_layers`). Without media (the LM
+    called on its own) the block is exactly the LM's.
     """
 
     def __init__(self, decoder_layer: nn.Module, cross_attn: GatedCrossAttentionBlock, layer_idx: int) -> None:
@@ -94,9 +96,10 @@ class FlamingoDecoderLayer(nn.Module):
         self.decoder_layer = decoder_layer
         self.cross_attn = cross_attn
         self.layer_idx = layer_idx
+        self.media: MediaContext | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        media: MediaContext | None = kwargs.pop(MEDIA_ARGUMENT, None) or active_media_context()
+        media: MediaContext | None = kwargs.pop(MEDIA_ARGUMENT, None) or self.media
         if media is not None:
             if args:
                 args = (self.cross_attn(args[0], media, self.layer_idx), *args[1:])
@@ -110,6 +113,22 @@ class FlamingoDecoderLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("decoder_layer"), name)
+
+
+@contextlib.contextmanager
+def media_on_layers(layers: Sequence[FlamingoDecoderLayer], media: MediaContext) -> Iterator[None]:
+    """Give `media` to the layers for one LM call whose decoder stack drops keyword arguments
+    (MPT's), so the media cannot travel as `MEDIA_ARGUMENT`; always taken back on exit."""
+    if any(layer.media is not None for layer in layers):
+        raise RuntimeError("these Flamingo layers are already running a call (one model called from two "
+                           "threads at once?)")
+    for layer in layers:
+        layer.media = media
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.media = None
 
 
 class DecoupledEmbedding(nn.Module):

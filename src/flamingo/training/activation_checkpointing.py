@@ -7,11 +7,11 @@ non-reentrant).
 
 The cross-attention layers receive the media of a call as a keyword argument of the blocks, which
 `checkpoint` keeps for the recomputation like any other. For LMs whose decoder stack drops keyword
-arguments (`Flamingo.media_passing == "context"`) they come through a context variable
-(`flamingo.model.cross_attention.media_context`) that is active only while `Flamingo.forward`
-runs; the recomputation happens later, in the backward pass, where it is no longer set. The
-checkpointed forward therefore captures the active `MediaContext` when it runs and re-enters it
-around the recomputation, so both passes compute exactly the same thing.
+arguments (`Flamingo.media_passing == "layers"`) the media are set on our wrapper layers only
+while the LM's forward runs (`media_on_layers`); the recomputation happens later, in the backward
+pass, where they are no longer set. The checkpointed forward of a wrapper layer therefore passes
+the media it finds on the layer as the keyword argument, which the recomputation gets again, so
+both passes compute exactly the same thing.
 
 The wrapping replaces the blocks' `forward` on the instances, leaving the module tree, parameter
 names and hooks (DDP, FSDP2) untouched.
@@ -24,26 +24,19 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from flamingo.model.cross_attention import active_media_context, media_context
 from flamingo.model.flamingo import Flamingo
-from flamingo.model.language_model import find_decoder_layers
+from flamingo.model.language_model import MEDIA_ARGUMENT, FlamingoDecoderLayer, find_decoder_layers
 
 _MARK = "_flamingo_checkpointed_forward"
 
 
-def _checkpointed(original: Any) -> Any:
+def _checkpointed(layer: torch.nn.Module, original: Any) -> Any:
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        media = active_media_context()
-
-        def run(*a: Any, **k: Any) -> Any:
-            if media is None:
-                return original(*a, **k)
-            with media_context(media):  # re-entered in the backward pass's recomputation
-                return original(*a, **k)
-
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        if isinstance(layer, FlamingoDecoderLayer) and layer.media is not None:
+            kwargs.setdefault(MEDIA_ARGUMENT, layer.media)  # kept by checkpoint for the recomputation
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
 
     return forward
 
@@ -54,6 +47,6 @@ def enable_gradient_checkpointing(model: Flamingo) -> int:
     for layer in layers:
         if _MARK not in layer.__dict__:
             original = layer.forward
-            layer.forward = _checkpointed(original)
+            layer.forward = _checkpointed(layer, original)
             layer.__dict__[_MARK] = original
     return len(layers)

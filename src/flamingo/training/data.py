@@ -4,7 +4,7 @@ The trainer consumes, per dataset, a `BatchSource`: an iterable of `flamingo.dat
 (for this rank) that can report and restore its position. `build_sources` makes one per entry of
 the config's `datasets:` list:
 
-- kind "synthetic_shapes" / "procedural" / "clipart": `flamingo.training.synthetic.ShapesSource` /
+- kind "synthetic_shapes" / "procedural" / "clipart": `flamingo.data.synthetic.ShapesSource` /
   `ProceduralSource` / `ClipartSource` (generated in memory; clipart reads the installed clip-art);
 - kind "task": `flamingo.training.task_source.TaskSource` (a benchmark's annotations, as `flamingo
   eval` reads them, in its prompt format: fine-tuning);
@@ -57,7 +57,7 @@ def _image_processor(model: Flamingo, spec: DatasetSpec) -> Any:
 
 
 def synthetic_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
-    from flamingo.training.synthetic import OPTIONS, ClipartSource, ProceduralSource, ShapesSource
+    from flamingo.data.synthetic import OPTIONS, ClipartSource, ProceduralSource, ShapesSource
 
     unknown = sorted(set(spec.options) - set(OPTIONS[spec.kind]), key=str)
     if unknown:

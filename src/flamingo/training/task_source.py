@@ -23,8 +23,8 @@ from flamingo.data.benchmarks.tasks import get_task
 from flamingo.data.loader import DataStats
 from flamingo.data.media import SkipSample
 from flamingo.data.processing import Outcome
+from flamingo.data.synthetic import InMemorySource
 from flamingo.model.config import ConfigError
-from flamingo.training.synthetic import InMemorySource
 
 TASK_OPTIONS = ("task", "data", "max_tokens", "video_frames", "video_fps")
 # Samples tried in place of one that cannot be used (unreadable media, too long) before giving up.
