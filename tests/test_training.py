@@ -255,14 +255,17 @@ def _shape_batch(model, batch_size=3, images=2, seed=5):
     return source.batch(0)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(lm_dir, clip_dir):
+@pytest.mark.parametrize("family", ["llama", "mpt"])  # media as an argument / set on the layers for the call
+def test_gradient_checkpointing_gives_the_same_gradients(lm_dir, clip_dir, family):
     from conftest import build_with_vision, randomize_gates
 
     from flamingo.model.cross_attention import GatedCrossAttentionBlock
     from flamingo.training.activation_checkpointing import enable_gradient_checkpointing
     from flamingo.model.flamingo import token_nll_sum
 
-    model = build_with_vision(lm_dir("llama"), clip_dir, **{"cross_attention.every": 1})
+    model = build_with_vision(lm_dir(family), clip_dir, **{"cross_attention.every": 1})
+    if family == "mpt":
+        model.media_passing = "layers"  # whatever this transformers does with MPT's keyword arguments
     randomize_gates(model)
     batch = _shape_batch(model)
 
@@ -288,7 +291,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(lm_dir, clip_dir):
         checkpointed, checkpointed_calls = grads()
     finally:
         GatedCrossAttentionBlock.forward = original
-    # Every xattn layer ran again in the backward pass, inside the media context it needs.
+    # Every xattn layer ran again in the backward pass, with the media it needs.
     assert plain_calls == 4 and checkpointed_calls == 8
     assert plain.keys() == checkpointed.keys()
     for name in plain:

@@ -14,7 +14,6 @@ Samples are a pure function of (seed, dataset name, sample index); batches are s
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +26,7 @@ from flamingo.data import clipart
 from flamingo.data.procedural import Segment, training_document
 from flamingo.data.shapes import COLOURS as DATA_COLOURS
 from flamingo.data.shapes import SHAPES, draw_shape
+from flamingo.data.sources import keyed_rng
 from flamingo.model.config import ConfigError
 
 # The four colours and three shapes of the in-memory set (a subset of flamingo.data.shapes').
@@ -45,16 +45,21 @@ def random_shape_image(shape: str, colour: str, size: int, rng: np.random.Genera
 class InMemorySource:
     """Endless batches of generated samples for one rank (the `BatchSource` protocol).
 
-    Subclasses define `sample(index)`, a pure function of (seed, dataset name, index)."""
+    Subclasses define `sample(index)`, a pure function of (seed, dataset name, index): its
+    random numbers come from `rng(index)`."""
 
     def __init__(self, name: str, tokenizer: Any, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1) -> None:
         self.name, self.batch_size = name, batch_size
         self.rank, self.world_size = rank, world_size
-        self.seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**32
+        self.seed = seed
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = int(pad if pad is not None else 0)
         self.position = 0  # micro-batches of this rank consumed
+
+    def rng(self, *keys: int) -> np.random.Generator:
+        """The generator of (seed, dataset name, *keys), e.g. of one sample index."""
+        return keyed_rng(self.seed, self.name, *keys)
 
     def sample(self, index: int) -> TrainingSample:
         raise NotImplementedError
@@ -98,7 +103,7 @@ class ShapesSource(InMemorySource):
                          for c in COLOURS for s in SHAPES}
 
     def sample(self, index: int) -> TrainingSample:
-        rng = np.random.default_rng([self.seed, index])
+        rng = self.rng(index)
         ids = list(self.prefix)
         images = []
         for _ in range(self.images_per_sample):
@@ -142,7 +147,7 @@ class ProceduralSource(InMemorySource):
         return training_document(task, rng, self.image_size)
 
     def sample(self, index: int) -> TrainingSample:
-        rng = np.random.default_rng([self.seed, index])
+        rng = self.rng(index)
         task = self.task_names[int(rng.choice(len(self.task_names), p=self.task_probs))]
         ids, targets, images = list(self.prefix), [False] * len(self.prefix), []
         for segment in self.document(task, rng):

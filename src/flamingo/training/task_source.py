@@ -98,7 +98,7 @@ class TaskSource(InMemorySource):
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch_order[0] != epoch:
-            self._epoch_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.samples)))
+            self._epoch_order = (epoch, self.rng(epoch).permutation(len(self.samples)))
         return self._epoch_order[1]
 
     def sample(self, index: int) -> TrainingSample:
@@ -106,7 +106,7 @@ class TaskSource(InMemorySource):
         for offset in range(MAX_REPLACEMENTS):
             epoch, slot = divmod(index + offset, n)
             order = self._order(epoch)
-            rng = np.random.default_rng([self.seed, epoch, slot])
+            rng = self.rng(epoch, slot)
             try:
                 out = self.build(self.samples[int(order[slot])], rng)
             except SkipSample as err:
