@@ -86,6 +86,8 @@ def test_numeric_option_out_of_range(tmp_path, monkeypatch, command, option, val
 
 
 def test_eval_offline_json_into_a_missing_folder_is_refused_before_the_evaluation(tmp_path, monkeypatch):
+    import os
+
     from flamingo.model import weights
 
     def no_load(*args, **kwargs):
@@ -94,6 +96,12 @@ def test_eval_offline_json_into_a_missing_folder_is_refused_before_the_evaluatio
     monkeypatch.setattr(weights, "load_model", no_load)
     run_cli(["eval-offline", "--task", "shape", "--json", str(tmp_path / "nowhere" / "r.json")],
             expect=["--json", "nowhere"], watch=[tmp_path])
+    run_cli(["eval-offline", "--task", "shape", "--json", str(tmp_path)], expect=["--json", "not a file"],
+            watch=[tmp_path])
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and str(path) != str(tmp_path))
+    run_cli(["eval-offline", "--task", "shape", "--json", str(tmp_path / "r.json")], expect=["--json", "read-only"],
+            watch=[tmp_path])
 
 
 # ----------------------------------------------------------------------- model configs
@@ -189,7 +197,7 @@ TRAIN_CASES = [
     ("steps", "many"), ("steps", 0), ("steps", -1), ("steps", 1.5), ("accumulation", 0), ("accumulation", "x"),
     ("objective", "sum"), ("precision", "fp8"), ("frozen_dtype", "int8"), ("gradient_checkpointing", "yes"),
     ("device", "banana"), ("device", 1), ("seed", "x"), ("threads", 0), ("threads", "all"),
-    ("max_nonfinite_in_a_row", 0), ("run_dir", 5), ("init_from", ["a"]),
+    ("max_nonfinite_in_a_row", 0), ("run_dir", 5), ("init_from", ["a"]), ("steps", 10**30),
     ("optim.lr", 0), ("optim.lr", "fast"), ("optim.lr", -1), ("optim.betas", [0.9]), ("optim.betas", [0.9, 1.5]),
     ("optim.eps", 0), ("optim.weight_decay", -0.1), ("optim.no_decay", "perceiver"), ("optim.no_decay", [1]),
     ("optim.decay_norms_biases_gates", 2), ("optim.grad_clip", -1), ("optim.lr_scale", [1]),
@@ -350,6 +358,13 @@ def test_eval_device_that_does_not_exist(tmp_path, device):
         pytest.skip("a machine with 100 GPUs")
     run_cli(["eval", "--model", "m", "--task", "coco", "--data", "d.yaml", "--out", str(tmp_path / "out"),
              "--device", device], expect="argument --device", watch=[tmp_path])
+
+
+@pytest.mark.parametrize("device", ["tpu", "banana", "cuda:x"])
+def test_serve_device_that_does_not_exist_is_refused_before_the_model_loads(tmp_path, monkeypatch, device):
+    monkeypatch.setattr("flamingo.serving.cli.load_model_quietly", lambda *a, **k: pytest.fail("the model was loaded"))
+    run_cli(["serve", "--model", str(tmp_path / "never-loaded"), "--device", device], expect="argument --device",
+            watch=[tmp_path])
 
 
 @pytest.mark.parametrize("path", ["", "missing-folder"])

@@ -342,9 +342,52 @@ def test_cli_prints_the_resolved_config_and_rejects_bad_fields(tmp_path, capsys,
     assert printed["label_smoothing"] == 0.2 and printed["optim"]["no_decay"] == ["logit_scale"]
     assert printed["optim"]["lr"] == 1e-3 and printed["schedule"]["kind"] == "linear"
     for override, field in (("datasets.0.batch_size=1", "datasets.0.batch_size"), ("vision.kind=vit", "vision.kind"),
-                            ("max_logit_scale=5", "max_logit_scale")):
+                            ("max_logit_scale=5", "max_logit_scale"), (f"steps={10**30}", "steps")):
         assert main(["pretrain-vision", str(path), override]) == 2
         assert field in capsys.readouterr().err
+
+
+def test_unwritable_outputs_and_a_missing_text_tower_are_one_line_errors(tmp_path, clip_dir, bert_dir, shapes,
+                                                                          monkeypatch):
+    """A run_dir that is a file or read-only, a text tower that does not exist: refused before
+    training; a full disk while saving the tower: an error naming it, and no half-written tower."""
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    from bad_input import run_cli
+    from flamingo.model import weights
+
+    def config(run_dir=str(tmp_path / "run"), **extra):
+        path = tmp_path / "pretrain.yaml"
+        path.write_text(yaml.safe_dump(pretrain_dict(clip_dir, bert_dir, shapes[0].jsonl, run_dir,
+                                                     **{"steps": 1, **extra})))
+        return str(path)
+
+    (tmp_path / "a-file").write_text("")
+    run_cli(["pretrain-vision", config(run_dir=str(tmp_path / "a-file"))], expect=["run_dir", "a-file", "not a folder"],
+            watch=[tmp_path])
+    run_cli(["pretrain-vision", config(text={"name_or_path": str(tmp_path / "no-bert")})],
+            expect=["text.name_or_path", "no-bert"], watch=[tmp_path])
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and Path(path) != tmp_path)
+    run_cli(["pretrain-vision", config()], expect=["run_dir", "read-only"], watch=[tmp_path])
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):  # what safetensors raises on a full disk (not an OSError)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(weights, "save_file", full)  # the checkpoint's weights
+    run_cli(["pretrain-vision", config()], expect=["step-00000001", os.strerror(errno.ENOSPC)], watch=[tmp_path],
+            allowed=[tmp_path / "run"])
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == []
+    monkeypatch.undo()
+    monkeypatch.setattr("safetensors.torch.save_file", full)  # the tower's (save_vision_encoder's own import)
+    monkeypatch.setattr(weights, "save_file", lambda *a, **k: None)
+    run_cli(["pretrain-vision", config(run_dir=str(tmp_path / "run2"))], expect=["vision", os.strerror(errno.ENOSPC)],
+            watch=[tmp_path], allowed=[tmp_path / "run2"])
+    assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == ["checkpoints", "metrics.jsonl"]
 
 
 def test_linear_schedule_decays_to_the_floor_at_the_last_update():

@@ -6,6 +6,7 @@ mismatched models are refused."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +255,42 @@ def test_non_finite_weights_are_refused_by_finetune_and_wise_ft(setup, tmp_path)
              "--force"], expect=["nan-base", "NaN or infinite weights", "perceiver.latents"], watch=[setup, tmp_path])
 
 
+def test_unwritable_outputs_are_one_line_errors_and_leave_nothing_half_written(setup, tmp_path, monkeypatch):
+    """finetune into a run_dir that is a file or read-only: refused before the model is built;
+    a full disk while saving the model (finetune, wise-ft): an error naming the folder, nothing
+    half-written."""
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    from flamingo.model import weights
+    from flamingo.training import trainer
+
+    (tmp_path / "a-file").write_text("")
+    path = write_config(setup, "unwritable")
+    monkeypatch.setattr(weights, "build_flamingo", lambda *a, **k: pytest.fail("the model was built"))
+    run_cli(["finetune", str(path), f"train.run_dir={tmp_path / 'a-file'}"], expect=["run_dir", "not a folder"],
+            watch=[setup, tmp_path])
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != tmp_path)
+    run_cli(["finetune", str(path), f"train.run_dir={tmp_path / 'run'}"], expect=["run_dir", "read-only"],
+            watch=[setup, tmp_path])
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):  # what safetensors raises on a full disk (not an OSError)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(trainer.Trainer, "save_checkpoint", lambda self: None)  # only the final model is written
+    monkeypatch.setattr(weights, "save_file", full)
+    run_cli(["finetune", str(path), f"train.run_dir={tmp_path / 'run'}", "train.steps=1"],
+            expect=[str(tmp_path / "run" / "final"), os.strerror(errno.ENOSPC)], watch=[setup, tmp_path],
+            allowed=[tmp_path / "run"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "train_config.yaml"]
+    run_cli(["wise-ft", str(setup / "base"), str(setup / "base"), "--alpha", "0.5", "--out", str(tmp_path / "mixed"),
+             "--force"], expect=["mixed", os.strerror(errno.ENOSPC)], watch=[setup, tmp_path])
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"task": "nope"}, "unknown task 'nope'"),
     ({"task": "rareact"}, "zero-shot only"),
@@ -261,6 +298,7 @@ def test_non_finite_weights_are_refused_by_finetune_and_wise_ft(setup, tmp_path)
     ({"image_size": 36}, "multiple of the clip patch size 8"),
     ({"train": {"datasets": []}}, "other than model, datasets and init_from"),
     ({"wise_alpha": [1.5]}, "wise_alpha"),
+    ({"image_size": 1000000}, "image_size: expected null or an integer in [1, 4096]"),
 ])
 def test_bad_fine_tuning_configs_are_one_line_errors(setup, fields, message):
     path = write_config(setup, "bad", **fields)

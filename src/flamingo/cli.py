@@ -46,7 +46,7 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
     from flamingo.data.clipart import ClipartError, catalogue
     from flamingo.data.episodes import TASKS
     from flamingo.evaluation.procedural import caption_objects, evaluate, format_table
-    from flamingo.outputs import write_text_atomic
+    from flamingo.outputs import check_writable, write_text_atomic
 
     unknown = [t for t in args.task or [] if t not in TASKS]
     if unknown:
@@ -61,8 +61,8 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
             tasks, captions = [t for t in tasks if not TASKS[t].needs_clipart], 0
     elif captions or any(TASKS[t].needs_clipart for t in tasks):
         catalogue()  # missing packages: one clear line before the model load
-    if args.json and not Path(args.json).resolve().parent.is_dir():  # found out now, not after the evaluation
-        raise UserError(f"--json: the folder of {short(args.json)} does not exist")
+    if args.json:  # found out now, not after the evaluation
+        check_writable(args.json, "--json", folder=False)
     seeds = list(range(args.seeds))
     model = load_model_quietly(args.model, args.trust_remote_code)
     results = evaluate(model, tasks, args.shots, seeds, args.episodes, progress=lambda line: print(line, flush=True),

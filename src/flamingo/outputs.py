@@ -61,6 +61,28 @@ def check_output_dir(target: str | Path, overwrite: bool, what: str, ours: Seque
     return target
 
 
+def check_writable(target: str | Path, what: str, folder: bool) -> Path:
+    """Find out before any work whether `target` can be written: a folder to create (with its
+    parents) or fill when `folder`, else a file to create or replace in an existing folder.
+    Refuses a file where a folder should be and the reverse, a missing folder for a file, and a
+    read-only place; nothing is created."""
+    target = Path(target)
+    kind = "folder" if folder else "file"
+    if target.exists() and target.is_dir() != folder:
+        raise OutputWriteError(f"{what} {target} exists and is not a {kind}")
+    existing = target if target.is_dir() else target.parent
+    while not existing.exists():
+        if not folder:
+            raise OutputWriteError(f"{what}: the folder of {target} does not exist")
+        existing = existing.parent  # created with its parents later
+    if not existing.is_dir():
+        raise OutputWriteError(f"{what} {target} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK) or (target.is_file() and not os.access(target, os.W_OK)):
+        raise OutputWriteError(f"{what} {target} cannot be written: {existing} is read-only or not writable by "
+                               f"this user")
+    return target
+
+
 @contextlib.contextmanager
 def staging_dir(target: str | Path) -> Iterator[Path]:
     """A new, empty hidden folder next to `target`, removed when the block ends (after a failure,

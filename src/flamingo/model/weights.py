@@ -6,8 +6,12 @@ strict and never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +35,33 @@ class CheckpointError(UserError):
     """A checkpoint does not match the model (missing, unexpected or mis-shaped tensors)."""
 
 
+@contextlib.contextmanager
+def safetensors_os_errors() -> Iterator[None]:
+    """safetensors reports a failed write (disk full, read-only) as a SafetensorError: re-raise it
+    as the OSError it is, which the output writers (flamingo.outputs, checkpoints) turn into a
+    user error naming the path and clean up after."""
+    try:
+        yield
+    except SafetensorError as err:
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, its write errors as OSError (see `safetensors_os_errors`)."""
+    with safetensors_os_errors():
+        save_file(tensors, str(path), metadata=metadata)
+
+
 def write_model_files(folder: Path, tensors: dict[str, torch.Tensor], model_config: FlamingoConfig,
                       provenance: dict[str, Any] | None = None) -> None:
     """config.yaml + bridge.safetensors (+ provenance.json when given) into an existing `folder` (a
     staging folder: see save_pretrained)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "flamingo_weights": "bridge-v1"})
+    save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt", "flamingo_weights": "bridge-v1"})
     model_config.save(folder / CONFIG_FILE)
     if provenance is not None:
         (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")

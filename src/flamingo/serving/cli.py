@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from flamingo.cli_options import add_trust_remote_code_option, int_range, load_model_quietly, positive_int
+from flamingo.cli_options import add_trust_remote_code_option, int_range, load_model_quietly, positive_int, torch_device
 
 EPILOG = """examples:
   flamingo serve                                   the embedded model on http://127.0.0.1:8000 (offline)
@@ -114,8 +114,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trust_remote_code_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_range(1, 65535), default=8000)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (one model per device; run one server "
-                                                   "per GPU behind a load balancer to use several)")
+    p.add_argument("--device", default="cpu", type=torch_device,
+                   help="cpu, cuda or cuda:N (one model per device; run one server per GPU behind a load balancer "
+                        "to use several)")
     p.add_argument("--api-key", default=os.environ.get("FLAMINGO_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $FLAMINGO_API_KEY, else none)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",

@@ -122,7 +122,6 @@ def save_checkpoint_files(directory: str | Path, step: int, write_files: Callabl
     """Atomically write checkpoint `step` under `directory`: `write_files(folder)` writes the
     weights, then state.pt and train_config.yaml are added; then keep only the last `keep`."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".tmp-step-*"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
     for stale in directory.glob(".old-step-*"):  # left by a crash while pruning
@@ -130,6 +129,7 @@ def save_checkpoint_files(directory: str | Path, step: int, write_files: Callabl
     name = checkpoint_name(step)
     tmp = directory / f".tmp-{name}-{os.getpid()}"
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         write_files(tmp)
         torch.save({"format": FORMAT, **state}, tmp / STATE_FILE)

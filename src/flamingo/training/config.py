@@ -34,6 +34,7 @@ ScheduleKind = Literal["constant", "cosine", "linear"]
 Strategy = Literal["ddp", "fsdp"]
 Device = Literal["auto", "cpu", "cuda"]
 MAX_BATCH_SIZE = 1 << 16
+MAX_STEPS = 10**9  # 2000x the paper's 500k updates; more would run for decades, not a plan
 
 
 @dataclass
@@ -223,7 +224,7 @@ class TrainConfig(YamlConfig):
                 check(d.options.get("min_images", 1) != 0, f"datasets.{i}.min_images",
                       ">= 1 under distributed.strategy fsdp (every batch must hold an image on every rank)",
                       d.options.get("min_images"))
-        check(self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        check(1 <= self.steps <= MAX_STEPS, "steps", f"an integer in [1, {MAX_STEPS:,}]", self.steps)
         check(self.accumulation >= 1, "accumulation", "an integer >= 1", self.accumulation)
         check(self.threads is None or self.threads >= 1, "threads", "null or an integer >= 1", self.threads)
         check(self.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", "an integer >= 1",

@@ -35,13 +35,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from flamingo.data.config import DatasetConfig
 from flamingo.data.loader import FlamingoLoader, build_loader
+from flamingo.errors import cannot_load
 from flamingo.model.config import ConfigError
 from flamingo.model.vision import VisionEncoder, build_vision_encoder, save_vision_encoder
+from flamingo.model.weights import safetensors_os_errors, save_tensors
+from flamingo.outputs import check_writable, publish, staging_dir
 from flamingo.training import checkpoint as ckpt
 from flamingo.training.contrastive_config import PretrainConfig
 from flamingo.training.distributed import (
@@ -152,8 +154,11 @@ def build_contrastive_model(config: PretrainConfig, trust_remote_code: bool = Fa
     text_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if config.text.revision:
         text_kwargs["revision"] = config.text.revision
-    text = AutoModel.from_pretrained(config.text.name_or_path, **text_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(config.text.name_or_path, **text_kwargs)
+    try:
+        text = AutoModel.from_pretrained(config.text.name_or_path, **text_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(config.text.name_or_path, **text_kwargs)
+    except (OSError, ValueError) as err:  # no model there, unreadable files, unknown hub id, needs remote code
+        raise cannot_load("text.name_or_path", config.text.name_or_path, err) from None
     torch.manual_seed(config.seed)
     model = ContrastiveModel(vision, text, config.embed_dim, config.init_temperature)
     return model, tokenizer
@@ -267,6 +272,8 @@ def _pretrain(config: PretrainConfig, rt: Runtime, resume: str | Path | None,
               trust_remote_code: bool) -> PretrainResult:
     run_dir = Path(config.run_dir or "runs/pretrain-vision")
     checkpoint_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
+    for where, folder in (("run_dir", run_dir), ("checkpoint.dir", checkpoint_dir)):
+        check_writable(folder, where, folder=True)  # now, not after building the towers
     resume_from = ckpt.resolve_resume(checkpoint_dir, resume)
     model, tokenizer = build_contrastive_model(config, trust_remote_code)
     state: dict[str, Any] = {}
@@ -328,7 +335,7 @@ def _pretrain(config: PretrainConfig, rt: Runtime, resume: str | Path | None,
             saved = {"step": at, "skipped_steps": skipped, "optimizer": optimizer.state_dict(), "data": data,
                      "rng": rng}
             path = ckpt.save_checkpoint_files(
-                checkpoint_dir, at, lambda folder: save_file(tensors, str(folder / MODEL_FILE)), saved,
+                checkpoint_dir, at, lambda folder: save_tensors(tensors, folder / MODEL_FILE), saved,
                 config.to_yaml(), keep=config.checkpoint.keep)
         barrier(rt)
         return path
@@ -413,7 +420,10 @@ def _pretrain(config: PretrainConfig, rt: Runtime, resume: str | Path | None,
         print(f"flamingo pretrain-vision: {stopped_early}; stopping", file=sys.stderr)
     vision_dir = None
     if rt.is_main and interrupted_by is None:
-        vision_dir = save_vision_encoder(model.vision, run_dir / VISION_DIR)
+        vision_dir = run_dir / VISION_DIR
+        with staging_dir(vision_dir) as staged, safetensors_os_errors():  # whole or not at all
+            save_vision_encoder(model.vision, staged)
+            publish(staged, vision_dir)
     barrier(rt)
     return PretrainResult(run_dir, step, skipped, records, last_checkpoint, vision_dir, model, stopped_early,
                           interrupted_by)

@@ -23,6 +23,7 @@ from typing import Any
 from flamingo.config_io import field_checker, fields_from_dict
 from flamingo.model.config import ConfigError, VisionConfig
 from flamingo.training.config import (
+    MAX_STEPS,
     CheckpointConfig,
     DatasetSpec,
     Device,
@@ -129,7 +130,7 @@ class PretrainConfig(YamlConfig):
         check(self.max_logit_scale >= 1 / self.init_temperature, "max_logit_scale",
               f">= 1/init_temperature = {1 / self.init_temperature:g}", self.max_logit_scale)
         check(0 <= self.label_smoothing < 1, "label_smoothing", "a number in [0, 1)", self.label_smoothing)
-        check(self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        check(1 <= self.steps <= MAX_STEPS, "steps", f"an integer in [1, {MAX_STEPS:,}]", self.steps)
         check(self.threads is None or self.threads >= 1, "threads", "null or an integer >= 1", self.threads)
         o, s, c, lg = self.optim, self.schedule, self.checkpoint, self.logging
         check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "a number > 0", o.lr)

@@ -51,6 +51,10 @@ from flamingo.data.benchmarks.tasks import get_task
 from flamingo.model.config import ConfigError, FlamingoConfig, UnfreezeConfig
 from flamingo.training.config import TrainConfig, apply_override, read_yaml_mapping
 
+# Fine-tuning resolutions: the paper's highest is 480 px; 4096 px is already ~85k patches per image
+# for a ViT-L/14, and a larger side only fails later, out of memory.
+MAX_IMAGE_SIZE = 4096
+
 
 # ------------------------------------------------------------------------------ the config
 @dataclass
@@ -73,8 +77,8 @@ class FinetuneConfig:
         check = field_checker("fine-tuning config", ConfigError)
 
         get_task(self.task)
-        check(self.image_size is None or self.image_size >= 1, "image_size", "null or an integer >= 1",
-              self.image_size)
+        check(self.image_size is None or 1 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
+              f"null or an integer in [1, {MAX_IMAGE_SIZE}]", self.image_size)
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         check(all(0 <= a <= 1 and math.isfinite(a) for a in self.wise_alpha), "wise_alpha",
               "a list of numbers in [0, 1]", self.wise_alpha)

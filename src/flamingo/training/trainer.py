@@ -47,7 +47,7 @@ from flamingo.model.weights import (
     weights_digest,
     write_model_files,
 )
-from flamingo.outputs import publish, staging_dir, write_text_atomic
+from flamingo.outputs import check_writable, publish, staging_dir, write_text_atomic
 from flamingo.training import checkpoint as ckpt
 from flamingo.training.activation_checkpointing import enable_gradient_checkpointing
 from flamingo.training.config import TrainConfig
@@ -131,6 +131,8 @@ class Trainer:
         rt = self.runtime
         self.run_dir = Path(config.run_dir or "runs/flamingo")
         self.checkpoint_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else self.run_dir / "checkpoints"
+        for where, folder in (("run_dir", self.run_dir), ("checkpoint.dir", self.checkpoint_dir)):
+            check_writable(folder, where, folder=True)  # now, not after building the model
         resume_from = self._resolve_resume(resume)
 
         if model is None:

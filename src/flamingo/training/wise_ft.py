@@ -108,7 +108,8 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
     union = copy.deepcopy(ft_config)
     union.unfreeze = UnfreezeConfig(zs_config.unfreeze.vision or ft_config.unfreeze.vision,
                                     sorted(set(zs_config.unfreeze.lm_blocks) | set(ft_config.unfreeze.lm_blocks)))
-    model = build_flamingo(union, trust_remote_code=trust_remote_code)  # pretrained backbones: the value of a part the other model kept frozen
+    # The pretrained backbones: the value of a part that the other model kept frozen.
+    model = build_flamingo(union, trust_remote_code=trust_remote_code)
     pretrained = {k: v.detach() for k, v in model.trainable_state_dict().items()}
     backbone = model.unfrozen_backbone_names()
     endpoints = [_endpoint(directory, tensors, pretrained, backbone)
