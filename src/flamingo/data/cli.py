@@ -202,7 +202,8 @@ layouts:
                        help="the frozen encoder: efficientnet_lite0 (default, offline), clip:HUB_ID_OR_DIR, "
                             "siglip:..., timm:NAME, local:DIR (a pretrain-vision output)")
     dedup.add_argument("--search", choices=("auto", "faiss", "torch"), default="auto",
-                       help="nearest-neighbour search (auto: faiss-cpu for large benchmarks when installed)")
+                       help="nearest-neighbour search of the embeddings (auto: faiss-cpu for large benchmarks when "
+                            "installed)")
     dedup.add_argument("--batch-size", type=int, default=64, help="images per chunk (default 64)")
     dedup.add_argument("--shard-size", type=int, default=1000, help="records per output shard (default 1000)")
     dedup.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,

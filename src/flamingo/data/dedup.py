@@ -62,8 +62,8 @@ class DedupConfig:
         right value depends on the encoder: with EfficientNet-Lite0, slight crops and flips score
         >= 0.83 and distinct photos <= 0.5. None: hashes only (no encoder is loaded).
     batch_size: images hashed and embedded per chunk.
-    search: "auto" (faiss when installed and an evaluation set has >= faiss_min_rows
-        embeddings), "faiss" or "torch".
+    search: of the embeddings: "auto" (faiss when installed and an evaluation set has >=
+        faiss_min_rows embeddings), "faiss" or "torch" (hashes: always HashIndex).
     shard_size: records per output shard.
     max_pixels: images with more pixels are not decoded (decompression bombs) and count as unreadable;
         an evaluation image over it goes unchecked, so keep it >= the training data's max_pixels."""
