@@ -1,5 +1,9 @@
-"""Training data: readers for interleaved documents, image-text and video-text pairs (WebDataset
-shards, folders, JSONL), the paper's processing, and deterministic, resumable batching.
+"""Data: readers for interleaved documents, image-text and video-text pairs (WebDataset shards,
+folders, JSONL), the paper's processing, and deterministic, resumable batching; the benchmarks'
+samples and task formats (`benchmarks`, read by evaluation and fine-tuning alike); and the
+generated data, all here: shapes (`shapes`), procedural scenes and episodes (`procedural`), real
+drawn objects (`clipart`), the offline tasks' episodes (`episodes`) and the in-memory training
+sources over them (`synthetic`), every stream keyed by `sources.keyed_rng`.
 
     from flamingo.data import DatasetConfig, build_loader
     loader = build_loader(DatasetConfig(name="m3w", kind="interleaved", path="shards/*.tar"),
