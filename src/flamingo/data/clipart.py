@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 
 from flamingo.data.procedural import (Scene, Segment, Split, answered_episode, render,
                                       word_binding_episode)
+from flamingo.data.sources import keyed_rng
 from flamingo.errors import UserError
 from flamingo.outputs import check_output_dir, publish, staging_dir
 
@@ -499,7 +500,7 @@ def _write_pairs(folder: Path, found: ClipartCatalogue, n: int, split: Split, se
 
     with _shard_writer(folder, shard_size) as writer:
         for index in range(n):
-            image, caption = pair(found, np.random.default_rng([seed, index]), image_size, split)
+            image, caption = pair(found, keyed_rng(seed, index), image_size, split)
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG", quality=90)  # ~8x smaller than PNG
             writer.write({"__key__": f"{index:09d}", "jpg": buffer.getvalue(), "txt": caption.encode()})
@@ -512,7 +513,7 @@ def _write_documents(folder: Path, found: ClipartCatalogue, n: int, names: list[
 
     with _shard_writer(folder, shard_size) as writer:
         for index in range(n):
-            rng = np.random.default_rng([seed, index])
+            rng = keyed_rng(seed, index)
             task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
             sample: dict[str, bytes] = {}
             texts: list[str | None] = []
