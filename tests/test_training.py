@@ -122,6 +122,7 @@ def test_config_file_model_reference_overrides_and_errors(tmp_path, lm_dir, clip
     assert "optim.lr: expected a number" in error("optim.lr=fast")
     assert "schedule.kind: expected one of 'constant', 'cosine', 'linear'" in error("schedule.kind=exponential")
     assert "train config field steps: expected an integer in [1, 1,000,000,000]" in error("steps=0")
+    assert "seed: expected an integer in [0, 4294967295]" in error("seed=-1")  # keyed_rng's keys
     assert "unique dataset names" in error("datasets.1.name=shapes")
     assert "datasets.5 must index the list" in error("datasets.5.weight=1")
     assert "cross_attention" in error("model.cross_attention.every=0")

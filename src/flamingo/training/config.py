@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from flamingo.config_io import field_checker, fields_from_dict, load_structured, safe_yaml, short
+from flamingo.config_io import MAX_SEED, field_checker, fields_from_dict, load_structured, safe_yaml, short
 from flamingo.model.config import ConfigError, FlamingoConfig
 
 Precision = Literal["fp32", "bf16"]
@@ -226,6 +226,7 @@ class TrainConfig(YamlConfig):
                       d.options.get("min_images"))
         check(1 <= self.steps <= MAX_STEPS, "steps", f"an integer in [1, {MAX_STEPS:,}]", self.steps)
         check(self.accumulation >= 1, "accumulation", "an integer >= 1", self.accumulation)
+        check(0 <= self.seed <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]", self.seed)  # keyed_rng's keys
         check(self.threads is None or self.threads >= 1, "threads", "null or an integer >= 1", self.threads)
         check(self.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", "an integer >= 1",
               self.max_nonfinite_in_a_row)
