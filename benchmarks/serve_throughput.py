@@ -46,7 +46,7 @@ import torch
 from flamingo.data.procedural import describe, render, sample_scene
 from flamingo.inference.chat import DIALOGUE_PROMPT
 from flamingo.inference.generation import GenerationConfig, generate
-from flamingo.inference.prompt import Prompt, encode_media
+from flamingo.inference.prompt import Prompt, encode_prompt_media
 from flamingo.inference.state import encode_prompts
 from flamingo.model.image_processing import decode_image
 from flamingo.model.weights import load_model
@@ -100,7 +100,7 @@ def hit_floor(model, probes: list[EngineRequest]) -> float:
         suffix = request.text.rsplit(model.config.end_of_chunk_token, 1)[-1]  # "<image>Output:"
         ids = torch.tensor([model.tokenizer(suffix, add_special_tokens=False)["input_ids"]])
         start = time.perf_counter()
-        encode_media(model, [Prompt("<image>", [[decode_image(request.images[-1])]])])
+        encode_prompt_media(model, [Prompt("<image>", [[decode_image(request.images[-1])]])])
         model.lm(input_ids=ids, logits_to_keep=1)
         return time.perf_counter() - start
 

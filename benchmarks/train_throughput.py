@@ -294,7 +294,7 @@ def bare_steps(built):
         ours.zero_grad(set_to_none=True)
         for name, b in built["batches"].items():
             nll = ours(b.input_ids, b.pixel_values, attention_mask=b.attention_mask, num_media=b.num_media,
-                       attend_next=b.attend_next, nll_labels=b.labels).loss
+                       attend_next=b.attend_next, labels=b.labels).nll_sum
             (nll * (weights[name] / counts[name])).backward()
         ours.zero_grad(set_to_none=True)
 

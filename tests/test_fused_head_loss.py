@@ -123,9 +123,9 @@ def _loss_and_grads(model, fn):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_nll_labels_equals_full_logits_loss_and_gradients(lm_dir, family):
-    """`nll_labels` (the trainer's call) gives the summed NLL and gradients of the full [B, L, V]
-    logits path, for every LM family: tied and untied heads, new rows appended or replacing
-    padding rows, chunks smaller than the labelled tokens."""
+    """`forward(labels=...)` (the trainer's call) gives the summed NLL and gradients of the full
+    [B, L, V] logits path, for every LM family: tied and untied heads, new rows appended or
+    replacing padding rows, chunks smaller than the labelled tokens."""
     model = build_tiny(lm_dir(family))
     randomize_gates(model)
     with torch.no_grad():
@@ -134,9 +134,9 @@ def test_model_nll_labels_equals_full_logits_loss_and_gradients(lm_dir, family):
     ids, labels, feats = _batch(model)
     model.nll_chunk = 5  # labelled tokens span several chunks
     full = _loss_and_grads(model, lambda: token_nll_sum(model(ids, vision_features=feats).logits, labels))
-    fused_out = model(ids, vision_features=feats, nll_labels=labels)
+    fused_out = model(ids, vision_features=feats, labels=labels)
     assert fused_out.logits is None
-    fused = _loss_and_grads(model, lambda: model(ids, vision_features=feats, nll_labels=labels).loss)
+    fused = _loss_and_grads(model, lambda: model(ids, vision_features=feats, labels=labels).nll_sum)
     assert model.fused_nll, "the fused head was not used for this family"
     torch.testing.assert_close(fused[0], full[0], rtol=1e-5, atol=1e-5)
     assert full[1].keys() == fused[1].keys() and "new_token_embeddings.new_rows" in full[1]
@@ -155,7 +155,7 @@ def test_model_nll_labels_under_bf16_autocast(lm_dir):
     reference = _loss_and_grads(model, lambda: token_nll_sum(model(ids, vision_features=feats).logits, labels))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full = _loss_and_grads(model, lambda: token_nll_sum(model(ids, vision_features=feats).logits, labels))
-        fused = _loss_and_grads(model, lambda: model(ids, vision_features=feats, nll_labels=labels).loss)
+        fused = _loss_and_grads(model, lambda: model(ids, vision_features=feats, labels=labels).nll_sum)
     assert model.fused_nll
     torch.testing.assert_close(fused[0], full[0], rtol=1e-4, atol=1e-3)
     assert full[1].keys() == fused[1].keys() == reference[1].keys()
@@ -198,7 +198,7 @@ def test_an_lm_that_changes_its_logits_after_the_head_uses_its_logits(lm_dir, ho
     randomize_gates(model)
     ids, labels, feats = _batch(model)
     full = _loss_and_grads(model, lambda: token_nll_sum(model(ids, vision_features=feats).logits, labels))
-    got = _loss_and_grads(model, lambda: model(ids, vision_features=feats, nll_labels=labels).loss)
+    got = _loss_and_grads(model, lambda: model(ids, vision_features=feats, labels=labels).nll_sum)
     assert not model.fused_nll
     torch.testing.assert_close(got[0], full[0], rtol=1e-5, atol=1e-5)
     for name in full[1]:

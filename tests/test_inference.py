@@ -8,7 +8,7 @@ import torch
 from conftest import build_with_vision, randomize_gates, solid_image
 
 from flamingo.inference.generation import GenerationConfig, GenerationConfigError, generate
-from flamingo.inference.prompt import Prompt, PromptError, encode_media, interleaved_prompt, text_prompt
+from flamingo.inference.prompt import Prompt, PromptError, encode_prompt_media, interleaved_prompt, text_prompt
 from flamingo.inference.scoring import rank_classes, score_candidates
 from flamingo.inference.state import FlamingoState, encode_prompts, extend, extend_contexts
 
@@ -135,16 +135,16 @@ def test_batched_prompts_equal_each_alone(model):
 
 
 def test_media_encoded_a_few_at_a_time_land_in_their_slots(model):
-    """encode_media's chunks (a few images per vision call on a CPU) put every image's tokens in
-    its own prompt and slot, with zeros in padding slots, whatever the chunk size."""
+    """encode_prompt_media's chunks (a few images per vision call on a CPU) put every image's tokens
+    in its own prompt and slot, with zeros in padding slots, whatever the chunk size."""
     prompts = [text_prompt("<image><image><image>", [RED, BLUE, GREEN]), text_prompt("none", []),
                text_prompt("<image>", [GREY]), interleaved_prompt([[GREEN, GREY], "a video", RED])]
-    whole, counts = encode_media(model, prompts, chunk=32)
+    whole, counts = encode_prompt_media(model, prompts, chunk=32)
     assert counts.tolist() == [3, 0, 1, 2] and whole.shape[1] == 3
     for chunk in (1, 2, None):
-        tokens, _ = encode_media(model, prompts, chunk=chunk)
+        tokens, _ = encode_prompt_media(model, prompts, chunk=chunk)
         assert torch.allclose(tokens, whole, atol=1e-5)
-    alone, _ = encode_media(model, [text_prompt("<image>", [BLUE])])
+    alone, _ = encode_prompt_media(model, [text_prompt("<image>", [BLUE])])
     assert torch.allclose(whole[0, 1], alone[0, 0], atol=1e-5)
     assert not whole[1].any() and not whole[2, 1:].any()
 

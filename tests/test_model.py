@@ -73,7 +73,7 @@ def test_media_reach_the_layers_as_chosen_when_built(lm_dir, family, monkeypatch
     labels = ids.masked_fill(ids == model.media_token_id, -100)
     with torch.no_grad():
         logits = [model(ids, vision_features=features(3, seed=s)).logits for s in (0, 1)]
-        losses = [model(ids, vision_features=features(3, seed=s), nll_labels=labels).loss for s in (0, 1)]
+        losses = [model(ids, vision_features=features(3, seed=s), labels=labels).loss for s in (0, 1)]
     assert not torch.allclose(*logits) and not torch.allclose(*losses)
 
 
@@ -221,8 +221,8 @@ def test_batch_with_different_image_counts_equals_each_sample_alone(lm_dir, fami
 
 
 def test_cached_decoding_equals_full_forward(lm_dir):
-    """Feeding a prompt in two calls with the LM's KV cache gives the full call's logits: the
-    media index of the second call continues from `media_offset`."""
+    """Feeding a prompt in two calls with the LM's KV cache (the public steps of forward) gives
+    the full call's logits: the media index of the second call continues from `media_offset`."""
     model = build_tiny(lm_dir("llama"))
     randomize_gates(model)
     ids = encode(model, PROMPT)
@@ -230,11 +230,14 @@ def test_cached_decoding_equals_full_forward(lm_dir):
     split = int((ids[0] == model.media_token_id).nonzero()[1, 0]) + 2  # after the second image
     with torch.no_grad():
         full = model(ids, vision_features=feats).logits
-        # media_offset given: the images of later calls may already be in `feats`
-        first = model(ids[:, :split], vision_features=feats, media_offset=torch.tensor([0]), use_cache=True)
+        tokens, kv = model.encode_media(vision_features=feats), {}
+        # media_offset given: the images of later calls may already be in `tokens`
+        media = model.media_context(ids[:, :split], tokens, media_offset=torch.tensor([0]), kv_cache=kv)
+        first = model.logits_and_cache(ids[:, :split], media, use_cache=True)
         offset = (ids[:, :split] == model.media_token_id).sum(1)
-        second = model(ids[:, split:], visual_tokens=first.visual_tokens, media_offset=offset,
-                       past_key_values=first.past_key_values, use_cache=True)
+        media = model.media_context(ids[:, split:], tokens, media_offset=offset, kv_cache=kv)
+        second = model.logits_and_cache(ids[:, split:], media, past_key_values=first.past_key_values,
+                                        use_cache=True)
     assert torch.allclose(torch.cat([first.logits, second.logits], 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -309,8 +312,8 @@ def test_bad_inputs_give_clear_errors(lm_dir):
         model(ids, vision_features=features(3)[0])
     with pytest.raises(FlamingoInputError, match="no vision encoder"):
         model(ids, pixel_values=torch.zeros(1, 3, 1, 3, 32, 32))
-    with pytest.raises(FlamingoInputError, match="one way only"):
-        model(ids, vision_features=features(3), visual_tokens=torch.zeros(1, 3, 4, FEATURE_DIM))
+    with pytest.raises(FlamingoInputError, match="exactly one of pixel_values or vision_features"):
+        model(ids, torch.zeros(1, 3, 1, 3, 32, 32), vision_features=features(3))
     with pytest.raises(FlamingoInputError, match="num_media"):
         model(ids, vision_features=features(3), num_media=torch.tensor([5]))
     with pytest.raises(FlamingoInputError, match="input_ids: expected shape"):
@@ -402,7 +405,8 @@ def test_training_loss_from_labelled_positions_only_equals_full_logits(lm_dir, f
     results = []
     for keep in (0, positions):
         model.zero_grad()
-        out = model(ids, vision_features=features(3), logits_to_keep=keep)
+        media = model.media_context(ids, model.encode_media(vision_features=features(3)))
+        out = model.logits_and_cache(ids, media, logits_to_keep=keep)
         nll = token_nll_sum(out.logits, labels, None if isinstance(keep, int) else positions)
         nll.backward()
         results.append((nll.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))

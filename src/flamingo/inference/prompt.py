@@ -86,9 +86,10 @@ def text_prompt(text: str, images: Sequence[MediaItem] = (), media_token: str = 
 CPU_MEDIA_CHUNK, GPU_MEDIA_CHUNK = 4, 32
 
 
-def encode_media(model: Flamingo, prompts: Sequence[Prompt], chunk: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Visual tokens [B, N_max, R, D] (zeros in padding slots) and media counts [B].
+def encode_prompt_media(model: Flamingo, prompts: Sequence[Prompt], chunk: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The media of prompts -> visual tokens [B, N_max, R, D] (zeros in padding slots) and media
+    counts [B], through `Flamingo.encode_media`.
 
     Each image/video is encoded once; media with the same number of frames are batched together
     (`chunk` per call; default by device), so images and videos can be mixed in one prompt.

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from flamingo.inference.prompt import Prompt, PromptError, context_length, encode_media
+from flamingo.inference.prompt import Prompt, PromptError, context_length, encode_prompt_media
 from flamingo.model.flamingo import Flamingo
 
 
@@ -50,10 +50,10 @@ class FlamingoState:
     def step(self, model: Flamingo, token_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
         """Feed token_ids [B, k] (no images); update the state; return their logits [B, kept, V]."""
         mask = torch.cat([self.attention_mask, torch.ones_like(token_ids)], dim=1)
-        out = model(token_ids, visual_tokens=self.visual_tokens, num_media=self.num_media,
-                    media_offset=self.media_offset(), attention_mask=mask,
-                    past_key_values=self.past_key_values, use_cache=True, kv_cache=self.kv_cache,
-                    logits_to_keep=logits_to_keep)
+        media = model.media_context(token_ids, self.visual_tokens, num_media=self.num_media,
+                                    media_offset=self.media_offset(), kv_cache=self.kv_cache)
+        out = model.logits_and_cache(token_ids, media, attention_mask=mask, past_key_values=self.past_key_values,
+                                     use_cache=True, logits_to_keep=logits_to_keep)
         self.past_key_values, self.attention_mask = out.past_key_values, mask
         self.next_token_logits = out.logits[:, -1]
         return out.logits
@@ -250,10 +250,10 @@ def encode_prompts(model: Flamingo, prompts: Sequence[Prompt], *, max_new_tokens
     ids, mask = _tokenize(model, [p.text for p in prompts], add_special_tokens)
     _check_length(model, ids.shape[1], max_new_tokens)
     device = model.perceiver.latents.device
-    visual_tokens, counts = encode_media(model, prompts)
-    kv: dict = {}
-    out = model(ids.to(device), visual_tokens=visual_tokens, num_media=counts, attention_mask=mask.to(device),
-                use_cache=True, kv_cache=kv, logits_to_keep=1)
+    visual_tokens, counts = encode_prompt_media(model, prompts)
+    ids, kv = ids.to(device), {}
+    media = model.media_context(ids, visual_tokens, num_media=counts, kv_cache=kv)
+    out = model.logits_and_cache(ids, media, attention_mask=mask.to(device), use_cache=True, logits_to_keep=1)
     return FlamingoState(out.past_key_values, mask.to(device), visual_tokens, counts, out.logits[:, -1], kv)
 
 
@@ -261,9 +261,9 @@ def extend(model: Flamingo, context: FlamingoState, queries: Sequence[Prompt], *
            max_new_tokens: int = 0) -> FlamingoState:
     """Continue one encoded context (e.g. the few-shot support examples) with each query.
 
-    The context is not re-run: its LM cache is copied per query. Under the paper's masking a
-    query token can only see the last context image or its own, so only that one context image
-    is carried over (all of them in the "all_previous" ablation mode).
+    The context is not re-run: its LM cache is copied per query. Only the context images that
+    text after them can still see are carried over (`Flamingo.media_seen_by_continuation`: under
+    the paper's masking the last one).
     """
     if not queries:
         raise PromptError("no query given")
@@ -290,13 +290,13 @@ def extend_contexts(model: Flamingo, contexts: Sequence[FlamingoState], queries:
     device = contexts[0].attention_mask.device
     sizes = [len(group) for group in queries]
 
-    # Media rows: each context's carried images (its last one under the paper's masking, all of
-    # them in the "all_previous" ablation), then the query's own, padded to the most slots.
-    query_tokens, query_counts = encode_media(model, flat)
+    # Media rows: each context's images that its continuation can still see, then the query's own,
+    # padded to the most slots.
+    query_tokens, query_counts = encode_prompt_media(model, flat)
     carried, keeps = [], []
     for context, size in zip(contexts, sizes):
         context_media = int(context.num_media[0])
-        keep = 1 if model.config.cross_attention.media_attention == "previous" and context_media else context_media
+        keep = model.media_seen_by_continuation(context_media)
         carried.append(context.visual_tokens[:, context_media - keep:context_media].expand(size, -1, -1, -1))
         keeps += [keep] * size
     dtype = carried[0].dtype
@@ -309,7 +309,8 @@ def extend_contexts(model: Flamingo, contexts: Sequence[FlamingoState], queries:
 
     cache, context_mask = _concat_histories(contexts, repeats=sizes)  # each context's copied per query
     mask = torch.cat([context_mask, query_mask.to(device)], dim=1)
-    kv: dict = {}
-    out = model(ids.to(device), visual_tokens=visual_tokens, num_media=num_media, media_offset=keep,
-                attention_mask=mask, past_key_values=cache, use_cache=True, kv_cache=kv, logits_to_keep=1)
+    ids, kv = ids.to(device), {}
+    media = model.media_context(ids, visual_tokens, num_media=num_media, media_offset=keep, kv_cache=kv)
+    out = model.logits_and_cache(ids, media, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                 logits_to_keep=1)
     return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv)

@@ -281,7 +281,7 @@ class Trainer:
                         # The summed NLL of the labelled tokens, without materialising their logits.
                         nll = self.module(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
                                           num_media=batch.num_media, attend_next=batch.attend_next,
-                                          nll_labels=batch.labels).loss
+                                          labels=batch.labels).nll_sum
                     (nll * scale).backward()
                 nll_sums[j] += float(nll.detach())
         sync_replicated_grads(unwrap(self.module), rt)
