@@ -20,8 +20,9 @@ import yaml
 from flamingo.config_io import check_fields, field_checker, fields_from_dict, load_structured
 from flamingo.errors import UserError
 
-Activation = Literal["sqrelu", "gelu"]
-MediaAttention = Literal["previous", "all_previous", "next"]
+Activation = Literal["sqrelu", "gelu", "silu"]
+Norm = Literal["layernorm", "rmsnorm"]
+MediaAttention = Literal["previous", "all_previous", "next", "group"]
 VisionKind = Literal["clip", "siglip", "timm", "efficientnet_lite0", "local", "features"]
 VISION_KINDS = ("clip", "siglip", "timm", "efficientnet_lite0", "local", "features")
 
@@ -94,6 +95,10 @@ class PerceiverConfig:
         features are projected linearly to `dim` first.
     max_frames: number of learned temporal embeddings (frames seen in training); longer videos
         interpolate them linearly. 0 disables temporal embeddings (OpenFlamingo).
+    kind: "resampler" (the paper's Perceiver Resampler) or "linear": no resampler, every feature
+        vector becomes a visual token through one linear layer with bias (Llama 3.2 Vision's
+        projector; `dim` is its output width, `num_latents` the tokens per media item, and the
+        other fields are unused).
     """
 
     depth: int = 6
@@ -103,6 +108,7 @@ class PerceiverConfig:
     ffw_mult: int = 4
     max_frames: int = 8
     dim: int | None = None
+    kind: Literal["resampler", "linear"] = "resampler"
 
 
 @dataclass
@@ -115,9 +121,24 @@ class CrossAttentionConfig:
     media_attention: "previous" — each token sees only the last image before it (the paper);
         "all_previous" — all images before it (ablation); "next" — the image right after it
         (image-placement augmentation, A.3.2; a training-time mode).
+        "group" — the last image before the token and the images right before it with no text
+        between them (consecutive images form one group; Llama 3.2 Vision).
     skip_tokens_without_media: tokens that see no image skip the whole block (IDEFICS); when
         False their attention output is zero but the gated dense part still applies
         (OpenFlamingo).
+
+    Switches for the other members of the family (the defaults are the paper's layer):
+    layers: explicit LM block indices that get a layer in front of them (overrides every /
+        first_layer).
+    norm / norm_eps: the pre-norms of the attention and dense parts ("rmsnorm": Llama 3.2 Vision).
+    qk_norm: RMSNorm over each head of the queries and keys (after the projections).
+    kv_heads: key/value heads (grouped-query attention); None: as many as `heads`.
+    ffw: "mlp" (Linear -> activation -> Linear, width ffw_mult * dim) or "swiglu"
+        (down(activation(gate(x)) * up(x))); ffw_dim overrides the hidden width.
+    zero_attention_without_media: a token that sees no image gets no attention output (the
+        paper); False: it attends to every visual token of its sample, as Llama 3.2 Vision does.
+    ffw_only_with_media: the dense part applies only to tokens that see an image (Llama 3.2
+        Vision's `full_text_row_masked_out_mask`).
     """
 
     every: int = 1
@@ -127,6 +148,15 @@ class CrossAttentionConfig:
     ffw_mult: int = 4
     media_attention: MediaAttention = "previous"
     skip_tokens_without_media: bool = False
+    layers: list[int] | None = None
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    qk_norm: bool = False
+    kv_heads: int | None = None
+    ffw: Literal["mlp", "swiglu"] = "mlp"
+    ffw_dim: int | None = None
+    zero_attention_without_media: bool = True
+    ffw_only_with_media: bool = False
 
 
 @dataclass
@@ -158,6 +188,10 @@ class FlamingoConfig:
     bias: bool = False  # biases in the trainable linear layers
     media_token: str = "<image>"
     end_of_chunk_token: str = "<|endofchunk|>"
+    # 0: the two tokens above are added to the tokenizer with trainable rows (embedding and
+    # output). > 0: the tokenizer already has them, and the LM's input table gets this many
+    # trainable rows after its own (Llama 3.2 Vision's 8); the output head stays the LM's.
+    extra_token_rows: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -168,7 +202,8 @@ class FlamingoConfig:
 
         check = field_checker("config", ConfigError)
 
-        check(self.activation in ("sqrelu", "gelu"), "activation", "'sqrelu' or 'gelu'", self.activation)
+        check(self.activation in ("sqrelu", "gelu", "silu"), "activation", "'sqrelu', 'gelu' or 'silu'",
+              self.activation)
         check(self.vision.kind in VISION_KINDS, "vision.kind", f"one of {', '.join(VISION_KINDS)}",
               self.vision.kind)
         features = self.vision.kind == "features"
@@ -196,8 +231,23 @@ class FlamingoConfig:
               "null or an integer >= 1", p.dim)
         check(isinstance(x.first_layer, int) and x.first_layer >= 0, "cross_attention.first_layer",
               "an integer >= 0", x.first_layer)
-        check(x.media_attention in ("previous", "all_previous", "next"), "cross_attention.media_attention",
-              "'previous', 'all_previous' or 'next'", x.media_attention)
+        check(x.media_attention in ("previous", "all_previous", "next", "group"), "cross_attention.media_attention",
+              "'previous', 'all_previous', 'next' or 'group'", x.media_attention)
+        check(x.layers is None or (isinstance(x.layers, list) and len(x.layers) > 0 and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x.layers)
+            and len(set(x.layers)) == len(x.layers)), "cross_attention.layers",
+            "null or a non-empty list of distinct LM block indices", x.layers)
+        check(x.norm in ("layernorm", "rmsnorm"), "cross_attention.norm", "'layernorm' or 'rmsnorm'", x.norm)
+        check(isinstance(x.norm_eps, float) and x.norm_eps > 0, "cross_attention.norm_eps", "a number > 0",
+              x.norm_eps)
+        check(x.kv_heads is None or (isinstance(x.kv_heads, int) and x.kv_heads >= 1 and x.heads % x.kv_heads == 0),
+              "cross_attention.kv_heads", "null or an integer >= 1 dividing cross_attention.heads", x.kv_heads)
+        check(x.ffw in ("mlp", "swiglu"), "cross_attention.ffw", "'mlp' or 'swiglu'", x.ffw)
+        check(x.ffw_dim is None or (isinstance(x.ffw_dim, int) and x.ffw_dim >= 1), "cross_attention.ffw_dim",
+              "null or an integer >= 1", x.ffw_dim)
+        check(p.kind in ("resampler", "linear"), "perceiver.kind", "'resampler' or 'linear'", p.kind)
+        check(isinstance(self.extra_token_rows, int) and self.extra_token_rows >= 0, "extra_token_rows",
+              "an integer >= 0", self.extra_token_rows)
         check(bool(self.media_token) and bool(self.end_of_chunk_token)
               and self.media_token != self.end_of_chunk_token,
               "media_token/end_of_chunk_token", "two different non-empty strings",
@@ -212,6 +262,11 @@ class FlamingoConfig:
     def cross_attention_layers(self, num_lm_layers: int) -> list[int]:
         """Indices of the LM blocks that get a GATED XATTN-DENSE layer in front of them."""
         x = self.cross_attention
+        if x.layers is not None:
+            if max(x.layers) >= num_lm_layers:
+                raise ConfigError(f"config field cross_attention.layers: expected indices < {num_lm_layers} "
+                                  f"(the LM's number of blocks), got {max(x.layers)}")
+            return sorted(x.layers)
         if x.first_layer >= num_lm_layers:
             raise ConfigError(f"config field cross_attention.first_layer: expected < {num_lm_layers} "
                               f"(the LM's number of blocks), got {x.first_layer}")

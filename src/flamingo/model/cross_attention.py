@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flamingo.model.config import CrossAttentionConfig
-from flamingo.model.layers import FeedForward
+from flamingo.model.layers import FeedForward, make_norm
 
 
 def token_media_index(
@@ -46,6 +46,19 @@ def token_media_index(
     return torch.where(attend_next[:, None], upcoming, previous)
 
 
+def group_first_media(is_media: torch.Tensor, token_media: torch.Tensor,
+                      earlier_first: torch.Tensor | None = None) -> torch.Tensor:
+    """For "group" attention: [B, L] the first image (1-based) of the group each token sees, where
+    images with no text between them form one group (Llama 3.2 Vision's processor). A token whose
+    group began in an earlier call (cached decoding) sees from earlier_first [B] (that call's last
+    answer) on, or its last image only when that is not given."""
+    follows_media = F.pad(is_media[:, :-1], (1, 0), value=False)
+    starts = torch.where(is_media & ~follows_media, token_media, torch.zeros_like(token_media))
+    first = starts.cummax(dim=1).values
+    before = token_media if earlier_first is None else earlier_first[:, None].expand_as(token_media)
+    return torch.where(first > 0, first, before)
+
+
 @dataclass
 class MediaContext:
     """Everything the cross-attention layers need for one forward call.
@@ -57,6 +70,10 @@ class MediaContext:
         image phi only.
     kv_cache: when not None, keys/values of each layer are computed once and kept here, keyed by
         layer index, for reuse by later calls over the same visual tokens.
+    token_first_media: [B, L] when set, a token sees images token_first_media..token_media
+        (1-based; "group" attention) instead of what attend_all_previous says.
+    key_mask: [B_media, M*R] when set, False marks visual tokens no token with an image may see
+        (padding tiles of a tiled image); tokens without an image still see them all.
     """
 
     visual_tokens: torch.Tensor
@@ -64,6 +81,8 @@ class MediaContext:
     token_media: torch.Tensor
     attend_all_previous: torch.Tensor
     kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    token_first_media: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -87,6 +106,11 @@ class MediaContext:
             exact = phi == key_media
             up_to = (key_media <= phi) & (phi > 0)
             mask = torch.where(self.attend_all_previous[:, None, None], up_to, exact)
+            if self.token_first_media is not None:
+                mask = up_to & (key_media >= self.token_first_media[:, :, None])
+            if self.key_mask is not None:
+                rows = self.token_media.shape[0] // self.key_mask.shape[0]
+                mask = mask & self.key_mask.repeat_interleave(rows, 0)[:, None, :]
             self._mask = (mask | ~self.has_media[:, :, None])[:, None]
         return self._mask
 
@@ -102,24 +126,34 @@ class MediaContext:
 class MaskedCrossAttention(nn.Module):
     """Text queries attend to visual tokens under the per-image mask of a `MediaContext`."""
 
-    def __init__(self, dim: int, visual_dim: int, heads: int, head_dim: int, bias: bool = False) -> None:
+    def __init__(self, dim: int, visual_dim: int, heads: int, head_dim: int, bias: bool = False, *,
+                 kv_heads: int | None = None, norm: str = "layernorm", norm_eps: float = 1e-5,
+                 qk_norm: bool = False, zero_without_media: bool = True) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
+        self.kv_heads = kv_heads or heads
+        self.zero_without_media = zero_without_media
         inner = heads * head_dim
-        self.norm = nn.LayerNorm(dim)
+        self.norm = make_norm(norm, dim, norm_eps)
         self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_kv = nn.Linear(visual_dim, 2 * inner, bias=bias)  # fused: keys then values
+        self.to_kv = nn.Linear(visual_dim, 2 * self.kv_heads * head_dim, bias=bias)  # fused: keys then values
         self.to_out = nn.Linear(inner, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
 
     def key_values(self, visual_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, K, D_visual] -> keys, values [B, heads, K, head_dim]."""
+        """[B, K, D_visual] -> keys, values [B, kv_heads, K, head_dim]."""
         k, v = self.to_kv(visual_tokens).chunk(2, dim=-1)
-        return (k.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2),
-                v.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2))
+        k = k.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, v.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor, has_media: torch.Tensor) -> torch.Tensor:
         q = self.to_q(self.norm(hidden)).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         rows, media_rows = q.shape[0], keys.shape[0]
         if rows != media_rows:
             # Consecutive rows share one row of visual tokens (beams, candidate completions):
@@ -127,10 +161,14 @@ class MaskedCrossAttention(nn.Module):
             share, length = rows // media_rows, q.shape[2]
             q = q.unflatten(0, (media_rows, share)).transpose(1, 2).flatten(2, 3)
             mask = mask.reshape(media_rows, 1, share * length, -1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if self.kv_heads != self.heads:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         if rows != media_rows:
             out = out.unflatten(2, (share, length)).transpose(1, 2).flatten(0, 1)
-        out = out * has_media[:, None, :, None].to(out.dtype)  # no image before a token: exactly 0
+        if self.zero_without_media:
+            out = out * has_media[:, None, :, None].to(out.dtype)  # no image before a token: exactly 0
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -139,9 +177,14 @@ class GatedCrossAttentionBlock(nn.Module):
                  bias: bool = False) -> None:
         super().__init__()
         self.skip_tokens_without_media = config.skip_tokens_without_media
-        self.attn = MaskedCrossAttention(dim, visual_dim, config.heads, config.head_dim, bias=bias)
+        self.ffw_only_with_media = config.ffw_only_with_media
+        self.attn = MaskedCrossAttention(dim, visual_dim, config.heads, config.head_dim, bias=bias,
+                                         kv_heads=config.kv_heads, norm=config.norm, norm_eps=config.norm_eps,
+                                         qk_norm=config.qk_norm,
+                                         zero_without_media=config.zero_attention_without_media)
         self.attn_gate = nn.Parameter(torch.zeros(()))
-        self.ffw = FeedForward(dim, config.ffw_mult, activation, bias=bias)
+        self.ffw = FeedForward(dim, config.ffw_mult, activation, bias=bias, kind=config.ffw, hidden=config.ffw_dim,
+                               norm=config.norm, norm_eps=config.norm_eps)
         self.ffw_gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, hidden: torch.Tensor, media: MediaContext, layer_idx: int) -> torch.Tensor:
@@ -152,7 +195,10 @@ class GatedCrossAttentionBlock(nn.Module):
             keys, values = media.key_values(layer_idx, self.attn.key_values)
             attended = self.attn(y, keys, values, media.attention_mask(), has_media)
             y = y + torch.tanh(self.attn_gate) * attended
-        y = y + torch.tanh(self.ffw_gate) * self.ffw(y)
+        dense = self.ffw(y)
+        if self.ffw_only_with_media:
+            dense = dense * has_media[:, :, None].to(dense.dtype)
+        y = y + torch.tanh(self.ffw_gate) * dense
         if self.skip_tokens_without_media:
             y = torch.where(has_media[:, :, None], y, hidden.to(y.dtype))
         return y.to(hidden.dtype)

@@ -89,3 +89,22 @@ class PerceiverResampler(nn.Module):
             latents = latents + layer["attn"](media, latents)
             latents = latents + layer["ffw"](latents)
         return self.norm(latents)
+
+
+class LinearProjector(nn.Module):
+    """No resampler (`perceiver.kind: linear`, Llama 3.2 Vision's multi-modal projector): every
+    frame's feature vectors become visual tokens through one linear layer with bias,
+    [K, T, S, D] -> [K, T*S, dim]."""
+
+    def __init__(self, feature_dim: int, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(feature_dim, dim, bias=True)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """The parameter whose dtype and device the visual tokens take (the resampler's latents)."""
+        return self.proj.weight
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features.flatten(1, 2))
