@@ -1,9 +1,11 @@
 """The Flamingo model (paper section 2): frozen vision encoder -> Perceiver Resampler -> GATED
 XATTN-DENSE layers interleaved with a frozen causal LM.
 
-Media travel with each call: `forward` takes the images (pixels, precomputed encoder features or
-resampled visual tokens), finds the `<image>` tokens in the ids, and derives for every token the
-image it may attend to. Nothing is left on the model between calls.
+Media travel with each call: `forward` takes the images (pixels or precomputed encoder features),
+finds the `<image>` tokens in the ids, and derives for every token the image it may attend to.
+Nothing is left on the model between calls. `forward` runs four public steps, which callers that
+keep state between calls (cached decoding, `flamingo.inference`) run themselves: `encode_media`,
+`media_context`, `logits_and_cache`, `training_nll`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from torch import nn
 
 from flamingo.errors import UserError
 from flamingo.model.config import ConfigError, FlamingoConfig
-from flamingo.model.cross_attention import GatedCrossAttentionBlock, MediaContext, group_first_media, token_media_index
+from flamingo.model.cross_attention import (
+    GatedCrossAttentionBlock,
+    MediaContext,
+    group_first_media,
+    token_media_index,
+)
 from flamingo.model.fused_head_loss import DEFAULT_CHUNK, head_nll_sum
 from flamingo.model.language_model import (
     MEDIA_ARGUMENT,
@@ -125,7 +132,7 @@ class Flamingo(nn.Module):
         # its decoder stack passes keyword arguments on to its blocks, else set on our layers.
         self.media_passing: Literal["argument", "layers"] = (
             "argument" if lm_forward.passes_layer_kwargs else "layers")
-        # Training loss (`nll_labels`) from the base model's last hidden state through a fused,
+        # Training loss (`training_nll`) from the base model's last hidden state through a fused,
         # chunked head + NLL (fused_head_loss); otherwise from the LM's logits of the labelled
         # positions (an LM that post-processes its logits, or a head that is not a linear layer).
         self.fused_nll = (lm_forward.head_logits_unchanged and isinstance(lm.get_output_embeddings(), nn.Linear)
@@ -296,88 +303,72 @@ class Flamingo(nn.Module):
         return torch.arange(slots, device=device) < num_media[:, None]
 
     # --------------------------------------------------------------------------------- forward
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        num_media: torch.Tensor | None = None,
-        vision_features: torch.Tensor | None = None,
-        visual_tokens: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        attend_next: torch.Tensor | None = None,
-        media_offset: torch.Tensor | None = None,
-        past_key_values: Any = None,
-        use_cache: bool = False,
-        kv_cache: dict | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        nll_labels: torch.Tensor | None = None,
-    ) -> FlamingoOutput:
-        """Run Flamingo on interleaved text and media.
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                vision_features: torch.Tensor | None = None, num_media: torch.Tensor | None = None,
+                attend_next: torch.Tensor | None = None) -> FlamingoOutput:
+        """Run Flamingo on interleaved text and images: logits, or with `labels` the training loss.
 
         Args:
             input_ids [B, L] with one `<image>` token per image/video, in order.
-            pixel_values [B, N, T, 3, H, W] | vision_features [B, N, T, S, D] |
-                visual_tokens [B, N, R, D]: the media, as pixels, as frozen-encoder features or
-                already resampled (give at most one). The j-th `<image>` of sample b is media
-                [b, j]; text-only input gives none.
-            attention_mask [B, L] (or [B, past+L] with a cache): 1 for real tokens.
+            pixel_values [B, N, T, 3, H, W]: the media (T frames each; T = 1 for images). The j-th
+                `<image>` of sample b is media [b, j]; text-only input gives none.
+            attention_mask [B, L]: 1 for real tokens, 0 for padding.
+            labels [B, L]: next-token targets aligned with the inputs (-100: none). `loss` is then
+                their mean NLL and `nll_sum` their summed NLL (fp32), computed without the
+                [B, L, vocabulary] logits (`training_nll`), and `logits` is None.
+            vision_features [B, N, T, S, D]: instead of pixel_values, the frozen encoder's features
+                (a model without a vision encoder).
             num_media [B]: real media per sample when samples have different counts (default: N).
-            labels [B, L]: next-token targets (-100 ignored), aligned with the inputs: `loss` is
-                their mean NLL and `nll_sum` their summed NLL (fp32), computed without the [B, L, V]
-                logits (`training_nll`); `logits` is then None (call without labels for logits).
             attend_next [B] bool: per-sample "next image" attention (A.3.2); default from config.
-            media_offset [B]: images consumed by earlier calls whose KV cache is passed as
-                past_key_values (cached decoding); media then holds all images so far.
-            past_key_values: the LM's cache from an earlier call (`FlamingoOutput.past_key_values`).
-            kv_cache: a dict to keep the cross-attention keys/values of `visual_tokens` per layer.
-            logits_to_keep: if an int > 0, only the logits of the last so many positions are
-                computed; a 1-D tensor of positions keeps those. Not with `labels`.
-            nll_labels [B, L]: as `labels`, but `loss` is the summed NLL.
 
-        Media may be given for fewer rows than input_ids (visual_tokens [B / k, ...]): then each
-        run of k consecutive rows shares one row of media, without copies (beams, candidates).
+        Returns `FlamingoOutput`: logits [B, L, V] (without labels), loss and nll_sum (with labels),
+        and visual_tokens [B, N, R, D] (the resampled media).
+
+        Cached decoding and other multi-call uses run the same four steps this call runs, which
+        are public: `encode_media` (media -> visual tokens), `media_context` (which visual tokens
+        each token sees, keys/values kept across calls), `logits_and_cache` (the LM's forward,
+        its cache, chosen logits) and `training_nll` (the summed NLL).
         """
         if input_ids.ndim != 2:
             raise FlamingoInputError(f"input_ids: expected shape [B, L], got {tuple(input_ids.shape)}")
-        if labels is not None and nll_labels is not None:
-            raise FlamingoInputError("give labels or nll_labels, not both")
-        summed = nll_labels is not None
-        labels = nll_labels if summed else labels
-        if labels is not None and (use_cache or past_key_values is not None
-                                   or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)):
-            raise FlamingoInputError("labels: not with logits_to_keep or a KV cache")
-        visual_tokens, media = self.prepare_media(
-            input_ids, pixel_values=pixel_values, vision_features=vision_features, visual_tokens=visual_tokens,
-            num_media=num_media, attend_next=attend_next, media_offset=media_offset, kv_cache=kv_cache)
-        inputs = self._lm_inputs(input_ids, attention_mask)
+        visual_tokens = None
+        if pixel_values is not None or vision_features is not None:
+            visual_tokens = self.encode_media(pixel_values, vision_features=vision_features, num_media=num_media)
+        media = self.media_context(input_ids, visual_tokens, num_media=num_media, attend_next=attend_next)
         if labels is not None:
-            nll = self.training_nll(inputs, media, labels)
-            mean = nll / (next_token_targets(labels.to(nll.device)) != IGNORE_INDEX).sum()
-            return FlamingoOutput(logits=None, loss=nll if summed else mean, nll_sum=nll, visual_tokens=visual_tokens)
-        out = self.logits_and_cache(inputs, media, past_key_values=past_key_values,
-                                    use_cache=use_cache, logits_to_keep=logits_to_keep)
+            nll = self.training_nll(input_ids, media, labels, attention_mask=attention_mask)
+            count = (next_token_targets(labels.to(nll.device)) != IGNORE_INDEX).sum()
+            return FlamingoOutput(logits=None, loss=nll / count, nll_sum=nll, visual_tokens=visual_tokens)
+        out = self.logits_and_cache(input_ids, media, attention_mask=attention_mask)
         out.visual_tokens = visual_tokens
         return out
 
-    # ------------------------------------------------------------------ the three parts of forward
-    def prepare_media(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
-                      vision_features: torch.Tensor | None = None, visual_tokens: torch.Tensor | None = None,
+    # ------------------------------------------------------------------------ the steps of forward
+    def media_context(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None = None, *,
                       num_media: torch.Tensor | None = None, attend_next: torch.Tensor | None = None,
-                      media_offset: torch.Tensor | None = None, kv_cache: dict | None = None,
-                      key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MediaContext]:
-        """The media of one call (as in `forward`) -> (visual tokens [B_media, N, R, D], the
-        `MediaContext` telling each token of `input_ids` which of them it sees). key_mask
-        [B_media, N, R]: False for visual tokens that tokens with an image must not see (the
-        padding tiles of Llama 3.2 Vision's tiled images)."""
+                      media_offset: torch.Tensor | None = None,
+                      kv_cache: dict | None = None, key_mask: torch.Tensor | None = None,
+                      ) -> MediaContext:
+        """Which visual tokens each token of `input_ids` [B, L] sees: the `MediaContext` that
+        `logits_and_cache` and `training_nll` hand to the cross-attention layers.
+
+        Args:
+            visual_tokens [B_media, N, R, D] (`encode_media`), or None for text only. B_media
+                divides B: each run of B / B_media consecutive rows shares one row of media,
+                without copies (beams, candidates).
+            num_media [B_media]: real media per row (default: N).
+            attend_next [B] bool: per-sample "next image" attention (A.3.2); default from config.
+            media_offset [B]: images consumed by earlier calls whose LM cache this call continues
+                (cached decoding): visual_tokens then hold all images so far, and the `<image>`
+                tokens of input_ids are the ones after them. Without it, input_ids hold one
+                `<image>` per real media item.
+            kv_cache: a dict in which each layer keeps the keys/values of these visual tokens,
+                computed once, for later calls over the same visual tokens.
+            key_mask [B_media, N, R]: False for visual tokens that tokens with an image must not
+                see (the padding tiles of Llama 3.2 Vision's tiled images).
+        """
         batch, device = input_ids.shape[0], input_ids.device
-        given = [n for n, v in (("pixel_values", pixel_values), ("vision_features", vision_features),
-                                ("visual_tokens", visual_tokens)) if v is not None]
-        if len(given) > 1:
-            raise FlamingoInputError(f"give the media one way only, got {' and '.join(given)}")
-        if pixel_values is not None or vision_features is not None:
-            visual_tokens = self.encode_media(pixel_values, vision_features=vision_features, num_media=num_media)
         if visual_tokens is None:
             visual_tokens = torch.zeros(batch, 0, self.config.perceiver.num_latents, self.perceiver.dim,
                                         dtype=self.perceiver.latents.dtype, device=device)
@@ -407,13 +398,26 @@ class Flamingo(nn.Module):
         )
         if self.config.cross_attention.media_attention == "group":
             context.token_first_media = group_first_media(is_media, context.token_media)
-        return visual_tokens, context
+        return context
 
-    def logits_and_cache(self, inputs: dict[str, Any], media: MediaContext, *, past_key_values: Any = None,
+    def media_seen_by_continuation(self, num_media: int) -> int:
+        """How many of the last of `num_media` images text that continues after them can attend
+        to under this model's masking: the last one (the paper's), all of them ("all_previous"),
+        or none ("next": text looks ahead). A cached context is continued with only those
+        (`inference.extend`); carrying more would be correct too, only wasteful."""
+        mode = self.config.cross_attention.media_attention
+        if mode == "previous":
+            return min(num_media, 1)
+        return 0 if mode == "next" else num_media
+
+    def logits_and_cache(self, input_ids: torch.Tensor, media: MediaContext, *,
+                         attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
                          use_cache: bool = False, logits_to_keep: int | torch.Tensor = 0) -> FlamingoOutput:
-        """The LM's forward with the media (`_lm_inputs` as `inputs`): logits (the last
-        `logits_to_keep`, or those positions) and the LM's cache."""
-        kwargs = dict(inputs, use_cache=use_cache)
+        """The LM's forward over `input_ids` with `media` (`media_context`): the logits (all of
+        them; the last `logits_to_keep` if an int > 0; those positions if a 1-D tensor) and, with
+        use_cache, the LM's cache, which a later call continues as `past_key_values` (with an
+        attention_mask over everything so far, [B, past + L])."""
+        kwargs = dict(self._lm_inputs(input_ids, attention_mask), use_cache=use_cache)
         if past_key_values is not None:
             kwargs[self._cache_argument] = past_key_values
         keep_some = isinstance(logits_to_keep, torch.Tensor) or logits_to_keep > 0
@@ -430,15 +434,18 @@ class Flamingo(nn.Module):
             cache = DynamicCache.from_legacy_cache(cache)
         return FlamingoOutput(logits=logits, past_key_values=cache)
 
-    def training_nll(self, inputs: dict[str, Any], media: MediaContext, labels: torch.Tensor) -> torch.Tensor:
-        """Summed next-token NLL (fp32) of `labels` [B, L] (aligned with the inputs, -100 ignored).
+    def training_nll(self, input_ids: torch.Tensor, media: MediaContext, labels: torch.Tensor, *,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed next-token NLL (fp32) of `labels` [B, L] (aligned with input_ids, -100 ignored)
+        under the LM's forward over `input_ids` with `media` (`media_context`).
 
         With `fused_nll`, the LM's base model gives the last hidden states and our head computes the
         NLL of the labelled tokens chunk by chunk together with its gradient, without [tokens,
         vocabulary] logits (`fused_head_loss.head_nll_sum`; frozen rows + trainable added rows).
         Otherwise the LM computes the logits of the labelled positions only, and the NLL follows.
         """
-        labels = labels.to(inputs["input_ids"].device)
+        inputs = self._lm_inputs(input_ids, attention_mask)
+        labels = labels.to(input_ids.device)
         if not self.fused_nll:
             positions = labelled_positions(labels)
             kwargs = dict(inputs, use_cache=False)
