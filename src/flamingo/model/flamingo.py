@@ -403,8 +403,9 @@ class Flamingo(nn.Module):
     def media_seen_by_continuation(self, num_media: int) -> int:
         """How many of the last of `num_media` images text that continues after them can attend
         to under this model's masking: the last one (the paper's), all of them ("all_previous"),
-        or none ("next": text looks ahead). A cached context is continued with only those
-        (`inference.extend`); carrying more would be correct too, only wasteful."""
+        or none ("next": text looks ahead, so a cached context, whose text saw no later image,
+        is not continued exactly in that training-time mode). A cached context is continued
+        with only those (`inference.extend`); carrying more would be correct too, only wasteful."""
         mode = self.config.cross_attention.media_attention
         if mode == "previous":
             return min(num_media, 1)
