@@ -197,7 +197,7 @@ TRAIN_CASES = [
     ("steps", "many"), ("steps", 0), ("steps", -1), ("steps", 1.5), ("accumulation", 0), ("accumulation", "x"),
     ("objective", "sum"), ("precision", "fp8"), ("frozen_dtype", "int8"), ("gradient_checkpointing", "yes"),
     ("device", "banana"), ("device", 1), ("seed", "x"), ("threads", 0), ("threads", "all"),
-    ("max_nonfinite_in_a_row", 0), ("run_dir", 5), ("init_from", ["a"]), ("steps", 10**30),
+    ("max_nonfinite_in_a_row", 0), ("run_dir", 5), ("init_from", ["a"]), ("steps", 10**30), ("threads", 100000),
     ("optim.lr", 0), ("optim.lr", "fast"), ("optim.lr", -1), ("optim.betas", [0.9]), ("optim.betas", [0.9, 1.5]),
     ("optim.eps", 0), ("optim.weight_decay", -0.1), ("optim.no_decay", "perceiver"), ("optim.no_decay", [1]),
     ("optim.decay_norms_biases_gates", 2), ("optim.grad_clip", -1), ("optim.lr_scale", [1]),
@@ -348,6 +348,38 @@ def test_damaged_model_directory(saved_model, tmp_path, damage, message):
     model = _copy_model(saved_model, tmp_path)
     damage(model)
     run_cli(["params", str(model)], expect=message, watch=[tmp_path])
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("lm", "gguf_file", "../../../etc/passwd", ["lm.gguf_file", "inside the language model's directory"]),
+    ("lm", "gguf_file", "/etc/passwd", ["lm.gguf_file", "no absolute path"]),
+    ("lm", "gguf_file", "not-gguf.gguf", ["lm.gguf_file", "cannot be read as a GGUF"]),
+    ("lm", "gguf_file", "missing.gguf", ["lm.gguf_file", "not found"]),
+    ("lm", "attn_implementation", "nonsense", ["lm.attn_implementation", "nonsense"]),
+    ("vision", "image_size", 100000, ["vision.image_size", "4096"]),
+])
+def test_model_config_values_that_fail_while_building(lm_dir, clip_dir, tmp_path, monkeypatch, section, field,
+                                                      value, message):
+    """Values the config's own checks cannot judge (they need the LM's files), found while the
+    model is built: one line naming the field, not a traceback (a ValueError of transformers or
+    of the GGUF reader, an out-of-memory kill for a 100000 px image), and a GGUF file is only ever
+    read inside the LM's own directory."""
+    import shutil
+
+    from conftest import tiny_config
+
+    lm = shutil.copytree(lm_dir("llama"), tmp_path / "lm")
+    (lm / "not-gguf.gguf").write_text("hello")
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda file, *a, **k: opened.append(str(file)) or real_open(file, *a, **k))
+    data = tiny_config(lm).to_dict()
+    data["vision"]["name_or_path"] = str(clip_dir)
+    data[section][field] = value
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run_cli(["params", str(path)], expect=message, watch=[tmp_path])
+    assert not [f for f in opened if "passwd" in f]
 
 
 @pytest.mark.parametrize("device", ["banana", "cuda:x", "tpu", "cuda:99"])

@@ -342,7 +342,9 @@ def test_cli_prints_the_resolved_config_and_rejects_bad_fields(tmp_path, capsys,
     assert printed["label_smoothing"] == 0.2 and printed["optim"]["no_decay"] == ["logit_scale"]
     assert printed["optim"]["lr"] == 1e-3 and printed["schedule"]["kind"] == "linear"
     for override, field in (("datasets.0.batch_size=1", "datasets.0.batch_size"), ("vision.kind=vit", "vision.kind"),
-                            ("max_logit_scale=5", "max_logit_scale"), (f"steps={10**30}", "steps")):
+                            ("max_logit_scale=5", "max_logit_scale"), (f"steps={10**30}", "steps"),
+                            (f"embed_dim={10**9}", "embed_dim"), (f"datasets.0.batch_size={10**6}", "batch_size"),
+                            ("threads=100000", "threads"), ("text.max_tokens=64", "text tower's 32 positions")):
         assert main(["pretrain-vision", str(path), override]) == 2
         assert field in capsys.readouterr().err
 

@@ -356,7 +356,8 @@ def load_language_model(config: LanguageModelConfig, trust_remote_code: bool = F
         _check_remote_code_refusal(err, source)
         # Some architectures (e.g. MPT) have no SDPA path; they keep their own attention.
         if "attn_implementation" not in kwargs or "does not support" not in str(err):
-            raise
+            field = "lm.attn_implementation" if "attn_implementation" in str(err) else "lm.name_or_path"
+            raise cannot_load(field, source, err) from None
         kwargs.pop("attn_implementation")
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return lm, tokenizer

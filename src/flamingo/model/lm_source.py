@@ -77,9 +77,14 @@ def converted_gguf_checkpoint(directory: str, gguf_file: str, progress: bool = T
     convert(gguf, staging_dir, progress) writes the checkpoint files (default: transformers'
     GGUF reader); this function owns the cache: key, validation, atomic publication.
     """
+    inside = os.path.normpath(os.path.join(directory, gguf_file))
+    if Path(gguf_file).is_absolute() or not inside.startswith(os.path.join(os.path.normpath(directory), "")):
+        # A config may come from anywhere: it names a file of the LM's own directory, nothing else.
+        raise LanguageModelSourceError(f"lm.gguf_file {gguf_file[:200]!r}: expected a file inside the language "
+                                       f"model's directory {directory[:200]} (no absolute path, no '..')")
     gguf = Path(directory) / gguf_file
     if not gguf.is_file():
-        raise LanguageModelSourceError(f"GGUF file not found: {gguf}")
+        raise LanguageModelSourceError(f"lm.gguf_file: GGUF file not found: {gguf}")
     fingerprint = _fingerprint(gguf)
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
@@ -92,7 +97,14 @@ def converted_gguf_checkpoint(directory: str, gguf_file: str, progress: bool = T
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        (convert or convert_with_transformers)(gguf, staging, progress)
+        try:
+            (convert or convert_with_transformers)(gguf, staging, progress)
+        except (ValueError, OSError, KeyError) as err:  # not a GGUF file, a damaged one, an unknown architecture
+            if isinstance(err, UserError):
+                raise
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise LanguageModelSourceError(f"lm.gguf_file {gguf}: cannot be read as a GGUF language model: "
+                                           f"{reason}") from None
         files = {p.name: (p.stat().st_size, _file_digest(p)) for p in staging.iterdir() if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps({"source": fingerprint, "files": files}, indent=1))
         try:

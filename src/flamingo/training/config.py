@@ -35,6 +35,7 @@ Strategy = Literal["ddp", "fsdp"]
 Device = Literal["auto", "cpu", "cuda"]
 MAX_BATCH_SIZE = 1 << 16
 MAX_STEPS = 10**9  # 2000x the paper's 500k updates; more would run for decades, not a plan
+MAX_THREADS = 1024  # more than any machine's cores; torch starts them all (100000 crash the process)
 
 
 @dataclass
@@ -227,7 +228,8 @@ class TrainConfig(YamlConfig):
         check(1 <= self.steps <= MAX_STEPS, "steps", f"an integer in [1, {MAX_STEPS:,}]", self.steps)
         check(self.accumulation >= 1, "accumulation", "an integer >= 1", self.accumulation)
         check(0 <= self.seed <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]", self.seed)  # keyed_rng's keys
-        check(self.threads is None or self.threads >= 1, "threads", "null or an integer >= 1", self.threads)
+        check(self.threads is None or 1 <= self.threads <= MAX_THREADS, "threads",
+              f"null or an integer in [1, {MAX_THREADS}]", self.threads)
         check(self.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", "an integer >= 1",
               self.max_nonfinite_in_a_row)
         o, s, c, lg = self.optim, self.schedule, self.checkpoint, self.logging

@@ -159,6 +159,10 @@ def build_contrastive_model(config: PretrainConfig, trust_remote_code: bool = Fa
         tokenizer = AutoTokenizer.from_pretrained(config.text.name_or_path, **text_kwargs)
     except (OSError, ValueError) as err:  # no model there, unreadable files, unknown hub id, needs remote code
         raise cannot_load("text.name_or_path", config.text.name_or_path, err) from None
+    positions = getattr(text.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and config.text.max_tokens > positions:  # a long caption would index past them
+        raise ConfigError(f"pretrain config field text.max_tokens: expected at most the text tower's "
+                          f"{positions} positions, got {config.text.max_tokens}")
     torch.manual_seed(config.seed)
     model = ContrastiveModel(vision, text, config.embed_dim, config.init_temperature)
     return model, tokenizer

@@ -23,7 +23,9 @@ from typing import Any
 from flamingo.config_io import field_checker, fields_from_dict
 from flamingo.model.config import ConfigError, VisionConfig
 from flamingo.training.config import (
+    MAX_BATCH_SIZE,
     MAX_STEPS,
+    MAX_THREADS,
     CheckpointConfig,
     DatasetSpec,
     Device,
@@ -40,6 +42,7 @@ from flamingo.training.config import (
 )
 
 VISION_KINDS = ("clip", "siglip", "timm", "efficientnet_lite0", "local")
+MAX_EMBED_DIM = 1 << 16  # CLIP's widest shared space is 1024; far wider only exhausts memory
 
 
 @dataclass
@@ -122,16 +125,17 @@ class PretrainConfig(YamlConfig):
         for i, d in enumerate(self.datasets):
             check(d.kind == "pairs", f"datasets.{i}.kind", "pairs (image-text pairs)", d.kind)
             check(math.isfinite(d.weight) and d.weight >= 0, f"datasets.{i}.weight", "a number >= 0", d.weight)
-            check(d.batch_size >= 2, f"datasets.{i}.batch_size", "an integer >= 2 (in-batch negatives)",
-                  d.batch_size)
+            check(2 <= d.batch_size <= MAX_BATCH_SIZE, f"datasets.{i}.batch_size",
+                  f"an integer in [2, {MAX_BATCH_SIZE}] (in-batch negatives)", d.batch_size)
             check("path" in d.options, f"datasets.{i}.path", "shards, a folder or a .jsonl file", None)
-        check(self.embed_dim >= 1, "embed_dim", "an integer >= 1", self.embed_dim)
+        check(1 <= self.embed_dim <= MAX_EMBED_DIM, "embed_dim", f"an integer in [1, {MAX_EMBED_DIM}]", self.embed_dim)
         check(0 < self.init_temperature <= 1, "init_temperature", "a number in (0, 1]", self.init_temperature)
         check(self.max_logit_scale >= 1 / self.init_temperature, "max_logit_scale",
               f">= 1/init_temperature = {1 / self.init_temperature:g}", self.max_logit_scale)
         check(0 <= self.label_smoothing < 1, "label_smoothing", "a number in [0, 1)", self.label_smoothing)
         check(1 <= self.steps <= MAX_STEPS, "steps", f"an integer in [1, {MAX_STEPS:,}]", self.steps)
-        check(self.threads is None or self.threads >= 1, "threads", "null or an integer >= 1", self.threads)
+        check(self.threads is None or 1 <= self.threads <= MAX_THREADS, "threads",
+              f"null or an integer in [1, {MAX_THREADS}]", self.threads)
         o, s, c, lg = self.optim, self.schedule, self.checkpoint, self.logging
         check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "a number > 0", o.lr)
         check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)

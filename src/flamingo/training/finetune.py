@@ -49,11 +49,9 @@ from typing import Any
 from flamingo.config_io import field_checker, fields_from_dict
 from flamingo.data.benchmarks.tasks import get_task
 from flamingo.model.config import ConfigError, FlamingoConfig, UnfreezeConfig
+from flamingo.model.vision import MAX_IMAGE_SIZE
 from flamingo.training.config import TrainConfig, apply_override, read_yaml_mapping
 
-# Fine-tuning resolutions: the paper's highest is 480 px; 4096 px is already ~85k patches per image
-# for a ViT-L/14, and a larger side only fails later, out of memory.
-MAX_IMAGE_SIZE = 4096
 
 
 # ------------------------------------------------------------------------------ the config
