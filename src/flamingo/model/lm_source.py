@@ -99,7 +99,7 @@ def converted_gguf_checkpoint(directory: str, gguf_file: str, progress: bool = T
     try:
         try:
             (convert or convert_with_transformers)(gguf, staging, progress)
-        except (ValueError, OSError, KeyError) as err:  # not a GGUF file, a damaged one, an unknown architecture
+        except (ValueError, KeyError) as err:  # not a GGUF file, a damaged one, an unknown architecture
             if isinstance(err, UserError):
                 raise
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
