@@ -1,0 +1,163 @@
+"""Other members of the Flamingo family as configuration of our model, proven against transformers'
+own classes on tiny random models built here (offline, fp32): Llama 3.2 Vision
+(`MllamaForConditionalGeneration`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+transformers = pytest.importorskip("transformers")
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaImageProcessorPil,
+    MllamaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from flamingo.model.families import mllama  # noqa: E402
+from flamingo.model.weights import CheckpointError  # noqa: E402
+
+VOCAB = 120  # the text model's vocab_size; <|image|> is the first of the 8 extra rows
+TOLERANCE = 1e-5
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer "t0 ... t117" plus Llama 3.2 Vision's special tokens, <|image|> = VOCAB."""
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB - 2)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t1", eos_token="t2", pad_token="t3")
+    tokenizer.add_tokens(["<|eot_id|>", "<|python_tag|>", "<|image|>"], special_tokens=True)
+    assert tokenizer.convert_tokens_to_ids("<|image|>") == VOCAB
+    return tokenizer
+
+
+def tiny_mllama_config() -> MllamaConfig:
+    return MllamaConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=48, num_hidden_layers=6, cross_attention_layers=[1, 4],
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        vision_config=dict(hidden_size=16, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                           intermediate_size=32, vision_output_dim=48, image_size=28, patch_size=14,
+                           intermediate_layers_indices=[0, 1]),
+        image_token_index=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def family():
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    processor = MllamaProcessor(image_processor=MllamaImageProcessorPil(size={"height": 28, "width": 28},
+                                                                       max_image_tiles=4), tokenizer=tokenizer)
+    reference = MllamaForConditionalGeneration(tiny_mllama_config()).eval()
+    with torch.no_grad():  # the gates start at 0 (no image would matter) and the norms at 1: move them
+        for name, param in reference.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(0.8)
+            elif "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    model = mllama.build_model(reference.config, tiny_tokenizer())
+    mllama.load_state_dict(model, reference.state_dict())
+    return processor, reference, model.eval()
+
+
+def image(seed: int, width: int, height: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def run_ours(model, inputs) -> torch.Tensor:
+    ids = inputs["input_ids"]
+    if "pixel_values" not in inputs:
+        return mllama.forward(model, ids, attention_mask=inputs["attention_mask"]).logits
+    tokens, key_mask = mllama.encode_images(model, inputs["pixel_values"], inputs["aspect_ratio_ids"],
+                                            inputs["aspect_ratio_mask"])
+    return mllama.forward(model, ids, visual_tokens=tokens, key_mask=key_mask,
+                          num_media=(ids == VOCAB).sum(1), attention_mask=inputs["attention_mask"]).logits
+
+
+PROMPTS = {
+    "no image": (["t5 t6 t7 t8"], None),
+    "one image": (["<|image|> t5 t6 t7"], [[image(1, 40, 30)]]),
+    "three images, text first, two consecutive": (["t9 t10 <|image|> t5 t6 <|image|><|image|> t7 t8"],
+                                                   [[image(2, 30, 30), image(3, 20, 70), image(4, 90, 25)]]),
+    "multi-tile images": (["<|image|> t5 <|image|> t6"], [[image(5, 100, 28), image(6, 56, 56)]]),
+    "a batch with 2, 0 and 1 images": (["<|image|> t5 <|image|> t6 t7", "t8 t9 t10", "t11 <|image|> t12"],
+                                       [[image(7, 30, 60), image(8, 60, 30)], [], [image(9, 28, 28)]]),
+}
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_mllama_logits_equal_the_reference(family, name):
+    processor, reference, model = family
+    text, images = PROMPTS[name]
+    images = None if images is None else images
+    inputs = processor(text=text, images=images, padding=True, return_tensors="pt")
+    if name == "multi-tile images":
+        assert int(inputs["aspect_ratio_mask"].sum(-1).max()) > 1
+    with torch.no_grad():
+        theirs = reference(**inputs).logits
+        ours = run_ours(model, inputs)
+    real = inputs["attention_mask"].bool()
+    assert ours.shape == theirs.shape
+    assert float((ours - theirs).abs()[real].max()) <= TOLERANCE
+    if images is not None:  # the images matter: without them the logits differ
+        with torch.no_grad():
+            blind = reference(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        assert float((blind - theirs).abs()[real].max()) > 1e-2
+
+
+GENERATION_PROMPTS = ["t5 t6 t7", "<|image|> t5 t6", "t9 <|image|> t5 <|image|><|image|> t6"]
+GENERATION_IMAGES = [None, [[image(10, 60, 30)]], [[image(11, 28, 28), image(12, 30, 90), image(13, 50, 50)]]]
+
+
+@pytest.mark.parametrize("index", range(len(GENERATION_PROMPTS)))
+def test_mllama_cached_decoding_equals_the_uncached_forward(family, index):
+    processor, _, model = family
+    inputs = processor(text=GENERATION_PROMPTS[index], images=GENERATION_IMAGES[index], return_tensors="pt")
+    ids = inputs["input_ids"]
+    media = {}
+    if "pixel_values" in inputs:
+        tokens, key_mask = mllama.encode_images(model, inputs["pixel_values"], inputs["aspect_ratio_ids"],
+                                                inputs["aspect_ratio_mask"])
+        media = dict(visual_tokens=tokens, key_mask=key_mask, num_media=(ids == VOCAB).sum(1))
+    new, cached = mllama.greedy_generate(model, ids, max_new_tokens=6, **media)
+    with torch.no_grad():
+        full = mllama.forward(model, torch.cat([ids, new], 1), **media).logits
+    assert float((cached - full[:, ids.shape[1] - 1:-1]).abs().max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("index", range(len(GENERATION_PROMPTS)))
+def test_mllama_greedy_generation_equals_the_reference_generate(family, index):
+    processor, reference, model = family
+    inputs = processor(text=GENERATION_PROMPTS[index], images=GENERATION_IMAGES[index], return_tensors="pt")
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        theirs = reference.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False)[:, ids.shape[1]:]
+    media = {}
+    if "pixel_values" in inputs:
+        tokens, key_mask = mllama.encode_images(model, inputs["pixel_values"], inputs["aspect_ratio_ids"],
+                                                inputs["aspect_ratio_mask"])
+        media = dict(visual_tokens=tokens, key_mask=key_mask)
+    ours, _ = mllama.greedy_generate(model, ids, max_new_tokens=20, **media)
+    assert theirs.shape == (1, 20)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_mllama_checkpoint_with_a_missing_or_an_extra_tensor_is_refused(family):
+    _, reference, _ = family
+    state = dict(reference.state_dict())
+    model = mllama.build_model(reference.config, tiny_tokenizer())
+    missing = {k: v for k, v in state.items() if k != "model.language_model.layers.4.cross_attn.k_norm.weight"}
+    with pytest.raises(CheckpointError, match=r"missing tensors: lm\.model\.layers\.3\.cross_attn\.attn\.k_norm"):
+        mllama.load_state_dict(model, missing)
+    extra = dict(state, **{"model.language_model.layers.4.cross_attn.extra.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"model\.language_model\.layers\.4\.cross_attn\.extra\.weight"):
+        mllama.load_state_dict(model, extra)
+    lone_key = {k: v for k, v in state.items() if k != "model.language_model.layers.1.cross_attn.v_proj.weight"}
+    with pytest.raises(CheckpointError, match=r"missing tensors: lm\.model\.layers\.1\.cross_attn\.attn\.to_kv"):
+        mllama.load_state_dict(model, lone_key)
