@@ -21,6 +21,7 @@ EXTRA_MODULES = {
     "video": ["av"],
     "dedup": ["imagehash", "faiss"],
     "demo": ["skimage"],
+    "quantize": ["torchao"],
 }
 BLOCKED = sorted({module for modules in EXTRA_MODULES.values() for module in modules})
 
@@ -46,7 +47,7 @@ def test_the_core_dependencies_leave_the_optional_stacks_to_extras():
                  "matplotlib", "scikit-image", "imagehash", "faiss-cpu"]:
         assert name not in core, f"{name} is a core dependency"
     # The tests exercise every feature, so their extra pulls in every feature's extra.
-    features = {"serve", "eval", "plot", "video", "dedup", "demo"}
+    features = {"serve", "eval", "plot", "video", "dedup", "demo", "quantize"}
     assert all(any(req.startswith("flamingo[") and feature in req for req in extras["test"]) for feature in features)
     assert all(any(feature in req for req in extras["all"]) for feature in features | {"docs", "timm", "train"})
 
@@ -73,6 +74,7 @@ def test_the_core_imports_and_the_command_line_starts_without_the_extras():
      "flamingo eval"),
     (["plot", "runs/missing"], "plot", "flamingo plot"),
     (["data", "dedup", "x/*.tar", "--eval", "coco=x", "--out", "runs/x"], "dedup", "flamingo data dedup"),
+    (["generate", "--prompt", "x", "--quantize", "int8"], "quantize", "--quantize (weight-only quantization)"),
 ])
 def test_a_command_without_its_extra_says_which_to_install(argv, extra, feature):
     done = run_cli_without_extras(*argv)

@@ -10,6 +10,7 @@ from pathlib import Path
 from flamingo.cli_options import (
     MAX_SHOTS,
     add_debug_option,
+    add_quantize_option,
     add_trust_remote_code_option,
     float_range,
     int_list,
@@ -64,7 +65,7 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
     if args.json:  # found out now, not after the evaluation
         check_writable(args.json, "--json", folder=False)
     seeds = list(range(args.seeds))
-    model = load_model_quietly(args.model, args.trust_remote_code)
+    model = load_model_quietly(args.model, args.trust_remote_code, args.quantize)
     results = evaluate(model, tasks, args.shots, seeds, args.episodes, progress=lambda line: print(line, flush=True),
                        images_as_text=args.images_as_text)
     table = format_table(results)
@@ -119,7 +120,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     # Bad options, images and placeholders are reported before the (slow) model load.
     config = _generation_config(args)
     prompt = text_prompt(args.prompt, [Path(p) for p in args.image], max_pixels=args.max_pixels)
-    model = load_model_quietly(args.model, args.trust_remote_code)
+    model = load_model_quietly(args.model, args.trust_remote_code, args.quantize)
     if model.config.media_token != "<image>":
         prompt = text_prompt(args.prompt.replace("<image>", model.config.media_token), prompt.media)
     state = encode_prompts(model, [prompt], max_new_tokens=config.max_new_tokens)
@@ -140,7 +141,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     from flamingo.inference.chat import run_chat
 
     config = _generation_config(args)
-    model = load_model_quietly(args.model, args.trust_remote_code)
+    model = load_model_quietly(args.model, args.trust_remote_code, args.quantize)
 
     def write(text: str) -> None:
         print(text, end="", flush=True)
@@ -210,6 +211,7 @@ held-out objects are captioned (CIDEr; rate naming the coarse category; 60 by de
     evp.add_argument("--images-as-text", action="store_true",
                      help="replace every image by its true caption (no images: the frozen LM's own in-context "
                           "ability on the same episodes)")
+    add_quantize_option(evp)
     add_trust_remote_code_option(evp)
     evp.set_defaults(func=_cmd_eval_offline)
 
@@ -230,6 +232,7 @@ each <image> in the prompt takes the next --image, in order.""")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come (greedy/sampling)")
     _add_decoding_options(gen, beams=True)
+    add_quantize_option(gen)
     add_trust_remote_code_option(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -242,6 +245,7 @@ each <image> in the prompt takes the next --image, in order.""")
   /quit         leave (Ctrl-D works too)""")
     chat.add_argument("--model", default="embedded", help=model_help)
     _add_decoding_options(chat, beams=False)
+    add_quantize_option(chat)
     add_trust_remote_code_option(chat)
     chat.set_defaults(func=_cmd_chat)
 

@@ -107,9 +107,17 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_model_quietly(spec: str, trust_remote_code: bool):
-    """Load a model without the LM loader's progress bars and reports."""
+def add_quantize_option(parser: argparse.ArgumentParser) -> None:
+    """`--quantize int8|int4`: weight-only quantization of the frozen backbones (flamingo.model.quantize)."""
+    # flamingo.model.quantize.QUANTIZE_MODES (not imported here: it imports torch)
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="weight-only quantize the frozen LM's and vision tower's linear layers with torchao "
+                             "(smaller weights; trained layers keep their dtype; needs the quantize extra)")
+
+
+def load_model_quietly(spec: str, trust_remote_code: bool, quantize: str | None = None):
+    """Load a model without the LM loader's progress bars and reports (`quantize`: see load_model)."""
     from flamingo.model.weights import load_model
 
     quiet_transformers()
-    return load_model(spec, trust_remote_code=trust_remote_code)
+    return load_model(spec, trust_remote_code=trust_remote_code, quantize=quantize)

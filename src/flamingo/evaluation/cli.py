@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flamingo.cli_options import (
     MAX_SHOTS,
+    add_quantize_option,
     add_trust_remote_code_option,
     float_range,
     int_list,
@@ -38,6 +39,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from flamingo.data.benchmarks.tasks import get_task
     from flamingo.errors import import_extra
     from flamingo.evaluation.settings import EvalSettings
+    from flamingo.model.quantize import check_quantize_mode, quantize_model
 
     for module in ("pycocoevalcap", "nltk", "matplotlib"):  # the metrics and results.png
         import_extra(module, "eval", "flamingo eval")
@@ -55,6 +57,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         length_normalize=args.length_normalize, video_frames=args.video_frames, video_fps=args.video_fps,
         max_prompt_tokens=args.max_prompt_tokens)
     settings.validate()
+    check_quantize_mode(args.quantize)  # torchao missing: said before the model load
 
     import torch
 
@@ -69,6 +72,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if device == "cuda" and size > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         model.to(device)
+        if args.quantize:  # on the evaluation device: quantized weights are packed for their backend
+            quantize_model(model, args.quantize)
         results = evaluate(model, tasks, data, settings, args.out, model_name=str(args.model),
                            cache_dir=args.cache_dir, progress=not args.no_progress)
     finally:
@@ -111,5 +116,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="RICES support features cache (default CACHE/rices, CACHE being $FLAMINGO_CACHE or ~/.cache/flamingo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quantize_option(p)
     add_trust_remote_code_option(p)
     p.set_defaults(func=_cmd_eval)

@@ -23,6 +23,7 @@ from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL, check_backbone_packages
 from flamingo.model.flamingo import Flamingo
+from flamingo.model.quantize import check_quantize_mode, quantize_model, quiet_torchao_import
 from flamingo.outputs import check_output_dir, publish, staging_dir
 
 CONFIG_FILE = "config.yaml"
@@ -159,6 +160,7 @@ def build_flamingo(config: FlamingoConfig, *, trust_remote_code: bool = False) -
     from flamingo.model.language_model import load_language_model
     from flamingo.model.vision import build_vision_encoder
 
+    quiet_torchao_import()  # transformers imports torchao, when installed, to load any LM
     lm, tokenizer = load_language_model(config.lm, trust_remote_code=trust_remote_code)
     if config.vision.kind == "features":  # fed precomputed features: no encoder
         return Flamingo(config, lm, tokenizer)
@@ -189,16 +191,24 @@ def load_embedded(progress: bool = True) -> Flamingo:
     return model.eval()
 
 
-def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = False) -> Flamingo:
+def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = False,
+               quantize: str | None = None) -> Flamingo:
     """A model from a saved directory, a config file (fresh bridge), a hub repository id
     holding a saved directory (`config.yaml` + `bridge.safetensors`), or "embedded"/None: the
     embedded default (offline, see flamingo.model.embedded). Code that comes with the language
-    model runs only with `trust_remote_code=True`, whatever the config says."""
+    model runs only with `trust_remote_code=True`, whatever the config says. `quantize` ("int8",
+    "int4") weight-only quantizes the frozen backbones' linear layers on the CPU, for inference
+    (flamingo.model.quantize; needs the quantize extra)."""
+    check_quantize_mode(quantize)
     if spec is None or str(spec) == EMBEDDED_MODEL:
-        return load_embedded()
-    if Path(spec).suffix in (".yaml", ".yml", ".json") and not Path(spec).is_dir():
-        return build_flamingo(FlamingoConfig.load(spec), trust_remote_code=trust_remote_code)
-    return load_pretrained(model_directory(spec), trust_remote_code=trust_remote_code)
+        model = load_embedded()
+    elif Path(spec).suffix in (".yaml", ".yml", ".json") and not Path(spec).is_dir():
+        model = build_flamingo(FlamingoConfig.load(spec), trust_remote_code=trust_remote_code)
+    else:
+        model = load_pretrained(model_directory(spec), trust_remote_code=trust_remote_code)
+    if quantize is not None:
+        quantize_model(model, quantize)
+    return model
 
 
 def model_directory(spec: str | Path) -> Path:

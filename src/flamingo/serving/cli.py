@@ -9,7 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from flamingo.cli_options import add_trust_remote_code_option, int_range, load_model_quietly, positive_int, torch_device
+from flamingo.cli_options import (
+    add_quantize_option,
+    add_trust_remote_code_option,
+    int_range,
+    load_model_quietly,
+    positive_int,
+    torch_device,
+)
 
 EPILOG = """examples:
   flamingo serve                                   the embedded model on http://127.0.0.1:8000 (offline)
@@ -36,6 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from flamingo.errors import UserError
+    from flamingo.model.quantize import check_quantize_mode, quantize_model
     from flamingo.serving.app import create_app
     from flamingo.serving.engine import Engine, EngineConfig
     from flamingo.serving.limits import LOOPBACK_HOSTS, ServerSettings
@@ -60,11 +68,14 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                                  max_prompt_tokens=args.max_prompt_tokens)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available here")
+    check_quantize_mode(args.quantize)  # torchao missing: said before the model load
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"flamingo serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
 
     model = load_model_quietly(args.model, args.trust_remote_code).to(args.device).eval()
+    if args.quantize:  # on the serving device: quantized weights are packed for their backend
+        quantize_model(model, args.quantize)
     model.fuse_for_inference()  # the frozen vision encoder, e.g. BatchNorm folded: same outputs, faster
     engine = Engine(model, engine_config)
     app = create_app(engine, settings)
@@ -112,6 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a saved model directory, a hub id (org/name), or 'embedded' (the default, offline)")
     p.add_argument("--model-name", help="the model id clients send (default: from --model)")
     add_trust_remote_code_option(p)
+    add_quantize_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_range(1, 65535), default=8000)
     p.add_argument("--device", default="cpu", type=torch_device,
