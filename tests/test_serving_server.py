@@ -529,7 +529,9 @@ def test_url_fetch_when_allowed_has_a_size_cap_and_reports_failures(model):
                           ("http://images.test/to-internal", "private_address"),
                           ("http://internal.test/red.png", "private_address"),
                           ("http://mixed.test/red.png", "private_address"),
-                          ("http://images.test/to-file", "invalid_image_url")]:
+                          ("http://images.test/to-file", "invalid_image_url"),
+                          ("http://[::1/red.png", "invalid_image_url"),
+                          ("http://images.test:99999/red.png", "invalid_image_url")]:
             error = client.post("/v1/chat/completions", json=_chat(_image(url))).json()["error"]
             assert (error["code"], error["param"]) == (code, "messages[0].content[0].image_url.url"), url
         assert not any(host in ("127.0.0.1", "10.1.2.3") for host, _ in seen)

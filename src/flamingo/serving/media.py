@@ -137,8 +137,12 @@ class MediaResolver:
     async def _request(self, url: str, param: str) -> httpx.Request:
         """The GET of `url` (the client's, or a redirect's), to an address checked to be public
         unless private ones are allowed; the Host header and TLS name stay the URL's."""
-        target = httpx.URL(url)
-        if target.scheme not in ("http", "https") or not target.host:
+        try:
+            target = httpx.URL(url)
+        except httpx.InvalidURL:
+            target = None
+        if target is None or target.scheme not in ("http", "https") or not target.host or not (
+                target.port is None or 0 < target.port < 65536):
             raise RequestError(f"{param}: expected an http(s) URL with a host, got {_short(url)}", param,
                                code="invalid_image_url")
         if self.settings.allow_private_urls:
