@@ -36,7 +36,7 @@ def main() -> int:
     from flamingo.serving.app import create_app
     from flamingo.serving.engine import Engine, EngineConfig
     from flamingo.serving.limits import ServerSettings
-    from flamingo.serving.loadtest import mixed_requests, png_data_url, run_load
+    from loadtest import mixed_requests, png_data_url, run_load
     from flamingo.serving.server import BackgroundServer
 
     torch.set_num_threads(args.threads)

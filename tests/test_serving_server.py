@@ -12,8 +12,10 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -29,10 +31,12 @@ from flamingo.inference.scoring import score_candidates
 from flamingo.inference.state import encode_prompts
 from flamingo.serving.engine import Delta, Engine, EngineOverloaded, EngineStopped
 from flamingo.serving.limits import RequestError, ServerSettings, ServerSettingsError
-from flamingo.serving.loadtest import mixed_requests, png_data_url, run_load
 from flamingo.serving.server import BackgroundServer
 from flamingo.serving.app import create_app
 from flamingo.serving.openai_format import ChatMessage, chat_prompt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the load-test client
+from loadtest import mixed_requests, png_data_url, run_load  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
