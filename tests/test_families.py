@@ -19,6 +19,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
+from flamingo import load_model  # noqa: E402
 from flamingo.model.families import mllama  # noqa: E402
 from flamingo.model.weights import CheckpointError  # noqa: E402
 
@@ -161,3 +162,51 @@ def test_mllama_checkpoint_with_a_missing_or_an_extra_tensor_is_refused(family):
     lone_key = {k: v for k, v in state.items() if k != "model.language_model.layers.1.cross_attn.v_proj.weight"}
     with pytest.raises(CheckpointError, match=r"missing tensors: lm\.model\.layers\.1\.cross_attn\.attn\.to_kv"):
         mllama.load_state_dict(model, lone_key)
+
+
+def save_checkpoint(reference, processor, directory) -> None:
+    """A transformers checkpoint directory as `save_pretrained` writes it, in several shards."""
+    reference.save_pretrained(directory, max_shard_size="40KB")
+    processor.save_pretrained(directory)
+
+
+def rewrite_shards(directory, change) -> None:
+    """Apply `change` to the {name: tensor} dict of every shard and keep the index in step."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = change(shard, load_file(str(directory / shard)))
+        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard}
+        index["weight_map"].update({k: shard for k in tensors})
+    index_path.write_text(json.dumps(index))
+
+
+def test_a_saved_mllama_checkpoint_loads_strictly_and_computes_the_same(family, tmp_path):
+    processor, reference, _ = family
+    save_checkpoint(reference, processor, tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2  # sharded
+    model = load_model(tmp_path)
+    inputs = processor(text=["<|image|> t5 t6"], images=[[image(20, 60, 30)]], return_tensors="pt")
+    with torch.no_grad():
+        assert float((run_ours(model, inputs) - reference(**inputs).logits).abs().max()) <= TOLERANCE
+
+
+def test_a_saved_mllama_checkpoint_with_a_missing_or_an_extra_tensor_is_refused(family, tmp_path):
+    processor, reference, _ = family
+    gone = "language_model.model.layers.4.mlp.up_proj.weight"  # the layout save_pretrained writes
+    save_checkpoint(reference, processor, tmp_path / "missing")
+    rewrite_shards(tmp_path / "missing", lambda shard, tensors: {k: v for k, v in tensors.items() if k != gone})
+    with pytest.raises(CheckpointError, match=r"missing tensors: lm\.model\.layers\.3\.cross_attn\.ffw\.fc_up"):
+        load_model(tmp_path / "missing")
+    save_checkpoint(reference, processor, tmp_path / "extra")
+    rewrite_shards(tmp_path / "extra", lambda shard, tensors: dict(tensors, **{f"model.extra_{shard}": torch.ones(1)}))
+    with pytest.raises(CheckpointError, match=r"no place in the model: model\.extra_model-00001"):
+        load_model(tmp_path / "extra")
+    (tmp_path / "extra" / "config.json").write_text('{"model_type": "llava"}')
+    with pytest.raises(CheckpointError, match="model_type 'llava' is not a model family"):
+        load_model(tmp_path / "extra")

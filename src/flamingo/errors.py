@@ -17,6 +17,10 @@ class UserError(ValueError):
     """A mistake in the user's input: the message names the file, field or option, and what was expected."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint does not match the model (missing, unexpected or mis-shaped tensors)."""
+
+
 def cannot_load(field: str, name: str, err: Exception) -> UserError:
     """A user-named model or file that its library could not open, as one line: the field, the
     name and the first line of the library's reason."""

@@ -19,9 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from flamingo.errors import UserError
+from flamingo.errors import CheckpointError
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL, check_backbone_packages
+from flamingo.model.families import family_of, load_family
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.quantize import check_quantize_mode, quantize_model, quiet_torchao_import
 from flamingo.outputs import check_output_dir, publish, staging_dir
@@ -30,10 +31,6 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "bridge.safetensors"
 # Where a derived model came from (fine-tuning: its base; WiSE-FT: alpha and both endpoints).
 PROVENANCE_FILE = "provenance.json"
-
-
-class CheckpointError(UserError):
-    """A checkpoint does not match the model (missing, unexpected or mis-shaped tensors)."""
 
 
 @contextlib.contextmanager
@@ -204,6 +201,8 @@ def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = Fals
         model = load_embedded()
     elif Path(spec).suffix in (".yaml", ".yml", ".json") and not Path(spec).is_dir():
         model = build_flamingo(FlamingoConfig.load(spec), trust_remote_code=trust_remote_code)
+    elif Path(spec).is_dir() and not (Path(spec) / CONFIG_FILE).is_file() and family_of(spec):
+        model = load_family(spec)  # a transformers checkpoint of a mapped family (config.json)
     else:
         model = load_pretrained(model_directory(spec), trust_remote_code=trust_remote_code)
     if quantize is not None:

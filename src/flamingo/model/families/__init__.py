@@ -1,2 +1,26 @@
 """Other members of the Flamingo family, expressed as configuration of `flamingo.model.flamingo.Flamingo`
-(see each module's mapping table)."""
+(see each module's mapping table), loaded from the directories transformers' `save_pretrained`
+writes (config.json, sharded safetensors, tokenizer and processor files).
+
+`family_of(directory)` names the family of such a directory from its config.json `model_type`;
+`load_family(directory)` builds our model from it, loading every tensor strictly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flamingo.errors import CheckpointError
+from flamingo.model.families import mllama
+from flamingo.model.families.checkpoint import FAMILIES, family_of
+from flamingo.model.flamingo import Flamingo
+
+__all__ = ["FAMILIES", "family_of", "load_family"]
+
+
+def load_family(directory: str | Path) -> Flamingo:
+    """Our model of the transformers checkpoint in `directory` (see `family_of`), in eval mode."""
+    family = family_of(directory)
+    if family is None:
+        raise CheckpointError(f"{directory} holds no config.json: not a transformers checkpoint")
+    return mllama.load_checkpoint(directory)

@@ -29,12 +29,13 @@ Mapping (theirs, as `MllamaForConditionalGeneration.state_dict()` names it -> ou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from flamingo.errors import UserError
+from flamingo.errors import CheckpointError, UserError
 from flamingo.model.config import (
     CrossAttentionConfig,
     FlamingoConfig,
@@ -43,8 +44,8 @@ from flamingo.model.config import (
     VisionConfig,
 )
 from flamingo.model.cross_attention import group_first_media
+from flamingo.model.families.checkpoint import read_tensors
 from flamingo.model.flamingo import Flamingo, FlamingoOutput
-from flamingo.model.weights import CheckpointError
 
 MEDIA_TOKEN = "<|image|>"
 EXTRA_ROWS = 8  # MllamaTextModel's embed_tokens has vocab_size + 8 rows
@@ -126,8 +127,6 @@ def build_model(hf_config: Any, tokenizer: Any, source: str = "") -> Flamingo:
         raise CheckpointError(f"Llama 3.2 Vision config: hidden_act {hf_config.text_config.hidden_act!r} "
                               f"(supported: 'silu')")
     config = flamingo_config(hf_config, source)
-    if hf_config.text_config.vocab_size > len(tokenizer):
-        pass  # the tokenizer may hold fewer tokens than the table's padded rows
     lm = LlamaForCausalLM(llama_config(hf_config.text_config))
     tower = MllamaVisionTower(MllamaVisionModel(hf_config.vision_config))
     model = Flamingo(config, lm, tokenizer, vision_feature_dim=tower.feature_dim)
@@ -313,3 +312,21 @@ def greedy_generate(model: Flamingo, input_ids: torch.Tensor, *, visual_tokens: 
                           media_offset=counts, group_first=out.group_first, past_key_values=out.past_key_values,
                           use_cache=True, kv_cache=kv)
     return torch.cat(tokens, dim=1), torch.stack(logits, dim=1)
+
+
+# ----------------------------------------------------------------------------------- loading
+def load_checkpoint(directory: str | Path) -> Flamingo:
+    """A Llama 3.2 Vision directory as transformers saves it -> our model, every tensor placed
+    (`load_state_dict`), in eval mode; its tokenizer and image processor come from the directory."""
+    from transformers import AutoTokenizer, MllamaConfig
+
+    directory = Path(directory)
+    try:
+        hf_config = MllamaConfig.from_pretrained(str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory}: cannot read its Llama 3.2 Vision config or tokenizer: "
+                              f"{str(err).splitlines()[0][:300]}") from None
+    model = build_model(hf_config, tokenizer, source=str(directory))
+    load_state_dict(model, read_tensors(directory), source=str(directory))
+    return model.eval()
