@@ -418,6 +418,28 @@ def test_train_on_cuda_without_a_gpu(tmp_path, monkeypatch):
     run_cli(["train", str(path)], expect="device", watch=[tmp_path], allowed=[tmp_path / "runs"])
 
 
+def test_serve_subprocess_tries_another_port_when_its_port_was_taken(saved_model, monkeypatch):
+    """The harness's free port can be taken before the server binds it (the server then exits 3):
+    it tries another port instead of failing the test that asked for a server."""
+    import socket
+
+    from bad_input import serve_subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        probed = []
+
+        class FirstProbeFindsTheTakenPort(socket.socket):
+            def getsockname(self):
+                probed.append(1)
+                return ("127.0.0.1", taken.getsockname()[1]) if len(probed) == 1 else super().getsockname()
+
+        monkeypatch.setattr(socket, "socket", FirstProbeFindsTheTakenPort)
+        with serve_subprocess(["--model", str(saved_model)]) as (_, url):
+            assert len(probed) == 2 and not url.endswith(f":{taken.getsockname()[1]}")
+
+
 # ---------------------------------------------------------------------------------- chat
 def test_chat_survives_a_non_utf8_line(saved_model, monkeypatch, capsys):
     """One undecodable line is reported, and the session goes on (exit 0 at /quit)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_training_processes import _env
+from test_training_processes import HANG_S, _env
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -141,7 +141,7 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=120)
+                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-3000:]
 
     torch.manual_seed(0)
@@ -184,7 +184,7 @@ def test_torchrun_pretraining_matches_one_process_with_the_global_batch(tmp_path
     config_path.write_text(yaml.safe_dump(data))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "flamingo.training", "pretrain-vision", str(config_path)],
-                          env=_env(), capture_output=True, text=True, timeout=240)
+                          env=_env(), capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-3000:]
     single = dict(data, run_dir=str(tmp_path / "single"), datasets=[dict(data["datasets"][0], batch_size=8)])
     reference = pretrain_vision(make_pretrain_config(single))
@@ -206,13 +206,13 @@ def test_torchrun_stops_together_when_one_rank_runs_out_of_data_first(tmp_path, 
 
     shards = make_shapes_dataset(tmp_path / "data", 24, seed=0, shard_size=8).shards
     data = pretrain_dict(clip_dir, bert_dir, shards, tmp_path / "run", steps=50,
-                         checkpoint={"every": 100, "keep": 1}, distributed={"timeout_minutes": 1})
+                         checkpoint={"every": 100, "keep": 1}, distributed={"timeout_minutes": 5})
     data["datasets"][0].update(batch_size=4, epochs=1, shuffle=False)
     config_path = tmp_path / "pretrain.yaml"
     config_path.write_text(yaml.safe_dump(data))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "flamingo.training", "pretrain-vision", str(config_path)],
-                          env=_env(), capture_output=True, text=True, timeout=240)
+                          env=_env(), capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "a dataset ran out of data after 2 updates" in done.stderr
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2]

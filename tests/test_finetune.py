@@ -330,6 +330,7 @@ def test_two_process_fine_tuning_matches_one_process_ddp_then_fsdp(setup):
     import sys
 
     from bad_input import checkout_env
+    from test_training_processes import HANG_S
 
     unfreeze = {"vision": True, "lm_blocks": [1]}
     # Adam turns gradients that are zero up to rounding (attention key biases) into updates of
@@ -343,7 +344,7 @@ def test_two_process_fine_tuning_matches_one_process_ddp_then_fsdp(setup):
                       ["train.distributed.strategy=fsdp", "--resume"]):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                "-m", "flamingo.training", "finetune", str(multi), *overrides],
-                              env=env, capture_output=True, text=True, timeout=300)
+                              env=env, capture_output=True, text=True, timeout=HANG_S)
         assert done.returncode == 0, done.stderr[-5000:]
     got = load_file(str(setup / "runs" / "multi" / "final" / WEIGHTS_FILE))
     expected = load_file(str(reference.final_dir / WEIGHTS_FILE))
