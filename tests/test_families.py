@@ -210,3 +210,48 @@ def test_a_saved_mllama_checkpoint_with_a_missing_or_an_extra_tensor_is_refused(
     (tmp_path / "extra" / "config.json").write_text('{"model_type": "llava"}')
     with pytest.raises(CheckpointError, match="model_type 'llava' is not a model family"):
         load_model(tmp_path / "extra")
+
+
+# The published config.json of meta-llama/Llama-3.2-11B-Vision and -90B-Vision (the fields that size
+# the model; rope_scaling as transformers 5 reads it).
+_VISION = dict(model_type="mllama_vision_model", attention_heads=16, hidden_act="gelu", hidden_size=1280,
+               image_size=560, intermediate_layers_indices=[3, 7, 15, 23, 30], intermediate_size=5120,
+               max_num_tiles=4, norm_eps=1e-05, num_channels=3, num_global_layers=8, num_hidden_layers=32,
+               patch_size=14, vision_output_dim=7680,
+               supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
+_TEXT_11B = dict(model_type="mllama_text_model", bos_token_id=128000, eos_token_id=128001, pad_token_id=128004,
+                 cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], dropout=0, hidden_act="silu",
+                 hidden_size=4096, intermediate_size=14336, max_position_embeddings=131072,
+                 num_attention_heads=32, num_hidden_layers=40, num_key_value_heads=8, rms_norm_eps=1e-05,
+                 rope_scaling=dict(factor=8.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                                   original_max_position_embeddings=8192, rope_type="llama3"),
+                 rope_theta=500000.0, tie_word_embeddings=False, vocab_size=128256)
+_TEXT_90B = dict(_TEXT_11B, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38, 43, 48, 53, 58, 63, 68, 73, 78,
+                                                    83, 88, 93, 98],
+                 hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_hidden_layers=100)
+PUBLISHED = {  # name: (config.json, parameters of its safetensors on the hub: 10.7B and 88.6B shown there)
+    "Llama-3.2-11B-Vision": (dict(architectures=["MllamaForConditionalGeneration"], model_type="mllama",
+                                  image_token_index=128256, text_config=_TEXT_11B, vision_config=_VISION),
+                             10_670_220_835),
+    "Llama-3.2-90B-Vision": (dict(architectures=["MllamaForConditionalGeneration"], model_type="mllama",
+                                  image_token_index=128256, text_config=_TEXT_90B, vision_config=_VISION),
+                             88_593_355_323),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_flamingo_params_on_the_published_mllama_configs(name, tmp_path, capsys):
+    import json
+
+    from flamingo.cli import main
+
+    config, published = PUBLISHED[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    main(["params", str(tmp_path)])
+    report = capsys.readouterr().out
+    total = int(report.splitlines()[-1].split()[1].replace(",", ""))
+    assert total == published
+    with torch.device("meta"):  # transformers' own class from the same file counts the same
+        reference = MllamaForConditionalGeneration(MllamaConfig.from_pretrained(str(tmp_path)))
+    assert total == sum(p.numel() for p in reference.parameters())
+    assert "gated xattn-dense layers" in report

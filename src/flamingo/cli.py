@@ -87,9 +87,14 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
 
 
 def _cmd_params(args: argparse.Namespace) -> None:
+    from flamingo.model.families import family_of, shapes_only
     from flamingo.model.params import format_parameter_report, parameter_report
 
-    print(format_parameter_report(parameter_report(load_model_quietly(args.model, args.trust_remote_code))))
+    if Path(args.model).is_dir() and not (Path(args.model) / "config.yaml").is_file() and family_of(args.model):
+        model = shapes_only(args.model)  # a transformers checkpoint: counted from its config.json, on the meta device
+    else:
+        model = load_model_quietly(args.model, args.trust_remote_code)
+    print(format_parameter_report(parameter_report(model)))
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:

@@ -269,6 +269,9 @@ def inspect_lm_forward(lm: nn.Module, layer: nn.Module) -> LMForward:
     """Run the LM once on two tokens, as it is (before Flamingo changes it), and watch whether an
     extra keyword argument reaches `layer` (one of its decoder blocks), and whether the logits it
     returns are its output head's output on its base model's last hidden state."""
+    if lm.get_input_embeddings().weight.device.type == "meta":  # shapes only (parameter counts): nothing to run
+        return LMForward(passes_layer_kwargs=False, head_logits_unchanged=False,
+                         postprocessing="not inspected (built on the meta device)")
     config = _text_config(lm)
     named = [f"{name}={getattr(config, name)!r}" for name, neutral in _LOGIT_POSTPROCESSING_FIELDS.items()
              if getattr(config, name, neutral) not in (None, neutral)]

@@ -330,3 +330,19 @@ def load_checkpoint(directory: str | Path) -> Flamingo:
     model = build_model(hf_config, tokenizer, source=str(directory))
     load_state_dict(model, read_tensors(directory), source=str(directory))
     return model.eval()
+
+
+def build_shapes_only(hf_config: Any) -> Flamingo:
+    """Our model of `hf_config` on the meta device (no weights, no memory): for parameter counts.
+    No tokenizer is read; a placeholder holds the two special tokens at the config's ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    eos = hf_config.text_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    vocab = {"<unk>": hf_config.text_config.pad_token_id or 0, "<|eot_id|>": eos,
+             MEDIA_TOKEN: hf_config.image_token_index}
+    placeholder = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                          eos_token="<|eot_id|>", pad_token="<unk>")
+    with torch.device("meta"):
+        return build_model(hf_config, placeholder)
