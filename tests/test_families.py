@@ -255,3 +255,27 @@ def test_flamingo_params_on_the_published_mllama_configs(name, tmp_path, capsys)
         reference = MllamaForConditionalGeneration(MllamaConfig.from_pretrained(str(tmp_path)))
     assert total == sum(p.numel() for p in reference.parameters())
     assert "gated xattn-dense layers" in report
+
+
+def test_generate_text_on_a_loaded_mllama_checkpoint_builds_the_processors_inputs_and_equals_generate(
+        family, tmp_path):
+    from flamingo.inference.api import generate_text
+
+    processor, reference, _ = family
+    save_checkpoint(reference, processor, tmp_path)
+    model = load_model(tmp_path)
+    picture = image(30, 70, 40)
+    items = ["t9 t4", picture, "t5 t6"]
+    ours = mllama.prompt_inputs(model, items)
+    theirs = processor(text=["t9 t4<|image|>t5 t6"], images=[[picture]], return_tensors="pt")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert ours["input_ids"][0, 0] == processor.tokenizer.bos_token_id
+    with torch.no_grad():
+        expected = reference.generate(**theirs, max_new_tokens=12, do_sample=False)[0, theirs["input_ids"].shape[1]:]
+    cut = [i for i, t in enumerate(expected.tolist()) if t in (2, processor.tokenizer.convert_tokens_to_ids("<|eot_id|>"))]
+    expected_text = processor.tokenizer.decode(expected[:cut[0]] if cut else expected, skip_special_tokens=True)
+    assert generate_text(model, items, max_new_tokens=12) == expected_text
+    leading = mllama.prompt_inputs(model, [picture, "t5"])["input_ids"][0].tolist()
+    assert leading[:2] == [VOCAB, processor.tokenizer.bos_token_id]  # BOS after leading images, as theirs

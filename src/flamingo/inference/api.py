@@ -15,9 +15,10 @@ from typing import Any, Sequence
 import torch
 
 from flamingo.inference.generation import Generation, GenerationConfig, generate
-from flamingo.inference.prompt import Prompt, interleaved_prompt
+from flamingo.inference.prompt import Prompt, PromptError, interleaved_prompt
 from flamingo.inference.scoring import CandidateScores, rank_classes, score_candidates
 from flamingo.inference.state import FlamingoState, encode_prompts, extend
+from flamingo.model.families import mllama
 from flamingo.model.flamingo import Flamingo
 
 
@@ -28,6 +29,11 @@ def _as_prompt(model: Flamingo, items: Sequence[Any] | Prompt) -> Prompt:
 def generate_text(model: Flamingo, items: Sequence[Any] | Prompt, **options: Any) -> str:
     """Continue one interleaved prompt; options are `GenerationConfig` fields."""
     config = GenerationConfig(**options)
+    if getattr(model, "family", None) == mllama.FAMILY:  # its own processor builds the inputs
+        if config.do_sample or config.num_beams > 1 or isinstance(items, Prompt):
+            raise PromptError("a Llama 3.2 Vision model generates greedily from a list of items (text and "
+                              "PIL images) for now")
+        return mllama.generate_text(model, items, max_new_tokens=config.max_new_tokens)
     state = encode_prompts(model, [_as_prompt(model, items)], max_new_tokens=config.max_new_tokens)
     return generate(model, state, config)[0].text
 

@@ -47,6 +47,7 @@ from flamingo.model.cross_attention import group_first_media
 from flamingo.model.families.checkpoint import read_tensors
 from flamingo.model.flamingo import Flamingo, FlamingoOutput
 
+FAMILY = "mllama"
 MEDIA_TOKEN = "<|image|>"
 EXTRA_ROWS = 8  # MllamaTextModel's embed_tokens has vocab_size + 8 rows
 
@@ -131,6 +132,7 @@ def build_model(hf_config: Any, tokenizer: Any, source: str = "") -> Flamingo:
     tower = MllamaVisionTower(MllamaVisionModel(hf_config.vision_config))
     model = Flamingo(config, lm, tokenizer, vision_feature_dim=tower.feature_dim)
     model.vision_encoder = tower  # frozen, called by `encode_images` (it needs the tile layout)
+    model.family = FAMILY  # the inference API runs such a model through this module
     return model
 
 
@@ -329,7 +331,62 @@ def load_checkpoint(directory: str | Path) -> Flamingo:
                               f"{str(err).splitlines()[0][:300]}") from None
     model = build_model(hf_config, tokenizer, source=str(directory))
     load_state_dict(model, read_tensors(directory), source=str(directory))
+    model.processor = _processor(directory)
     return model.eval()
+
+
+def _processor(directory: Path) -> Any:
+    """The checkpoint's own `MllamaProcessor` (its tokenizer and image processor), None when the
+    directory has no processor files (then the model takes visual tokens, not images)."""
+    from transformers import MllamaProcessor
+
+    if not (directory / "preprocessor_config.json").is_file() and not (directory / "processor_config.json").is_file():
+        return None
+    try:
+        return MllamaProcessor.from_pretrained(str(directory))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory}: cannot read its image processor: {str(err).splitlines()[0][:300]}") from None
+
+
+# ----------------------------------------------------------------------------------- prompts
+def prompt_inputs(model: Flamingo, items: Any) -> Any:
+    """An interleaved prompt (str text, PIL images in order) -> exactly what the checkpoint's
+    processor builds for the same text and images: input_ids (BOS after any leading images, as
+    its processor places it), attention_mask, pixel_values, aspect_ratio_ids/mask."""
+    from PIL import Image
+
+    processor = getattr(model, "processor", None)
+    if processor is None:
+        raise UserError("this Llama 3.2 Vision model was loaded without its image processor "
+                        "(no preprocessor_config.json in the checkpoint directory)")
+    text, images = [], []
+    for item in items:
+        if isinstance(item, str):
+            if MEDIA_TOKEN in item:
+                raise UserError(f"a text item contains {MEDIA_TOKEN!r}; give the image itself where it goes")
+            text.append(item)
+        elif isinstance(item, Image.Image):
+            text.append(MEDIA_TOKEN)
+            images.append(item)
+        else:
+            raise UserError(f"prompt item of type {type(item).__name__}: expected text or a PIL image")
+    return processor(text=["".join(text)], images=[images] if images else None, return_tensors="pt")
+
+
+def generate_text(model: Flamingo, items: Any, *, max_new_tokens: int = 20) -> str:
+    """Greedy continuation of an interleaved prompt (`prompt_inputs`), stopping at the
+    tokenizer's end-of-sequence or end-of-turn token."""
+    inputs = prompt_inputs(model, items)
+    media: dict[str, Any] = {}
+    if "pixel_values" in inputs:
+        tokens, key_mask = encode_images(model, inputs["pixel_values"], inputs["aspect_ratio_ids"],
+                                         inputs["aspect_ratio_mask"])
+        media = dict(visual_tokens=tokens, key_mask=key_mask)
+    new, _ = greedy_generate(model, inputs["input_ids"], max_new_tokens=max_new_tokens, **media)
+    stops = {model.tokenizer.eos_token_id, model.eoc_token_id}
+    ids = new[0].tolist()
+    ends = [i for i, token in enumerate(ids) if token in stops]
+    return model.tokenizer.decode(ids[:ends[0]] if ends else ids, skip_special_tokens=True)
 
 
 def build_shapes_only(hf_config: Any) -> Flamingo:
