@@ -279,3 +279,33 @@ def test_generate_text_on_a_loaded_mllama_checkpoint_builds_the_processors_input
     assert generate_text(model, items, max_new_tokens=12) == expected_text
     leading = mllama.prompt_inputs(model, [picture, "t5"])["input_ids"][0].tolist()
     assert leading[:2] == [VOCAB, processor.tokenizer.bos_token_id]  # BOS after leading images, as theirs
+
+
+def test_few_shot_context_and_rank_on_a_loaded_mllama_checkpoint_equal_the_reference(family, tmp_path):
+    from flamingo.inference.api import FewShotContext, generate_text
+
+    processor, reference, _ = family
+    save_checkpoint(reference, processor, tmp_path)
+    model = load_model(tmp_path)
+    support = [image(40, 50, 50), "t5 t6<|eot_id|>", image(41, 80, 30), "t7 t8<|eot_id|>"]
+    query = [image(42, 30, 30), "t9"]
+    classes = ["t10", "t11 t12", "t13"]
+    context = FewShotContext(model, support)
+    order, scores = context.rank([query], classes)
+    inputs = processor(text=["<|image|>t5 t6<|eot_id|><|image|>t7 t8<|eot_id|><|image|>t9"],
+                       images=[[support[0], support[2], query[0]]], return_tensors="pt")
+    expected = []
+    with torch.no_grad():
+        for name in classes:
+            ids = processor.tokenizer(name, add_special_tokens=False)["input_ids"]
+            full = torch.cat([inputs["input_ids"], torch.tensor([ids])], 1)
+            mask = inputs["cross_attention_mask"]
+            mask = torch.cat([mask, mask[:, -1:].expand(-1, len(ids), -1, -1)], 1)  # as generate extends it
+            logits = reference(input_ids=full, pixel_values=inputs["pixel_values"],
+                               aspect_ratio_ids=inputs["aspect_ratio_ids"], aspect_ratio_mask=inputs["aspect_ratio_mask"],
+                               cross_attention_mask=mask).logits[0, inputs["input_ids"].shape[1] - 1:-1]
+            expected.append(float(logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).sum()))
+    assert torch.allclose(scores[0], torch.tensor(expected), atol=1e-4)
+    assert order[0].tolist() == sorted(range(3), key=lambda c: -expected[c])
+    answer = context.generate([query], max_new_tokens=8)[0]
+    assert answer.text == generate_text(model, support + query, max_new_tokens=8)

@@ -373,33 +373,46 @@ def prompt_inputs(model: Flamingo, items: Any) -> Any:
     return processor(text=["".join(text)], images=[images] if images else None, return_tensors="pt")
 
 
-def generate_text(model: Flamingo, items: Any, *, max_new_tokens: int = 20) -> str:
-    """Greedy continuation of an interleaved prompt (`prompt_inputs`), stopping at the
-    tokenizer's end-of-sequence or end-of-turn token."""
+def generate_ids(model: Flamingo, items: Any, *, max_new_tokens: int = 20) -> tuple[list[int], str]:
+    """Greedy continuation of an interleaved prompt (`prompt_inputs`) up to the tokenizer's
+    end-of-sequence or end-of-turn token: (the new ids without it, "stop_token" or "length")."""
     inputs = prompt_inputs(model, items)
-    media: dict[str, Any] = {}
-    if "pixel_values" in inputs:
-        tokens, key_mask = encode_images(model, inputs["pixel_values"], inputs["aspect_ratio_ids"],
-                                         inputs["aspect_ratio_mask"])
-        media = dict(visual_tokens=tokens, key_mask=key_mask)
-    new, _ = greedy_generate(model, inputs["input_ids"], max_new_tokens=max_new_tokens, **media)
+    new, _ = greedy_generate(model, inputs["input_ids"], max_new_tokens=max_new_tokens, **_media(model, inputs))
     stops = {model.tokenizer.eos_token_id, model.eoc_token_id}
     ids = new[0].tolist()
     ends = [i for i, token in enumerate(ids) if token in stops]
-    return model.tokenizer.decode(ids[:ends[0]] if ends else ids, skip_special_tokens=True)
+    return (ids[:ends[0]], "stop_token") if ends else (ids, "length")
 
 
-def build_shapes_only(hf_config: Any) -> Flamingo:
-    """Our model of `hf_config` on the meta device (no weights, no memory): for parameter counts.
-    No tokenizer is read; a placeholder holds the two special tokens at the config's ids."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+def generate_text(model: Flamingo, items: Any, *, max_new_tokens: int = 20) -> str:
+    """`generate_ids`, decoded."""
+    return model.tokenizer.decode(generate_ids(model, items, max_new_tokens=max_new_tokens)[0],
+                                  skip_special_tokens=True)
 
-    eos = hf_config.text_config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    vocab = {"<unk>": hf_config.text_config.pad_token_id or 0, "<|eot_id|>": eos,
-             MEDIA_TOKEN: hf_config.image_token_index}
-    placeholder = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                          eos_token="<|eot_id|>", pad_token="<unk>")
-    with torch.device("meta"):
-        return build_model(hf_config, placeholder)
+
+@torch.no_grad()
+def score_candidates(model: Flamingo, items: Any, candidates: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate continuation of an interleaved prompt: the summed log-probability of its
+    tokens (tokenized alone, no special tokens) and their number, [C] each. The images are
+    encoded once; each candidate is one forward pass over the prompt and the candidate."""
+    inputs = prompt_inputs(model, items)
+    media = _media(model, inputs)
+    prompt = inputs["input_ids"]
+    sums, counts = [], []
+    for text in candidates:
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError(f"candidate {text!r} has no tokens")
+        full = torch.cat([prompt, torch.tensor([ids])], dim=1)
+        logits = forward(model, full, **media).logits[0, prompt.shape[1] - 1:-1].float()
+        sums.append(logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).sum())
+        counts.append(len(ids))
+    return torch.stack(sums), torch.tensor(counts)
+
+
+def _media(model: Flamingo, inputs: Any) -> dict[str, Any]:
+    if "pixel_values" not in inputs:
+        return {}
+    tokens, key_mask = encode_images(model, inputs["pixel_values"], inputs["aspect_ratio_ids"],
+                                     inputs["aspect_ratio_mask"])
+    return dict(visual_tokens=tokens, key_mask=key_mask)
