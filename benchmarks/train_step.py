@@ -12,6 +12,9 @@ freeze_lm_embeddings=False) trains the resampler, the xattn layers and the LM's 
 embedding table; ours trains the resampler, the xattn layers and the rows of the two added tokens.
 
 A step is: zero grads (set to None), forward with labels, loss.backward() (no optimizer step).
+Ours computes that loss as `forward(labels=...)` always does, through the fused output head + NLL
+(`flamingo.model.fused_head_loss`: the head's products run inside the loss, at labelled tokens
+only), so in the time split ours' head time is under "other", not "lm head".
 Timing alternates ours / OpenFlamingo in one process after a warm-up and reports medians. The
 machine may be shared: a pair of steps during which other processes used more than
 --max-contention CPU cores (machine busy time from /proc/stat minus this process's) is discarded
