@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
     MllamaConfig,
     MllamaForConditionalGeneration,
     MllamaImageProcessorPil,
@@ -19,9 +18,10 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-from flamingo import load_model  # noqa: E402
-from flamingo.model.families import mllama  # noqa: E402
-from flamingo.model.weights import CheckpointError  # noqa: E402
+from flamingo import load_model
+from flamingo.errors import UserError
+from flamingo.model.families import mllama
+from flamingo.model.weights import CheckpointError
 
 VOCAB = 120  # the text model's vocab_size; <|image|> is the first of the 8 extra rows
 TOLERANCE = 1e-5
@@ -274,7 +274,8 @@ def test_generate_text_on_a_loaded_mllama_checkpoint_builds_the_processors_input
     assert ours["input_ids"][0, 0] == processor.tokenizer.bos_token_id
     with torch.no_grad():
         expected = reference.generate(**theirs, max_new_tokens=12, do_sample=False)[0, theirs["input_ids"].shape[1]:]
-    cut = [i for i, t in enumerate(expected.tolist()) if t in (2, processor.tokenizer.convert_tokens_to_ids("<|eot_id|>"))]
+    stops = (2, processor.tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+    cut = [i for i, t in enumerate(expected.tolist()) if t in stops]
     expected_text = processor.tokenizer.decode(expected[:cut[0]] if cut else expected, skip_special_tokens=True)
     assert generate_text(model, items, max_new_tokens=12) == expected_text
     leading = mllama.prompt_inputs(model, [picture, "t5"])["input_ids"][0].tolist()
@@ -283,6 +284,8 @@ def test_generate_text_on_a_loaded_mllama_checkpoint_builds_the_processors_input
 
 def test_few_shot_context_and_rank_on_a_loaded_mllama_checkpoint_equal_the_reference(family, tmp_path):
     from flamingo.inference.api import FewShotContext, generate_text
+    from flamingo.inference.prompt import interleaved_prompt
+    from flamingo.inference.state import encode_prompts
 
     processor, reference, _ = family
     save_checkpoint(reference, processor, tmp_path)
@@ -301,11 +304,13 @@ def test_few_shot_context_and_rank_on_a_loaded_mllama_checkpoint_equal_the_refer
             full = torch.cat([inputs["input_ids"], torch.tensor([ids])], 1)
             mask = inputs["cross_attention_mask"]
             mask = torch.cat([mask, mask[:, -1:].expand(-1, len(ids), -1, -1)], 1)  # as generate extends it
-            logits = reference(input_ids=full, pixel_values=inputs["pixel_values"],
-                               aspect_ratio_ids=inputs["aspect_ratio_ids"], aspect_ratio_mask=inputs["aspect_ratio_mask"],
-                               cross_attention_mask=mask).logits[0, inputs["input_ids"].shape[1] - 1:-1]
+            images = {k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+            logits = reference(input_ids=full, cross_attention_mask=mask,
+                               **images).logits[0, inputs["input_ids"].shape[1] - 1:-1]
             expected.append(float(logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).sum()))
     assert torch.allclose(scores[0], torch.tensor(expected), atol=1e-4)
     assert order[0].tolist() == sorted(range(3), key=lambda c: -expected[c])
     answer = context.generate([query], max_new_tokens=8)[0]
     assert answer.text == generate_text(model, support + query, max_new_tokens=8)
+    with pytest.raises(UserError, match="takes its images through its own processor"):  # not the generic path
+        encode_prompts(model, [interleaved_prompt(query, model.config.media_token)])

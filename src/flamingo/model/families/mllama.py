@@ -69,6 +69,12 @@ class MllamaVisionTower(nn.Module):
     def fuse_for_inference(self) -> bool:
         return False
 
+    def image_processor(self) -> Any:
+        """The generic pipeline's per-image preprocessing has no tiles or aspect ratios: refused."""
+        raise UserError("a Llama 3.2 Vision model takes its images through its own processor: use generate_text "
+                        "or FewShotContext (flamingo.inference.api); flamingo serve, chat and eval do not run "
+                        "this family yet")
+
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
@@ -345,7 +351,8 @@ def _processor(directory: Path) -> Any:
     try:
         return MllamaProcessor.from_pretrained(str(directory))
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{directory}: cannot read its image processor: {str(err).splitlines()[0][:300]}") from None
+        reason = str(err).splitlines()[0][:300]
+        raise CheckpointError(f"{directory}: cannot read its image processor: {reason}") from None
 
 
 # ----------------------------------------------------------------------------------- prompts
@@ -416,3 +423,19 @@ def _media(model: Flamingo, inputs: Any) -> dict[str, Any]:
     tokens, key_mask = encode_images(model, inputs["pixel_values"], inputs["aspect_ratio_ids"],
                                      inputs["aspect_ratio_mask"])
     return dict(visual_tokens=tokens, key_mask=key_mask)
+
+
+def build_shapes_only(hf_config: Any) -> Flamingo:
+    """Our model of `hf_config` on the meta device (no weights, no memory): for parameter counts.
+    No tokenizer is read; a placeholder holds the two special tokens at the config's ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    eos = hf_config.text_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    vocab = {"<unk>": hf_config.text_config.pad_token_id or 0, "<|eot_id|>": eos,
+             MEDIA_TOKEN: hf_config.image_token_index}
+    placeholder = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                          eos_token="<|eot_id|>", pad_token="<unk>")
+    with torch.device("meta"):
+        return build_model(hf_config, placeholder)
