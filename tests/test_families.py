@@ -314,3 +314,36 @@ def test_few_shot_context_and_rank_on_a_loaded_mllama_checkpoint_equal_the_refer
     assert answer.text == generate_text(model, support + query, max_new_tokens=8)
     with pytest.raises(UserError, match="takes its images through its own processor"):  # not the generic path
         encode_prompts(model, [interleaved_prompt(query, model.config.media_token)])
+
+
+LLAMA3_CHAT_TEMPLATE = (  # the Llama 3 chat format with <|image|>, as Llama 3.2 Vision's template writes it
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<|image|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def test_a_chat_on_a_loaded_mllama_checkpoint_uses_its_chat_template_and_answers_as_generate(family, tmp_path):
+    _, reference, _ = family
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["<|start_header_id|>", "<|end_header_id|>"], special_tokens=True)
+    processor = MllamaProcessor(image_processor=MllamaImageProcessorPil(size={"height": 28, "width": 28},
+                                                                       max_image_tiles=4),
+                                tokenizer=tokenizer, chat_template=LLAMA3_CHAT_TEMPLATE)
+    save_checkpoint(reference, processor, tmp_path)
+    model = load_model(tmp_path)
+    picture = image(50, 40, 90)
+    ours = mllama.chat_inputs(model, [{"role": "user", "content": [picture, "t5 t6"]}])
+    words = processor.tokenizer.convert_ids_to_tokens(ours["input_ids"][0].tolist())  # role names are unknown: t0
+    assert words == ["t1", "<|start_header_id|>", "t0", "<|end_header_id|>", "<|image|>", "t5", "t6", "<|eot_id|>",
+                     "<|start_header_id|>", "t0", "<|end_header_id|>"]
+    theirs = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "t5 t6"}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    with torch.no_grad():
+        expected = reference.generate(**theirs, max_new_tokens=10, do_sample=False)[0, theirs["input_ids"].shape[1]:]
+    ids, finish = mllama.generate_ids(model, ours, max_new_tokens=10)
+    assert ids == expected.tolist()[:len(ids)]
+    assert finish == "stop_token" or len(ids) == 10

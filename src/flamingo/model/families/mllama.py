@@ -356,16 +356,21 @@ def _processor(directory: Path) -> Any:
 
 
 # ----------------------------------------------------------------------------------- prompts
+def _require_processor(model: Flamingo) -> Any:
+    processor = getattr(model, "processor", None)
+    if processor is None:
+        raise UserError("this Llama 3.2 Vision model was loaded without its image processor "
+                        "(no preprocessor_config.json in the checkpoint directory)")
+    return processor
+
+
 def prompt_inputs(model: Flamingo, items: Any) -> Any:
     """An interleaved prompt (str text, PIL images in order) -> exactly what the checkpoint's
     processor builds for the same text and images: input_ids (BOS after any leading images, as
     its processor places it), attention_mask, pixel_values, aspect_ratio_ids/mask."""
     from PIL import Image
 
-    processor = getattr(model, "processor", None)
-    if processor is None:
-        raise UserError("this Llama 3.2 Vision model was loaded without its image processor "
-                        "(no preprocessor_config.json in the checkpoint directory)")
+    processor = _require_processor(model)
     text, images = [], []
     for item in items:
         if isinstance(item, str):
@@ -380,10 +385,37 @@ def prompt_inputs(model: Flamingo, items: Any) -> Any:
     return processor(text=["".join(text)], images=[images] if images else None, return_tensors="pt")
 
 
+def chat_inputs(model: Flamingo, messages: list[dict[str, Any]]) -> Any:
+    """A chat -> the inputs the checkpoint's processor builds with its chat template (the Llama 3
+    format with `<|image|>`), ready for the assistant's answer. messages: {"role": ..., "content":
+    a str or a list of str and PIL images, in order}."""
+    from PIL import Image
+
+    processor = _require_processor(model)
+    conversation = []
+    for message in messages:
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else list(content or [])
+        items = []
+        for part in parts:
+            if isinstance(part, str):
+                items.append({"type": "text", "text": part})
+            elif isinstance(part, Image.Image):
+                items.append({"type": "image", "image": part})
+            else:
+                raise UserError(f"chat message content of type {type(part).__name__}: expected text or a PIL image")
+        conversation.append({"role": message.get("role"), "content": items})
+    if getattr(processor, "chat_template", None) is None:
+        raise UserError("this Llama 3.2 Vision checkpoint has no chat template (a base model): use plain prompts")
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+
+
 def generate_ids(model: Flamingo, items: Any, *, max_new_tokens: int = 20) -> tuple[list[int], str]:
-    """Greedy continuation of an interleaved prompt (`prompt_inputs`) up to the tokenizer's
-    end-of-sequence or end-of-turn token: (the new ids without it, "stop_token" or "length")."""
-    inputs = prompt_inputs(model, items)
+    """Greedy continuation of an interleaved prompt (`prompt_inputs`; or of ready inputs,
+    `chat_inputs`) up to the tokenizer's end-of-sequence or end-of-turn token: (the new ids
+    without it, "stop_token" or "length")."""
+    inputs = items if hasattr(items, "keys") and "input_ids" in items else prompt_inputs(model, items)
     new, _ = greedy_generate(model, inputs["input_ids"], max_new_tokens=max_new_tokens, **_media(model, inputs))
     stops = {model.tokenizer.eos_token_id, model.eoc_token_id}
     ids = new[0].tolist()
