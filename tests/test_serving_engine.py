@@ -25,6 +25,7 @@ from flamingo.serving.engine import (
     EngineStopped,
     SamplingParams,
 )
+from flamingo.serving.model_runner import ModelRunner
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 COLOURS = ("red", "blue", "green", "grey", "yellow", "purple")
@@ -123,10 +124,9 @@ def test_waiting_prompts_are_prefilled_in_chunks_before_the_next_decode_step(mod
     each chunk's first tokens sent at once, and only then does the decode batch step, with all 5.
     Before, a decode step ran after every admission, delaying the later requests' first tokens."""
     events = []
-    admit, decode_step = Engine._admit, Engine._decode_step
-    monkeypatch.setattr(Engine, "_admit", lambda self, jobs: events.append(("admit", len(jobs))) or admit(self, jobs))
-    monkeypatch.setattr(Engine, "_decode_step", lambda self, state, running, pending: events.append(
-        ("step", len(running))) or decode_step(self, state, running, pending))
+    admit, decode = ModelRunner.admit, ModelRunner.decode
+    monkeypatch.setattr(ModelRunner, "admit", lambda self, jobs: events.append(("admit", len(jobs))) or admit(self, jobs))
+    monkeypatch.setattr(ModelRunner, "decode", lambda self: events.append(("step", len(self.running))) or decode(self))
     requests = REQUESTS[:5]  # two share a few-shot prefix
     params = [SamplingParams(max_tokens=4)] * len(requests)
     results = run_queued(model, EngineConfig(max_running=8, prefill_chunk=2), requests, params)
@@ -152,8 +152,9 @@ def test_requests_joining_at_random_times_equal_each_alone(model):
 
 def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
     """The support set is encoded once (a miss), then reused (hits); the answers equal those of
-    the whole prompt encoded from scratch; the prefix tokenizes alone as inside the prompt; the
-    images of a cached prefix are not decoded at submission, only if it must be encoded again."""
+    the whole prompt encoded from scratch; the prompt is cut in token space (prefix + suffix ids
+    are the prompt's ids); the images of a cached prefix are not decoded at submission, only if
+    it must be encoded again."""
     queries = [REQUESTS[0], REQUESTS[3], REQUESTS[6], REQUESTS[0]]
 
     async def go(engine):
@@ -162,21 +163,21 @@ def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
             texts, _ = await collect(engine.generate(EngineRequest(text, [png(c) for c in colours],
                                                                    SamplingParams(max_tokens=6))))
             answers.append(texts[0])
-        prompt, _, split = engine._prompt(text, [png(c) for c in colours], 6)
-        assert prompt is None and split.prefix_media is None  # cached: its images were not decoded
-        return answers, split, engine.metrics
+        prompt = engine.processor.prompt(text, [png(c) for c in colours], 6)
+        assert prompt._pixels[:2] == [None, None]  # cached: its images were not decoded
+        return answers, prompt, engine.metrics
 
-    answers, split, metrics = run(go, model)
+    answers, prompt, metrics = run(go, model)
     for (text, colours), answer in zip(queries, answers):
         assert answer == reference(model, text, colours, max_new_tokens=6)
     assert answers[0] == answers[3]
     assert metrics.prefix_cache_misses._value.get() == 1 and metrics.prefix_cache_hits._value.get() == 3
-    prefix = split.prefix()  # decoded now, as for a prefix evicted before its request was encoded
-    assert prefix.text == SUPPORT and len(prefix.media) == 2 and len(split.suffix.media) == 1
-    assert [m[0].tobytes() for m in prefix.media] == [solid_image(c).convert("RGB").tobytes() for c in colours[:2]]
-    ids = model.tokenizer(prefix.text)["input_ids"] + model.tokenizer(
-        split.suffix.text, add_special_tokens=False)["input_ids"]
-    assert ids == model.tokenizer(REQUESTS[0][0])["input_ids"]
+    assert prompt.ids == model.tokenizer(REQUESTS[0][0])["input_ids"]
+    assert model.tokenizer.decode(prompt.ids[:prompt.split], skip_special_tokens=False).endswith(SUPPORT)
+    pixels = prompt.pixels(0, prompt.split)  # decoded now, as for a prefix evicted before its request was encoded
+    processor = model.vision_encoder.image_processor()
+    assert len(pixels) == 2 and all(torch.equal(p, processor.preprocess_video([solid_image(c)]))
+                                    for p, c in zip(pixels, colours[:2]))
 
 
 def test_a_chat_turn_continues_the_previous_turns_cached_state(model, monkeypatch):
@@ -184,12 +185,12 @@ def test_a_chat_turn_continues_the_previous_turns_cached_state(model, monkeypatc
     image, or after its last reply), and that prefix (a miss) continues the previous turn's cached
     prefix instead of encoding the conversation again: only turn 1 encodes anything from scratch.
     Every answer equals generate_text's."""
-    import flamingo.serving.engine as engine_module
+    import flamingo.serving.model_runner as runner_module
 
     from_scratch = []
-    encode_prompts = engine_module.encode_prompts
-    monkeypatch.setattr(engine_module, "encode_prompts", lambda model, prompts, **options: from_scratch.append(
-        [p.text for p in prompts]) or encode_prompts(model, prompts, **options))
+    encode_ids = runner_module.encode_ids
+    monkeypatch.setattr(runner_module, "encode_ids", lambda model, rows, *media: from_scratch.append(
+        [model.tokenizer.decode(row) for row in rows]) or encode_ids(model, rows, *media))
     preamble = "A chat between User and Flamingo about the pictures User sends.\n"  # >= 32 tokens here
     turn1 = preamble + "User: <image>What is this?\nFlamingo:"
     turn2 = turn1 + " A red square.<|endofchunk|>\nUser: <image>And this?\nFlamingo:"
@@ -207,7 +208,8 @@ def test_a_chat_turn_continues_the_previous_turns_cached_state(model, monkeypatc
     answers, metrics = run(go, model)
     for (text, colours), answer in zip(turns, answers):
         assert answer == reference(model, text, colours, max_new_tokens=5)
-    assert from_scratch == [[preamble + "User: "]]  # turn 1's preamble; turns 2 and 3 continue
+    assert [[text.removeprefix(model.tokenizer.bos_token or "") for text in rows] for rows in from_scratch] == [
+        [preamble + "User: "]]  # turn 1's preamble; turns 2 and 3 continue
     assert metrics.prefix_cache_misses._value.get() == 3
 
 
@@ -277,7 +279,7 @@ def test_a_long_ranking_does_not_stall_the_decode_batch(model, monkeypatch):
     """A ranking runs as a batch of its own, in passes of a bounded number of candidate tokens;
     between them, requests join the decode batch and decode: a short answer asked for while a
     long ranking runs ends before the ranking does, and both equal what they are alone."""
-    import flamingo.serving.engine as engine_module
+    import flamingo.serving.model_runner as engine_module
 
     started, submitted, finished = threading.Event(), threading.Event(), []
     score = engine_module.score_candidates
@@ -372,11 +374,11 @@ def test_request_stop_ends_running_and_waiting_requests_and_refuses_new_ones(mod
 
 def test_request_stop_abandons_a_running_beam_search(model, monkeypatch):
     """Beam search runs as a batch of its own; Ctrl-C stops it between steps, not after its 200."""
-    import flamingo.serving.engine as engine_module
+    import flamingo.serving.model_runner as engine_module
 
     started, steps = threading.Event(), []
-    run_alone, beam_search = Engine._run_alone, engine_module.beam_search
-    monkeypatch.setattr(Engine, "_run_alone", lambda self, *args: started.set() or run_alone(self, *args))
+    run_alone, beam_search = ModelRunner.run_alone, engine_module.beam_search
+    monkeypatch.setattr(ModelRunner, "run_alone", lambda self, *args: started.set() or run_alone(self, *args))
     monkeypatch.setattr(engine_module, "beam_search", lambda *args, before_step, **options: beam_search(
         *args, before_step=lambda: steps.append(1) or before_step(), **options))
 

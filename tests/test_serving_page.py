@@ -113,10 +113,10 @@ class RecordingEngine(Engine):
         self.images: list[bytes] = []
         self.empty = empty
 
-    def generate(self, request):
+    def generate(self, request, prompt=None):
         self.images += request.images
         if not self.empty:
-            return super().generate(request)
+            return super().generate(request, prompt)
 
         async def nothing():
             yield Delta(0, "", "stop", prompt_tokens=1, completion_tokens=1)

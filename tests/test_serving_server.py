@@ -30,6 +30,7 @@ from flamingo.inference.chat import DIALOGUE_STOP_STRINGS, Turn, build_prompt
 from flamingo.inference.scoring import score_candidates
 from flamingo.inference.state import encode_prompts
 from flamingo.serving.engine import Delta, Engine, EngineOverloaded, EngineStopped
+from flamingo.serving.input_processor import InputProcessor
 from flamingo.serving.limits import RequestError, ServerSettings, ServerSettingsError
 from flamingo.serving.server import BackgroundServer
 from flamingo.serving.app import create_app
@@ -61,6 +62,7 @@ class FakeEngine:
 
     def __init__(self, model, hold: bool = False, fail: Exception | None = None) -> None:
         self.model, self.hold, self.fail = model, hold, fail
+        self.processor = InputProcessor(model, None, False, lambda key: False)  # the real door
         self.metrics = SimpleNamespace(registry=CollectorRegistry())
         self.overloaded = False
         self.requests, self.closed = [], []
@@ -72,7 +74,7 @@ class FakeEngine:
     async def stop(self) -> None:
         pass
 
-    def generate(self, request):
+    def generate(self, request, prompt=None):
         if self.overloaded:
             raise EngineOverloaded("queue full")
         self.requests.append(request)
@@ -94,7 +96,7 @@ class FakeEngine:
         finally:
             self.closed.append(request.request_id)
 
-    async def rank(self, text, images, candidates):
+    async def rank(self, text, images, candidates, prompt=None):
         return [float(-i) for i in range(len(candidates))]
 
 
@@ -665,7 +667,7 @@ def test_client_disconnect_during_ranking_is_not_an_internal_error(model):
     engine = FakeEngine(model)
     ranking, cancelled = threading.Event(), threading.Event()
 
-    async def slow_rank(text, images, candidates):
+    async def slow_rank(text, images, candidates, prompt=None):
         ranking.set()
         try:
             await asyncio.Event().wait()
@@ -709,10 +711,10 @@ import sys
 import time
 from pathlib import Path
 
-from flamingo.serving import engine
+from flamingo.serving import model_runner, scheduler
 
 MARKS = Path({marks!r})
-_submit, _admit, _decode_step = engine.Engine._submit, engine.Engine._admit, engine.Engine._decode_step
+_submit, _admit, _decode = scheduler.Scheduler.submit, model_runner.ModelRunner.admit, model_runner.ModelRunner.decode
 admits = []
 
 
@@ -731,12 +733,12 @@ def admit(self, jobs):
     return _admit(self, jobs)
 
 
-def decode_step(self, *args):
+def decode(self):
     time.sleep({decode_s})
-    return _decode_step(self, *args)
+    return _decode(self)
 
 
-engine.Engine._submit, engine.Engine._admit, engine.Engine._decode_step = submit, admit, decode_step
+scheduler.Scheduler.submit, model_runner.ModelRunner.admit, model_runner.ModelRunner.decode = submit, admit, decode
 from flamingo.cli import main  # noqa: E402
 
 sys.exit(main())
@@ -810,3 +812,45 @@ def test_sigterm_under_load_answers_every_request_at_once_with_503_or_an_error_e
         assert json.loads(text)["error"]["code"] == "shutting_down"
     assert answered_during_the_step, "the requests were answered only after the engine's step"
     assert server.returncode == 128 + signal.SIGTERM and "Traceback" not in err.decode(), err.decode()[-3000:]
+
+
+# ------------------------------------------------------------------- the engine's door: once each
+def test_a_request_is_tokenized_once_and_each_image_decoded_once(model, monkeypatch):
+    """Through the server, a request's prompt is tokenized once (at the engine's door: its limits
+    are checked on those ids, which travel down to the model runner) and each image is decoded
+    once (the media resolver only reads its header); chat, completions and rank alike."""
+    from flamingo.model import image_processing
+
+    tokenizer_type = type(model.tokenizer)
+    tokenized, decoded = [], []
+
+    def counting(method):
+        original = getattr(tokenizer_type, method)
+
+        def wrapper(self, text=None, *args, **kwargs):
+            tokenized.append(text)
+            return original(self, text, *args, **kwargs)
+        return wrapper
+
+    decode = image_processing._decode_checked
+    green, grey = png_data_url(solid_image("green")), png_data_url(solid_image("grey"))
+    with TestClient(create_app(Engine(model), ServerSettings(model_name="tiny"))) as http:
+        for method in ("__call__", "encode"):
+            monkeypatch.setattr(tokenizer_type, method, counting(method))
+        monkeypatch.setattr(image_processing, "_decode_checked", lambda stream, what, max_pixels: decoded.append(
+            what) or decode(stream, what, max_pixels))
+        chat = http.post("/v1/chat/completions", json={"messages": [image_message("Which is greener?", RED_URL, BLUE_URL)],
+                                                       "max_tokens": 3})
+        assert chat.status_code == 200, chat.text
+        assert len([text for text in tokenized if "greener" in str(text)]) == 1
+        assert decoded == ["messages[0].content[0].image_url.url", "messages[0].content[1].image_url.url"]
+        tokenized.clear(), decoded.clear()
+        text = "<image>Output: a green square.<|endofchunk|><image>Output:"
+        completion = http.post("/v1/completions", json={"prompt": text, "images": [green, grey], "max_tokens": 3})
+        assert completion.status_code == 200, completion.text
+        assert [t for t in tokenized if "Output" in str(t)] == [text]  # split for the prefix cache by its ids
+        assert decoded == ["images[0]", "images[1]"]
+        tokenized.clear(), decoded.clear()
+        rank = http.post("/v1/rank", json={"prompt": "<image>This is a", "images": [green], "candidates": [" dax"]})
+        assert rank.status_code == 200, rank.text
+        assert [t for t in tokenized if "This is" in str(t)] == ["<image>This is a"] and decoded == ["images[0]"]

@@ -89,28 +89,37 @@ CPU_MEDIA_CHUNK, GPU_MEDIA_CHUNK = 4, 32
 def encode_prompt_media(model: Flamingo, prompts: Sequence[Prompt], chunk: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The media of prompts -> visual tokens [B, N_max, R, D] (zeros in padding slots) and media
-    counts [B], through `Flamingo.encode_media`.
+    counts [B]: each image/video preprocessed, then `encode_pixels`."""
+    if model.vision_encoder is None:
+        raise PromptError("this model has no vision encoder, so it cannot take images")
+    processor = model.vision_encoder.image_processor()
+    return encode_pixels(model, [[processor.preprocess_video(frames) for frames in p.media] for p in prompts], chunk)
+
+
+def encode_pixels(model: Flamingo, pixels: Sequence[Sequence[torch.Tensor]], chunk: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocessed media (per prompt, one [T, 3, H, W] tensor per image/video) -> visual tokens
+    [B, N_max, R, D] (zeros in padding slots) and media counts [B], through `Flamingo.encode_media`.
 
     Each image/video is encoded once; media with the same number of frames are batched together
     (`chunk` per call; default by device), so images and videos can be mixed in one prompt.
     """
     if model.vision_encoder is None:
         raise PromptError("this model has no vision encoder, so it cannot take images")
-    processor = model.vision_encoder.image_processor()
-    counts = [len(p.media) for p in prompts]
+    counts = [len(row) for row in pixels]
     slots = max(counts, default=0)
     device = model.perceiver.latents.device
     chunk = chunk or (CPU_MEDIA_CHUNK if device.type == "cpu" else GPU_MEDIA_CHUNK)
-    out = torch.zeros(len(prompts), slots, model.config.perceiver.num_latents, model.perceiver.dim, device=device)
+    out = torch.zeros(len(pixels), slots, model.config.perceiver.num_latents, model.perceiver.dim, device=device)
     by_frames: dict[int, list[tuple[int, int]]] = {}
-    for b, prompt in enumerate(prompts):
-        for j, frames in enumerate(prompt.media):
-            by_frames.setdefault(len(frames), []).append((b, j))
+    for b, row in enumerate(pixels):
+        for j, media in enumerate(row):
+            by_frames.setdefault(len(media), []).append((b, j))
     for positions in by_frames.values():
         for start in range(0, len(positions), chunk):
             part = positions[start:start + chunk]
-            pixels = torch.stack([processor.preprocess_video(prompts[b].media[j]) for b, j in part])
-            tokens = model.encode_media(pixels[None].to(device))[0]  # [K, R, D]
+            stacked = torch.stack([pixels[b][j] for b, j in part])
+            tokens = model.encode_media(stacked[None].to(device))[0]  # [K, R, D]
             for (b, j), t in zip(part, tokens):
                 out[b, j] = t
     return out, torch.tensor(counts, device=device)

@@ -214,16 +214,19 @@ def _copy_cache(cache: Any) -> Any:
     return _cache_from_layers(cache, list(cache))
 
 
-def _tokenize(model: Flamingo, texts: Sequence[str], add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask [B, L]."""
-    rows = [model.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+def _left_padded(model: Flamingo, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask [B, L] of token id lists."""
     if any(len(r) == 0 for r in rows):
         raise PromptError("a prompt is empty: it needs at least one token")
     width = max(len(r) for r in rows)
     pad = model.tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def _tokenize(model: Flamingo, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    return [model.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
 
 
 def _check_length(model: Flamingo, total: int, max_new_tokens: int) -> None:
@@ -247,14 +250,24 @@ def encode_prompts(model: Flamingo, prompts: Sequence[Prompt], *, max_new_tokens
     if not prompts:
         raise PromptError("no prompt given")
     _check_media(model, prompts)
-    ids, mask = _tokenize(model, [p.text for p in prompts], add_special_tokens)
-    _check_length(model, ids.shape[1], max_new_tokens)
+    rows = _tokenize(model, [p.text for p in prompts], add_special_tokens)
+    _check_length(model, max(len(r) for r in rows), max_new_tokens)
+    return encode_ids(model, rows, *encode_prompt_media(model, prompts))
+
+
+@torch.no_grad()
+def encode_ids(model: Flamingo, rows: Sequence[Sequence[int]], visual_tokens: torch.Tensor,
+               num_media: torch.Tensor) -> FlamingoState:
+    """`encode_prompts` for prompts already tokenized (one id list each, an `<image>` token per
+    image) whose media are already encoded (`encode_pixels`: visual tokens [B, N, R, D], counts
+    [B]). The caller has checked the placeholders and the context length (the serving engine
+    does at its door)."""
+    ids, mask = _left_padded(model, rows)
     device = model.perceiver.latents.device
-    visual_tokens, counts = encode_prompt_media(model, prompts)
-    ids, kv = ids.to(device), {}
-    media = model.media_context(ids, visual_tokens, num_media=counts, kv_cache=kv)
-    out = model.logits_and_cache(ids, media, attention_mask=mask.to(device), use_cache=True, logits_to_keep=1)
-    return FlamingoState(out.past_key_values, mask.to(device), visual_tokens, counts, out.logits[:, -1], kv)
+    ids, mask, kv = ids.to(device), mask.to(device), {}
+    media = model.media_context(ids, visual_tokens, num_media=num_media, kv_cache=kv)
+    out = model.logits_and_cache(ids, media, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv)
 
 
 def extend(model: Flamingo, context: FlamingoState, queries: Sequence[Prompt], *,
@@ -284,15 +297,24 @@ def extend_contexts(model: Flamingo, contexts: Sequence[FlamingoState], queries:
             raise PromptError(f"extend continues one context, got a state of batch size {context.batch_size}")
     flat = [query for group in queries for query in group]
     _check_media(model, flat)
-    ids, query_mask = _tokenize(model, [q.text for q in flat], add_special_tokens=False)
-    length = max(context.length for context in contexts)
-    _check_length(model, length + ids.shape[1], max_new_tokens)
+    rows = _tokenize(model, [q.text for q in flat], add_special_tokens=False)
+    _check_length(model, max(context.length for context in contexts) + max(map(len, rows)), max_new_tokens)
+    return extend_contexts_ids(model, contexts, [len(group) for group in queries], rows,
+                               *encode_prompt_media(model, flat))
+
+
+@torch.no_grad()
+def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], sizes: Sequence[int],
+                        rows: Sequence[Sequence[int]], visual_tokens: torch.Tensor,
+                        num_media: torch.Tensor) -> FlamingoState:
+    """`extend_contexts` for queries already tokenized (`rows`, without special tokens; the first
+    `sizes[0]` continue context 0, and so on) whose media are already encoded (`encode_pixels`).
+    The caller has checked the placeholders and the context length."""
+    ids, query_mask = _left_padded(model, rows)
     device = contexts[0].attention_mask.device
-    sizes = [len(group) for group in queries]
 
     # Media rows: each context's images that its continuation can still see, then the query's own,
     # padded to the most slots.
-    query_tokens, query_counts = encode_prompt_media(model, flat)
     carried, keeps = [], []
     for context, size in zip(contexts, sizes):
         context_media = int(context.num_media[0])
@@ -300,12 +322,12 @@ def extend_contexts(model: Flamingo, contexts: Sequence[FlamingoState], queries:
         carried.append(context.visual_tokens[:, context_media - keep:context_media].expand(size, -1, -1, -1))
         keeps += [keep] * size
     dtype = carried[0].dtype
-    rows = torch.split(query_tokens.to(dtype), sizes)
-    groups = [torch.cat([kept, own], dim=1) for kept, own in zip(carried, rows)]
+    split_rows = torch.split(visual_tokens.to(dtype), list(sizes))
+    groups = [torch.cat([kept, own], dim=1) for kept, own in zip(carried, split_rows)]
     slots = max(group.shape[1] for group in groups)
     visual_tokens = torch.cat([_pad(group, slots - group.shape[1], dim=1) for group in groups])
     keep = torch.tensor(keeps, device=device)
-    num_media = query_counts + keep
+    num_media = num_media + keep
 
     cache, context_mask = _concat_histories(contexts, repeats=sizes)  # each context's copied per query
     mask = torch.cat([context_mask, query_mask.to(device)], dim=1)

@@ -29,6 +29,7 @@ from flamingo.errors import UserError
 from flamingo.inference.chat import DIALOGUE_STOP_STRINGS
 from flamingo.inference.prompt import context_length
 from flamingo.serving.engine import Delta, Engine, EngineOverloaded, EngineRequest, EngineStopped
+from flamingo.serving.input_processor import Fields, ProcessedPrompt
 from flamingo.serving.limits import RequestError, ServerSettings
 from flamingo.serving.media import HostResolver, MediaResolver, resolve_host
 from flamingo.serving.openai_format import (
@@ -39,8 +40,6 @@ logger = logging.getLogger("flamingo.serving")
 STATIC = Path(__file__).with_name("static")
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/rank", "/v1/models", "/health", "/metrics", "/")
 # (other paths are counted as "other": a label per unknown path would let clients grow the metrics without bound)
-# A prompt this many times longer in characters than the token cap is refused before tokenizing it.
-MAX_CHARS_PER_TOKEN = 32
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 T = TypeVar("T")
@@ -218,58 +217,47 @@ class _Server:
                                "model", status=404, code="model_not_found")
 
     async def prepare(self, spec: PromptSpec, param: str, images_param: str, max_new_tokens: int,
-                      new_tokens_param: str = "max_tokens") -> tuple[str, list[bytes]]:
-        """The prompt's text and checked image bytes; cheap checks first (image count, length), then the
-        images. The prompt and `max_new_tokens` more (named by `new_tokens_param`) must fit the context."""
+                      new_tokens_param: str = "max_tokens") -> ProcessedPrompt:
+        """The prompt through the engine's door (`InputProcessor`): cheap checks first (image
+        count, then tokenized once: placeholders, length, with `max_new_tokens` more, named by
+        `new_tokens_param`, the context), then the images loaded and each decoded once."""
         if len(spec.image_urls) > self.settings.max_images:
             raise RequestError(f"{images_param}: {len(spec.image_urls)} images, more than the limit of "
                                f"{self.settings.max_images} per request", images_param, code="too_many_images")
-        prompt_tokens = self.count_tokens(spec.text, param)
-        if self.context is not None and prompt_tokens + max_new_tokens > self.context:
-            what = "max_tokens is" if new_tokens_param == "max_tokens" else "the longest candidate has"
-            raise RequestError(f"{new_tokens_param}: the prompt has {prompt_tokens} tokens and {what} "
-                               f"{max_new_tokens}, {prompt_tokens + max_new_tokens} in all, more than the model's "
-                               f"context of {self.context} tokens", new_tokens_param, code="context_length_exceeded")
-        return spec.text, [await self.resolver.load(url, where) for url, where in spec.image_urls]
-
-    def count_tokens(self, text: str, param: str) -> int:
-        cap = self.prompt_cap
-        if len(text) > cap * MAX_CHARS_PER_TOKEN:
-            raise RequestError(f"{param}: the prompt has {len(text)} characters, far more than the limit of {cap} "
-                               f"tokens", param, code="context_length_exceeded")
-        count = len(self.tokenizer(text)["input_ids"])
-        if count > cap:
-            raise RequestError(f"{param}: the prompt has {count} tokens, more than the limit of {cap}", param,
-                               code="context_length_exceeded")
-        return count
+        fields = Fields(param, images_param, tuple(where for _, where in spec.image_urls), new_tokens_param)
+        processor = self.engine.processor
+        ids = processor.tokenize(spec.text, len(spec.image_urls), max_new_tokens, fields, self.prompt_cap)
+        images = [await self.resolver.load(url, where) for url, where in spec.image_urls]
+        return await anyio.to_thread.run_sync(processor.process, ids, images, fields, self.settings.max_image_pixels)
 
     # --------------------------------------------------------------------------- endpoints
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_request(body)
         params = sampling_params(body, self.settings, extra_stop=DIALOGUE_STOP_STRINGS)
         spec = chat_prompt(body.messages, self.media_token, self.end_of_chunk, self.special)
-        text, images = await self.prepare(spec, "messages", "messages", params.max_tokens)
-        return await self.respond(request, body, EngineRequest(text, images, params, new_id("chatcmpl")), chat=True)
+        prompt = await self.prepare(spec, "messages", "messages", params.max_tokens)
+        return await self.respond(request, body, EngineRequest(spec.text, prompt.images, params, new_id("chatcmpl")), prompt,
+                                  chat=True)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check_request(body)
         params = sampling_params(body, self.settings)
         spec = completion_prompt(body, self.media_token, self.end_of_chunk, self.special)
-        text, images = await self.prepare(spec, "prompt", "images", params.max_tokens)
-        return await self.respond(request, body, EngineRequest(text, images, params, new_id("cmpl")), chat=False)
+        prompt = await self.prepare(spec, "prompt", "images", params.max_tokens)
+        return await self.respond(request, body, EngineRequest(spec.text, prompt.images, params, new_id("cmpl")), prompt,
+                                  chat=False)
 
     async def rank(self, body: RankRequest, request: Request) -> Response:
         self.check_request(body)
         check_candidates(body.candidates, self.settings, self.special)
         spec = completion_prompt(body, self.media_token, self.end_of_chunk, self.special)
-        lengths = [len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in body.candidates]
+        lengths = self.engine.processor.candidates(body.candidates)
         if sum(lengths) > self.settings.max_rank_tokens:  # the work of a ranking: every candidate token is fed
             raise RequestError(f"candidates: {len(lengths)} candidates of {sum(lengths)} tokens in all, more than this "
                                f"server's limit of {self.settings.max_rank_tokens} (--max-rank-tokens)", "candidates",
                                code="rank_too_large")
-        longest = max(lengths)
-        text, images = await self.prepare(spec, "prompt", "images", longest, new_tokens_param="candidates")
-        scores = await _until_disconnected(request, self.engine.rank(text, images, body.candidates))
+        prompt = await self.prepare(spec, "prompt", "images", max(lengths), new_tokens_param="candidates")
+        scores = await _until_disconnected(request, self.engine.rank(spec.text, prompt.images, body.candidates, prompt))
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return JSONResponse({
             "id": new_id("rank"), "object": "rank", "created": now(), "model": self.settings.model_name,
@@ -286,8 +274,8 @@ class _Server:
 
     # -------------------------------------------------------------------------- responses
     async def respond(self, request: Request, body: SamplingFields, engine_request: EngineRequest,
-                      chat: bool) -> Response:
-        deltas = self.engine.generate(engine_request)  # may refuse at once (EngineOverloaded, UserError)
+                      prompt: ProcessedPrompt, chat: bool) -> Response:
+        deltas = self.engine.generate(engine_request, prompt)  # may refuse at once (EngineOverloaded, UserError)
         handed_over = False
         try:
             if body.stream:

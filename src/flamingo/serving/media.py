@@ -1,6 +1,6 @@
 """Images of a request: from data URLs, and only when the operator allows it from http(s) URLs or
-files under one folder; checked (byte size, format, pixel count from the header, full decode)
-before they reach the engine.
+files under one folder; checked (byte size, format, pixel count from the header) before they
+reach the engine, whose door decodes each once.
 
 URLs are fetched from public addresses only (unless the operator allows private ones): the host
 is resolved, every address it resolves to must be public, and the connection goes to the address
@@ -23,7 +23,6 @@ import anyio
 import httpx
 from PIL import Image
 
-from flamingo.model.image_processing import ImageProcessingError, decode_image
 from flamingo.serving.limits import RequestError, ServerSettings
 
 # Formats PIL decodes by itself (no external programs, unlike EPS); anything else is refused.
@@ -83,7 +82,7 @@ class MediaResolver:
         else:
             raise RequestError(f"{param}: unsupported URL scheme {_short(scheme)}; expected a data:image/...;base64 "
                                f"URL", param, code="invalid_image_url")
-        await anyio.to_thread.run_sync(check_image, data, param, self.settings.max_image_pixels)
+        check_image(data, param, self.settings.max_image_pixels)
         return data
 
     def _data_url(self, url: str, param: str) -> bytes:
@@ -211,8 +210,8 @@ class MediaResolver:
 
 
 def check_image(data: bytes, param: str, max_pixels: int) -> None:
-    """Refuse anything that is not a decodable PNG/JPEG/GIF/WebP/BMP of at most `max_pixels`; the
-    format and the pixel count come from the header, before any pixel is decoded."""
+    """Refuse anything that is not a PNG/JPEG/GIF/WebP/BMP of at most `max_pixels`, from its
+    header, before any pixel is decoded (the engine's door decodes it, once)."""
     size = header_size(data)
     if size is None:
         raise RequestError(f"{param}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})", param,
@@ -221,10 +220,6 @@ def check_image(data: bytes, param: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise RequestError(f"{param}: the image is {width}x{height} = {width * height} pixels, more than the limit "
                            f"of {max_pixels}", param, code="image_too_large")
-    try:
-        decode_image(data, max_pixels=max_pixels, name=param)
-    except ImageProcessingError as err:
-        raise RequestError(str(err), param, code="invalid_image") from None
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
