@@ -36,7 +36,7 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"perceiver: unknown field\(s\) \['depht'\]"):
         FlamingoConfig.load(bad)
     bad.write_text("activation: relu\n")
-    with pytest.raises(ConfigError, match="activation: expected 'sqrelu' or 'gelu', got 'relu'"):
+    with pytest.raises(ConfigError, match="activation: expected one of 'sqrelu', 'gelu', 'silu', got 'relu'"):
         FlamingoConfig.load(bad)
     bad.write_text("cross_attention:\n  every: 0\n")
     with pytest.raises(ConfigError, match="cross_attention.every: expected an integer >= 1, got 0"):
