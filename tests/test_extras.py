@@ -22,6 +22,7 @@ EXTRA_MODULES = {
     "dedup": ["imagehash", "faiss"],
     "demo": ["skimage"],
     "quantize": ["torchao"],
+    "lora": ["peft"],
 }
 BLOCKED = sorted({module for modules in EXTRA_MODULES.values() for module in modules})
 
@@ -47,7 +48,7 @@ def test_the_core_dependencies_leave_the_optional_stacks_to_extras():
                  "matplotlib", "scikit-image", "imagehash", "faiss-cpu"]:
         assert name not in core, f"{name} is a core dependency"
     # The tests exercise every feature, so their extra pulls in every feature's extra.
-    features = {"serve", "eval", "plot", "video", "dedup", "demo", "quantize"}
+    features = {"serve", "eval", "plot", "video", "dedup", "demo", "quantize", "lora"}
     assert all(any(req.startswith("flamingo[") and feature in req for req in extras["test"]) for feature in features)
     assert all(any(feature in req for req in extras["all"]) for feature in features | {"docs", "timm", "train"})
 
