@@ -254,7 +254,7 @@ def test_flamingo_params_on_the_published_mllama_configs(name, tmp_path, capsys)
     with torch.device("meta"):  # transformers' own class from the same file counts the same
         reference = MllamaForConditionalGeneration(MllamaConfig.from_pretrained(str(tmp_path)))
     assert total == sum(p.numel() for p in reference.parameters())
-    assert "gated xattn-dense layers" in report
+    assert "gated xattn-dense layers" in report and "linear projector" in report
 
 
 def test_generate_text_on_a_loaded_mllama_checkpoint_builds_the_processors_inputs_and_equals_generate(

@@ -34,7 +34,8 @@ def parameter_report(model: Flamingo) -> list[ComponentCount]:
                        count(model.vision_encoder.parameters()) if model.vision_encoder is not None else 0,
                        vision_trainable),
         ComponentCount("gated xattn-dense layers", count(xattn), True),
-        ComponentCount("perceiver resampler", count(model.perceiver.parameters()), True),
+        ComponentCount("linear projector" if model.config.perceiver.kind == "linear" else "perceiver resampler",
+                       count(model.perceiver.parameters()), True),
         ComponentCount("new token embeddings", count(new_tokens), True),
     ]
     if blocks:
