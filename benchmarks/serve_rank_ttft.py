@@ -43,7 +43,7 @@ def main() -> int:
     from flamingo.cli_options import load_model_quietly
     from flamingo.data.procedural import render, sample_scene
     from flamingo.inference.chat import DIALOGUE_PROMPT, DIALOGUE_STOP_STRINGS
-    from flamingo.serving import engine as engine_module
+    from flamingo.serving import model_runner as engine_module
     from flamingo.serving.engine import Engine, EngineRequest, SamplingParams
 
     torch.set_num_threads(args.threads)
@@ -67,8 +67,8 @@ def main() -> int:
         engine_module.RANK_TOKENS_PER_PASS = args.tokens_per_pass
     engine = Engine(model)
     if args.no_interleave:  # the engine before interleaving: nothing happens between a ranking's passes
-        run_alone = engine._run_alone
-        engine._run_alone = lambda job, between_passes: run_alone(job, lambda: None)
+        run_alone = engine.runner.run_alone
+        engine.runner.run_alone = lambda job, between_passes: run_alone(job, lambda: None)
 
     async def ttft(i: int) -> float:
         start = time.perf_counter()

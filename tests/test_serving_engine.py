@@ -125,7 +125,8 @@ def test_waiting_prompts_are_prefilled_in_chunks_before_the_next_decode_step(mod
     Before, a decode step ran after every admission, delaying the later requests' first tokens."""
     events = []
     admit, decode = ModelRunner.admit, ModelRunner.decode
-    monkeypatch.setattr(ModelRunner, "admit", lambda self, jobs: events.append(("admit", len(jobs))) or admit(self, jobs))
+    monkeypatch.setattr(ModelRunner, "admit", lambda self, jobs: events.append(("admit", len(jobs))) or admit(
+        self, jobs))
     monkeypatch.setattr(ModelRunner, "decode", lambda self: events.append(("step", len(self.running))) or decode(self))
     requests = REQUESTS[:5]  # two share a few-shot prefix
     params = [SamplingParams(max_tokens=4)] * len(requests)
@@ -164,7 +165,7 @@ def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
                                                                    SamplingParams(max_tokens=6))))
             answers.append(texts[0])
         prompt = engine.processor.prompt(text, [png(c) for c in colours], 6)
-        assert prompt._pixels[:2] == [None, None]  # cached: its images were not decoded
+        assert prompt.decoded[:2] == [None, None]  # cached: its images were not decoded
         return answers, prompt, engine.metrics
 
     answers, prompt, metrics = run(go, model)

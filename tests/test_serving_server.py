@@ -839,8 +839,8 @@ def test_a_request_is_tokenized_once_and_each_image_decoded_once(model, monkeypa
             monkeypatch.setattr(tokenizer_type, method, counting(method))
         monkeypatch.setattr(image_processing, "_decode_checked", lambda stream, what, max_pixels: decoded.append(
             what) or decode(stream, what, max_pixels))
-        chat = http.post("/v1/chat/completions", json={"messages": [image_message("Which is greener?", RED_URL, BLUE_URL)],
-                                                       "max_tokens": 3})
+        chat = http.post("/v1/chat/completions", json={
+            "messages": [image_message("Which is greener?", RED_URL, BLUE_URL)], "max_tokens": 3})
         assert chat.status_code == 200, chat.text
         assert len([text for text in tokenized if "greener" in str(text)]) == 1
         assert decoded == ["messages[0].content[0].image_url.url", "messages[0].content[1].image_url.url"]

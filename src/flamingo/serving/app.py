@@ -236,16 +236,16 @@ class _Server:
         params = sampling_params(body, self.settings, extra_stop=DIALOGUE_STOP_STRINGS)
         spec = chat_prompt(body.messages, self.media_token, self.end_of_chunk, self.special)
         prompt = await self.prepare(spec, "messages", "messages", params.max_tokens)
-        return await self.respond(request, body, EngineRequest(spec.text, prompt.images, params, new_id("chatcmpl")), prompt,
-                                  chat=True)
+        engine_request = EngineRequest(spec.text, prompt.images, params, new_id("chatcmpl"))
+        return await self.respond(request, body, engine_request, prompt, chat=True)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check_request(body)
         params = sampling_params(body, self.settings)
         spec = completion_prompt(body, self.media_token, self.end_of_chunk, self.special)
         prompt = await self.prepare(spec, "prompt", "images", params.max_tokens)
-        return await self.respond(request, body, EngineRequest(spec.text, prompt.images, params, new_id("cmpl")), prompt,
-                                  chat=False)
+        engine_request = EngineRequest(spec.text, prompt.images, params, new_id("cmpl"))
+        return await self.respond(request, body, engine_request, prompt, chat=False)
 
     async def rank(self, body: RankRequest, request: Request) -> Response:
         self.check_request(body)

@@ -32,7 +32,13 @@ import torch
 
 from flamingo.inference.state import has_windowed_attention
 from flamingo.model.flamingo import Flamingo
-from flamingo.serving.input_processor import EngineRequestError, Fields, InputProcessor, ProcessedPrompt, SamplingParams
+from flamingo.serving.input_processor import (
+    EngineRequestError,
+    Fields,
+    InputProcessor,
+    ProcessedPrompt,
+    SamplingParams,
+)
 from flamingo.serving.metrics import EngineMetrics
 from flamingo.serving.model_runner import ModelRunner, PrefixCache
 from flamingo.serving.output_processor import Delta, OutputProcessor, RequestStream

@@ -111,7 +111,7 @@ class ProcessedPrompt:
     split: int | None
     media_before: list[int]  # images before each token position (len(ids) + 1 entries)
     decode: Callable[[int], torch.Tensor] = field(repr=False)
-    _pixels: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+    decoded: list[torch.Tensor | None] = field(default_factory=list, repr=False)  # None: not decoded yet
 
     def key(self, cut: int) -> str:
         """The prefix cache's key of the prompt up to token position `cut`."""
@@ -121,9 +121,9 @@ class ProcessedPrompt:
         """The pixels of the images between token positions `start` and `stop`."""
         first, last = self.media_before[start], self.media_before[stop]
         for i in range(first, last):
-            if self._pixels[i] is None:  # in a prefix that was cached at the door, evicted since
-                self._pixels[i] = self.decode(i)
-        return self._pixels[first:last]
+            if self.decoded[i] is None:  # in a prefix that was cached at the door, evicted since
+                self.decoded[i] = self.decode(i)
+        return self.decoded[first:last]
 
 
 class InputProcessor:
@@ -199,7 +199,7 @@ class InputProcessor:
         if cut is not None and (media_before[cut] > 0 or cut >= MIN_TEXT_PREFIX_TOKENS):
             prompt.split = cut
         cached = media_before[cut] if prompt.split is not None and self.is_cached(prompt.key(cut)) else 0
-        prompt._pixels = [None] * cached + [prompt.decode(i) for i in range(cached, len(images))]
+        prompt.decoded = [None] * cached + [prompt.decode(i) for i in range(cached, len(images))]
         return prompt
 
     def _pixels(self, data: bytes, name: str, max_pixels: int) -> torch.Tensor:
