@@ -4,6 +4,7 @@ linear layers quantized, generation, the command-line option and the refusals.""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,35 @@ def test_generate_quantize_runs_from_the_command_line(lm_dir, clip_dir, tmp_path
     assert main(["generate", "--model", str(directory), "--prompt", "An image of", "--max-new-tokens", "3",
                  "--no-stop-at-eoc", "--json", "--quantize", "int8"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
+
+
+
+def safetensors_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of .safetensors files (Linux)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if fields[-1].endswith(".safetensors"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def test_the_remaining_frozen_tensors_leave_the_checkpoint_mapping(lm_dir):
+    """Loaded from safetensors, the LM's tensors are views into the memory-mapped file, which stays
+    resident while any of them lives (the replaced float weights' pages included): after quantizing,
+    the float tensors left (embeddings, norms, head) live in memory of their own, tied ones still tied."""
+    if not Path("/proc/self/maps").is_file():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    model = build_tiny(lm_dir("qwen2")).eval()  # a tied LM: the head is the input table
+
+    def mapped() -> list[str]:
+        ranges = safetensors_mappings()
+        return [name for name, t in [*model.lm.named_parameters(), *model.lm.named_buffers()]
+                if is_plain(t) and any(start <= t.data_ptr() < end for start, end in ranges)]
+
+    assert mapped(), "precondition: the LM is loaded memory-mapped"
+    quantize_model(model, "int8")
+    assert mapped() == []
+    assert model.lm.get_output_embeddings().base.weight is model.input_embeddings.base.weight
