@@ -165,6 +165,17 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _torchrun_pretrain(tmp_path: Path, data: dict) -> subprocess.CompletedProcess:
+    """`flamingo pretrain-vision` on the config `data` under torchrun with 2 ranks; it must succeed."""
+    config_path = tmp_path / "pretrain.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "flamingo.training", "pretrain-vision", str(config_path)],
+                          env=_env(), capture_output=True, text=True, timeout=HANG_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_torchrun_pretraining_matches_one_process_with_the_global_batch(tmp_path, clip_dir, bert_dir, shapes):
     """`torchrun -m flamingo.training pretrain-vision` with 2 ranks x 4 pairs == 1 process x 8:
     the same losses, gradient norms and trained weights."""
@@ -180,12 +191,7 @@ def test_torchrun_pretraining_matches_one_process_with_the_global_batch(tmp_path
     # Adam's first update is ~lr * sign(grad): a key-projection bias, whose true gradient is 0
     # (softmax ignores it), would turn rounding noise into a full step; eps keeps it small.
     data["optim"]["eps"] = 1e-6
-    config_path = tmp_path / "pretrain.yaml"
-    config_path.write_text(yaml.safe_dump(data))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "flamingo.training", "pretrain-vision", str(config_path)],
-                          env=_env(), capture_output=True, text=True, timeout=HANG_S)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun_pretrain(tmp_path, data)
     single = dict(data, run_dir=str(tmp_path / "single"), datasets=[dict(data["datasets"][0], batch_size=8)])
     reference = pretrain_vision(make_pretrain_config(single))
     multi = _metrics(tmp_path / "multi")
@@ -208,12 +214,7 @@ def test_torchrun_stops_together_when_one_rank_runs_out_of_data_first(tmp_path, 
     data = pretrain_dict(clip_dir, bert_dir, shards, tmp_path / "run", steps=50,
                          checkpoint={"every": 100, "keep": 1}, distributed={"timeout_minutes": 5})
     data["datasets"][0].update(batch_size=4, epochs=1, shuffle=False)
-    config_path = tmp_path / "pretrain.yaml"
-    config_path.write_text(yaml.safe_dump(data))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "flamingo.training", "pretrain-vision", str(config_path)],
-                          env=_env(), capture_output=True, text=True, timeout=HANG_S)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _torchrun_pretrain(tmp_path, data)
     assert "a dataset ran out of data after 2 updates" in done.stderr
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir() and (tmp_path / "run" / "vision").is_dir()
