@@ -34,7 +34,8 @@ from flamingo.serving.limits import RequestError, ServerSettings
 from flamingo.serving.media import HostResolver, MediaResolver, resolve_host
 from flamingo.serving.openai_format import (
     ChatCompletionRequest, CompletionRequest, PromptSpec, RankRequest, SamplingFields, chat_prompt, check_candidates,
-    check_unicode, completion_prompt, error_body, new_id, now, sampling_params, special_tokens, usage)
+    check_unicode, collect_choices, completion_prompt, error_body, invalid_field, new_id, now, prepare_prompt,
+    sampling_params, special_tokens, usage)
 
 logger = logging.getLogger("flamingo.serving")
 STATIC = Path(__file__).with_name("static")
@@ -218,17 +219,10 @@ class _Server:
 
     async def prepare(self, spec: PromptSpec, param: str, images_param: str, max_new_tokens: int,
                       new_tokens_param: str = "max_tokens") -> ProcessedPrompt:
-        """The prompt through the engine's door (`InputProcessor`): cheap checks first (image
-        count, then tokenized once: placeholders, length, with `max_new_tokens` more, named by
-        `new_tokens_param`, the context), then the images loaded and each decoded once."""
-        if len(spec.image_urls) > self.settings.max_images:
-            raise RequestError(f"{images_param}: {len(spec.image_urls)} images, more than the limit of "
-                               f"{self.settings.max_images} per request", images_param, code="too_many_images")
+        """The prompt through the engine's door (`prepare_prompt`)."""
         fields = Fields(param, images_param, tuple(where for _, where in spec.image_urls), new_tokens_param)
-        processor = self.engine.processor
-        ids = processor.tokenize(spec.text, len(spec.image_urls), max_new_tokens, fields, self.prompt_cap)
-        images = [await self.resolver.load(url, where) for url, where in spec.image_urls]
-        return await anyio.to_thread.run_sync(processor.process, ids, images, fields, self.settings.max_image_pixels)
+        return await prepare_prompt(self.engine.processor, self.resolver, self.settings, spec, fields, max_new_tokens,
+                                    self.prompt_cap)
 
     # --------------------------------------------------------------------------- endpoints
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -292,14 +286,7 @@ class _Server:
 
     async def collect(self, deltas: AsyncIterator[Delta], engine_request: EngineRequest, chat: bool) -> dict:
         n = engine_request.params.n
-        texts, reasons = [""] * n, ["length"] * n
-        prompt_tokens = completion_tokens = 0
-        async for delta in deltas:
-            texts[delta.index] += delta.text
-            if delta.finish_reason is not None:
-                reasons[delta.index] = delta.finish_reason
-                prompt_tokens = delta.prompt_tokens
-                completion_tokens += delta.completion_tokens
+        texts, reasons, tokens = await collect_choices(deltas, n)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                         "finish_reason": reasons[i], "logprobs": None} for i in range(n)]
@@ -307,8 +294,7 @@ class _Server:
             choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i], "logprobs": None}
                        for i in range(n)]
         return {"id": engine_request.request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": now(), "model": self.settings.model_name, "choices": choices,
-                "usage": usage(prompt_tokens, completion_tokens)}
+                "created": now(), "model": self.settings.model_name, "choices": choices, "usage": tokens}
 
     async def events(self, first: Delta, deltas: AsyncIterator[Delta], engine_request: EngineRequest, chat: bool,
                      include_usage: bool) -> AsyncIterator[str]:
@@ -356,14 +342,6 @@ class _Server:
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _param(loc: tuple) -> str | None:
-    """A pydantic error location ('body', 'messages', 0, 'role') as a field path: messages[0].role."""
-    path = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or None
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None, *,
@@ -416,8 +394,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *,
         first = err.errors()[0]
         if first.get("type") == "json_invalid":
             return _error_response(400, "request body: not valid JSON", param="body", code="invalid_json")
-        param = _param(tuple(first.get("loc", ())))
-        return _error_response(400, f"{param or 'request body'}: {first.get('msg', 'invalid')}", param=param or "body")
+        refusal = invalid_field(first)
+        return _error_response(400, refusal.message, param=refusal.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -15,13 +15,16 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Literal
 
+import anyio
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from flamingo.inference.chat import DIALOGUE_PROMPT
-from flamingo.serving.engine import SamplingParams
+from flamingo.serving.engine import Delta, SamplingParams
+from flamingo.serving.input_processor import Fields, InputProcessor, ProcessedPrompt
 from flamingo.serving.limits import RequestError, ServerSettings
+from flamingo.serving.media import MediaResolver
 
 MAX_STOP_CHARS = 128
 MAX_CANDIDATE_CHARS = 1000
@@ -247,6 +250,20 @@ def completion_prompt(body: CompletionRequest | RankRequest, media_token: str, e
     return PromptSpec(text, [(url, f"images[{i}]") for i, url in enumerate(body.images)])
 
 
+async def prepare_prompt(processor: InputProcessor, resolver: MediaResolver, settings: ServerSettings,
+                         spec: PromptSpec, fields: Fields, max_new_tokens: int, prompt_cap: int | None
+                         ) -> ProcessedPrompt:
+    """A prompt through the engine's door (`InputProcessor`): cheap checks first (image count, then
+    tokenized once: placeholders, length up to `prompt_cap`, with `max_new_tokens` more the
+    context), then the images loaded and each decoded once (off the event loop)."""
+    if len(spec.image_urls) > settings.max_images:
+        raise RequestError(f"{fields.images}: {len(spec.image_urls)} images, more than the limit of "
+                           f"{settings.max_images} per request", fields.images, code="too_many_images")
+    ids = processor.tokenize(spec.text, len(spec.image_urls), max_new_tokens, fields, prompt_cap)
+    images = [await resolver.load(url, where) for url, where in spec.image_urls]
+    return await anyio.to_thread.run_sync(processor.process, ids, images, fields, settings.max_image_pixels)
+
+
 def check_candidates(candidates: list[str], settings: ServerSettings, special: tuple[str, ...]) -> None:
     if len(candidates) > settings.max_candidates:
         raise RequestError(f"candidates: {len(candidates)} candidates, more than the limit of "
@@ -257,7 +274,34 @@ def check_candidates(candidates: list[str], settings: ServerSettings, special: t
         _check_text(candidate, f"candidates[{i}]", special)
 
 
+def field_path(loc: tuple) -> str | None:
+    """A pydantic error location ('body', 'messages', 0, 'role') as a field path: messages[0].role."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
+def invalid_field(error: dict) -> RequestError:
+    """The refusal of a request that failed validation, from pydantic's first error."""
+    param = field_path(tuple(error.get("loc", ())))
+    return RequestError(f"{param or 'request body'}: {error.get('msg', 'invalid')}", param or "body")
+
+
 # ----------------------------------------------------------------------------------- responses
+async def collect_choices(deltas: AsyncIterator[Delta], n: int) -> tuple[list[str], list[str], dict[str, int]]:
+    """The `n` choices of a request's deltas, whole: their texts, finish reasons, and the usage."""
+    texts, reasons = [""] * n, ["length"] * n
+    prompt_tokens = completion_tokens = 0
+    async for delta in deltas:
+        texts[delta.index] += delta.text
+        if delta.finish_reason is not None:
+            reasons[delta.index] = delta.finish_reason
+            prompt_tokens = delta.prompt_tokens
+            completion_tokens += delta.completion_tokens
+    return texts, reasons, usage(prompt_tokens, completion_tokens)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
