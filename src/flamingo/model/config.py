@@ -98,7 +98,12 @@ class PerceiverConfig:
     kind: "resampler" (the paper's Perceiver Resampler) or "linear": no resampler, every feature
         vector becomes a visual token through one linear layer with bias (Llama 3.2 Vision's
         projector; `dim` is its output width, `num_latents` the tokens per media item, and the
-        other fields are unused).
+        other fields are unused), or "identity": the encoder's feature vectors are the visual
+        tokens themselves (IDEFICS without its resampler; `num_latents` the tokens per media item).
+    activation: of the resampler's feed-forward layers; None: the config's `activation`
+        ("relu": IDEFICS's resampler).
+    qk_norm: LayerNorm over each head of the resampler's queries and keys (IDEFICS's
+        `qk_layer_norms_perceiver`).
     """
 
     depth: int = 6
@@ -108,7 +113,9 @@ class PerceiverConfig:
     ffw_mult: int = 4
     max_frames: int = 8
     dim: int | None = None
-    kind: Literal["resampler", "linear"] = "resampler"
+    kind: Literal["resampler", "linear", "identity"] = "resampler"
+    activation: Literal["sqrelu", "gelu", "silu", "relu"] | None = None
+    qk_norm: bool = False
 
 
 @dataclass
@@ -139,6 +146,8 @@ class CrossAttentionConfig:
         paper); False: it attends to every visual token of its sample, as Llama 3.2 Vision does.
     ffw_only_with_media: the dense part applies only to tokens that see an image (Llama 3.2
         Vision's `full_text_row_masked_out_mask`).
+    gate: "scalar" (one tanh gate per part, the paper's) or "vector" (one gate per hidden unit:
+        IDEFICS's `alpha_type: vector`).
     """
 
     every: int = 1
@@ -157,6 +166,7 @@ class CrossAttentionConfig:
     ffw_dim: int | None = None
     zero_attention_without_media: bool = True
     ffw_only_with_media: bool = False
+    gate: Literal["scalar", "vector"] = "scalar"
 
 
 @dataclass
@@ -192,6 +202,9 @@ class FlamingoConfig:
     # output). > 0: the tokenizer already has them, and the LM's input table gets this many
     # trainable rows after its own (Llama 3.2 Vision's 8); the output head stays the LM's.
     extra_token_rows: int = 0
+    # With extra_token_rows: the output head gets as many trainable rows after its own, so those
+    # tokens can be predicted (IDEFICS's decoupled lm_head).
+    extra_token_head: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -245,9 +258,16 @@ class FlamingoConfig:
         check(x.ffw in ("mlp", "swiglu"), "cross_attention.ffw", "'mlp' or 'swiglu'", x.ffw)
         check(x.ffw_dim is None or (isinstance(x.ffw_dim, int) and x.ffw_dim >= 1), "cross_attention.ffw_dim",
               "null or an integer >= 1", x.ffw_dim)
-        check(p.kind in ("resampler", "linear"), "perceiver.kind", "'resampler' or 'linear'", p.kind)
+        check(p.kind in ("resampler", "linear", "identity"), "perceiver.kind", "'resampler', 'linear' or 'identity'",
+              p.kind)
+        check(p.activation in (None, "sqrelu", "gelu", "silu", "relu"), "perceiver.activation",
+              "null (the config's activation), 'sqrelu', 'gelu', 'silu' or 'relu'", p.activation)
+        check(isinstance(p.qk_norm, bool), "perceiver.qk_norm", "true or false", p.qk_norm)
+        check(x.gate in ("scalar", "vector"), "cross_attention.gate", "'scalar' or 'vector'", x.gate)
         check(isinstance(self.extra_token_rows, int) and self.extra_token_rows >= 0, "extra_token_rows",
               "an integer >= 0", self.extra_token_rows)
+        check(isinstance(self.extra_token_head, bool) and (not self.extra_token_head or self.extra_token_rows > 0),
+              "extra_token_head", "true or false (true only with extra_token_rows > 0)", self.extra_token_head)
         check(bool(self.media_token) and bool(self.end_of_chunk_token)
               and self.media_token != self.end_of_chunk_token,
               "media_token/end_of_chunk_token", "two different non-empty strings",

@@ -182,10 +182,11 @@ class GatedCrossAttentionBlock(nn.Module):
                                          kv_heads=config.kv_heads, norm=config.norm, norm_eps=config.norm_eps,
                                          qk_norm=config.qk_norm,
                                          zero_without_media=config.zero_attention_without_media)
-        self.attn_gate = nn.Parameter(torch.zeros(()))
+        gate_shape = (dim,) if config.gate == "vector" else ()
+        self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
         self.ffw = FeedForward(dim, config.ffw_mult, activation, bias=bias, kind=config.ffw, hidden=config.ffw_dim,
                                norm=config.norm, norm_eps=config.norm_eps)
-        self.ffw_gate = nn.Parameter(torch.zeros(()))
+        self.ffw_gate = nn.Parameter(torch.zeros(gate_shape))
 
     def forward(self, hidden: torch.Tensor, media: MediaContext, layer_idx: int) -> torch.Tensor:
         # The frozen LM may run in bf16 while the trainable layers keep fp32 weights.

@@ -38,7 +38,7 @@ from flamingo.model.language_model import (
     hidden_size,
     inspect_lm_forward,
 )
-from flamingo.model.perceiver import LinearProjector, PerceiverResampler
+from flamingo.model.perceiver import FeatureTokens, LinearProjector, PerceiverResampler
 
 
 class FlamingoInputError(UserError):
@@ -150,6 +150,8 @@ class Flamingo(nn.Module):
 
         if config.perceiver.kind == "linear":
             self.perceiver = LinearProjector(vision_feature_dim, config.perceiver.dim or vision_feature_dim)
+        elif config.perceiver.kind == "identity":
+            self.perceiver = FeatureTokens(vision_feature_dim)
         else:
             self.perceiver = PerceiverResampler(config.perceiver, vision_feature_dim, config.activation, config.bias)
 
@@ -165,7 +167,8 @@ class Flamingo(nn.Module):
 
     def _extra_token_rows(self, config: FlamingoConfig, lm: nn.Module) -> bool:
         """`config.extra_token_rows` trainable input rows after the LM's table, for tokens the
-        tokenizer already has; the output head stays the LM's (these tokens are never predicted)."""
+        tokenizer already has; the output head stays the LM's (these tokens are never predicted),
+        or with `config.extra_token_head` gets as many trainable output rows after its own."""
         table = lm.get_input_embeddings()
         first_new_id = table.weight.shape[0]
         for token, token_id in ((config.media_token, self.media_token_id), (config.end_of_chunk_token,
@@ -174,6 +177,12 @@ class Flamingo(nn.Module):
                 raise ConfigError(f"token {token!r} has id {token_id}, outside the LM's {first_new_id} rows and the "
                                   f"{config.extra_token_rows} extra rows (extra_token_rows)")
         lm.set_input_embeddings(DecoupledEmbedding(table, first_new_id, config.extra_token_rows))
+        if config.extra_token_head:
+            head = lm.get_output_embeddings()
+            if head.weight.shape[0] != first_new_id:
+                raise ConfigError(f"extra_token_head: the LM's output head has {head.weight.shape[0]} rows but its "
+                                  f"input table {first_new_id}; the extra rows would not line up")
+            lm.set_output_embeddings(DecoupledLMHead(head, first_new_id, config.extra_token_rows))
         return False
 
     def _added_token_rows(self, config: FlamingoConfig, lm: nn.Module) -> bool:

@@ -21,7 +21,9 @@ def make_activation(name: str) -> nn.Module:
         return nn.GELU()  # exact erf form, as OpenFlamingo's nn.GELU()
     if name == "silu":
         return nn.SiLU()  # SwiGLU's (Llama 3.2 Vision)
-    raise ValueError(f"activation: expected 'sqrelu', 'gelu' or 'silu', got {name!r}")
+    if name == "relu":
+        return nn.ReLU()  # IDEFICS's resampler
+    raise ValueError(f"activation: expected 'sqrelu', 'gelu', 'silu' or 'relu', got {name!r}")
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:

@@ -14,6 +14,10 @@ class ComponentCount:
     trainable: bool
 
 
+# What sits between the vision encoder and the cross-attention layers, by `perceiver.kind`.
+_BRIDGE_INPUT = {"linear": "linear projector", "identity": "no resampler (features as tokens)"}
+
+
 def parameter_report(model: Flamingo) -> list[ComponentCount]:
     def count(params) -> int:
         unique = {id(p): p for p in params}
@@ -34,7 +38,7 @@ def parameter_report(model: Flamingo) -> list[ComponentCount]:
                        count(model.vision_encoder.parameters()) if model.vision_encoder is not None else 0,
                        vision_trainable),
         ComponentCount("gated xattn-dense layers", count(xattn), True),
-        ComponentCount("linear projector" if model.config.perceiver.kind == "linear" else "perceiver resampler",
+        ComponentCount(_BRIDGE_INPUT.get(model.config.perceiver.kind, "perceiver resampler"),
                        count(model.perceiver.parameters()), True),
         ComponentCount("new token embeddings", count(new_tokens), True),
     ]

@@ -20,7 +20,7 @@ from flamingo.model.layers import FeedForward
 class PerceiverAttention(nn.Module):
     """Latents attend to the concatenation of media features and latents (keys and values)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
@@ -29,6 +29,8 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=bias)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=bias)  # fused: keys then values
         self.to_out = nn.Linear(inner, dim, bias=bias)
+        self.q_norm = nn.LayerNorm(head_dim) if qk_norm else None
+        self.k_norm = nn.LayerNorm(head_dim) if qk_norm else None
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """media [K, N, D] (flattened frames x positions), latents [K, R, D] -> [K, R, D]."""
@@ -37,6 +39,8 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v)  # no mask: every latent sees everything
         return self.to_out(out.transpose(1, 2).flatten(2))
 
@@ -59,8 +63,8 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList()
         for _ in range(config.depth):
             self.layers.append(nn.ModuleDict({
-                "attn": PerceiverAttention(dim, config.heads, config.head_dim, bias=bias),
-                "ffw": FeedForward(dim, config.ffw_mult, activation, bias=bias),
+                "attn": PerceiverAttention(dim, config.heads, config.head_dim, bias=bias, qk_norm=config.qk_norm),
+                "ffw": FeedForward(dim, config.ffw_mult, config.activation or activation, bias=bias),
             }))
         self.norm = nn.LayerNorm(dim)
 
@@ -108,3 +112,17 @@ class LinearProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features.flatten(1, 2))
+
+
+class FeatureTokens(nn.Module):
+    """No resampler and no projection (`perceiver.kind: identity`, IDEFICS without its
+    resampler): every frame's feature vectors are the visual tokens, [K, T, S, D] -> [K, T*S, D]."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__()
+        self.dim = feature_dim
+        # No parameters: this empty buffer carries the dtype and device the visual tokens take.
+        self.register_buffer("latents", torch.zeros(0), persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.flatten(1, 2)

@@ -29,11 +29,14 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def gate_values(model: Flamingo) -> dict[str, dict[str, float]]:
-    """tanh(alpha) of the attention and dense gates of every cross-attention layer, by LM index."""
+    """tanh(alpha) of the attention and dense gates of every cross-attention layer, by LM index
+    (the mean over hidden units for vector gates, `cross_attention.gate: vector`)."""
     with torch.no_grad():
         return {
-            "attn": {str(i): float(torch.tanh(b.attn_gate.detach().float())) for i, b in model.cross_attn_layers.items()},
-            "ffw": {str(i): float(torch.tanh(b.ffw_gate.detach().float())) for i, b in model.cross_attn_layers.items()},
+            "attn": {str(i): float(torch.tanh(b.attn_gate.detach().float()).mean())
+                     for i, b in model.cross_attn_layers.items()},
+            "ffw": {str(i): float(torch.tanh(b.ffw_gate.detach().float()).mean())
+                    for i, b in model.cross_attn_layers.items()},
         }
 
 
