@@ -11,11 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from flamingo.errors import CheckpointError
-from flamingo.model.families import mllama
+from flamingo.model.families import idefics, mllama
 from flamingo.model.families.checkpoint import FAMILIES, family_of
 from flamingo.model.flamingo import Flamingo
 
 __all__ = ["FAMILIES", "family_of", "load_family", "shapes_only"]
+
+
+# config.json model_type -> (the module that maps it, its transformers config class)
+_MODULES = {"mllama": (mllama, "MllamaConfig"), "idefics": (idefics, "IdeficsConfig")}
 
 
 def load_family(directory: str | Path) -> Flamingo:
@@ -23,18 +27,20 @@ def load_family(directory: str | Path) -> Flamingo:
     family = family_of(directory)
     if family is None:
         raise CheckpointError(f"{directory} holds no config.json: not a transformers checkpoint")
-    return mllama.load_checkpoint(directory)
+    return _MODULES[family][0].load_checkpoint(directory)
 
 
 def shapes_only(directory: str | Path) -> Flamingo:
     """Our model of the checkpoint in `directory` from its config.json alone, on the meta device
     (no weights read or allocated): `flamingo params` on a published config."""
-    from transformers import MllamaConfig
+    import transformers
 
-    if family_of(directory) is None:
+    family = family_of(directory)
+    if family is None:
         raise CheckpointError(f"{directory} holds no config.json: not a transformers checkpoint")
+    module, config_class = _MODULES[family]
     try:
-        hf_config = MllamaConfig.from_pretrained(str(directory))
-    except (OSError, ValueError) as err:
+        hf_config = getattr(transformers, config_class).from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"{directory}/config.json: {str(err).splitlines()[0][:300]}") from None
-    return mllama.build_shapes_only(hf_config)
+    return module.build_shapes_only(hf_config)

@@ -10,7 +10,8 @@ import torch
 from flamingo.errors import CheckpointError
 
 # config.json model_type -> the module that maps it
-FAMILIES = {"mllama": "Llama 3.2 Vision (MllamaForConditionalGeneration)"}
+FAMILIES = {"mllama": "Llama 3.2 Vision (MllamaForConditionalGeneration)",
+            "idefics": "IDEFICS (IdeficsForVisionText2Text)"}
 INDEX_FILE = "model.safetensors.index.json"
 
 

@@ -1,0 +1,320 @@
+"""IDEFICS (`IdeficsForVisionText2Text`) as configuration of our model, proven against transformers'
+own classes on tiny random models built here (offline, fp32)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    IdeficsConfig,
+    IdeficsForVisionText2Text,
+    IdeficsImageProcessorPil,
+    IdeficsProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from flamingo import load_model
+from flamingo.errors import UserError
+from flamingo.model.families import idefics
+from flamingo.model.weights import CheckpointError
+
+VOCAB = 120  # the LLaMA's vocab_size; <fake_token_around_image>, <image>, <end_of_utterance> are the extra rows
+FAKE, IMAGE, END_OF_UTTERANCE = VOCAB, VOCAB + 1, VOCAB + 2
+TOLERANCE = 1e-5
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer "<unk> <s> </s> t3 ... t119" plus IDEFICS-instruct's three added tokens."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
+                                                                "<end_of_utterance>"]})
+    assert tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<end_of_utterance>"]) == [
+        FAKE, IMAGE, END_OF_UTTERANCE]
+    return tokenizer
+
+
+VARIANTS = {  # idefics-9b/-80b's layout (float gates, resampler, q/k norms) and the others the config allows
+    "resampler, float gates, qk norms": dict(alpha_type="float", use_resampler=True, qk_layer_norms=True,
+                                             qk_layer_norms_perceiver=True),
+    "CLIP tokens, vector gates": dict(alpha_type="vector", use_resampler=False, qk_layer_norms=False,
+                                      qk_layer_norms_perceiver=False),
+}
+
+
+def tiny_idefics_config(alpha_type: str, use_resampler: bool, qk_layer_norms: bool,
+                        qk_layer_norms_perceiver: bool) -> IdeficsConfig:
+    return IdeficsConfig(
+        vocab_size=VOCAB, additional_vocab_size=3, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, cross_layer_interval=2, qk_layer_norms=qk_layer_norms, use_resampler=use_resampler,
+        alpha_type=alpha_type, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vision_config=dict(embed_dim=16, image_size=28, patch_size=14, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32),
+        perceiver_config=dict(use_resampler=use_resampler, resampler_n_latents=4, resampler_depth=2,
+                              resampler_n_heads=2, resampler_head_dim=8,
+                              qk_layer_norms_perceiver=qk_layer_norms_perceiver))
+
+
+def tiny_processor() -> IdeficsProcessor:
+    return IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=28), tokenizer=tiny_tokenizer())
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def family(request):
+    torch.manual_seed(0)
+    reference = IdeficsForVisionText2Text(tiny_idefics_config(**VARIANTS[request.param])).eval()
+    with torch.no_grad():  # the gates start at 0 (no image would matter) and the norms at 1: move them
+        for name, param in reference.named_parameters():
+            if "alpha" in name:
+                param.copy_(0.8 + 0.1 * torch.randn_like(param))
+            elif "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    model = idefics.build_model(reference.config, tiny_tokenizer())
+    idefics.load_state_dict(model, reference.state_dict())
+    return tiny_processor(), reference, model.eval()
+
+
+def image(seed: int, width: int, height: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def run_ours(model, inputs) -> torch.Tensor:
+    return idefics.forward(model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           **idefics._media(model, inputs)).logits
+
+
+PROMPTS = {
+    "no image": [["t5 t6 t7 t8"]],
+    "one image": [[image(1, 40, 30), "t5 t6 t7"]],
+    "three images, text first, two consecutive, an end of sequence": [
+        ["t9", image(2, 30, 30), "t5", image(3, 20, 70), image(4, 90, 25), "t7 </s> t8 t9"]],
+    "a batch with 2, 0 and 1 images": [[image(7, 30, 60), "t5", image(8, 60, 30), "t6 t7"], ["t8 t9 t10"],
+                                       ["t11", image(9, 28, 28), "t12"]],
+}
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_idefics_logits_equal_the_reference(family, name):
+    processor, reference, model = family
+    inputs = processor(text=PROMPTS[name], return_tensors="pt")
+    with torch.no_grad():
+        theirs = reference(**inputs).logits
+        ours = run_ours(model, inputs)
+    real = inputs["attention_mask"].bool()
+    assert ours.shape == theirs.shape  # the extra rows are predicted too (decoupled lm_head)
+    assert float((ours - theirs).abs()[real].max()) <= TOLERANCE
+    if name != "no image":  # the images matter: without them the logits differ
+        blind = dict(inputs, image_attention_mask=torch.zeros_like(inputs["image_attention_mask"]))
+        with torch.no_grad():
+            assert float((reference(**blind).logits - theirs).abs()[real].max()) > 1e-2
+
+
+def test_tokens_after_an_end_of_sequence_see_no_image_until_the_next(family):
+    processor, _, model = family
+    ids = processor(text=[["t3", image(1, 30, 30), "t4 </s> t5", image(2, 30, 30), "t6 </s>"]],
+                    return_tensors="pt")["input_ids"]
+    assert processor.tokenizer.convert_ids_to_tokens(ids[0]) == [
+        "<s>", "t3", "<fake_token_around_image>", "<image>", "<fake_token_around_image>", "t4", "</s>", "t5",
+        "<fake_token_around_image>", "<image>", "<fake_token_around_image>", "t6", "</s>"]
+    assert idefics.token_media(model, ids)[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 2, 2, 2, 2]
+
+
+GENERATION_PROMPTS = [["t5 t6 t7"], [image(10, 60, 30), "t5 t6"],
+                      ["t9", image(11, 28, 28), "t5", image(12, 30, 90), image(13, 50, 50), "t6"]]
+
+
+@pytest.mark.parametrize("index", range(len(GENERATION_PROMPTS)))
+def test_idefics_cached_decoding_equals_the_uncached_forward(family, index):
+    processor, _, model = family
+    inputs = processor(text=[GENERATION_PROMPTS[index]], return_tensors="pt")
+    ids, media = inputs["input_ids"], idefics._media(model, inputs)
+    new, cached = idefics.greedy_generate(model, ids, max_new_tokens=6, **media)
+    with torch.no_grad():
+        full = idefics.forward(model, torch.cat([ids, new], 1), **media).logits
+    assert float((cached - full[:, ids.shape[1] - 1:-1]).abs().max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("index", range(len(GENERATION_PROMPTS)))
+def test_idefics_greedy_generation_equals_the_reference_generate(family, index):
+    processor, reference, model = family
+    inputs = processor(text=[GENERATION_PROMPTS[index]], return_tensors="pt")
+    ids = inputs["input_ids"]
+    with torch.no_grad():  # no stop token: all 20 tokens compared
+        theirs = reference.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=None)[:, ids.shape[1]:]
+    ours, _ = idefics.greedy_generate(model, ids, max_new_tokens=20, **idefics._media(model, inputs))
+    assert theirs.shape == (1, 20)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_idefics_checkpoint_with_a_missing_an_extra_or_a_mis_shaped_tensor_is_refused(family):
+    _, reference, model = family
+    state = dict(reference.state_dict())
+    gone = {k: v for k, v in state.items() if k != "model.gated_cross_attn_layers.1.mlp.up_proj.weight"}
+    with pytest.raises(CheckpointError, match=r"missing tensors: lm\.model\.layers\.2\.cross_attn\.ffw\.fc_up"):
+        idefics.load_state_dict(model, gone)
+    lone_key = {k: v for k, v in state.items() if k != "model.gated_cross_attn_layers.0.cross_attn.v_proj.weight"}
+    with pytest.raises(CheckpointError, match=r"missing tensors: lm\.model\.layers\.0\.cross_attn\.attn\.to_kv"):
+        idefics.load_state_dict(model, lone_key)
+    extra = dict(state, **{"model.gated_cross_attn_layers.1.extra.weight": torch.zeros(2),
+                           "model.gated_cross_attn_layers.2.mlp.up_proj.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"no place in the model: model\.gated_cross_attn_layers\.1\.extra\.weight, "
+                                              r"model\.gated_cross_attn_layers\.2\.mlp"):
+        idefics.load_state_dict(model, extra)
+    wrong = dict(state, **{"model.norm.weight": torch.ones(31)})
+    with pytest.raises(CheckpointError, match=r"mis-shaped tensors: lm\.model\.norm\.weight: expected \(32,\), got \(31,\)"):
+        idefics.load_state_dict(model, wrong)
+
+
+def test_idefics_layouts_it_does_not_express_are_refused():
+    base = tiny_idefics_config(**VARIANTS["resampler, float gates, qk norms"])
+    for change, named in ((dict(cross_layer_interval=3), "cross_layer_interval 3"),
+                          (dict(additional_vocab_size=0), "additional_vocab_size 0"),
+                          (dict(hidden_act="gelu"), "hidden_act 'gelu'")):
+        config = IdeficsConfig(**dict(base.to_dict(), **change))
+        with pytest.raises(CheckpointError, match=named):
+            idefics.build_model(config, tiny_tokenizer())
+
+
+def save_checkpoint(reference, processor, directory) -> None:
+    """A transformers checkpoint directory as `save_pretrained` writes it, in several shards."""
+    reference.save_pretrained(directory, max_shard_size="40KB")
+    processor.save_pretrained(directory)
+
+
+def rewrite_shards(directory, change) -> None:
+    """Apply `change` to the {name: tensor} dict of every shard and keep the index in step."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = change(shard, load_file(str(directory / shard)))
+        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard}
+        index["weight_map"].update({k: shard for k in tensors})
+    index_path.write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="module")
+def saved(family, tmp_path_factory):
+    """The reference saved by transformers (sharded safetensors, tokenizer and processor files)."""
+    processor, reference, _ = family
+    directory = tmp_path_factory.mktemp("idefics")
+    save_checkpoint(reference, processor, directory)
+    assert len(list(directory.glob("*.safetensors"))) > 2  # sharded
+    return directory
+
+
+def test_a_saved_idefics_checkpoint_loads_strictly_and_computes_the_same(family, saved):
+    processor, reference, _ = family
+    model = load_model(saved)
+    assert model.family == idefics.FAMILY and model.config.end_of_chunk_token == "<end_of_utterance>"
+    inputs = processor(text=[[image(20, 60, 30), "t5 t6"]], return_tensors="pt")
+    with torch.no_grad():
+        assert float((run_ours(model, inputs) - reference(**inputs).logits).abs().max()) <= TOLERANCE
+
+
+def test_a_saved_idefics_checkpoint_with_a_missing_or_an_extra_tensor_is_refused(family, tmp_path):
+    processor, reference, _ = family
+    gone = "model.gated_cross_attn_layers.1.post_attention_layernorm.weight"
+    save_checkpoint(reference, processor, tmp_path / "missing")
+    rewrite_shards(tmp_path / "missing", lambda shard, tensors: {k: v for k, v in tensors.items() if k != gone})
+    with pytest.raises(CheckpointError, match=r"missing tensors: lm\.model\.layers\.2\.cross_attn\.ffw\.norm\.weight"):
+        load_model(tmp_path / "missing")
+    save_checkpoint(reference, processor, tmp_path / "extra")
+    rewrite_shards(tmp_path / "extra", lambda shard, tensors: dict(tensors, **{f"model.extra_{shard}": torch.ones(1)}))
+    with pytest.raises(CheckpointError, match=r"no place in the model: model\.extra_model-00001"):
+        load_model(tmp_path / "extra")
+
+
+def test_a_plain_prompt_becomes_the_processors_inputs_and_generates_as_the_reference(family, saved):
+    processor, reference, _ = family
+    model = load_model(saved)
+    pictures = [image(30, 70, 40), image(31, 20, 50)]
+    items = [pictures[0], "t5 t6", pictures[1], "t7"]
+    ours = idefics.prompt_inputs(model, items)
+    theirs = processor(text=[items], return_tensors="pt")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert processor.tokenizer.convert_ids_to_tokens(ours["input_ids"][0]) == [
+        "<s>", "<fake_token_around_image>", "<image>", "<fake_token_around_image>", "t5", "t6",
+        "<fake_token_around_image>", "<image>", "<fake_token_around_image>", "t7"]
+    with torch.no_grad():
+        expected = reference.generate(**theirs, max_new_tokens=12, do_sample=False)[0, theirs["input_ids"].shape[1]:]
+    stops = (2, END_OF_UTTERANCE)
+    cut = [i for i, t in enumerate(expected.tolist()) if t in stops]
+    ids, finish = idefics.generate_ids(model, items, max_new_tokens=12)
+    assert ids == expected.tolist()[:cut[0] if cut else 12]
+    assert finish == ("stop_token" if cut else "length")
+    with pytest.raises(UserError, match="give the image itself"):
+        idefics.prompt_inputs(model, ["t5 <image> t6"])
+
+
+def test_an_idefics_instruct_chat_is_the_model_cards_format(family, saved):
+    processor, reference, _ = family
+    model = load_model(saved)
+    pictures = [image(40, 50, 50), image(41, 30, 60)]
+    messages = [{"role": "user", "content": ["t5 t6", pictures[0]]},
+                {"role": "assistant", "content": "t7 t8"},
+                {"role": "user", "content": [pictures[1], "t9"]}]
+    ours = idefics.chat_inputs(model, messages)
+    # IDEFICS-instruct's model card builds its prompts so, with add_end_of_utterance_token=False
+    theirs = processor(text=[["User: t5 t6", pictures[0], "<end_of_utterance>\nAssistant: t7 t8<end_of_utterance>"
+                              "\nUser:", pictures[1], "t9<end_of_utterance>\nAssistant:"]],
+                       add_end_of_utterance_token=False, return_tensors="pt")
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert processor.tokenizer.convert_ids_to_tokens(ours["input_ids"][0])[-3:] == [
+        "<end_of_utterance>", "<unk>", "<unk>"]  # "\nAssistant:": words this tiny vocabulary lacks
+    with torch.no_grad():
+        expected = reference.generate(**theirs, max_new_tokens=10, do_sample=False)[0, theirs["input_ids"].shape[1]:]
+    ids, finish = idefics.generate_ids(model, ours, max_new_tokens=10)
+    assert ids == expected.tolist()[:len(ids)]
+    assert finish == "stop_token" or len(ids) == 10
+    with pytest.raises(UserError, match="role 'system'"):
+        idefics.chat_inputs(model, [{"role": "system", "content": "t5"}])
+
+
+# The published config.json of HuggingFaceM4/idefics-9b and idefics-80b (their -instruct variants share the
+# architecture), the fields that size the model.
+_VISION = dict(embed_dim=1280, image_size=224, intermediate_size=5120, patch_size=14, num_attention_heads=16,
+               num_hidden_layers=32)
+_PERCEIVER = dict(qk_layer_norms_perceiver=True, resampler_depth=6, resampler_head_dim=96, resampler_n_heads=16,
+                  resampler_n_latents=64)
+_COMMON = dict(architectures=["IdeficsForVisionText2Text"], model_type="idefics", additional_vocab_size=2,
+               alpha_initializer="zeros", alpha_type="float", bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               cross_layer_interval=4, hidden_act="silu", qk_layer_norms=True, tie_word_embeddings=False,
+               use_resampler=True, vocab_size=32000, vision_config=_VISION, perceiver_config=_PERCEIVER)
+PUBLISHED = {
+    "idefics-9b": dict(_COMMON, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32,
+                       rms_norm_eps=1e-06, max_position_embeddings=2048),
+    "idefics-80b": dict(_COMMON, hidden_size=8192, intermediate_size=22016, num_attention_heads=64,
+                        num_hidden_layers=80, rms_norm_eps=1e-05),
+}
+# transformers' IdeficsForVisionText2Text on these configs: 8.93B and 79.97B, the "9B" and "80B" of the names
+PUBLISHED_TOTALS = {"idefics-9b": 8_929_679_632, "idefics-80b": 79_967_843_624}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_flamingo_params_on_the_published_idefics_configs(name, tmp_path, capsys):
+    from flamingo.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    main(["params", str(tmp_path)])
+    report = capsys.readouterr().out
+    total = int(report.splitlines()[-1].split()[1].replace(",", ""))
+    with torch.device("meta"):  # transformers' own class from the same file counts the same
+        reference = IdeficsForVisionText2Text(IdeficsConfig.from_pretrained(str(tmp_path)))
+    assert total == sum(p.numel() for p in reference.parameters()) == PUBLISHED_TOTALS[name]
+    assert "gated xattn-dense layers" in report and "perceiver resampler" in report
