@@ -29,6 +29,7 @@ EXAMPLES = """examples:
   flamingo generate --model of-9b --image cat.jpg --prompt "<image>An image of"
   flamingo chat --model of-9b                    talk about images (/image PATH to attach one)
   flamingo serve                                 OpenAI-compatible server + chat page on 127.0.0.1:8000
+  flamingo batch prompts.jsonl answers.jsonl     offline batch inference over a dataset of prompts
   flamingo params configs/openflamingo-9b.yaml   parameter counts per component (Table 1 style)
   flamingo params runs/my-model                  ... of a saved model directory
   flamingo convert-openflamingo checkpoint.pt --config configs/openflamingo-9b.yaml --out of9b
@@ -278,6 +279,9 @@ each <image> in the prompt takes the next --image, in order.""")
     from flamingo.serving.cli import register as add_serve_subcommand
 
     add_serve_subcommand(sub)
+    from flamingo.serving.batch.cli import register as add_batch_subcommand
+
+    add_batch_subcommand(sub)
     return parser
 
 
