@@ -145,6 +145,10 @@ def test_cli_eval_runs_and_prints_the_table(model, data_dir, tmp_path, capsys):
                  "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "| hatefulmemes | ROC-AUC |" in out
+    # ... and the table lands in the model directory's card, where the Hub shows it
+    card = (saved / "README.md").read_text()
+    assert f"results recorded in the model card {saved / 'README.md'}" in out
+    assert "| hatefulmemes | ROC-AUC |" in card and f"`{tmp_path / 'out'}`" in card
 
 
 @pytest.mark.parametrize("args, message", [

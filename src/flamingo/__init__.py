@@ -21,6 +21,10 @@ def __getattr__(name: str):
         from flamingo.model import weights
 
         return getattr(weights, name)
+    if name == "push_to_hub":
+        from flamingo.model.hub import push_to_hub
+
+        return push_to_hub
     raise AttributeError(f"module 'flamingo' has no attribute {name!r}")
 
 
@@ -35,5 +39,6 @@ __all__ = [
     "build_flamingo",
     "load_model",
     "load_pretrained",
+    "push_to_hub",
     "save_pretrained",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 from flamingo.cli_options import (
     MAX_SHOTS,
     add_debug_option,
+    add_revision_option,
     add_quantize_option,
     add_trust_remote_code_option,
     float_range,
@@ -33,6 +34,7 @@ EXAMPLES = """examples:
   flamingo params configs/openflamingo-9b.yaml   parameter counts per component (Table 1 style)
   flamingo params runs/my-model                  ... of a saved model directory
   flamingo convert-openflamingo checkpoint.pt --config configs/openflamingo-9b.yaml --out of9b
+  flamingo push runs/my-model my-org/my-flamingo  upload a model directory and its card to the Hub
 """
 
 
@@ -66,7 +68,7 @@ def _cmd_eval_offline(args: argparse.Namespace) -> None:
     if args.json:  # found out now, not after the evaluation
         check_writable(args.json, "--json", folder=False)
     seeds = list(range(args.seeds))
-    model = load_model_quietly(args.model, args.trust_remote_code, args.quantize)
+    model = load_model_quietly(args.model, args.trust_remote_code, args.quantize, args.revision)
     results = evaluate(model, tasks, args.shots, seeds, args.episodes, progress=lambda line: print(line, flush=True),
                        images_as_text=args.images_as_text)
     table = format_table(results)
@@ -107,6 +109,21 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {args.checkpoint} -> {out}")
 
 
+def _cmd_convert_family(args: argparse.Namespace) -> None:
+    from flamingo.model.families.convert import convert_family
+
+    out = convert_family(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"converted {args.checkpoint} -> {out}")
+
+
+def _cmd_push(args: argparse.Namespace) -> None:
+    from flamingo.model.hub import push_to_hub
+
+    url = push_to_hub(args.model_dir, args.repo_id, revision=args.revision, private=args.private or None,
+                      commit_message=args.message)
+    print(f"pushed {args.model_dir} -> {url}")
+
+
 def _generation_config(args: argparse.Namespace):
     from flamingo.inference.generation import GenerationConfig
 
@@ -126,7 +143,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     # Bad options, images and placeholders are reported before the (slow) model load.
     config = _generation_config(args)
     prompt = text_prompt(args.prompt, [Path(p) for p in args.image], max_pixels=args.max_pixels)
-    model = load_model_quietly(args.model, args.trust_remote_code, args.quantize)
+    model = load_model_quietly(args.model, args.trust_remote_code, args.quantize, args.revision)
     if model.config.media_token != "<image>":
         prompt = text_prompt(args.prompt.replace("<image>", model.config.media_token), prompt.media)
     state = encode_prompts(model, [prompt], max_new_tokens=config.max_new_tokens)
@@ -147,7 +164,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     from flamingo.inference.chat import run_chat
 
     config = _generation_config(args)
-    model = load_model_quietly(args.model, args.trust_remote_code, args.quantize)
+    model = load_model_quietly(args.model, args.trust_remote_code, args.quantize, args.revision)
 
     def write(text: str) -> None:
         print(text, end="", flush=True)
@@ -218,6 +235,7 @@ held-out objects are captioned (CIDEr; rate naming the coarse category; 60 by de
                      help="replace every image by its true caption (no images: the frozen LM's own in-context "
                           "ability on the same episodes)")
     add_quantize_option(evp)
+    add_revision_option(evp)
     add_trust_remote_code_option(evp)
     evp.set_defaults(func=_cmd_eval_offline)
 
@@ -239,6 +257,7 @@ each <image> in the prompt takes the next --image, in order.""")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come (greedy/sampling)")
     _add_decoding_options(gen, beams=True)
     add_quantize_option(gen)
+    add_revision_option(gen)
     add_trust_remote_code_option(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -252,6 +271,7 @@ each <image> in the prompt takes the next --image, in order.""")
     chat.add_argument("--model", default="embedded", help=model_help)
     _add_decoding_options(chat, beams=False)
     add_quantize_option(chat)
+    add_revision_option(chat)
     add_trust_remote_code_option(chat)
     chat.set_defaults(func=_cmd_chat)
 
@@ -267,6 +287,21 @@ each <image> in the prompt takes the next --image, in order.""")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing model directory --out")
     add_trust_remote_code_option(convert)
     convert.set_defaults(func=_cmd_convert)
+    family = sub.add_parser("convert", help="write our model directory from a Llama 3.2 Vision checkpoint "
+                                            "(as transformers saves it), once")
+    family.add_argument("checkpoint", help="the checkpoint directory (config.json, safetensors, processor files)")
+    family.add_argument("out", help="output model directory")
+    family.add_argument("--overwrite", action="store_true", help="replace an existing model directory OUT")
+    family.set_defaults(func=_cmd_convert_family)
+    push = sub.add_parser(
+        "push", help="upload a model directory (with its model card) to the Hugging Face Hub",
+        epilog="uses your Hub login (huggingface-cli login, or HF_TOKEN); load it back with --model ORG/NAME")
+    push.add_argument("model_dir", help="a saved model directory")
+    push.add_argument("repo_id", help="the Hub model repository, org/name (created when missing)")
+    push.add_argument("--revision", default=None, help="the branch to commit to (created when missing; default main)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--message", default=None, help="the commit message")
+    push.set_defaults(func=_cmd_push)
     from flamingo.data.cli import register as add_data_subcommands
 
     add_data_subcommands(sub)

@@ -115,9 +115,15 @@ def add_quantize_option(parser: argparse.ArgumentParser) -> None:
                              "(smaller weights; trained layers keep their dtype; needs the quantize extra)")
 
 
-def load_model_quietly(spec: str, trust_remote_code: bool, quantize: str | None = None):
-    """Load a model without the LM loader's progress bars and reports (`quantize`: see load_model)."""
+def add_revision_option(parser: argparse.ArgumentParser) -> None:
+    """`--revision`: the branch, tag or commit of a hub id given as --model."""
+    parser.add_argument("--revision", default=None, metavar="REV",
+                        help="with a hub id as --model: its branch, tag or commit (default: main)")
+
+
+def load_model_quietly(spec: str, trust_remote_code: bool, quantize: str | None = None, revision: str | None = None):
+    """Load a model without the LM loader's progress bars and reports (`quantize`, `revision`: see load_model)."""
     from flamingo.model.weights import load_model
 
     quiet_transformers()
-    return load_model(spec, trust_remote_code=trust_remote_code, quantize=quantize)
+    return load_model(spec, trust_remote_code=trust_remote_code, quantize=quantize, revision=revision)

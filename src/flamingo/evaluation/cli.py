@@ -9,6 +9,7 @@ from pathlib import Path
 from flamingo.cli_options import (
     MAX_SHOTS,
     add_quantize_option,
+    add_revision_option,
     add_trust_remote_code_option,
     float_range,
     int_list,
@@ -67,7 +68,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")  # only barriers: CPU collectives suffice
     try:
-        model = load_model_quietly(args.model, args.trust_remote_code)
+        model = load_model_quietly(args.model, args.trust_remote_code, revision=args.revision)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and size > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -80,7 +81,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if results is not None:
-        print((Path(args.out) / "results.md").read_text(), end="")
+        table = (Path(args.out) / "results.md").read_text()
+        print(table, end="")
+        _record_on_card(args, table)
+
+
+def _record_on_card(args: argparse.Namespace, table: str) -> None:
+    """The results table into the model card of a local model directory (its Evaluation section,
+    one table per --out, replaced when that --out is run again): the card on the Hub then shows
+    how the model scores. Hub snapshots and hand-written cards are left alone."""
+    from flamingo.model.card import record_eval
+
+    if args.no_card or args.revision is not None or not Path(args.model).is_dir():
+        return
+    card = record_eval(args.model, str(args.out), table)
+    if card is not None:
+        print(f"results recorded in the model card {card}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,6 +132,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="RICES support features cache (default CACHE/rices, CACHE being $FLAMINGO_CACHE or ~/.cache/flamingo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-card", action="store_true",
+                   help="do not record the results in the model card (README.md) of a local --model directory")
     add_quantize_option(p)
+    add_revision_option(p)
     add_trust_remote_code_option(p)
     p.set_defaults(func=_cmd_eval)

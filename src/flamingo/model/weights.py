@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flamingo.errors import CheckpointError
+from flamingo.model.card import CARD_FILE, is_hub_id, write_card
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL, check_backbone_packages
 from flamingo.model.families import family_of, load_family
@@ -56,13 +57,14 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
 
 def write_model_files(folder: Path, tensors: dict[str, torch.Tensor], model_config: FlamingoConfig,
                       provenance: dict[str, Any] | None = None) -> None:
-    """config.yaml + bridge.safetensors (+ provenance.json when given) into an existing `folder` (a
-    staging folder: see save_pretrained)."""
+    """config.yaml + bridge.safetensors (+ provenance.json when given) and the model card README.md
+    (flamingo.model.card) into an existing `folder` (a staging folder: see save_pretrained)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt", "flamingo_weights": "bridge-v1"})
     model_config.save(folder / CONFIG_FILE)
     if provenance is not None:
         (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
+    write_card(folder, model_config, provenance)
 
 
 def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -92,7 +94,8 @@ def read_provenance(directory: str | Path) -> dict[str, Any] | None:
 
 
 def save_pretrained(model: Flamingo, directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `config.yaml` and `bridge.safetensors` (trainable weights only) as the folder `directory`.
+    """Write `config.yaml`, `bridge.safetensors` (trainable weights only) and the model card
+    `README.md` (flamingo.model.card) as the folder `directory`.
 
     The folder is written next to its place and renamed into it, so it is never seen half written.
     An existing non-empty folder is refused, or replaced with `overwrite=True` when it is a saved
@@ -189,14 +192,17 @@ def load_embedded(progress: bool = True) -> Flamingo:
 
 
 def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = False,
-               quantize: str | None = None) -> Flamingo:
+               quantize: str | None = None, revision: str | None = None) -> Flamingo:
     """A model from a saved directory, a config file (fresh bridge), a hub repository id
     holding a saved directory (`config.yaml` + `bridge.safetensors`), or "embedded"/None: the
     embedded default (offline, see flamingo.model.embedded). Code that comes with the language
     model runs only with `trust_remote_code=True`, whatever the config says. `quantize` ("int8",
     "int4") weight-only quantizes the frozen backbones' linear layers on the CPU, for inference
-    (flamingo.model.quantize; needs the quantize extra)."""
+    (flamingo.model.quantize; needs the quantize extra). `revision` pins a hub id's branch, tag or
+    commit (see `model_directory`)."""
     check_quantize_mode(quantize)
+    if revision is not None and (spec is None or not is_hub_id(str(spec))):
+        raise CheckpointError(f"revision {revision!r}: only a hub id (org/name) has revisions, not {spec!r}")
     if spec is None or str(spec) == EMBEDDED_MODEL:
         model = load_embedded()
     elif Path(spec).suffix in (".yaml", ".yml", ".json") and not Path(spec).is_dir():
@@ -204,15 +210,16 @@ def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = Fals
     elif Path(spec).is_dir() and not (Path(spec) / CONFIG_FILE).is_file() and family_of(spec):
         model = load_family(spec)  # a transformers checkpoint of a mapped family (config.json)
     else:
-        model = load_pretrained(model_directory(spec), trust_remote_code=trust_remote_code)
+        model = load_pretrained(model_directory(spec, revision), trust_remote_code=trust_remote_code)
     if quantize is not None:
         quantize_model(model, quantize)
     return model
 
 
-def model_directory(spec: str | Path) -> Path:
-    """The local saved model directory of `spec`: a directory, a hub id holding one (fetched),
-    or "embedded" (the embedded default's, inside this package)."""
+def model_directory(spec: str | Path, revision: str | None = None) -> Path:
+    """The local saved model directory of `spec`: a directory, a hub id holding one (fetched at
+    `revision`: a branch, tag or commit, default main; with HF_HUB_OFFLINE=1 read from the local
+    Hub cache), or "embedded" (the embedded default's, inside this package)."""
     if str(spec) == EMBEDDED_MODEL:
         check_backbone_packages()  # its backbones are built from them next
         return ASSETS
@@ -227,6 +234,7 @@ def model_directory(spec: str | Path) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(spec), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+        return Path(snapshot_download(str(spec), revision=revision,
+                                      allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, PROVENANCE_FILE, CARD_FILE]))
     except Exception as err:  # offline, unknown repository, no access: one clear line
         raise CheckpointError(f"model {spec!r} could not be fetched from the hub: {type(err).__name__}: {err}") from None
