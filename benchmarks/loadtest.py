@@ -42,10 +42,35 @@ class LoadResult:
                 f"time to first token (streamed) p50 {ms(self.ttfts_s, 50)}, p95 {ms(self.ttfts_s, 95)}")
 
 
-def png_data_url(image) -> str:
+def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def png_data_url(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def procedural_images(count: int, seed: int = 0) -> list:
+    """`count` procedural scenes (PIL images), the same for a given seed: the benchmarks' pictures."""
+    from flamingo.data.procedural import render, sample_scene
+
+    rng = np.random.default_rng(seed)
+    return [render(sample_scene(rng)) for _ in range(count)]
+
+
+def served_model(name: str, threads: int):
+    """The model `name` as `flamingo serve` runs it: in eval mode, its vision encoder fused, on `threads`
+    torch threads."""
+    import torch
+
+    from flamingo.cli_options import load_model_quietly
+
+    torch.set_num_threads(threads)
+    model = load_model_quietly(name, trust_remote_code=False).eval()
+    model.fuse_for_inference()
+    return model
 
 
 def mixed_requests(count: int, images: list[str], model: str, max_tokens: int = 8) -> list[tuple[str, dict]]:

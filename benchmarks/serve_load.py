@@ -28,22 +28,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
 
-    import numpy as np
-    import torch
-
-    from flamingo.cli_options import load_model_quietly
-    from flamingo.data.procedural import render, sample_scene
     from flamingo.serving.app import create_app
     from flamingo.serving.engine import Engine, EngineConfig
     from flamingo.serving.limits import ServerSettings
-    from loadtest import mixed_requests, png_data_url, run_load
+    from loadtest import mixed_requests, png_data_url, procedural_images, run_load, served_model
     from flamingo.serving.server import BackgroundServer
 
-    torch.set_num_threads(args.threads)
-    model = load_model_quietly(args.model, trust_remote_code=False).eval()
-    model.fuse_for_inference()  # as flamingo serve does
-    rng = np.random.default_rng(0)
-    images = [png_data_url(render(sample_scene(rng))) for _ in range(8)]
+    model = served_model(args.model, args.threads)
+    images = [png_data_url(image) for image in procedural_images(8)]
     requests = mixed_requests(args.requests, images, "bench", max_tokens=args.max_tokens)
     engine = Engine(model, EngineConfig(max_queue=max(64, args.concurrency), max_running=args.concurrency))
     with BackgroundServer(create_app(engine, ServerSettings(model_name="bench"))) as server:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import statistics
 import sys
@@ -37,24 +36,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
 
-    import numpy as np
-    import torch
-
-    from flamingo.cli_options import load_model_quietly
-    from flamingo.data.procedural import render, sample_scene
     from flamingo.inference.chat import DIALOGUE_PROMPT, DIALOGUE_STOP_STRINGS
     from flamingo.serving import model_runner as engine_module
     from flamingo.serving.engine import Engine, EngineRequest, SamplingParams
 
-    torch.set_num_threads(args.threads)
-    model = load_model_quietly(args.model, trust_remote_code=False).eval()
-    model.fuse_for_inference()  # as flamingo serve does
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(4):
-        buffer = io.BytesIO()
-        render(sample_scene(rng)).save(buffer, format="PNG")
-        images.append(buffer.getvalue())
+    from loadtest import png_bytes, procedural_images, served_model
+
+    model = served_model(args.model, args.threads)
+    images = [png_bytes(image) for image in procedural_images(4)]
     token = model.config.media_token
     chat_text = f"{DIALOGUE_PROMPT}User: {token}What is in this image?\nFlamingo:"
     chat_params = SamplingParams(max_tokens=args.max_tokens, stop=DIALOGUE_STOP_STRINGS)
@@ -97,7 +86,7 @@ def main() -> int:
         finally:
             await engine.stop()
         mode = "without interleaving" if args.no_interleave else "interleaved"
-        print(f"{args.model}, {torch.get_num_threads()} threads, ranking of {args.candidates} candidates, "
+        print(f"{args.model}, {args.threads} threads, ranking of {args.candidates} candidates, "
               f"{rank_tokens} tokens in all ({mode}, {engine_module.RANK_TOKENS_PER_PASS} tokens per pass)")
         print(f"chat TTFT alone: median {statistics.median(alone):.3f} s (5 chats)")
         print(f"chat TTFT during the ranking: median {statistics.median(during):.3f} s, max {max(during):.3f} s "
