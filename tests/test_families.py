@@ -276,7 +276,7 @@ def test_generate_text_on_a_loaded_mllama_checkpoint_builds_the_processors_input
         expected = reference.generate(**theirs, max_new_tokens=12, do_sample=False)[0, theirs["input_ids"].shape[1]:]
     stops = (2, processor.tokenizer.convert_tokens_to_ids("<|eot_id|>"))
     cut = [i for i, t in enumerate(expected.tolist()) if t in stops]
-    expected_text = processor.tokenizer.decode(expected[:cut[0]] if cut else expected, skip_special_tokens=True)
+    expected_text = processor.tokenizer.decode(expected[:cut[0]] if cut else expected)  # every token before the stop
     assert generate_text(model, items, max_new_tokens=12) == expected_text
     leading = mllama.prompt_inputs(model, [picture, "t5"])["input_ids"][0].tolist()
     assert leading[:2] == [VOCAB, processor.tokenizer.bos_token_id]  # BOS after leading images, as theirs
@@ -284,8 +284,6 @@ def test_generate_text_on_a_loaded_mllama_checkpoint_builds_the_processors_input
 
 def test_few_shot_context_and_rank_on_a_loaded_mllama_checkpoint_equal_the_reference(family, tmp_path):
     from flamingo.inference.api import FewShotContext, generate_text
-    from flamingo.inference.prompt import interleaved_prompt
-    from flamingo.inference.state import encode_prompts
 
     processor, reference, _ = family
     save_checkpoint(reference, processor, tmp_path)
@@ -312,8 +310,8 @@ def test_few_shot_context_and_rank_on_a_loaded_mllama_checkpoint_equal_the_refer
     assert order[0].tolist() == sorted(range(3), key=lambda c: -expected[c])
     answer = context.generate([query], max_new_tokens=8)[0]
     assert answer.text == generate_text(model, support + query, max_new_tokens=8)
-    with pytest.raises(UserError, match="takes its images through its own processor"):  # not the generic path
-        encode_prompts(model, [interleaved_prompt(query, model.config.media_token)])
+    with pytest.raises(UserError, match="must start with an image"):  # such text would see the queries' images
+        FewShotContext(model, ["t4"] + support)
 
 
 LLAMA3_CHAT_TEMPLATE = (  # the Llama 3 chat format with <|image|>, as Llama 3.2 Vision's template writes it
@@ -347,3 +345,285 @@ def test_a_chat_on_a_loaded_mllama_checkpoint_uses_its_chat_template_and_answers
     ids, finish = mllama.generate_ids(model, ours, max_new_tokens=10)
     assert ids == expected.tolist()[:len(ids)]
     assert finish == "stop_token" or len(ids) == 10
+
+
+# ------------------------------------------------------------------ served through the engine
+def chat_processor() -> MllamaProcessor:
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["<|start_header_id|>", "<|end_header_id|>"], special_tokens=True)
+    return MllamaProcessor(image_processor=MllamaImageProcessorPil(size={"height": 28, "width": 28},
+                                                                   max_image_tiles=4),
+                           tokenizer=tokenizer, chat_template=LLAMA3_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def served(family, tmp_path_factory):
+    """The tiny checkpoint saved with a chat template, loaded back as `flamingo serve` loads it."""
+    _, reference, _ = family
+    directory = tmp_path_factory.mktemp("mllama")
+    save_checkpoint(reference, chat_processor(), directory)
+    return directory, load_model(directory)
+
+
+def png(picture: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decoded(picture: Image.Image) -> Image.Image:
+    """The image as the server sees it (PNG bytes decoded again: the same pixels, RGB)."""
+    import io
+
+    return Image.open(io.BytesIO(png(picture))).convert("RGB")
+
+
+PICTURES = [image(60 + i, *size) for i, size in enumerate([(40, 30), (28, 28), (90, 25), (30, 70), (56, 56)])]
+SUPPORT_TEXT = "<|image|>t5 t6<|eot_id|><|image|>t7 t8<|eot_id|>"
+# Few-shot prompts over one support set, prompts with text before their first image (which attends to
+# every image), with consecutive images (one group), and without images: 0 to 4 images. (No word
+# starts with t1, t2 or t3: the tiny tokenizer's BOS, EOS and pad would split it.)
+ENGINE_REQUESTS = [
+    (SUPPORT_TEXT + "<|image|>t9", [0, 1, 2]),
+    ("t9 t47 <|image|> t5 t6 <|image|><|image|> t7", [3, 4, 0]),
+    (SUPPORT_TEXT + "<|image|><|image|>t46", [0, 1, 2, 3]),
+    ("t5 t6 t7", []),
+    ("<|image|> t50 t51", [4]),
+    (SUPPORT_TEXT + "<|image|>t9", [0, 1, 4]),
+    ("t52 <|image|> t53", [2]),
+    (SUPPORT_TEXT + "<|image|>t44 t45", [0, 1, 3]),
+]
+
+
+def engine_reference(model, text: str, pictures: list[int], **options) -> str:
+    from flamingo.inference import generate_text, text_prompt
+
+    return generate_text(model, text_prompt(text, [decoded(PICTURES[i]) for i in pictures], "<|image|>"), **options)
+
+
+def run_engine(model, requests, params, config=None):
+    """Queue every request before the engine starts, then collect every answer (texts by choice)."""
+    import asyncio
+
+    from flamingo.serving.engine import Engine, EngineRequest
+
+    async def collect(stream):
+        texts: dict[int, str] = {}
+        async for delta in stream:
+            texts[delta.index] = texts.get(delta.index, "") + delta.text
+        return texts
+
+    async def main():
+        engine = Engine(model, config)
+        streams = [engine.generate(EngineRequest(text, [png(PICTURES[i]) for i in pictures], p))
+                   for (text, pictures), p in zip(requests, params)]
+        await engine.start()
+        try:
+            return await asyncio.gather(*(collect(s) for s in streams)), engine.metrics
+        finally:
+            await engine.stop()
+    return asyncio.run(main())
+
+
+def test_mllama_engine_batched_answers_equal_each_alone(served):
+    """8 concurrent requests (0 to 4 images, text before images, a group of two, a shared support
+    set), 4 decode slots, no prefix cache: each answer equals generate_text's."""
+    from flamingo.serving.engine import EngineConfig, SamplingParams
+
+    _, model = served
+    params = [SamplingParams(max_tokens=4 + i % 3 * 2) for i in range(len(ENGINE_REQUESTS))]
+    answers, _ = run_engine(model, ENGINE_REQUESTS, params, EngineConfig(max_running=4, prefix_cache_bytes=0))
+    for i, ((text, pictures), texts) in enumerate(zip(ENGINE_REQUESTS, answers)):
+        assert texts == {0: engine_reference(model, text, pictures, max_new_tokens=params[i].max_tokens)}, i
+
+
+def test_mllama_engine_prefix_cache_hit_equals_miss(served):
+    """The support set is encoded once and reused by the other few-shot requests (sent one by one);
+    a prompt with text before its first image is never cut (that text sees every image)."""
+    import asyncio
+
+    from flamingo.serving.engine import Engine, EngineRequest, SamplingParams
+
+    _, model = served
+    requests = [ENGINE_REQUESTS[i] for i in (0, 2, 5, 0, 7)]
+
+    async def main():
+        engine = Engine(model)
+        await engine.start()
+        try:
+            out = []
+            for text, pictures in requests:
+                texts = ""
+                async for delta in engine.generate(EngineRequest(text, [png(PICTURES[i]) for i in pictures],
+                                                                 SamplingParams(max_tokens=6))):
+                    texts += delta.text
+                out.append(texts)
+            text, pictures = ENGINE_REQUESTS[1]
+            return out, engine.metrics, engine.processor.prompt(text, [png(PICTURES[i]) for i in pictures], 6)
+        finally:
+            await engine.stop()
+
+    answers, metrics, leading = asyncio.run(main())
+    for (text, pictures), answer in zip(requests, answers):
+        assert answer == engine_reference(model, text, pictures, max_new_tokens=6)
+    assert metrics.prefix_cache_misses._value.get() == 1 and metrics.prefix_cache_hits._value.get() == 4
+    assert leading.cuts == [] and leading.split is None
+
+
+def data_url(picture: Image.Image) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png(picture)).decode()
+
+
+def test_the_openai_client_talks_to_a_served_mllama_checkpoint(served):
+    """Chats in the checkpoint's chat template and completions, streamed or not, equal generate_text."""
+    openai = pytest.importorskip("openai")
+    from fastapi.testclient import TestClient
+
+    from flamingo.inference import text_prompt
+    from flamingo.model.families import MEDIA, ChatMessage
+    from flamingo.serving.app import create_app
+    from flamingo.serving.engine import Engine
+    from flamingo.serving.limits import ServerSettings
+
+    _, model = served
+    with TestClient(create_app(Engine(model), ServerSettings(model_name="mllama"))) as client:
+        api = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="unused", http_client=client)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(PICTURES[0])}},
+                                                 {"type": "text", "text": "t5 t6"}]}]
+        answer = api.chat.completions.create(model="mllama", messages=messages, max_tokens=6)
+        chat_text = mllama.MLLAMA.chat_text(model, [ChatMessage("user", [MEDIA, "t5 t6"])])
+        assert chat_text.startswith("t1<|start_header_id|>user<|end_header_id|>\n\n<|image|>t5 t6<|eot_id|>")
+        from flamingo.inference import generate_text
+
+        expected = generate_text(model, text_prompt(chat_text, [decoded(PICTURES[0])], "<|image|>"), max_new_tokens=6)
+        assert answer.choices[0].message.content == expected and answer.usage.prompt_tokens > 0
+        stream = api.chat.completions.create(model="mllama", messages=messages, max_tokens=6, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+        text, pictures = ENGINE_REQUESTS[0]
+        completion = api.completions.create(model="mllama", prompt=text, max_tokens=5,
+                                            extra_body={"images": [data_url(PICTURES[i]) for i in pictures]})
+        assert completion.choices[0].text == engine_reference(model, text, pictures, max_new_tokens=5)
+        streamed = api.completions.create(model="mllama", prompt=text, max_tokens=5, stream=True,
+                                          extra_body={"images": [data_url(PICTURES[i]) for i in pictures]})
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == completion.choices[0].text
+
+
+def test_mllama_seeded_sampling_is_reproducible_in_the_engine_and_equals_generate_text(served):
+    from flamingo.serving.engine import SamplingParams
+
+    _, model = served
+    request = ENGINE_REQUESTS[4]
+    params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=11, n=2)
+    (first, second), _ = run_engine(model, [request, request], [params, params])
+    assert first == second and first[0] != first[1]
+    for choice in range(2):  # choice i draws with seed + i
+        assert first[choice] == engine_reference(model, *request, max_new_tokens=8, do_sample=True, temperature=0.9,
+                                                 top_p=0.95, seed=11 + choice)
+
+
+@pytest.mark.parametrize("index", [0, 1, 4])
+def test_mllama_beam_search_equals_the_reference_beam_search(family, served, index):
+    """Beam search (3 beams, length penalty 1, stopping at the end-of-text or end-of-turn token)
+    picks the hypothesis transformers' `generate(num_beams=3)` picks."""
+    from flamingo.inference import generate_text
+
+    processor, reference, _ = family
+    _, model = served
+    text, pictures = ENGINE_REQUESTS[index]
+    images = [decoded(PICTURES[i]) for i in pictures]
+    inputs = processor(text=[text], images=[images] if images else None, return_tensors="pt")
+    stops = [2, processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    with torch.no_grad():
+        theirs = reference.generate(**inputs, max_new_tokens=10, num_beams=3, do_sample=False, length_penalty=1.0,
+                                    eos_token_id=stops, pad_token_id=3)[0, inputs["input_ids"].shape[1]:].tolist()
+    cut = next((i for i, token in enumerate(theirs) if token in stops), len(theirs))
+    assert generate_text(model, text_prompt_of(text, images), max_new_tokens=10, num_beams=3) == \
+        processor.tokenizer.decode(theirs[:cut])
+
+
+def text_prompt_of(text: str, images: list[Image.Image]):
+    from flamingo.inference import text_prompt
+
+    return text_prompt(text, images, "<|image|>")
+
+
+# ------------------------------------------------------------------ converted once, then trained
+def test_flamingo_convert_writes_a_model_directory_that_computes_the_same(served, tmp_path, capsys):
+    from flamingo.cli import main
+
+    directory, model = served
+    assert main(["convert", str(directory), str(tmp_path / "ours")]) in (0, None)
+    assert "converted" in capsys.readouterr().out
+    assert {"config.yaml", "bridge.safetensors", "family"} <= {p.name for p in (tmp_path / "ours").iterdir()}
+    converted = load_model(tmp_path / "ours")
+    inputs = chat_processor()(text=["t9 <|image|> t5 t6 <|image|><|image|> t7"],
+                              images=[[decoded(PICTURES[i]) for i in (3, 4, 0)]], return_tensors="pt")
+    assert torch.equal(run_ours(converted, inputs), run_ours(model, inputs))  # bit for bit
+    text, pictures = ENGINE_REQUESTS[2]
+    assert engine_reference(converted, text, pictures, max_new_tokens=8) == \
+        engine_reference(model, text, pictures, max_new_tokens=8)
+    assert main(["convert", str(directory), str(tmp_path / "ours")]) == 2  # exists: refused without --overwrite
+
+
+def test_a_training_step_on_a_converted_mllama_changes_only_its_trainable_parts(served, tmp_path):
+    """One optimizer step on the next-token loss of an interleaved batch: the cross-attention layers
+    (and the projector and the extra vocabulary rows, the rest of the bridge) change; the frozen
+    Llama and vision model stay bit-identical."""
+    from flamingo.model.families.convert import convert_family
+
+    directory, _ = served
+    model = load_model(convert_family(directory, tmp_path / "ours"))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert len(trainable) == len(model.trainable_state_dict()) and any(".cross_attn." in name for name in trainable)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    texts = [SUPPORT_TEXT + "<|image|>t9 t44", "t5 <|image|> t6 t7 t8"]
+    ids = [mllama.MLLAMA.tokenize(model, text, True) for text in texts]
+    media = mllama.MLLAMA.encode(model, [[mllama.MLLAMA.preprocess(model, [decoded(PICTURES[i])]) for i in pictures]
+                                         for pictures in ([0, 1, 2], [3])])
+    width = max(map(len, ids))
+    input_ids = torch.tensor([row + [3] * (width - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    labels = input_ids.masked_fill((mask == 0) | (input_ids == VOCAB), -100)  # <|image|> is never predicted
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    context = model.media_context(input_ids, media.visual_tokens, num_media=media.num_media, key_mask=media.key_mask)
+    nll = model.training_nll(input_ids, context, labels, attention_mask=mask)
+    nll.backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed <= trainable
+    crosses = {name for name in trainable if ".cross_attn." in name}
+    assert {name for name in changed if ".cross_attn." in name} == crosses
+    assert any(name.startswith("perceiver.") for name in changed)
+
+
+def test_flamingo_chat_on_an_mllama_checkpoint_uses_its_chat_template(served, tmp_path):
+    from flamingo.inference.chat import run_chat
+    from flamingo.inference.generation import GenerationConfig
+
+    _, model = served
+    decoded(PICTURES[1]).save(tmp_path / "picture.png")
+    script = iter([f"/image {tmp_path / 'picture.png'}", "t5 t6", "t7", "/quit"])
+    shown = []
+    history = run_chat(model, GenerationConfig(max_new_tokens=5), lambda prompt: next(script), shown.append)
+    first = mllama.chat_inputs(model, [{"role": "user", "content": [decoded(PICTURES[1]), "t5 t6"]}])
+    ids, _ = mllama.generate_ids(model, first, max_new_tokens=5)
+    reply = model.tokenizer.decode(ids)
+    assert history[1].message.content == [reply.strip()] and reply in "".join(shown)
+    assert [turn.message.role for turn in history] == ["user", "assistant", "user", "assistant"]
+
+
+def test_flamingo_eval_offline_runs_on_an_mllama_checkpoint(served, tmp_path):
+    import json
+
+    from flamingo.cli import main
+
+    directory, _ = served
+    assert main(["eval-offline", "--model", str(directory), "--task", "induction", "--shots", "0,2", "--seeds", "1",
+                 "--episodes", "3", "--json", str(tmp_path / "out.json")]) in (0, None)
+    assert (tmp_path / "out.json").is_file() and json.loads((tmp_path / "out.json").read_text())

@@ -1,4 +1,5 @@
-"""`flamingo chat`: an interactive dialogue with images, with the paper's dialogue prompt (B.1.6).
+"""`flamingo chat`: an interactive dialogue with images, with the paper's dialogue prompt (B.1.6),
+or for a model of another family in its own chat format (`MediaFamily.chat_text`).
 
 Each turn is appended to the history as "User: <images> text" / "Flamingo: reply<|endofchunk|>";
 the oldest turns are dropped when the history would not fit the LM's context.
@@ -12,30 +13,31 @@ from typing import Callable
 
 from PIL import Image
 
+from flamingo.inference.family import DIALOGUE_PROMPT, DIALOGUE_STOP_STRINGS, FLAMINGO, family_io
 from flamingo.inference.generation import GenerationConfig, generate
 from flamingo.inference.prompt import Prompt, PromptError, check_text, context_length
 from flamingo.inference.state import encode_prompts
+from flamingo.model.families import MEDIA, ChatMessage
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.image_processing import DEFAULT_MAX_PIXELS, load_image
 
-DIALOGUE_PROMPT = ("This is a conversation between a human, User, and an intelligent visual AI, Flamingo. "
-                   "User sends images, and Flamingo describes them.\n")
-DIALOGUE_STOP_STRINGS = ("\nUser:", "User:")  # the model would go on to write the user's next turn
+__all__ = ["DIALOGUE_PROMPT", "DIALOGUE_STOP_STRINGS", "Turn", "build_prompt", "run_chat"]
 HELP = "type a message; /image PATH attaches an image to your next message; /reset clears the history; /quit ends"
 
 
 @dataclass
 class Turn:
-    text: str
+    text: str  # in the paper's dialogue format
     images: list[Image.Image] = field(default_factory=list)
+    message: ChatMessage | None = None  # the same turn for another family's chat format
 
 
 def build_prompt(model: Flamingo, turns: list[Turn]) -> Prompt:
-    text, images = DIALOGUE_PROMPT, []
-    for turn in turns:
-        text += turn.text
-        images += [[im] for im in turn.images]
-    return Prompt(text, images)
+    images = [[im] for turn in turns for im in turn.images]
+    family = family_io(model)
+    if family is not FLAMINGO:
+        return Prompt(family.chat_text(model, [turn.message for turn in turns]), images)
+    return Prompt(DIALOGUE_PROMPT + "".join(turn.text for turn in turns), images)
 
 
 def run_chat(model: Flamingo, config: GenerationConfig, read: Callable[[str], str], write: Callable[[str], None],
@@ -44,7 +46,7 @@ def run_chat(model: Flamingo, config: GenerationConfig, read: Callable[[str], st
     Returns the history."""
     media = model.config.media_token
     eoc = model.config.end_of_chunk_token
-    config.stop_strings = tuple(config.stop_strings) + DIALOGUE_STOP_STRINGS
+    config.stop_strings = tuple(config.stop_strings) + family_io(model).chat_stop_strings
     limit = context_length(model)
     history: list[Turn] = []
     pending: list[Image.Image] = []
@@ -78,7 +80,8 @@ def run_chat(model: Flamingo, config: GenerationConfig, read: Callable[[str], st
         if line.startswith("/"):
             write(f"unknown command {line.split()[0]!r}; {HELP}\n")
             continue
-        user = Turn(f"User: {media * len(pending)}{line}\nFlamingo:", pending)
+        user = Turn(f"User: {media * len(pending)}{line}\nFlamingo:", pending,
+                    ChatMessage("user", [MEDIA] * len(pending) + [line]))
         pending = []
         turns = history + [user]
         state = None
@@ -95,5 +98,6 @@ def run_chat(model: Flamingo, config: GenerationConfig, read: Callable[[str], st
         write("Flamingo:")
         reply = generate(model, state, config, on_text=lambda row, text: write(text))[0]
         write("\n")
-        history = turns[:-1] + [Turn(user.text, user.images), Turn(f"{reply.text.rstrip()}{eoc}\n")]
+        history = turns[:-1] + [user, Turn(f"{reply.text.rstrip()}{eoc}\n",
+                                           message=ChatMessage("assistant", [reply.text.strip()]))]
     return history

@@ -8,7 +8,10 @@ What the state holds:
 - the LM's own KV cache (one row per sequence),
 - the visual tokens of the media rows, and per layer the cross-attention keys/values of those
   tokens, computed once. Several consecutive sequences may share one media row (the beams of a
-  sample, the candidates of a prompt): they index it, nothing is copied per sequence.
+  sample, the candidates of a prompt): they index it, nothing is copied per sequence;
+- for the other members of the family (`flamingo.model.families`): the key mask of the media
+  rows (Llama 3.2 Vision's padding tiles) and, under "group" attention, the first image of the
+  group each sequence's last token sees, so that a continuation sees that whole group.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any, Sequence
 
 import torch
 
-from flamingo.inference.prompt import Prompt, PromptError, context_length, encode_prompt_media
+from flamingo.inference.family import encode_media_of, family_io
+from flamingo.inference.prompt import Prompt, PromptError, context_length
+from flamingo.model.cross_attention import MediaContext, group_first_media
 from flamingo.model.flamingo import Flamingo
 
 
@@ -31,6 +36,8 @@ class FlamingoState:
     num_media: torch.Tensor  # [B_media] real media per media row (all consumed by the prompt)
     next_token_logits: torch.Tensor  # [B, V] the prediction after the last token
     kv_cache: dict  # layer index -> cross-attention keys/values of visual_tokens
+    key_mask: torch.Tensor | None = None  # [B_media, M, R] False: a visual token images' text must not see
+    group_first: torch.Tensor | None = None  # [B] "group" attention: the first image the last token sees
 
     @property
     def batch_size(self) -> int:
@@ -50,8 +57,8 @@ class FlamingoState:
     def step(self, model: Flamingo, token_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
         """Feed token_ids [B, k] (no images); update the state; return their logits [B, kept, V]."""
         mask = torch.cat([self.attention_mask, torch.ones_like(token_ids)], dim=1)
-        media = model.media_context(token_ids, self.visual_tokens, num_media=self.num_media,
-                                    media_offset=self.media_offset(), kv_cache=self.kv_cache)
+        media, self.group_first = media_context(model, token_ids, self.visual_tokens, self.num_media, self.kv_cache,
+                                                self.key_mask, self.media_offset(), self.group_first)
         out = model.logits_and_cache(token_ids, media, attention_mask=mask, past_key_values=self.past_key_values,
                                      use_cache=True, logits_to_keep=logits_to_keep)
         self.past_key_values, self.attention_mask = out.past_key_values, mask
@@ -64,7 +71,8 @@ class FlamingoState:
         cache = _copy_cache(self.past_key_values)
         cache.batch_repeat_interleave(times)
         return FlamingoState(cache, self.attention_mask.repeat_interleave(times, 0), self.visual_tokens,
-                             self.num_media, self.next_token_logits.repeat_interleave(times, 0), self.kv_cache)
+                             self.num_media, self.next_token_logits.repeat_interleave(times, 0), self.kv_cache,
+                             self.key_mask, _rows(self.group_first, lambda g: g.repeat_interleave(times, 0)))
 
     def select_rows(self, rows: torch.Tensor, keep_logits: bool = True) -> "FlamingoState":
         """A new state made of the given sequences (any order, repeats allowed). Media rows are
@@ -80,7 +88,8 @@ class FlamingoState:
         kv = {layer: (k[index], v[index]) for layer, (k, v) in self.kv_cache.items()}
         logits = self.next_token_logits[rows] if keep_logits else self.next_token_logits[:0]
         return FlamingoState(cache, self.attention_mask[rows], self.visual_tokens[index], self.num_media[index],
-                             logits, kv)
+                             logits, kv, _rows(self.key_mask, lambda m: m[index]),
+                             _rows(self.group_first, lambda g: g[rows]))
 
     def reorder(self, rows: torch.Tensor) -> None:
         """In place: sequence i becomes sequence rows[i]. Rows must stay within their media row
@@ -90,16 +99,20 @@ class FlamingoState:
         self.past_key_values.reorder_cache(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_token_logits = self.next_token_logits[rows]
+        self.group_first = _rows(self.group_first, lambda g: g[rows])
 
-    def media_per_sequence(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """visual_tokens, num_media and cross-attention keys/values with one media row per
-        sequence (shared rows are repeated)."""
+    def media_per_sequence(self) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+        """visual_tokens, num_media, cross-attention keys/values and the key mask (all True when
+        the state has none) with one media row per sequence (shared rows are repeated)."""
         share = self.rows_per_media
+        key_mask = self.key_mask if self.key_mask is not None else torch.ones(
+            self.visual_tokens.shape[:3], dtype=torch.bool, device=self.visual_tokens.device)
         if share == 1:
-            return self.visual_tokens, self.num_media, self.kv_cache
+            return self.visual_tokens, self.num_media, self.kv_cache, key_mask
         kv = {layer: (k.repeat_interleave(share, 0), v.repeat_interleave(share, 0))
               for layer, (k, v) in self.kv_cache.items()}
-        return self.visual_tokens.repeat_interleave(share, 0), self.num_media.repeat_interleave(share), kv
+        return (self.visual_tokens.repeat_interleave(share, 0), self.num_media.repeat_interleave(share), kv,
+                key_mask.repeat_interleave(share, 0))
 
     @staticmethod
     def concat(states: Sequence["FlamingoState"]) -> "FlamingoState":
@@ -111,18 +124,23 @@ class FlamingoState:
             return states[0]
         cache, mask = _concat_histories(states)
         media = [s.media_per_sequence() for s in states]
-        slots = max(tokens.shape[1] for tokens, _, _ in media)
-        visual_tokens = torch.cat([_pad(tokens, slots - tokens.shape[1], dim=1) for tokens, _, _ in media])
+        slots = max(tokens.shape[1] for tokens, _, _, _ in media)
+        visual_tokens = torch.cat([_pad(tokens, slots - tokens.shape[1], dim=1) for tokens, _, _, _ in media])
         kv = {}
-        for layer in sorted({layer for _, _, layer_kv in media for layer in layer_kv}):
-            like = next(layer_kv[layer][0] for _, _, layer_kv in media if layer in layer_kv)
+        for layer in sorted({layer for _, _, layer_kv, _ in media for layer in layer_kv}):
+            like = next(layer_kv[layer][0] for _, _, layer_kv, _ in media if layer in layer_kv)
             width = slots * visual_tokens.shape[2]  # keys per row: slots x tokens per media
             parts = [layer_kv.get(layer) or (like.new_zeros(len(tokens), like.shape[1], 0, like.shape[3]),) * 2
-                     for tokens, _, layer_kv in media]
+                     for tokens, _, layer_kv, _ in media]
             kv[layer] = (torch.cat([_pad(k, width - k.shape[2], dim=2) for k, _ in parts]),
                          torch.cat([_pad(v, width - v.shape[2], dim=2) for _, v in parts]))
         logits = torch.cat([s.next_token_logits for s in states])
-        return FlamingoState(cache, mask, visual_tokens, torch.cat([n for _, n, _ in media]), logits, kv)
+        key_mask = None
+        if any(s.key_mask is not None for s in states):  # padding slots: seen by no token with an image
+            key_mask = torch.cat([_pad(m, slots - m.shape[1], dim=1) for _, _, _, m in media])
+        group_first = None if states[0].group_first is None else torch.cat([s.group_first for s in states])
+        return FlamingoState(cache, mask, visual_tokens, torch.cat([n for _, n, _, _ in media]), logits, kv,
+                             key_mask, group_first)
 
     def without_leading_padding(self) -> "FlamingoState":
         """The same sequences without the leading positions that are padding in every row (left
@@ -133,14 +151,38 @@ class FlamingoState:
             return self
         layers = [(k[:, :, start:], v[:, :, start:]) for k, v in _cache_layers(self.past_key_values)]
         return FlamingoState(_cache_from_layers(self.past_key_values, layers), self.attention_mask[:, start:],
-                             self.visual_tokens, self.num_media, self.next_token_logits, self.kv_cache)
+                             self.visual_tokens, self.num_media, self.next_token_logits, self.kv_cache,
+                             self.key_mask, self.group_first)
 
     def nbytes(self) -> int:
         """Memory held by the state's tensors."""
         tensors = [t for keys, values, *_ in self.past_key_values for t in (keys, values)]
         tensors += [self.attention_mask, self.visual_tokens, self.num_media, self.next_token_logits]
         tensors += [t for kv in self.kv_cache.values() for t in kv]
+        tensors += [t for t in (self.key_mask, self.group_first) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _rows(tensor: torch.Tensor | None, select: Any) -> torch.Tensor | None:
+    """`select(tensor)`, or None for an optional tensor the state does not have."""
+    return None if tensor is None else select(tensor)
+
+
+def media_context(model: Flamingo, ids: torch.Tensor, visual_tokens: torch.Tensor, num_media: torch.Tensor,
+                  kv_cache: dict, key_mask: torch.Tensor | None = None, media_offset: torch.Tensor | None = None,
+                  group_first: torch.Tensor | None = None) -> tuple[MediaContext, torch.Tensor | None]:
+    """`Flamingo.media_context` for `ids` continuing sequences whose last token saw the group of
+    images from `group_first` on ("group" attention: the group goes on until text follows an
+    image); also returns the group of each row's last token, for the next call (None when the
+    model's attention has no groups)."""
+    media = model.media_context(ids, visual_tokens, num_media=num_media, media_offset=media_offset,
+                                kv_cache=kv_cache, key_mask=key_mask)
+    if media.token_first_media is None:
+        return media, None
+    if group_first is not None:
+        media.token_first_media = group_first_media(ids == model.media_token_id, media.token_media,
+                                                    group_first.to(ids.device))
+    return media, media.token_first_media[:, -1]
 
 
 def _pad(tensor: torch.Tensor, amount: int, dim: int, left: bool = False) -> torch.Tensor:
@@ -226,7 +268,8 @@ def _left_padded(model: Flamingo, rows: Sequence[Sequence[int]]) -> tuple[torch.
 
 
 def _tokenize(model: Flamingo, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
-    return [model.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    family = family_io(model)
+    return [family.tokenize(model, t, add_special_tokens) for t in texts]
 
 
 def _check_length(model: Flamingo, total: int, max_new_tokens: int) -> None:
@@ -252,22 +295,48 @@ def encode_prompts(model: Flamingo, prompts: Sequence[Prompt], *, max_new_tokens
     _check_media(model, prompts)
     rows = _tokenize(model, [p.text for p in prompts], add_special_tokens)
     _check_length(model, max(len(r) for r in rows), max_new_tokens)
-    return encode_ids(model, rows, *encode_prompt_media(model, prompts))
+    encoded = encode_media_of(model, prompts)
+    return encode_ids(model, rows, encoded.visual_tokens, encoded.num_media, encoded.key_mask)
 
 
 @torch.no_grad()
 def encode_ids(model: Flamingo, rows: Sequence[Sequence[int]], visual_tokens: torch.Tensor,
-               num_media: torch.Tensor) -> FlamingoState:
+               num_media: torch.Tensor, key_mask: torch.Tensor | None = None) -> FlamingoState:
     """`encode_prompts` for prompts already tokenized (one id list each, an `<image>` token per
-    image) whose media are already encoded (`encode_pixels`: visual tokens [B, N, R, D], counts
-    [B]). The caller has checked the placeholders and the context length (the serving engine
-    does at its door)."""
+    image) whose media are already encoded (`MediaFamily.encode`: visual tokens [B, N, R, D],
+    counts [B], key mask [B, N, R] or None). The caller has checked the placeholders and the
+    context length (the serving engine does at its door).
+
+    Where a token with no image before it sees every visual token of its row
+    (`zero_attention_without_media` off: Llama 3.2 Vision's text before its first image), it
+    would also see the zero tokens of padding slots: prompts with different media counts are
+    then run in separate passes, each without padding slots (and the states concatenated)."""
+    counts = [int(n) for n in num_media]
+    if model.config.cross_attention.zero_attention_without_media or len(set(counts)) < 2:
+        return _encode_ids(model, rows, visual_tokens, num_media, key_mask)
+    groups: dict[int, list[int]] = {}
+    for row, count in enumerate(counts):
+        groups.setdefault(count, []).append(row)
+    states, order = [], []
+    for count, members in groups.items():
+        index = torch.tensor(members, device=visual_tokens.device)
+        states.append(_encode_ids(model, [rows[i] for i in members], visual_tokens[index, :count], num_media[index],
+                                  None if key_mask is None else key_mask[index, :count]))
+        order += members
+    state = FlamingoState.concat(states)
+    back = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=state.attention_mask.device)
+    return state.select_rows(back)
+
+
+def _encode_ids(model: Flamingo, rows: Sequence[Sequence[int]], visual_tokens: torch.Tensor,
+                num_media: torch.Tensor, key_mask: torch.Tensor | None) -> FlamingoState:
     ids, mask = _left_padded(model, rows)
     device = model.perceiver.latents.device
     ids, mask, kv = ids.to(device), mask.to(device), {}
-    media = model.media_context(ids, visual_tokens, num_media=num_media, kv_cache=kv)
+    media, group_first = media_context(model, ids, visual_tokens, num_media, kv, key_mask)
     out = model.logits_and_cache(ids, media, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv)
+    return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv, key_mask,
+                         group_first)
 
 
 def extend(model: Flamingo, context: FlamingoState, queries: Sequence[Prompt], *,
@@ -299,40 +368,53 @@ def extend_contexts(model: Flamingo, contexts: Sequence[FlamingoState], queries:
     _check_media(model, flat)
     rows = _tokenize(model, [q.text for q in flat], add_special_tokens=False)
     _check_length(model, max(context.length for context in contexts) + max(map(len, rows)), max_new_tokens)
-    return extend_contexts_ids(model, contexts, [len(group) for group in queries], rows,
-                               *encode_prompt_media(model, flat))
+    encoded = encode_media_of(model, flat)
+    return extend_contexts_ids(model, contexts, [len(group) for group in queries], rows, encoded.visual_tokens,
+                               encoded.num_media, encoded.key_mask)
 
 
 @torch.no_grad()
 def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], sizes: Sequence[int],
                         rows: Sequence[Sequence[int]], visual_tokens: torch.Tensor,
-                        num_media: torch.Tensor) -> FlamingoState:
+                        num_media: torch.Tensor, key_mask: torch.Tensor | None = None) -> FlamingoState:
     """`extend_contexts` for queries already tokenized (`rows`, without special tokens; the first
-    `sizes[0]` continue context 0, and so on) whose media are already encoded (`encode_pixels`).
+    `sizes[0]` continue context 0, and so on) whose media are already encoded (`MediaFamily.encode`).
     The caller has checked the placeholders and the context length."""
     ids, query_mask = _left_padded(model, rows)
     device = contexts[0].attention_mask.device
 
     # Media rows: each context's images that its continuation can still see, then the query's own,
-    # padded to the most slots.
-    carried, keeps = [], []
+    # padded to the most slots (with their key masks, where the model has them).
+    masked = key_mask is not None or any(context.key_mask is not None for context in contexts)
+    carried, carried_masks, keeps, firsts = [], [], [], []
     for context, size in zip(contexts, sizes):
         context_media = int(context.num_media[0])
         keep = model.media_seen_by_continuation(context_media)
         carried.append(context.visual_tokens[:, context_media - keep:context_media].expand(size, -1, -1, -1))
+        kept_mask = context.media_per_sequence()[3]
+        carried_masks.append(kept_mask[:, context_media - keep:context_media].expand(size, -1, -1))
         keeps += [keep] * size
-    dtype = carried[0].dtype
+        if context.group_first is not None:  # the carried images are renumbered from 1
+            firsts.append((context.group_first - (context_media - keep)).clamp(min=0).expand(size))
+    dtype, query_tokens = carried[0].dtype, visual_tokens
     split_rows = torch.split(visual_tokens.to(dtype), list(sizes))
     groups = [torch.cat([kept, own], dim=1) for kept, own in zip(carried, split_rows)]
     slots = max(group.shape[1] for group in groups)
     visual_tokens = torch.cat([_pad(group, slots - group.shape[1], dim=1) for group in groups])
+    if masked:
+        own_masks = torch.split(torch.ones(query_tokens.shape[:3], dtype=torch.bool, device=device)
+                                if key_mask is None else key_mask.to(device), list(sizes))
+        key_mask = torch.cat([_pad(torch.cat([kept, own], dim=1), slots - kept.shape[1] - own.shape[1], dim=1)
+                              for kept, own in zip(carried_masks, own_masks)])
     keep = torch.tensor(keeps, device=device)
     num_media = num_media + keep
 
     cache, context_mask = _concat_histories(contexts, repeats=sizes)  # each context's copied per query
     mask = torch.cat([context_mask, query_mask.to(device)], dim=1)
     ids, kv = ids.to(device), {}
-    media = model.media_context(ids, visual_tokens, num_media=num_media, media_offset=keep, kv_cache=kv)
+    media, group_first = media_context(model, ids, visual_tokens, num_media, kv, key_mask, keep,
+                                       torch.cat(firsts) if firsts else None)
     out = model.logits_and_cache(ids, media, attention_mask=mask, past_key_values=cache, use_cache=True,
                                  logits_to_keep=1)
-    return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv)
+    return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv, key_mask,
+                         group_first)

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flamingo.errors import UserError
-from flamingo.inference.chat import DIALOGUE_STOP_STRINGS
+from flamingo.inference.family import family_io
 from flamingo.inference.prompt import context_length
 from flamingo.serving.engine import Delta, Engine, EngineOverloaded, EngineRequest, EngineStopped
 from flamingo.serving.input_processor import Fields, ProcessedPrompt
@@ -197,6 +197,7 @@ class _Server:
                  metrics: HttpMetrics) -> None:
         self.engine, self.settings, self.resolver, self.metrics = engine, settings, resolver, metrics
         model = engine.model
+        self.family = family_io(model)
         self.tokenizer = model.tokenizer
         self.media_token = model.config.media_token
         self.end_of_chunk = model.config.end_of_chunk_token
@@ -227,8 +228,9 @@ class _Server:
     # --------------------------------------------------------------------------- endpoints
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_request(body)
-        params = sampling_params(body, self.settings, extra_stop=DIALOGUE_STOP_STRINGS)
-        spec = chat_prompt(body.messages, self.media_token, self.end_of_chunk, self.special)
+        params = sampling_params(body, self.settings, extra_stop=self.family.chat_stop_strings)
+        spec = chat_prompt(body.messages, self.media_token, self.end_of_chunk, self.special,
+                           render=lambda messages: self.family.chat_text(self.engine.model, messages))
         prompt = await self.prepare(spec, "messages", "messages", params.max_tokens)
         engine_request = EngineRequest(spec.text, prompt.images, params, new_id("chatcmpl"))
         return await self.respond(request, body, engine_request, prompt, chat=True)

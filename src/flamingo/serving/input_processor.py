@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
-import torch
-
+from flamingo.inference.family import family_io
 from flamingo.inference.generation import GenerationConfig
 from flamingo.inference.prompt import context_length
 from flamingo.model.flamingo import Flamingo
@@ -100,7 +99,8 @@ def prefix_key(ids: list[int], digests: list[bytes]) -> str:
 @dataclass
 class ProcessedPrompt:
     """A prompt ready to run: its token ids (`<image>` tokens included), and per image its bytes'
-    digest and its preprocessed pixels [T, 3, H, W]. The images before `split` (the cut the
+    digest and its preprocessed pixels (`MediaFamily.preprocess`: [T, 3, H, W] for our own
+    models, tiles and aspect ratios for Llama 3.2 Vision). The images before `split` (the cut the
     prefix cache keeps the state at, a token position, or None) are left undecoded (None) when
     that prefix was cached at the door; `pixels` decodes them if it must be encoded after all."""
 
@@ -110,14 +110,14 @@ class ProcessedPrompt:
     digests: list[bytes]
     split: int | None
     media_before: list[int]  # images before each token position (len(ids) + 1 entries)
-    decode: Callable[[int], torch.Tensor] = field(repr=False)
-    decoded: list[torch.Tensor | None] = field(default_factory=list, repr=False)  # None: not decoded yet
+    decode: Callable[[int], Any] = field(repr=False)
+    decoded: list[Any] = field(default_factory=list, repr=False)  # None: not decoded yet
 
     def key(self, cut: int) -> str:
         """The prefix cache's key of the prompt up to token position `cut`."""
         return prefix_key(self.ids[:cut], self.digests[:self.media_before[cut]])
 
-    def pixels(self, start: int, stop: int) -> list[torch.Tensor]:
+    def pixels(self, start: int, stop: int) -> list[Any]:
         """The pixels of the images between token positions `start` and `stop`."""
         first, last = self.media_before[start], self.media_before[stop]
         for i in range(first, last):
@@ -135,6 +135,13 @@ class InputProcessor:
         self.cache_prefixes, self.is_cached = cache_prefixes, is_cached
         self.context = context_length(model)
         self.media_id, self.end_id = model.media_token_id, model.eoc_token_id
+        self.family = family_io(model)
+        # Under "group" attention consecutive images form one group: never cut between them. Where text
+        # before the first image sees every image of its prompt (zero_attention_without_media off), a
+        # prompt that starts with text has no prefix that other prompts could share.
+        xattn = model.config.cross_attention
+        self.cut_in_groups, self.leading_text_sees_all = xattn.media_attention != "group", \
+            not xattn.zero_attention_without_media
 
     def prompt(self, text: str, images: list[bytes], max_new_tokens: int, fields: Fields = Fields()
                ) -> ProcessedPrompt:
@@ -159,7 +166,7 @@ class InputProcessor:
         if cap is not None and len(text) > cap * MAX_CHARS_PER_TOKEN:
             raise EngineRequestError(f"{fields.prompt}: the prompt has {len(text)} characters, far more than the "
                                      f"limit of {cap} tokens", fields.prompt, code="context_length_exceeded")
-        ids = self.model.tokenizer(text)["input_ids"]
+        ids = self.family.tokenize(self.model, text, True)
         if cap is not None and len(ids) > cap:
             raise EngineRequestError(f"{fields.prompt}: the prompt has {len(ids)} tokens, more than the limit of "
                                      f"{cap}", fields.prompt, code="context_length_exceeded")
@@ -192,7 +199,10 @@ class InputProcessor:
         media_before = [0]
         for token in ids:
             media_before.append(media_before[-1] + (token == self.media_id))
-        cuts = [k for k in range(1, len(ids)) if ids[k] == self.media_id or ids[k - 1] == self.end_id]
+        cuts = [k for k in range(1, len(ids)) if (ids[k] == self.media_id and (
+            self.cut_in_groups or ids[k - 1] != self.media_id)) or ids[k - 1] == self.end_id]
+        if self.leading_text_sees_all and ids and ids[0] != self.media_id:
+            cuts = []
         prompt = ProcessedPrompt(ids, cuts, images, [hashlib.sha256(data).digest() for data in images], None,
                                  media_before, lambda i: self._pixels(images[i], fields.image(i), max_pixels))
         cut = cuts[-1] if cuts and self.cache_prefixes else None
@@ -202,12 +212,13 @@ class InputProcessor:
         prompt.decoded = [None] * cached + [prompt.decode(i) for i in range(cached, len(images))]
         return prompt
 
-    def _pixels(self, data: bytes, name: str, max_pixels: int) -> torch.Tensor:
-        """One image's bytes -> its pixels [1, 3, H, W], as the vision encoder takes them."""
+    def _pixels(self, data: bytes, name: str, max_pixels: int) -> Any:
+        """One image's bytes -> its pixels as the model's family preprocesses them (our own models:
+        [1, 3, H, W], as the vision encoder takes them)."""
         if self.model.vision_encoder is None:
             raise EngineRequestError(f"{name}: this model has no vision encoder, so it cannot take images", name)
         try:
             image = decode_image(data, max_pixels=max_pixels, name=name)
         except ImageProcessingError as err:
             raise EngineRequestError(str(err), name, code="invalid_image") from None
-        return self.model.vision_encoder.image_processor().preprocess_video([image])
+        return self.family.preprocess(self.model, [image])

@@ -29,7 +29,7 @@ from flamingo.inference.generation import (
     choose_next_tokens,
     sampling_generator,
 )
-from flamingo.inference.prompt import encode_pixels
+from flamingo.inference.family import family_io
 from flamingo.inference.scoring import score_candidates
 from flamingo.inference.state import FlamingoState, encode_ids, extend_contexts_ids
 from flamingo.model.flamingo import Flamingo
@@ -98,6 +98,7 @@ class ModelRunner:
     def __init__(self, model: Flamingo, cache: PrefixCache, output: OutputProcessor, metrics: EngineMetrics,
                  stopping: Callable[[], bool]) -> None:
         self.model, self.cache, self.output, self.metrics, self.stopping = model, cache, output, metrics, stopping
+        self.family = family_io(model)
         self.state: FlamingoState | None = None
         self.running: list[Sequence] = []
         self.pending: torch.Tensor | None = None
@@ -106,17 +107,18 @@ class ModelRunner:
     def encode(self, prompts: list[ProcessedPrompt], start: int = 0, stop: int | None = None) -> FlamingoState:
         """The prompts (from token position `start` to `stop`) encoded from scratch, together."""
         rows = [prompt.ids[start:stop] for prompt in prompts]
-        return encode_ids(self.model, rows, *encode_pixels(
-            self.model, [prompt.pixels(start, len(prompt.ids) if stop is None else stop) for prompt in prompts]))
+        media = self.family.encode(self.model, [prompt.pixels(start, len(prompt.ids) if stop is None else stop)
+                                                for prompt in prompts])
+        return encode_ids(self.model, rows, media.visual_tokens, media.num_media, media.key_mask)
 
     def extend(self, contexts: list[FlamingoState], groups: list[list[tuple[ProcessedPrompt, int, int]]]
                ) -> FlamingoState:
         """Each context continued with its group's prompts (each from token position start to stop)."""
         parts = [part for group in groups for part in group]
+        media = self.family.encode(self.model, [prompt.pixels(start, stop) for prompt, start, stop in parts])
         return extend_contexts_ids(self.model, contexts, [len(group) for group in groups],
                                    [prompt.ids[start:stop] for prompt, start, stop in parts],
-                                   *encode_pixels(self.model, [prompt.pixels(start, stop) for prompt, start, stop
-                                                               in parts]))
+                                   media.visual_tokens, media.num_media, media.key_mask)
 
     def prefill(self, jobs: list[Job]) -> tuple[FlamingoState, list[Job]]:
         """Prefill the prompts of `jobs`: one row each, in the returned order. Prompts with a

@@ -4,6 +4,9 @@ Chat messages become the paper's dialogue prompt (B.1.6, as `flamingo chat` buil
 
     <preamble>User: <image>What is this?\nFlamingo: A cat.<|endofchunk|>\nUser: And this?\nFlamingo:
 
+or, for a model of another family, its own chat format (`MediaFamily.chat_text`: Llama 3.2
+Vision's chat template).
+
 Completions take the paper's interleaved prompt as it is: `<image>` where each image of the
 `images` list (an extension field) goes. Numeric fields are validated by pydantic; content parts,
 stop strings and the server's caps are checked here, each error naming its field.
@@ -15,12 +18,14 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from flamingo.inference.chat import DIALOGUE_PROMPT
+from flamingo.inference.family import dialogue_text
+from flamingo.model.families import MEDIA
+from flamingo.model.families import ChatMessage as FamilyMessage
 from flamingo.serving.engine import Delta, SamplingParams
 from flamingo.serving.input_processor import Fields, InputProcessor, ProcessedPrompt
 from flamingo.serving.limits import RequestError, ServerSettings
@@ -171,28 +176,29 @@ def _check_text(text: str, param: str, special: tuple[str, ...]) -> str:
 
 
 def chat_prompt(messages: list[ChatMessage], media_token: str, end_of_chunk: str,
-                special: tuple[str, ...] = ()) -> PromptSpec:
-    """The dialogue prompt of a conversation; images go where their parts are, in user messages. No
-    text may contain a special token (`special`, and always the media and end-of-chunk tokens)."""
+                special: tuple[str, ...] = (),
+                render: Callable[[Sequence[FamilyMessage]], str] | None = None) -> PromptSpec:
+    """The prompt of a conversation: by `render` (the model family's `chat_text`), by default the
+    paper's dialogue prompt; images go where their parts are, in user messages. No text may
+    contain a special token (`special`, and always the media and end-of-chunk tokens)."""
     special = (*special, media_token, end_of_chunk)
-    system, turns, urls = [], [], []
+    chat, urls = [], []
     for i, message in enumerate(messages):
         param = f"messages[{i}].content"
         if message.role in ("system", "developer"):
-            if turns:
+            if any(m.role != "system" for m in chat):
                 raise RequestError(f"messages[{i}].role: system messages must come before the conversation",
                                    f"messages[{i}].role")
-            system.append(_check_text(_text_only(message.content, param), param, special))
+            chat.append(FamilyMessage("system", [_check_text(_text_only(message.content, param), param, special)]))
         elif message.role == "assistant":
-            reply = _check_text(_text_only(message.content, param), param, special)
-            turns.append(f"Flamingo: {reply.strip()}{end_of_chunk}\n")
+            chat.append(FamilyMessage("assistant", [_check_text(_text_only(message.content, param), param, special)]))
         else:
-            turns.append(f"User: {_user_content(message.content, param, media_token, special, urls)}\n")
+            chat.append(FamilyMessage("user", _user_content(message.content, param, special, urls)))
     if messages[-1].role != "user":
         raise RequestError(f"messages[{len(messages) - 1}].role: the last message must be the user's, got "
                            f"{messages[-1].role!r}", f"messages[{len(messages) - 1}].role")
-    preamble = "\n".join(s.strip() for s in system) + "\n" if system else DIALOGUE_PROMPT
-    return PromptSpec(preamble + "".join(turns) + "Flamingo:", urls)
+    text = render(chat) if render is not None else dialogue_text(chat, media_token, end_of_chunk)
+    return PromptSpec(text, urls)
 
 
 def _text_only(content: Any, param: str) -> str:
@@ -212,10 +218,10 @@ def _part_text(part: dict, param: str) -> str:
     return text
 
 
-def _user_content(content: Any, param: str, media_token: str, special: tuple[str, ...],
-                  urls: list[tuple[str, str]]) -> str:
+def _user_content(content: Any, param: str, special: tuple[str, ...], urls: list[tuple[str, str]]) -> list[Any]:
+    """A user message's text pieces and `MEDIA` markers (one per image, its URL added to `urls`)."""
     if isinstance(content, str):
-        return _check_text(content, param, special)
+        return [_check_text(content, param, special)]
     if not isinstance(content, list) or not content:
         raise RequestError(f"{param}: expected a string or a non-empty list of content parts", param)
     pieces = []
@@ -230,10 +236,10 @@ def _user_content(content: Any, param: str, media_token: str, special: tuple[str
             if not isinstance(url, str) or not url:
                 raise RequestError(f"{where}.image_url.url: expected a URL string", f"{where}.image_url.url")
             urls.append((url, f"{where}.image_url.url"))
-            pieces.append(media_token)
+            pieces.append(MEDIA)
         else:
             raise RequestError(f"{where}.type: expected 'text' or 'image_url' parts", f"{where}.type")
-    return "".join(pieces)
+    return pieces
 
 
 def completion_prompt(body: CompletionRequest | RankRequest, media_token: str, end_of_chunk: str,

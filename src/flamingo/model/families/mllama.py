@@ -45,6 +45,7 @@ from flamingo.model.config import (
 )
 from flamingo.model.cross_attention import group_first_media
 from flamingo.model.families.checkpoint import read_tensors
+from flamingo.model.families.interface import MEDIA, ChatMessage, EncodedMedia
 from flamingo.model.flamingo import Flamingo, FlamingoOutput
 
 FAMILY = "mllama"
@@ -70,10 +71,10 @@ class MllamaVisionTower(nn.Module):
         return False
 
     def image_processor(self) -> Any:
-        """The generic pipeline's per-image preprocessing has no tiles or aspect ratios: refused."""
-        raise UserError("a Llama 3.2 Vision model takes its images through its own processor: use generate_text "
-                        "or FewShotContext (flamingo.inference.api); flamingo serve, chat and eval do not run "
-                        "this family yet")
+        """The generic per-image preprocessing has no tiles or aspect ratios: refused (the inference
+        and serving code preprocesses through `MLLAMA`, the checkpoint's own image processor)."""
+        raise UserError("a Llama 3.2 Vision model takes its images through its own processor "
+                        "(flamingo.model.families.mllama.MLLAMA.preprocess)")
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
@@ -337,11 +338,11 @@ def load_checkpoint(directory: str | Path) -> Flamingo:
                               f"{str(err).splitlines()[0][:300]}") from None
     model = build_model(hf_config, tokenizer, source=str(directory))
     load_state_dict(model, read_tensors(directory), source=str(directory))
-    model.processor = _processor(directory)
+    model.processor = read_processor(directory)
     return model.eval()
 
 
-def _processor(directory: Path) -> Any:
+def read_processor(directory: Path) -> Any:
     """The checkpoint's own `MllamaProcessor` (its tokenizer and image processor), None when the
     directory has no processor files (then the model takes visual tokens, not images)."""
     from transformers import MllamaProcessor
@@ -471,3 +472,68 @@ def build_shapes_only(hf_config: Any) -> Flamingo:
                                           eos_token="<|eot_id|>", pad_token="<unk>")
     with torch.device("meta"):
         return build_model(hf_config, placeholder)
+
+
+# ------------------------------------------------------------------ the generic code's interface
+class MllamaFamily:
+    """`flamingo.model.families.interface.MediaFamily` for Llama 3.2 Vision: prompts tokenized as
+    its processor does, images tiled by its image processor and encoded with their key mask of
+    padding tiles, chats in its chat template."""
+
+    name = FAMILY
+    chat_stop_strings: tuple[str, ...] = ()  # a turn ends with <|eot_id|>, the model's end-of-chunk token
+
+    def tokenize(self, model: Flamingo, text: str, add_special_tokens: bool) -> list[int]:
+        """As `MllamaProcessor`: a whole prompt gets BOS after its leading images (unless it holds
+        one already, e.g. from the chat template); the ids come without other special tokens."""
+        from transformers.models.mllama.processing_mllama import build_string_from_input
+
+        tokenizer = model.tokenizer
+        if add_special_tokens and tokenizer.bos_token is not None:
+            text = build_string_from_input(text, tokenizer.bos_token, MEDIA_TOKEN)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def preprocess(self, model: Flamingo, frames: Any) -> dict[str, torch.Tensor]:
+        """One image -> pixel_values [T, 3, H, W] (T = the config's max tiles, padding tiles
+        included), aspect_ratio_id [] and aspect_ratio_mask [T], from the checkpoint's image processor."""
+        if len(frames) != 1:
+            raise UserError(f"a Llama 3.2 Vision model takes images, not videos (got {len(frames)} frames)")
+        processed = _require_processor(model).image_processor(images=[[frames[0]]], return_tensors="pt")
+        return {"pixel_values": processed["pixel_values"][0, 0], "aspect_ratio_id": processed["aspect_ratio_ids"][0, 0],
+                "aspect_ratio_mask": processed["aspect_ratio_mask"][0, 0]}
+
+    def encode(self, model: Flamingo, media: list[list[dict[str, torch.Tensor]]], chunk: int = 4) -> EncodedMedia:
+        """Each image through the tiled vision model and the projector (`chunk` images per call),
+        into [B, N, T*P, D] visual tokens and their key mask (False on padding tiles and slots)."""
+        tower: MllamaVisionTower = model.vision_encoder
+        device = model.perceiver.latents.device
+        counts = [len(row) for row in media]
+        slots = max(counts, default=0)
+        tokens = torch.zeros(len(media), slots, tower.max_tiles * tower.tokens_per_tile, model.perceiver.dim,
+                             dtype=model.perceiver.latents.dtype, device=device)
+        key_mask = torch.zeros(tokens.shape[:3], dtype=torch.bool, device=device)
+        positions = [(b, j) for b, row in enumerate(media) for j in range(len(row))]
+        for start in range(0, len(positions), chunk):
+            part = positions[start:start + chunk]
+            images = [media[b][j] for b, j in part]
+            encoded, mask = encode_images(
+                model, torch.stack([i["pixel_values"] for i in images])[:, None].to(device),
+                torch.stack([i["aspect_ratio_id"] for i in images])[:, None].to(device),
+                torch.stack([i["aspect_ratio_mask"] for i in images])[:, None].to(device))
+            for (b, j), t, m in zip(part, encoded[:, 0], mask[:, 0]):
+                tokens[b, j], key_mask[b, j] = t, m
+        return EncodedMedia(tokens, torch.tensor(counts, device=device), key_mask)
+
+    def chat_text(self, model: Flamingo, messages: list[ChatMessage]) -> str:
+        """The checkpoint's chat template (the Llama 3 format with `<|image|>`) over the messages,
+        with the assistant's header at the end."""
+        processor = _require_processor(model)
+        if getattr(processor, "chat_template", None) is None:
+            raise UserError("this Llama 3.2 Vision checkpoint has no chat template (a base model): use plain prompts")
+        conversation = [{"role": m.role, "content": [{"type": "image"} if part is MEDIA else
+                                                     {"type": "text", "text": part} for part in m.content]}
+                        for m in messages]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+MLLAMA = MEDIA_FAMILY = MllamaFamily()
