@@ -198,6 +198,10 @@ def test_the_command_refuses_bad_options_before_loading_a_model(tmp_path, capsys
     assert "does not exist" in capsys.readouterr().err
     assert main(["batch", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--prompt-image", "x.png"]) == 2
     assert "--prompt-image x.png: no such file" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "httpx", None)  # the serve extra is not installed
+    assert main(["batch", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")]) == 1
+    assert capsys.readouterr().err.strip() == "flamingo batch needs the serve extra: pip install 'flamingo[serve]'"
+    monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "ray", None)  # the ray extra is not installed
     assert main(["batch", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--ray"]) == 1
     assert capsys.readouterr().err.strip() == "flamingo batch --ray needs the ray extra: pip install 'flamingo[ray]'"

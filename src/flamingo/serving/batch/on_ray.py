@@ -122,8 +122,8 @@ def run_batch_on_ray(model: Flamingo | str, dataset: Dataset, out: str | Path, r
     settings = batch_settings(settings, dataset.media_root)
     engine_config = engine_config or EngineConfig(max_queue=128)
     with BatchOutput(out) as output:
-        shared_model = model if isinstance(model, str) else ray.put(model)
-        kwargs = dict(model=shared_model, source_name=dataset.paths[0].name, defaults=defaults, settings=settings,
+        # (a model object travels in the constructor's arguments, which Ray Data keeps in its object store)
+        kwargs = dict(model=model, source_name=dataset.paths[0].name, defaults=defaults, settings=settings,
                       engine_config=engine_config, done=frozenset(output.done), device=device, quantize=quantize,
                       trust_remote_code=trust_remote_code)
         results = _read(ray, dataset).map_batches(
