@@ -23,7 +23,7 @@ from flamingo.errors import CheckpointError
 from flamingo.model.card import CARD_FILE, is_hub_id, write_card
 from flamingo.model.config import FlamingoConfig
 from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL, check_backbone_packages
-from flamingo.model.families import family_of, load_family
+from flamingo.model.families import converted_family, family_of, load_converted, load_family
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.quantize import check_quantize_mode, quantize_model, quiet_torchao_import
 from flamingo.outputs import check_output_dir, publish, staging_dir
@@ -170,8 +170,10 @@ def build_flamingo(config: FlamingoConfig, *, trust_remote_code: bool = False) -
 def load_pretrained(directory: str | Path, *, trust_remote_code: bool = False) -> Flamingo:
     """Rebuild a model saved with `save_pretrained` (see `build_flamingo` for `trust_remote_code`)."""
     directory = Path(directory)
-    config = FlamingoConfig.load(directory / CONFIG_FILE)
-    model = build_flamingo(config, trust_remote_code=trust_remote_code)
+    if converted_family(directory):  # written by `flamingo convert`: its frozen backbones come with it
+        model = load_converted(directory)
+    else:
+        model = build_flamingo(FlamingoConfig.load(directory / CONFIG_FILE), trust_remote_code=trust_remote_code)
     load_trainable_weights(model, load_weights_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
     return model
 
