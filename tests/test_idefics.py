@@ -126,7 +126,14 @@ def test_tokens_after_an_end_of_sequence_see_no_image_until_the_next(family):
     assert processor.tokenizer.convert_ids_to_tokens(ids[0]) == [
         "<s>", "t3", "<fake_token_around_image>", "<image>", "<fake_token_around_image>", "t4", "</s>", "t5",
         "<fake_token_around_image>", "<image>", "<fake_token_around_image>", "t6", "</s>"]
-    assert idefics.token_media(model, ids)[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 2, 2, 2, 2]
+    two = torch.zeros(1, 2, 1, model.perceiver.dim)  # visual tokens of two images
+    assert model.media_context(ids, two).token_media[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 2, 2, 2, 2]
+    # continued after a call that ended with </s>: no image until the next one
+    first = model.media_context(ids[:, :7], two, num_media=torch.tensor([2]), media_offset=torch.tensor([0]))
+    seen = model.media_after(ids[:, :7], first)
+    assert seen.tolist() == [0]
+    assert model.media_context(ids[:, 7:], two, media_offset=torch.tensor([1]), media_seen=seen
+                               ).token_media[0].tolist() == [0, 0, 2, 2, 2, 2]
 
 
 GENERATION_PROMPTS = [["t5 t6 t7"], [image(10, 60, 30), "t5 t6"],

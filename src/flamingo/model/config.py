@@ -148,6 +148,8 @@ class CrossAttentionConfig:
         Vision's `full_text_row_masked_out_mask`).
     gate: "scalar" (one tanh gate per part, the paper's) or "vector" (one gate per hidden unit:
         IDEFICS's `alpha_type: vector`).
+    no_media_after_eos: a token after the tokenizer's end-of-sequence token sees no image until
+        the next image (IDEFICS's packed documents: its processor's `image_attention_mask`).
     """
 
     every: int = 1
@@ -167,6 +169,7 @@ class CrossAttentionConfig:
     zero_attention_without_media: bool = True
     ffw_only_with_media: bool = False
     gate: Literal["scalar", "vector"] = "scalar"
+    no_media_after_eos: bool = False
 
 
 @dataclass
@@ -264,6 +267,8 @@ class FlamingoConfig:
               "null (the config's activation), 'sqrelu', 'gelu', 'silu' or 'relu'", p.activation)
         check(isinstance(p.qk_norm, bool), "perceiver.qk_norm", "true or false", p.qk_norm)
         check(x.gate in ("scalar", "vector"), "cross_attention.gate", "'scalar' or 'vector'", x.gate)
+        check(isinstance(x.no_media_after_eos, bool), "cross_attention.no_media_after_eos", "true or false",
+              x.no_media_after_eos)
         check(isinstance(self.extra_token_rows, int) and self.extra_token_rows >= 0, "extra_token_rows",
               "an integer >= 0", self.extra_token_rows)
         check(isinstance(self.extra_token_head, bool) and (not self.extra_token_head or self.extra_token_rows > 0),

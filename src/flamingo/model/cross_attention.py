@@ -59,6 +59,22 @@ def group_first_media(is_media: torch.Tensor, token_media: torch.Tensor,
     return torch.where(first > 0, first, before)
 
 
+def no_media_after_eos(input_ids: torch.Tensor, is_media: torch.Tensor, token_media: torch.Tensor, eos_token_id: int,
+                       media_seen: torch.Tensor | None = None) -> torch.Tensor:
+    """`token_media` [B, L] with no image for the tokens after an end-of-sequence token and before
+    the next image (IDEFICS's packed documents; the end-of-sequence token itself still sees its
+    image). media_seen [B]: what a token of this call before its first image sees, as an earlier
+    call (cached decoding) left it (`media_after`); default: token_media's choice."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    if media_seen is not None:
+        before_first = is_media.long().cumsum(1) == 0
+        token_media = torch.where(before_first, media_seen.to(token_media)[:, None], token_media)
+    last_media = torch.where(is_media, positions, -1).cummax(1).values
+    eos = torch.where(input_ids == eos_token_id, positions, -1)
+    last_eos_before = F.pad(eos[:, :-1], (1, 0), value=-1).cummax(1).values
+    return torch.where(last_eos_before > last_media, 0, token_media)
+
+
 @dataclass
 class MediaContext:
     """Everything the cross-attention layers need for one forward call.

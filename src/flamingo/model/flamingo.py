@@ -23,6 +23,7 @@ from flamingo.model.cross_attention import (
     GatedCrossAttentionBlock,
     MediaContext,
     group_first_media,
+    no_media_after_eos,
     token_media_index,
 )
 from flamingo.model.fused_head_loss import DEFAULT_CHUNK, head_nll_sum
@@ -140,6 +141,9 @@ class Flamingo(nn.Module):
         self.logit_postprocessing = lm_forward.postprocessing
         self.nll_chunk = DEFAULT_CHUNK
 
+        if config.cross_attention.no_media_after_eos and tokenizer.eos_token_id is None:
+            raise ConfigError("config field cross_attention.no_media_after_eos: the tokenizer has no "
+                              "end-of-sequence token")
         # Special tokens, decoupled: only their embedding/output rows are trainable.
         self.eoc_token_id, self.media_token_id = add_special_tokens(
             tokenizer, [config.end_of_chunk_token, config.media_token])
@@ -358,7 +362,7 @@ class Flamingo(nn.Module):
                       num_media: torch.Tensor | None = None, attend_next: torch.Tensor | None = None,
                       media_offset: torch.Tensor | None = None,
                       kv_cache: dict | None = None, key_mask: torch.Tensor | None = None,
-                      ) -> MediaContext:
+                      media_seen: torch.Tensor | None = None) -> MediaContext:
         """Which visual tokens each token of `input_ids` [B, L] sees: the `MediaContext` that
         `logits_and_cache` and `training_nll` hand to the cross-attention layers.
 
@@ -376,6 +380,9 @@ class Flamingo(nn.Module):
                 computed once, for later calls over the same visual tokens.
             key_mask [B_media, N, R]: False for visual tokens that tokens with an image must not
                 see (the padding tiles of Llama 3.2 Vision's tiled images).
+            media_seen [B]: with `cross_attention.no_media_after_eos`, the image (1-based, 0: none)
+                the tokens before this call's first image see, as the call it continues left it
+                (`media_after`); default: the last image so far.
         """
         batch, device = input_ids.shape[0], input_ids.device
         if visual_tokens is None:
@@ -407,7 +414,19 @@ class Flamingo(nn.Module):
         )
         if self.config.cross_attention.media_attention == "group":
             context.token_first_media = group_first_media(is_media, context.token_media)
+        if self.config.cross_attention.no_media_after_eos:
+            context.token_media = no_media_after_eos(input_ids, is_media, context.token_media,
+                                                     self.tokenizer.eos_token_id, media_seen)
         return context
+
+    def media_after(self, input_ids: torch.Tensor, media: MediaContext) -> torch.Tensor:
+        """[B] the image (1-based, 0: none) a token appended after `input_ids` sees, for a call that
+        continues this one (`media_context`'s media_seen): the last token's, or none after an
+        end-of-sequence token where `cross_attention.no_media_after_eos` says so."""
+        last = media.token_media[:, -1]
+        if self.config.cross_attention.no_media_after_eos:
+            last = torch.where(input_ids[:, -1] == self.tokenizer.eos_token_id, 0, last)
+        return last
 
     def media_seen_by_continuation(self, num_media: int) -> int:
         """How many of the last of `num_media` images text that continues after them can attend

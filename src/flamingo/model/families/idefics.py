@@ -21,7 +21,7 @@ Mapping (theirs, as `IdeficsForVisionText2Text.state_dict()` names it -> ours):
 | `mlp.gate_proj`, `up_proj`, `down_proj` | `ffw.fc1`, `ffw.fc_up`, `ffw.fc2` (`ffw: swiglu`, `activation: silu`) |
 | `cross_attention_gate` (no image: attention output zeroed, MLP kept) | `zero_attention_without_media: true` (the paper's) |
 | `image_attention_mask`: the last image at or before a token | `media_attention: previous` (the paper's) |
-| ... and no image after an end-of-sequence token until the next image | `token_media` here (IDEFICS's document packing) |
+| ... and no image after an end-of-sequence token until the next image | `no_media_after_eos: true` (packed documents) |
 | `embed_tokens.additional_embedding` | `new_token_embeddings.new_rows` (`extra_token_rows`) |
 | `lm_head.additional_fc` | `new_token_logits.new_rows` (`extra_token_head: true`) |
 | `perceiver_resampler.*` | `perceiver.*` (`activation: relu`, `qk_norm` LayerNorm, no temporal embeddings) |
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from flamingo.errors import CheckpointError, UserError
 from flamingo.model.config import (
@@ -129,7 +128,7 @@ def flamingo_config(hf_config: Any, end_of_chunk_token: str, source: str = "") -
             every=c.cross_layer_interval, first_layer=0, heads=heads, head_dim=c.hidden_size // heads,
             norm="rmsnorm", norm_eps=float(c.rms_norm_eps), qk_norm=bool(c.qk_layer_norms), ffw="swiglu",
             ffw_dim=c.intermediate_size, media_attention="previous", zero_attention_without_media=True,
-            gate="vector" if c.alpha_type == "vector" else "scalar"),
+            gate="vector" if c.alpha_type == "vector" else "scalar", no_media_after_eos=True),
         activation="silu", bias=False, media_token=MEDIA_TOKEN, end_of_chunk_token=end_of_chunk_token,
         extra_token_rows=c.additional_vocab_size, extra_token_head=True)
 
@@ -285,32 +284,6 @@ def load_state_dict(model: Flamingo, hf_state: dict[str, torch.Tensor], source: 
 
 
 # ----------------------------------------------------------------------------------- running
-def token_media(model: Flamingo, input_ids: torch.Tensor, media_offset: torch.Tensor | None = None,
-                carried: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, L] the image (1-based, 0: none) each token sees, as IdeficsProcessor's
-    `image_attention_mask` says: the last image at or before it, none after an end-of-sequence
-    token until the next image (packed documents). In cached decoding, media_offset [B] counts
-    the images of earlier calls and carried [B] is what a token after them sees (`media_after`)."""
-    is_media = input_ids == model.media_token_id
-    seen = is_media.long().cumsum(1)
-    offset = torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device) if media_offset is None \
-        else torch.as_tensor(media_offset, device=input_ids.device).long()
-    phi = offset[:, None] + seen
-    if carried is not None:
-        phi = torch.where(seen > 0, phi, carried.to(input_ids.device)[:, None].long())
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    last_image = torch.where(is_media, positions, -1).cummax(1).values
-    eos = input_ids == model.tokenizer.eos_token_id
-    last_eos_before = F.pad(torch.where(eos, positions, -1)[:, :-1], (1, 0), value=-1).cummax(1).values
-    return torch.where(last_eos_before > last_image, 0, phi)
-
-
-def media_after(model: Flamingo, input_ids: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """[B] the image a token appended after `input_ids` sees (`token_media`'s phi of them):
-    the last token's, or none after an end-of-sequence token."""
-    return torch.where(input_ids[:, -1] == model.tokenizer.eos_token_id, 0, phi[:, -1])
-
-
 @dataclass
 class IdeficsOutput(FlamingoOutput):
     media_after: torch.Tensor | None = None  # [B] for the next call's `carried`
@@ -326,14 +299,15 @@ def forward(model: Flamingo, input_ids: torch.Tensor, *, visual_tokens: torch.Te
             num_media: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
             media_offset: torch.Tensor | None = None, carried: torch.Tensor | None = None,
             past_key_values: Any = None, use_cache: bool = False, kv_cache: dict | None = None) -> IdeficsOutput:
-    """`Flamingo.forward`'s steps with IDEFICS's per-token image choice (`token_media`)."""
+    """`Flamingo.forward`'s steps over visual tokens encoded once (`encode_images`); in cached
+    decoding (media_offset), carried [B] is what the previous call's `media_after` says the next
+    token sees (none after an end-of-sequence token)."""
     media = model.media_context(input_ids, visual_tokens, num_media=num_media, media_offset=media_offset,
-                                kv_cache=kv_cache)
-    media.token_media = token_media(model, input_ids, media_offset, carried)
+                                kv_cache=kv_cache, media_seen=carried)
     out = model.logits_and_cache(input_ids, media, attention_mask=attention_mask, past_key_values=past_key_values,
                                  use_cache=use_cache)
     return IdeficsOutput(logits=out.logits, past_key_values=out.past_key_values,
-                         media_after=media_after(model, input_ids, media.token_media))
+                         media_after=model.media_after(input_ids, media))
 
 
 @torch.no_grad()
