@@ -192,6 +192,26 @@ def test_a_folder_of_images_with_a_few_shot_prompt(model, tmp_path):
         assert results[colour]["text"] == expected, colour
 
 
+def test_webdataset_shards_with_their_own_fields_or_the_default_prompt(model, tmp_path):
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "shard-000.tar")) as shard:
+        shard.write({"__key__": "a", "png": png_bytes("green")})
+        shard.write({"__key__": "b", "png": png_bytes("yellow"),
+                     "json": json.dumps({"id": "own", "prompt": "<image>This is a", "max_tokens": 3}).encode()})
+        shard.write({"__key__": "c", "txt": b"no image"})
+    summary = run_batch(model, tmp_path / "shard-000.tar", tmp_path / "out.jsonl", progress=False,
+                        defaults=BatchDefaults("<image>An image of"), settings=ServerSettings(default_max_tokens=4))
+    assert (summary.written, summary.rejected) == (2, 1)
+    results = by_id(tmp_path / "out.jsonl")
+    assert results["a"]["text"] == generate_text(model, text_prompt("<image>An image of", [solid_image("green")]),
+                                                 max_new_tokens=4)
+    assert results["own"]["text"] == generate_text(model, text_prompt("<image>This is a", [solid_image("yellow")]),
+                                                   max_new_tokens=3)
+    reject = read_jsonl(tmp_path / "out.rejects.jsonl")[0]
+    assert reject["id"] == "c" and reject["reason"].startswith("images: the prompt has 1 <image> placeholder(s) but 0")
+
+
 def test_the_command_refuses_bad_options_before_loading_a_model(tmp_path, capsys, monkeypatch):
     write_jsonl(tmp_path / "in.jsonl", few_shot_records(1))
     assert main(["batch", str(tmp_path / "nowhere.jsonl"), str(tmp_path / "out.jsonl")]) == 2
