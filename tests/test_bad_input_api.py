@@ -240,7 +240,7 @@ def test_save_pretrained_on_a_full_disk(saved_model, lm_dir, tmp_path, monkeypat
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(weights, "save_file", full)
+    monkeypatch.setattr("flamingo.model.tensor_files.save_file", full)
     expect_user_error(lambda: weights.save_pretrained(model, tmp_path / "out"),
                       expect=["out", "No space left on device"], watch=[tmp_path], allowed=[tmp_path / "out"])
     assert not (tmp_path / "out" / "bridge.safetensors").exists()

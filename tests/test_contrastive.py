@@ -360,7 +360,6 @@ def test_unwritable_outputs_and_a_missing_text_tower_are_one_line_errors(tmp_pat
     from safetensors import SafetensorError
 
     from bad_input import run_cli
-    from flamingo.model import weights
 
     def config(run_dir=str(tmp_path / "run"), **extra):
         path = tmp_path / "pretrain.yaml"
@@ -381,13 +380,13 @@ def test_unwritable_outputs_and_a_missing_text_tower_are_one_line_errors(tmp_pat
     def full(*args, **kwargs):  # what safetensors raises on a full disk (not an OSError)
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(weights, "save_file", full)  # the checkpoint's weights
+    monkeypatch.setattr("flamingo.model.tensor_files.save_file", full)  # the checkpoint's weights
     run_cli(["pretrain-vision", config()], expect=["step-00000001", os.strerror(errno.ENOSPC)], watch=[tmp_path],
             allowed=[tmp_path / "run"])
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == []
     monkeypatch.undo()
     monkeypatch.setattr("safetensors.torch.save_file", full)  # the tower's (save_vision_encoder's own import)
-    monkeypatch.setattr(weights, "save_file", lambda *a, **k: None)
+    monkeypatch.setattr("flamingo.model.tensor_files.save_file", lambda *a, **k: None)
     run_cli(["pretrain-vision", config(run_dir=str(tmp_path / "run2"))], expect=["vision", os.strerror(errno.ENOSPC)],
             watch=[tmp_path], allowed=[tmp_path / "run2"])
     assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == ["checkpoints", "metrics.jsonl"]

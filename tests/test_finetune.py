@@ -282,7 +282,7 @@ def test_unwritable_outputs_are_one_line_errors_and_leave_nothing_half_written(s
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(trainer.Trainer, "save_checkpoint", lambda self: None)  # only the final model is written
-    monkeypatch.setattr(weights, "save_file", full)
+    monkeypatch.setattr("flamingo.model.tensor_files.save_file", full)
     run_cli(["finetune", str(path), f"train.run_dir={tmp_path / 'run'}", "train.steps=1"],
             expect=[str(tmp_path / "run" / "final"), os.strerror(errno.ENOSPC)], watch=[setup, tmp_path],
             allowed=[tmp_path / "run"])
@@ -296,7 +296,7 @@ def test_unwritable_outputs_are_one_line_errors_and_leave_nothing_half_written(s
     ({"task": "rareact"}, "zero-shot only"),
     ({"unfreeze": {"lm_blocks": [9]}}, "unfreeze.lm_blocks: expected block indices < 4"),
     ({"image_size": 36}, "multiple of the clip patch size 8"),
-    ({"train": {"datasets": []}}, "other than model, datasets and init_from"),
+    ({"train": {"datasets": []}}, "other than model, datasets, init_from and lora"),
     ({"wise_alpha": [1.5]}, "wise_alpha"),
     ({"image_size": 1000000}, "image_size: expected null or an integer in [1, 4096]"),
 ])
@@ -316,11 +316,12 @@ def test_shipped_fine_tuning_configs_parse():
     from pathlib import Path
 
     paths = sorted((Path(__file__).parent.parent / "configs" / "finetune").glob("*.yaml"))
-    assert {p.name for p in paths} >= {"tiny-vqa.yaml", "vqav2.yaml"}
+    assert {p.name for p in paths} >= {"tiny-vqa.yaml", "tiny-vqa-lora.yaml", "vqav2.yaml"}
     for path in paths:
         config = load_finetune_config(path)
-        assert config.task == "vqav2" and config.unfreeze.vision and config.image_size
-        assert config.train["run_dir"] == f"runs/{path.stem}"
+        assert config.task == "vqav2" and config.train["run_dir"] == f"runs/{path.stem}"
+        # the paper's recipe (the encoder unfrozen at a higher resolution), or LoRA adapters alone
+        assert (config.unfreeze.vision and config.image_size) or (config.lora and not config.unfreeze.vision)
 
 
 def test_two_process_fine_tuning_matches_one_process_ddp_then_fsdp(setup):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import build_tiny, randomize_gates
+from conftest import FEATURE_DIM, build_tiny, randomize_gates
 from flamingo.errors import MissingExtra
 from flamingo.model.lora import (
     ADAPTER_CONFIG_FILE,
@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(lm_dir):
-    model = build_tiny(lm_dir("llama"))
+    # Fed features (no vision tower to fetch): a saved directory of it loads offline.
+    model = build_tiny(lm_dir("llama"), **{"vision.kind": "features", "vision.feature_dim": FEATURE_DIM})
     randomize_gates(model)
     return model.eval()
 
@@ -89,7 +90,7 @@ def test_merged_equals_unmerged_and_leaves_plain_layers(lm_dir):
     perturb_adapters(model)
     ids = batch()
     adapted = logits(model, ids)
-    assert merge_lora(model) == 7 * 4
+    assert len(merge_lora(model)) == 7 * 4
     assert (logits(model, ids) - adapted).abs().max().item() <= 1e-5
     assert not any(".lora_" in n for n, _ in model.named_parameters())
     assert type(model.lm.model.layers[1].self_attn.q_proj) is torch.nn.Linear
@@ -141,13 +142,34 @@ def test_bad_settings_are_one_clear_error(data, message):
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("pattern", ["qproj", "to_q"])  # a typo; a cross-attention (bridge) layer
-def test_a_target_matching_no_frozen_lm_layer_is_refused(lm_dir, pattern):
+@pytest.mark.parametrize("pattern", ["qproj", "lm_head"])  # a typo; the output head (not adaptable)
+def test_a_target_matching_no_adaptable_layer_is_refused(lm_dir, pattern):
     model = tiny(lm_dir)
     with pytest.raises(LoraError) as caught:
         apply_lora(model, LoraSettings(targets=[pattern]))
-    assert f"{pattern!r} matches none of the frozen language model's linear layers" in str(caught.value)
-    assert "q_proj" in str(caught.value)  # the names it could have used
+    assert f"{pattern!r} matches none of the linear layers LoRA can adapt" in str(caught.value)
+    assert "q_proj" in str(caught.value) and "to_q" in str(caught.value)  # the names it could have used
+
+
+def test_cross_attention_layers_take_adapters_and_keep_their_saved_names(lm_dir):
+    model = tiny(lm_dir)
+    ids = batch()
+    base = logits(model, ids)
+    bridge = model.trainable_state_dict()
+    targets = apply_lora(model, LoraSettings(rank=2, targets=["*cross_attn*"]))
+    assert len(targets) == 5 * 2  # to_q, to_kv, to_out, fc1, fc2 in each of the two blocks
+    assert all(".cross_attn." in t for t in targets)
+    assert torch.equal(logits(model, ids), base)
+    saved = model.trainable_state_dict()
+    assert saved.keys() == bridge.keys()  # PEFT's base_layer level is not in the saved names
+    assert all(saved[k] is bridge[k] for k in bridge)  # the same parameters, still trained
+    perturb_adapters(model)
+    adapted = logits(model, ids)
+    before = {k: v.detach().clone() for k, v in saved.items()}
+    merge_lora(model)
+    assert (logits(model, ids) - adapted).abs().max().item() <= 1e-5
+    changed = {k for k, v in model.trainable_state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".attn.to_" in k or ".ffw.fc" in k for k in changed)  # folded into the bridge
 
 
 def test_without_peft_the_message_names_the_extra(lm_dir, monkeypatch):
@@ -155,3 +177,46 @@ def test_without_peft_the_message_names_the_extra(lm_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     with pytest.raises(MissingExtra, match=r"needs the lora extra: pip install 'flamingo\[lora\]'"):
         apply_lora(model, LoraSettings())
+
+
+def adapted_directory(lm_dir, tmp_path):
+    """A saved model directory with adapters on LM and cross-attention layers, and its logits."""
+    from flamingo.model.weights import save_pretrained
+
+    model = tiny(lm_dir)
+    apply_lora(model, LoraSettings(rank=2, alpha=4, targets=["q_proj", "down_proj", "to_kv"]))
+    perturb_adapters(model)
+    directory = save_pretrained(model, tmp_path / "adapted")
+    save_adapters(model, directory)
+    return directory, logits(model, batch())
+
+
+def test_a_model_directory_with_adapters_loads_them(lm_dir, tmp_path):
+    from flamingo.model.weights import load_model, load_pretrained
+
+    directory, adapted = adapted_directory(lm_dir, tmp_path)
+    kept = load_pretrained(directory, merge_adapters=False).eval()
+    assert torch.equal(logits(kept, batch()), adapted)
+    merged = load_model(directory).eval()  # what generate, chat, serve and eval load: merged, no extra work per token
+    assert not any(".lora_" in name for name, _ in merged.named_parameters())
+    assert (logits(merged, batch()) - adapted).abs().max().item() <= 1e-5
+
+
+def test_merge_lora_writes_a_plain_model_directory(lm_dir, tmp_path, monkeypatch, capsys):
+    from flamingo.cli import main
+    from flamingo.model.lora import has_adapters
+    from flamingo.model.weights import load_pretrained
+
+    directory, adapted = adapted_directory(lm_dir, tmp_path)
+    out = tmp_path / "merged"
+    assert main(["merge-lora", str(directory), str(out)]) == 0
+    assert not has_adapters(out) and (out / "lm" / "config.json").is_file()  # the merged LM, saved beside
+    moved = tmp_path / "moved"
+    out.rename(moved)  # self-contained: the LM path is relative to the directory
+    monkeypatch.setitem(sys.modules, "peft", None)  # and loading it needs no PEFT
+    model = load_pretrained(moved).eval()
+    assert (logits(model, batch()) - adapted).abs().max().item() <= 1e-5
+
+    capsys.readouterr()
+    assert main(["merge-lora", str(moved), str(tmp_path / "again")]) != 0
+    assert "holds no LoRA adapters (no adapter_config.json): there is nothing to merge" in capsys.readouterr().err

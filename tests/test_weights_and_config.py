@@ -163,7 +163,6 @@ def test_a_language_model_runs_its_own_code_only_when_the_caller_allows_it(remot
 
 def test_save_pretrained_writes_a_whole_folder_or_nothing_and_overwrites_only_when_asked(lm_dir, tmp_path,
                                                                                           monkeypatch):
-    from flamingo.model import weights
     from flamingo.outputs import OutputExistsError
 
     model = build_tiny(lm_dir("llama"), seed=1)
@@ -176,7 +175,7 @@ def test_save_pretrained_writes_a_whole_folder_or_nothing_and_overwrites_only_wh
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(weights, "save_file", disk_full)
+    monkeypatch.setattr("flamingo.model.tensor_files.save_file", disk_full)
     with pytest.raises(UserError, match="model cannot be written: No space left"):  # a failed save: the old model is left as it was
         save_pretrained(model, out, overwrite=True)
     with pytest.raises(UserError, match="cannot be written: No space left"):  # ... and a new one leaves nothing

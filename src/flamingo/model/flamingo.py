@@ -264,9 +264,13 @@ class Flamingo(nn.Module):
                 for name, _ in module.named_parameters()}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{name}": param
+        """The trainable parameters by saved name. LoRA adapters (flamingo.model.lora) are saved apart,
+        in PEFT's format: their lora_* parameters are left out, and a layer they adapt keeps its own
+        name (PEFT nests it as `base_layer`)."""
+        return {f"{prefix}.{name.replace('.base_layer.', '.')}": param
                 for prefix, module in self.trainable_modules().items()
-                for name, param in module.named_parameters() if param.requires_grad}
+                for name, param in module.named_parameters()
+                if param.requires_grad and not any(part.startswith("lora_") for part in name.split("."))}
 
     # ----------------------------------------------------------------------------------- media
     def encode_media(self, pixel_values: torch.Tensor | None = None, *,

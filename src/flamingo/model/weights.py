@@ -6,18 +6,12 @@ strict and never unpickles anything.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from flamingo.errors import CheckpointError
 from flamingo.model.card import CARD_FILE, is_hub_id, write_card
@@ -25,34 +19,17 @@ from flamingo.model.config import FlamingoConfig
 from flamingo.model.embedded import ASSETS, EMBEDDED_MODEL, check_backbone_packages
 from flamingo.model.families import converted_family, family_of, load_converted, load_family
 from flamingo.model.flamingo import Flamingo
+from flamingo.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, has_adapters, load_adapters, merge_lora
 from flamingo.model.quantize import check_quantize_mode, quantize_model, quiet_torchao_import
+from flamingo.model.tensor_files import load_weights_file, save_tensors
 from flamingo.outputs import check_output_dir, publish, staging_dir
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "bridge.safetensors"
 # Where a derived model came from (fine-tuning: its base; WiSE-FT: alpha and both endpoints).
 PROVENANCE_FILE = "provenance.json"
-
-
-@contextlib.contextmanager
-def safetensors_os_errors() -> Iterator[None]:
-    """safetensors reports a failed write (disk full, read-only) as a SafetensorError: re-raise it
-    as the OSError it is, which the output writers (flamingo.outputs, checkpoints) turn into a
-    user error naming the path and clean up after."""
-    try:
-        yield
-    except SafetensorError as err:
-        found = re.search(r"\(os error (\d+)\)", str(err))
-        if found is None:
-            raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code)) from None
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, its write errors as OSError (see `safetensors_os_errors`)."""
-    with safetensors_os_errors():
-        save_file(tensors, str(path), metadata=metadata)
+# A language model saved inside a model directory (`flamingo merge-lora` writes the merged LM there).
+MERGED_LM_DIR = "lm"
 
 
 def write_model_files(folder: Path, tensors: dict[str, torch.Tensor], model_config: FlamingoConfig,
@@ -143,16 +120,6 @@ def load_trainable_weights(model: Flamingo, tensors: dict[str, torch.Tensor], so
                 param.copy_(tensors[key].to(param.dtype))
 
 
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"weights file {path} is not a readable safetensors file: {err}") from None
-
-
 def build_flamingo(config: FlamingoConfig, *, trust_remote_code: bool = False) -> Flamingo:
     """Build the backbones named by `config` (hub or local) and a freshly initialised bridge.
     A language model that needs its own code (`lm.trust_remote_code`) loads only with
@@ -167,14 +134,33 @@ def build_flamingo(config: FlamingoConfig, *, trust_remote_code: bool = False) -
     return Flamingo(config, lm, tokenizer, vision_encoder=build_vision_encoder(config.vision))
 
 
-def load_pretrained(directory: str | Path, *, trust_remote_code: bool = False) -> Flamingo:
-    """Rebuild a model saved with `save_pretrained` (see `build_flamingo` for `trust_remote_code`)."""
+def directory_config(directory: str | Path) -> FlamingoConfig:
+    """The config.yaml of a model directory, a relative LM path naming a folder inside the directory
+    (`flamingo merge-lora` writes the merged LM there) made absolute."""
+    directory = Path(directory)
+    config = FlamingoConfig.load(directory / CONFIG_FILE)
+    for key in ("name_or_path", "tokenizer"):
+        value = getattr(config.lm, key)
+        if value and not Path(value).is_absolute() and (directory / value).is_dir():
+            setattr(config.lm, key, str(directory.resolve() / value))
+    return config
+
+
+def load_pretrained(directory: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True) -> Flamingo:
+    """Rebuild a model saved with `save_pretrained` (see `build_flamingo` for `trust_remote_code`).
+    LoRA adapters saved beside it (a LoRA training run's, flamingo.model.lora) are loaded and, with
+    `merge_adapters`, folded into the layers they adapt (no extra work per token). See
+    `directory_config` for the LM's path."""
     directory = Path(directory)
     if converted_family(directory):  # written by `flamingo convert`: its frozen backbones come with it
         model = load_converted(directory)
     else:
-        model = build_flamingo(FlamingoConfig.load(directory / CONFIG_FILE), trust_remote_code=trust_remote_code)
+        model = build_flamingo(directory_config(directory), trust_remote_code=trust_remote_code)
     load_trainable_weights(model, load_weights_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
+    if has_adapters(directory):
+        load_adapters(model, directory)
+        if merge_adapters:
+            merge_lora(model)
     return model
 
 
@@ -237,6 +223,7 @@ def model_directory(spec: str | Path, revision: str | None = None) -> Path:
 
     try:
         return Path(snapshot_download(str(spec), revision=revision,
-                                      allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, PROVENANCE_FILE, CARD_FILE]))
+                                      allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, PROVENANCE_FILE, CARD_FILE,
+                                                      ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, f"{MERGED_LM_DIR}/*"]))
     except Exception as err:  # offline, unknown repository, no access: one clear line
         raise CheckpointError(f"model {spec!r} could not be fetched from the hub: {type(err).__name__}: {err}") from None

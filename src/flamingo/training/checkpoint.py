@@ -4,6 +4,7 @@ A checkpoint is a folder `step-00001000/` under the checkpoint directory holding
 
     config.yaml          the model's FlamingoConfig        } together a saved model directory:
     bridge.safetensors   the trainable weights             } `load_pretrained(folder)` works
+    adapter_*            a LoRA run's adapters, in PEFT's format (flamingo.model.lora)
     state.pt             optimizer, step, data positions, RNG states, counters (tensors and
                          plain Python values only; read back with torch.load(weights_only=True))
     train_config.yaml    the training config of the run

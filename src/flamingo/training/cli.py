@@ -1,5 +1,5 @@
-"""`flamingo train`, `finetune`, `wise-ft`, `pretrain-vision` and `plot`: `register(subparsers)` adds them
-to the main CLI.
+"""`flamingo train`, `finetune`, `wise-ft`, `merge-lora`, `pretrain-vision` and `plot`: `register(subparsers)`
+adds them to the main CLI.
 
 Run standalone as `python -m flamingo.training train ...` (same arguments).
 """
@@ -136,6 +136,13 @@ def _cmd_wise_ft(args: argparse.Namespace) -> None:
     print(f"WiSE-FT model (alpha {args.alpha:g}): {out}")
 
 
+def _cmd_merge_lora(args: argparse.Namespace) -> None:
+    from flamingo.model.merged import merge_lora_directory
+
+    out = merge_lora_directory(args.model, args.out, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    print(f"merged model: {out}")
+
+
 PRETRAIN_EPILOG = """examples:
   flamingo pretrain-vision configs/pretrain/tiny-cpu.yaml
   flamingo pretrain-vision configs/pretrain/tiny-cpu.yaml steps=400 optim.lr=3e-4 --resume
@@ -191,8 +198,8 @@ def _run_parser(subparsers: argparse._SubParsersAction, name: str, help: str, ep
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `train`, `finetune`, `wise-ft`, `pretrain-vision` and `plot` subcommands to the `flamingo`
-    command line."""
+    """Add the `train`, `finetune`, `wise-ft`, `merge-lora`, `pretrain-vision` and `plot` subcommands to the
+    `flamingo` command line."""
 
     _run_parser(subparsers, "train", "train the Flamingo bridge (resampler, xattn layers) from a training config",
                 TRAIN_EPILOG, "training config YAML (see configs/train/)", _cmd_train)
@@ -217,6 +224,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "provenance.json (or it records none)")
     add_trust_remote_code_option(wise)
     wise.set_defaults(func=_cmd_wise_ft)
+
+    merge = subparsers.add_parser(
+        "merge-lora", help="fold a model directory's LoRA adapters into a plain model directory",
+        description="Write OUT: the model DIR (trained with a lora section) with its adapters merged into the layers "
+                    "they adapt; adapted language-model layers are saved with the LM as OUT/lm.")
+    merge.add_argument("model", metavar="DIR", help="a model directory holding LoRA adapters (or a hub id)")
+    merge.add_argument("out", metavar="OUT", help="output model directory")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing model directory OUT")
+    add_trust_remote_code_option(merge)
+    merge.set_defaults(func=_cmd_merge_lora)
 
     _run_parser(subparsers, "pretrain-vision", "contrastive pretraining of a vision encoder with a text encoder "
                 "(paper B.1.3)", PRETRAIN_EPILOG, "pretraining config YAML (see configs/pretrain/)",

@@ -26,6 +26,7 @@ import yaml
 
 from flamingo.config_io import MAX_SEED, field_checker, fields_from_dict, load_structured, safe_yaml, short
 from flamingo.model.config import ConfigError, FlamingoConfig
+from flamingo.model.lora import LoraSettings
 
 Precision = Literal["fp32", "bf16"]
 FrozenDtype = Literal["auto", "float32", "bfloat16"]
@@ -180,6 +181,10 @@ class TrainConfig(YamlConfig):
         the cores divided among the local processes).
     max_nonfinite_in_a_row: stop when this many consecutive updates had a non-finite loss or
         gradient norm (each one is skipped and counted).
+    lora: LoRA adapters trained beside the bridge (flamingo.model.lora.LoraSettings: rank, alpha,
+        dropout, targets), saved in PEFT's format in every checkpoint and the final model; null: none.
+        Their parameters are named lora.<name in the LM> for optim.no_decay / lr_scale / lr_delay;
+        freeze the bridge with lr_scale {perceiver: 0, cross_attn: 0, new_token_embeddings: 0}.
     """
 
     model: FlamingoConfig
@@ -201,6 +206,7 @@ class TrainConfig(YamlConfig):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -263,10 +269,11 @@ class TrainConfig(YamlConfig):
         if not isinstance(model, dict):
             raise ConfigError(f"{source}: model: expected a mapping (a FlamingoConfig) or a path to one, "
                               f"got {type(model).__name__}")
-        kwargs = fields_from_dict(cls, data, source, skip={"model", "datasets"}, error=ConfigError)
+        lora = data.pop("lora", None)
+        kwargs = fields_from_dict(cls, data, source, skip={"model", "datasets", "lora"}, error=ConfigError)
         return cls(model=FlamingoConfig(**fields_from_dict(FlamingoConfig, model, source, "model", error=ConfigError)),
                    datasets=[_dataset_from_dict(d, source, f"datasets.{i}") for i, d in enumerate(datasets)],
-                   **kwargs)
+                   lora=None if lora is None else LoraSettings.from_dict(lora, f"{source}: lora"), **kwargs)
 
 
 def run_config_sections(data: Any, source: str, required: tuple[str, ...]) -> tuple[dict[str, Any], list[Any]]:

@@ -42,7 +42,7 @@ from flamingo.data.loader import FlamingoLoader, build_loader
 from flamingo.errors import cannot_load
 from flamingo.model.config import ConfigError
 from flamingo.model.vision import VisionEncoder, build_vision_encoder, save_vision_encoder
-from flamingo.model.weights import safetensors_os_errors, save_tensors
+from flamingo.model.tensor_files import safetensors_os_errors, save_tensors
 from flamingo.outputs import check_writable, publish, staging_dir
 from flamingo.training import checkpoint as ckpt
 from flamingo.training.contrastive_config import PretrainConfig

@@ -24,7 +24,8 @@ as it measures any other. The config (YAML; `load_finetune_config`):
     video_frames: 8                    # video tasks: frames per clip at video_fps (paper: 8 at 1 FPS)
     video_fps: 1.0
     wise_alpha: [0.5]                  # WiSE-FT models written after training (flamingo.training.wise_ft)
-    train:                             # any training-config field but model, datasets, init_from
+    lora: {rank: 8, targets: [q_proj, v_proj]}  # LoRA adapters too (flamingo.model.lora); null: none
+    train:                             # any training-config field but model, datasets, init_from, lora
       steps: 1000
       optim: {lr: 1.0e-5, lr_scale: {vision_encoder: 0.1}}
       schedule: {kind: cosine, warmup_steps: 50}
@@ -69,6 +70,7 @@ class FinetuneConfig:
     video_frames: int = 8
     video_fps: float = 1.0
     wise_alpha: list[float] = field(default_factory=list)
+    lora: dict[str, Any] | None = None
     train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,9 +82,9 @@ class FinetuneConfig:
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         check(all(0 <= a <= 1 and math.isfinite(a) for a in self.wise_alpha), "wise_alpha",
               "a list of numbers in [0, 1]", self.wise_alpha)
-        owned = sorted({"model", "datasets", "init_from"} & set(self.train))
-        check(not owned, "train", "training-config fields other than model, datasets and init_from (the "
-              "fine-tuning config sets those from base, task and data)", owned)
+        owned = sorted({"model", "datasets", "init_from", "lora"} & set(self.train))
+        check(not owned, "train", "training-config fields other than model, datasets, init_from and lora (the "
+              "fine-tuning config sets those from base, task, data and lora)", owned)
 
     def dataset(self) -> dict[str, Any]:
         """The `kind: task` dataset entry of the training config."""
@@ -92,9 +94,9 @@ class FinetuneConfig:
 
     def model_config(self, base_dir: Path) -> FlamingoConfig:
         """The base model's architecture, with this run's unfrozen parts and resolution."""
-        from flamingo.model.weights import CONFIG_FILE
+        from flamingo.model.weights import directory_config
 
-        config = FlamingoConfig.load(base_dir / CONFIG_FILE)
+        config = directory_config(base_dir)
         config.unfreeze = UnfreezeConfig(self.unfreeze.vision, list(self.unfreeze.lm_blocks))
         if self.image_size is not None:
             config.vision.image_size = self.image_size
@@ -104,7 +106,7 @@ class FinetuneConfig:
     def train_config(self, base_dir: Path, source: str = "fine-tuning config") -> TrainConfig:
         model = self.model_config(base_dir)
         config = TrainConfig.from_dict({**self.train, "model": model.to_dict(), "datasets": [self.dataset()],
-                                        "init_from": str(base_dir)}, source=source)
+                                        "init_from": str(base_dir), "lora": self.lora}, source=source)
         stored_low = model.lm.dtype != "float32" or config.frozen_dtype == "bfloat16"
         if model.unfreeze.lm_blocks and stored_low and config.precision != "bf16":
             # An fp32 block between reduced-precision frozen blocks hands them fp32 activations.

@@ -11,11 +11,14 @@ global token count of dataset m in the update (all-reduced before the forward pa
 update is the same for any split of the same samples over ranks and micro-batches: 2 ranks with
 batch 2 = 1 process with batch 4 = 1 process with batch 2 and accumulation 2.
 
+With a `lora:` section, LoRA adapters (flamingo.model.lora) train beside the bridge and are saved
+in PEFT's format next to its weights in every checkpoint and in the final model directory.
+
 An update whose loss or gradient norm is not finite is skipped (no optimizer step) and counted;
 `max_nonfinite_in_a_row` consecutive ones stop the run with a `TrainingError`.
 
 Resuming (`resume="auto"` or a checkpoint path) restores trainable weights, optimizer state,
-step, data positions and RNG states, so a run killed at any point and resumed from its last
+step, data positions, RNG states and LoRA adapters, so a run killed at any point and resumed from its last
 checkpoint ends with the same weights as a run never interrupted (bit-exact on CPU in a single
 process; under DDP/FSDP up to the nondeterminism of collectives).
 """
@@ -40,6 +43,14 @@ from flamingo.data.batch import Batch
 from flamingo.errors import UserError
 from flamingo.model.config import ConfigError
 from flamingo.model.flamingo import Flamingo
+from flamingo.model.lora import (
+    apply_lora,
+    has_adapters,
+    load_adapter_weights,
+    lora_parameters,
+    lora_state_dict,
+    write_adapters,
+)
 from flamingo.model.weights import (
     WEIGHTS_FILE,
     load_trainable_weights,
@@ -149,9 +160,22 @@ class Trainer:
             base = load_weights_file(path)
             self.provenance = {"base": {"spec": base_spec or config.init_from, "directory": str(config.init_from),
                                         "weights_sha256": weights_digest(base)}}
+            if has_adapters(path.parent):
+                raise ConfigError(f"init_from: {config.init_from} holds LoRA adapters, which a run does not start "
+                                  f"from; fold them into a plain model directory first: flamingo merge-lora "
+                                  f"{config.init_from} OUT, then start from OUT")
+        if config.lora is not None:
+            with torch.random.fork_rng():  # the same adapters on every rank, whatever ran before
+                torch.manual_seed(config.seed)
+                apply_lora(model, config.lora)
         if resume_from is not None:
             tensors, resume_state = ckpt.load_checkpoint(resume_from)
             load_trainable_weights(model, tensors, source=str(resume_from))
+            if config.lora is not None:
+                load_adapter_weights(model, resume_from)
+            elif has_adapters(resume_from):
+                raise ConfigError(f"checkpoint {resume_from} holds LoRA adapters but the config has no lora "
+                                  f"section: resume with the lora settings it was trained with")
         elif config.init_from:
             # A bridge-only model may start a run that unfreezes backbone parts (fine-tuning).
             load_trainable_weights(model, base, source=str(path), backbone_defaults=True)
@@ -163,7 +187,10 @@ class Trainer:
         model.to(rt.device)
         model.train()
         self.module = wrap_model(model, rt, config)
-        self.optimizer = build_optimizer(unwrap(self.module).trainable_state_dict(), config.optim)
+        wrapped = unwrap(self.module)
+        self.optimizer = build_optimizer({**wrapped.trainable_state_dict(),
+                                          **{f"lora.{n}": p for n, p in lora_parameters(wrapped).items()}},
+                                         config.optim)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
         self.sources = sources if sources is not None else build_sources(config, model, rt.rank, rt.world_size)
@@ -469,7 +496,7 @@ class Trainer:
         """Checkpoint the run (a collective: every rank must call it); returns the folder."""
         rt = self.runtime
         model = unwrap(self.module)
-        tensors = {k: full_tensor(v.detach()) for k, v in model.trainable_state_dict().items()}
+        tensors, adapters = self._model_tensors(model)
         optimizer_state = self._optimizer_state()
         data_states = gather_objects({n: s.state_dict() for n, s in self.sources.items()}, rt)
         rng_states = gather_objects(ckpt.rng_state(), rt)
@@ -485,8 +512,9 @@ class Trainer:
                 "counters": {"skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                              "tokens_seen": self.tokens_seen},
             }
-            path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, state, model.config,
-                                        self.config.to_yaml(), keep=self.config.checkpoint.keep)
+            path = ckpt.save_checkpoint_files(self.checkpoint_dir, self.step,
+                                              lambda folder: self._write_model(model, folder, tensors, adapters),
+                                              state, self.config.to_yaml(), keep=self.config.checkpoint.keep)
         barrier(rt)
         self.last_checkpoint = path or self.checkpoint_dir / ckpt.checkpoint_name(self.step)
         return self.last_checkpoint
@@ -520,16 +548,29 @@ class Trainer:
             raise ckpt.CheckpointLoadError(f"checkpoint {self.resumed_from}: its {part} cannot be restored "
                                            f"({type(err).__name__}: {str(err)[:200]})") from None
 
+    def _model_tensors(self, model: Flamingo) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The whole trainable weights and LoRA adapters (None without) of a model directory; a
+        collective under FSDP (the shards are gathered)."""
+        tensors = {k: full_tensor(v.detach()) for k, v in model.trainable_state_dict().items()}
+        return tensors, lora_state_dict(model) if self.config.lora is not None else None
+
+    def _write_model(self, model: Flamingo, folder: Path, tensors: dict[str, torch.Tensor],
+                     adapters: dict[str, torch.Tensor] | None, provenance: dict[str, Any] | None = None) -> None:
+        """A model directory's files (config.yaml, bridge.safetensors, the adapters in PEFT's format)."""
+        write_model_files(folder, tensors, model.config, provenance)
+        if adapters is not None:
+            write_adapters(model, folder, adapters)
+
     def save_final(self) -> Path | None:
         """The trained model as a model directory RUN_DIR/final (config.yaml + bridge.safetensors, and
         provenance.json naming the `init_from` model it started from)."""
         model = unwrap(self.module)
-        tensors = {k: full_tensor(v.detach()) for k, v in model.trainable_state_dict().items()}
+        tensors, adapters = self._model_tensors(model)
         final = None
         if self.runtime.is_main:
             final = self.run_dir / FINAL_DIR
             with staging_dir(final) as staged:
-                write_model_files(staged, tensors, model.config, self.provenance)
+                self._write_model(model, staged, tensors, adapters, self.provenance)
                 publish(staged, final)
         barrier(self.runtime)
         return final

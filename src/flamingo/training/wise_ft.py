@@ -8,7 +8,8 @@ parts either of them unfroze (`FlamingoConfig.unfreeze`); a part unfrozen in one
 its pretrained backbone value in the other. Everything else is the same frozen backbone in both.
 The result is a normal model directory: the fine-tuned model's config (its resolution) with the
 union of both unfrozen sets; alpha 0 and 1 give the two endpoints bit for bit (alpha 0: the
-zero-shot model's config and tensors). Its provenance.json records alpha and both endpoints (spec
+zero-shot model's config and tensors). LoRA adapters of the fine-tuned model (a LoRA fine-tune) are
+interpolated too: their update is scaled by alpha. Its provenance.json records alpha and both endpoints (spec
 and hash of their trainable weights). The zero-shot model must be the fine-tuned model's base, as
 the fine-tuned model's provenance.json records it, unless `force`.
 """
@@ -23,12 +24,14 @@ import torch
 from flamingo.config_io import short
 from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig, UnfreezeConfig
+from flamingo.model.lora import copy_adapters, has_adapters
 from flamingo.model.weights import (
     CONFIG_FILE,
     PROVENANCE_FILE,
     WEIGHTS_FILE,
     build_flamingo,
     check_finite,
+    directory_config,
     load_weights_file,
     read_provenance,
     weights_digest,
@@ -88,10 +91,12 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
     their directories)."""
     _check_alpha(alpha)
     zero_shot_dir, fine_tuned_dir = Path(zero_shot_dir), Path(fine_tuned_dir)
+    if has_adapters(zero_shot_dir):
+        raise WiseFTError(f"{zero_shot_dir} holds LoRA adapters: fold them into a plain model directory first "
+                          f"(flamingo merge-lora) and interpolate from that")
     _check_out_apart(Path(out_dir), {"zero-shot": zero_shot_dir, "fine-tuned": fine_tuned_dir})
     out_dir = check_output_dir(out_dir, overwrite, "model directory", ours=(CONFIG_FILE, WEIGHTS_FILE))
-    zs_config = FlamingoConfig.load(zero_shot_dir / CONFIG_FILE)
-    ft_config = FlamingoConfig.load(fine_tuned_dir / CONFIG_FILE)
+    zs_config, ft_config = directory_config(zero_shot_dir), directory_config(fine_tuned_dir)
     # The architecture and backbones must be the same: checked before any backbone is built
     # (which may download a language model).
     zs_fields, ft_fields = _flat(zs_config), _flat(ft_config)
@@ -128,6 +133,8 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
                               "forced": force}}
     with staging_dir(out_dir) as staged:
         write_model_files(staged, mixed, config, provenance)
+        if has_adapters(fine_tuned_dir) and alpha > 0:  # the adapted layers' weights, interpolated
+            copy_adapters(fine_tuned_dir, staged, scale=alpha)
         publish(staged, out_dir)
     return out_dir
 
