@@ -122,7 +122,7 @@ class TaskEvaluator:
         for d in demos:
             if not text_only:
                 items.append(self.media.get(d))
-            items.append(self.task.demo_text(d) + EOC)
+            items.append(self.task.demo_text(d) + self.model.config.end_of_chunk_token)
         return items
 
     def _num_tokens(self, text: str, special: bool) -> int:
@@ -130,7 +130,8 @@ class TaskEvaluator:
 
     def _context_text(self, demos: Sequence[Sample], text_only: bool) -> str:
         image = "" if text_only else self.model.config.media_token
-        return "".join(image + self.task.demo_text(d) + EOC for d in demos)
+        eoc = self.model.config.end_of_chunk_token  # <|endofchunk|>; Llama 3.2 Vision: <|eot_id|>
+        return "".join(image + self.task.demo_text(d) + eoc for d in demos)
 
     def _room_needed(self, query: Sample) -> int:
         """Tokens after the query text: new tokens (open-ended) or the longest candidate."""
