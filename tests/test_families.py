@@ -627,3 +627,30 @@ def test_flamingo_eval_offline_runs_on_an_mllama_checkpoint(served, tmp_path):
     assert main(["eval-offline", "--model", str(directory), "--task", "induction", "--shots", "0,2", "--seeds", "1",
                  "--episodes", "3", "--json", str(tmp_path / "out.json")]) in (0, None)
     assert (tmp_path / "out.json").is_file() and json.loads((tmp_path / "out.json").read_text())
+
+
+def test_mllama_prompts_encoded_together_equal_each_alone(served):
+    """Prompts with 0 to 4 images, one with text before its images (which sees every image, and
+    must not see another prompt's padding image slots), encoded in one batch and continued one
+    step: the logits equal each prompt's alone."""
+    from flamingo.inference.state import encode_prompts
+
+    _, model = served
+    prompts = [text_prompt_of(text, [decoded(PICTURES[i]) for i in pictures])
+               for text, pictures in (ENGINE_REQUESTS[i] for i in (1, 2, 3, 4))]
+    together = encode_prompts(model, prompts)
+    alone = [encode_prompts(model, [prompt]) for prompt in prompts]
+    for row, state in enumerate(alone):
+        assert float((together.next_token_logits[row] - state.next_token_logits[0]).abs().max()) <= TOLERANCE, row
+    token = torch.tensor([[7]] * len(prompts))
+    with torch.no_grad():
+        stepped = together.step(model, token)[:, -1]  # the states step in place
+        for row, state in enumerate(alone):
+            assert float((stepped[row] - state.step(model, token[:1])[0, -1]).abs().max()) <= TOLERANCE, row
+        # the step's token sees the whole group of the last two images, as in one uncached forward pass
+        text, pictures = ENGINE_REQUESTS[1]
+        ids = torch.tensor([mllama.MLLAMA.tokenize(model, text, True) + [7]])
+        media = mllama.MLLAMA.encode(model, [[mllama.MLLAMA.preprocess(model, [decoded(PICTURES[i])])
+                                              for i in pictures]])
+        full = mllama.forward(model, ids, visual_tokens=media.visual_tokens, key_mask=media.key_mask).logits
+        assert float((stepped[0] - full[0, -1]).abs().max()) <= TOLERANCE
