@@ -289,8 +289,8 @@ def test_an_idefics_instruct_chat_is_the_model_cards_format(family, saved):
     ids, finish = idefics.generate_ids(model, ours, max_new_tokens=10)
     assert ids == expected.tolist()[:len(ids)]
     assert finish == "stop_token" or len(ids) == 10
-    with pytest.raises(UserError, match="role 'system'"):
-        idefics.chat_inputs(model, [{"role": "system", "content": "t5"}])
+    with pytest.raises(UserError, match="role 'tool'"):
+        idefics.chat_inputs(model, [{"role": "tool", "content": "t5"}])
 
 
 # The published config.json of HuggingFaceM4/idefics-9b and idefics-80b (their -instruct variants share the
@@ -325,3 +325,147 @@ def test_flamingo_params_on_the_published_idefics_configs(name, tmp_path, capsys
         reference = IdeficsForVisionText2Text(IdeficsConfig.from_pretrained(str(tmp_path)))
     assert total == sum(p.numel() for p in reference.parameters()) == PUBLISHED_TOTALS[name]
     assert "gated xattn-dense layers" in report and "perceiver resampler" in report
+
+
+# ------------------------------------------------------------ the generic inference and serving code
+def reference_answer(processor, reference, items, max_new_tokens: int, **processor_kwargs) -> str:
+    """transformers' greedy generate on the processor's inputs, cut at </s> or <end_of_utterance>, decoded."""
+    inputs = processor(text=[items], return_tensors="pt", **processor_kwargs)
+    with torch.no_grad():
+        new = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    ids = new.tolist()
+    cut = [i for i, t in enumerate(ids) if t in (2, END_OF_UTTERANCE)]
+    return processor.tokenizer.decode(ids[:cut[0]] if cut else ids, skip_special_tokens=True)
+
+
+def test_the_family_interface_tokenizes_and_preprocesses_as_the_processor(family, saved):
+    from flamingo.inference.prompt import interleaved_prompt
+    from flamingo.model.families import media_family
+
+    processor, _, _ = family
+    model = load_model(saved)
+    family_io = media_family(model)
+    assert family_io is idefics.MEDIA_FAMILY
+    pictures = [image(50, 70, 40), image(51, 20, 50), image(52, 30, 30)]
+    items = ["t9", pictures[0], "t5 t6", pictures[1], pictures[2], "t7"]
+    prompt = interleaved_prompt(items, model.config.media_token)
+    theirs = processor(text=[items], return_tensors="pt")
+    assert family_io.tokenize(model, prompt.text, True) == theirs["input_ids"][0].tolist()
+    pixels = torch.stack([family_io.preprocess(model, frames)[0] for frames in prompt.media])
+    assert torch.equal(pixels, theirs["pixel_values"][0])
+
+
+def test_generate_text_and_a_few_shot_context_on_a_loaded_idefics_equal_the_reference(family, saved):
+    from flamingo.inference import FewShotContext, generate_text
+
+    processor, reference, _ = family
+    model = load_model(saved)
+    query = [image(42, 30, 30), "t9"]
+    assert generate_text(model, query, max_new_tokens=10) == reference_answer(processor, reference, query, 10)
+    support = [image(40, 50, 50), "t5 t6<end_of_utterance>", image(41, 80, 30), "t7 t8<end_of_utterance>"]
+    expected = reference_answer(processor, reference, support + query, 8)
+    assert generate_text(model, support + query, max_new_tokens=8) == expected
+    context = FewShotContext(model, support)
+    assert context.generate([query], max_new_tokens=8)[0].text == expected
+
+
+def test_an_idefics_chat_through_the_generic_code_is_the_instruct_format(family, saved):
+    from flamingo.inference import generate_text
+    from flamingo.inference.prompt import Prompt
+    from flamingo.model.families import MEDIA, ChatMessage
+
+    processor, reference, _ = family
+    model = load_model(saved)
+    pictures = [image(43, 40, 40), image(44, 60, 30)]
+    messages = [ChatMessage("system", ["t20 t21"]), ChatMessage("user", ["t5 t6", MEDIA]),
+                ChatMessage("assistant", ["t7 t8"]), ChatMessage("user", [MEDIA, "t9"])]
+    text = idefics.MEDIA_FAMILY.chat_text(model, messages)
+    items = idefics.chat_items([{"role": m.role, "content": [pictures[0] if p is MEDIA and i < 2 else
+                                                             pictures[1] if p is MEDIA else p for p in m.content]}
+                                for i, m in enumerate(messages)])
+    theirs = processor(text=[items], add_end_of_utterance_token=False, return_tensors="pt")
+    assert idefics.MEDIA_FAMILY.tokenize(model, text, True) == theirs["input_ids"][0].tolist()
+    answer = generate_text(model, Prompt(text, [[p] for p in pictures]), max_new_tokens=8)
+    assert answer == reference_answer(processor, reference, items, 8, add_end_of_utterance_token=False)
+
+
+ENGINE_SUPPORT = "<image>t5 t6<end_of_utterance><image>t7 t8<end_of_utterance>"
+ENGINE_PICTURES = [image(60 + i, *size) for i, size in enumerate([(40, 30), (28, 28), (90, 25), (30, 70)])]
+ENGINE_REQUESTS = [  # few-shot prompts over one support set, consecutive images, text only: 0 to 4 images
+    (ENGINE_SUPPORT + "<image>t9", [0, 1, 2]),
+    ("t9 t47<image> t5 t6<image><image> t7", [3, 2, 0]),
+    (ENGINE_SUPPORT + "<image><image>t46", [0, 1, 2, 3]),
+    ("t5 t6 t7", []),
+    (ENGINE_SUPPORT + "<image>t44 t45", [0, 1, 3]),
+]
+
+
+def png(picture: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def engine_reference(model, text: str, pictures: list[int], max_new_tokens: int) -> str:
+    from flamingo.inference import generate_text, text_prompt
+
+    return generate_text(model, text_prompt(text, [ENGINE_PICTURES[i] for i in pictures]),
+                         max_new_tokens=max_new_tokens)
+
+
+def run_engine_one_by_one(model, requests, config, max_tokens: int):
+    import asyncio
+
+    from flamingo.serving.engine import Engine, EngineRequest, SamplingParams
+
+    async def main():
+        engine = Engine(model, config)
+        await engine.start()
+        try:
+            answers = []
+            for text, pictures in requests:
+                answer = ""
+                async for delta in engine.generate(EngineRequest(text, [png(ENGINE_PICTURES[i]) for i in pictures],
+                                                                 SamplingParams(max_tokens=max_tokens))):
+                    answer += delta.text
+                answers.append(answer)
+            return answers, engine.metrics
+        finally:
+            await engine.stop()
+    return asyncio.run(main())
+
+
+def run_engine_together(model, requests, config, max_tokens: int):
+    import asyncio
+
+    from flamingo.serving.engine import Engine, EngineRequest, SamplingParams
+
+    async def collect(stream):
+        return "".join([delta.text async for delta in stream])
+
+    async def main():
+        engine = Engine(model, config)
+        streams = [engine.generate(EngineRequest(text, [png(ENGINE_PICTURES[i]) for i in pictures],
+                                                 SamplingParams(max_tokens=max_tokens)))
+                   for text, pictures in requests]
+        await engine.start()
+        try:
+            return await asyncio.gather(*(collect(s) for s in streams))
+        finally:
+            await engine.stop()
+    return asyncio.run(main())
+
+
+def test_the_engine_on_a_loaded_idefics_batched_and_with_its_prefix_cache_equals_generate_text(family, saved):
+    from flamingo.serving.engine import EngineConfig
+
+    model = load_model(saved)
+    expected = [engine_reference(model, text, pictures, 6) for text, pictures in ENGINE_REQUESTS]
+    together = run_engine_together(model, ENGINE_REQUESTS, EngineConfig(max_running=3, prefix_cache_bytes=0), 6)
+    assert together == expected
+    requests = [ENGINE_REQUESTS[i] for i in (0, 2, 4, 0)]
+    answers, metrics = run_engine_one_by_one(model, requests, None, 6)
+    assert answers == [expected[i] for i in (0, 2, 4, 0)]
+    assert metrics.prefix_cache_hits._value.get() >= 2  # the support set's prefix served from the cache

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import re
+
 import torch
 
 from flamingo.errors import CheckpointError, UserError
@@ -46,6 +48,7 @@ from flamingo.model.config import (
     VisionConfig,
 )
 from flamingo.model.families.checkpoint import read_tensors
+from flamingo.model.families.interface import MEDIA, ChatMessage, EncodedMedia
 from flamingo.model.flamingo import Flamingo, FlamingoOutput
 from flamingo.model.vision import VisionEncoder
 
@@ -56,21 +59,47 @@ END_OF_UTTERANCE = "<end_of_utterance>"  # the -instruct models' end of turn
 ROLES = {"user": "User:", "assistant": "Assistant:"}  # the -instruct chat format (its model card)
 
 
+class IdeficsPixels:
+    """IDEFICS's image preprocessing (transformers' image processor: the image resized to a square,
+    no padding) behind our `ImageProcessor`'s interface, for the code that preprocesses through
+    `vision_encoder.image_processor()` (training data, retrieval, the generic inference path)."""
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+
+    def preprocess_image(self, image: Any) -> torch.Tensor:
+        return self.image_processor([image.convert("RGB")], return_tensors="pt")[0]
+
+    def preprocess_video(self, frames: Sequence[Any]) -> torch.Tensor:
+        return torch.stack([self.preprocess_image(frame) for frame in frames])
+
+    def __call__(self, images: Any) -> torch.Tensor:
+        return self.preprocess_video(images) if isinstance(images, (list, tuple)) else self.preprocess_image(images)
+
+
 class IdeficsVisionTower(VisionEncoder):
     """transformers' `IdeficsVisionTransformer` (CLIP ViT), frozen: images [K, 3, H, W] -> its
     last hidden state [K, 1 + patches, D] (the class token included, no final LayerNorm), which
-    IDEFICS feeds its resampler or its cross-attention layers."""
+    IDEFICS feeds its resampler or its cross-attention layers. `pixels`: its image preprocessing
+    (the checkpoint's own image processor once loaded)."""
 
     def __init__(self, model: torch.nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        from transformers import IdeficsImageProcessorPil
+
         config = model.config
         super().__init__(feature_dim=config.embed_dim, image_size=config.image_size, mean=tuple(mean),
                          std=tuple(std))
         self.model = model
         self.tokens_per_image = (config.image_size // config.patch_size) ** 2 + 1
+        self.pixels = IdeficsPixels(IdeficsImageProcessorPil(image_size=config.image_size, image_mean=list(mean),
+                                                             image_std=list(std)))
         self._freeze()
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixels.to(self._param_dtype())).last_hidden_state
+
+    def image_processor(self) -> IdeficsPixels:  # type: ignore[override]
+        return self.pixels
 
 
 def llama_config(hf_config: Any) -> Any:
@@ -343,16 +372,15 @@ def load_checkpoint(directory: str | Path) -> Flamingo:
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"{directory}: cannot read its IDEFICS config or tokenizer: "
                               f"{str(err).splitlines()[0][:300]}") from None
-    processor = _processor(directory)
-    image_processor = getattr(processor, "image_processor", None)
-    model = build_model(hf_config, tokenizer, source=str(directory),
-                        mean=getattr(image_processor, "image_mean", None), std=getattr(image_processor, "image_std", None))
+    model = build_model(hf_config, tokenizer, source=str(directory))
     load_state_dict(model, read_tensors(directory), source=str(directory))
-    model.processor = processor
+    model.processor = read_processor(directory)
+    if model.processor is not None:
+        model.vision_encoder.pixels = IdeficsPixels(model.processor.image_processor)
     return model.eval()
 
 
-def _processor(directory: Path) -> Any:
+def read_processor(directory: Path) -> Any:
     """The checkpoint's own `IdeficsProcessor`, None when the directory has no processor files."""
     from transformers import IdeficsProcessor
 
@@ -388,7 +416,8 @@ def _require_processor(model: Flamingo) -> Any:
     return processor
 
 
-def _check_items(items: Sequence[Any]) -> list[Any]:
+def _check_items(items: Sequence[Any], markers: bool = False) -> list[Any]:
+    """Prompt items: text and PIL images (and `MEDIA` markers where `markers`)."""
     from PIL import Image
 
     for item in items:
@@ -396,7 +425,7 @@ def _check_items(items: Sequence[Any]) -> list[Any]:
             if MEDIA_TOKEN in item or FAKE_TOKEN in item:
                 raise UserError(f"a text item contains {MEDIA_TOKEN!r} or {FAKE_TOKEN!r}; give the image itself "
                                 f"where it goes")
-        elif not isinstance(item, Image.Image):
+        elif not isinstance(item, Image.Image) and not (markers and item is MEDIA):
             raise UserError(f"prompt item of type {type(item).__name__}: expected text or a PIL image")
     return list(items)
 
@@ -413,9 +442,10 @@ def prompt_inputs(model: Flamingo, items: Sequence[Any], **processor_kwargs: Any
 def chat_items(messages: Sequence[dict[str, Any]]) -> list[Any]:
     """A chat -> the interleaved prompt of IDEFICS-instruct's format (its model card): each turn
     "User:" or "Assistant:" (after a newline but the first), its content, `<end_of_utterance>`;
-    then "\\nAssistant:" for the answer. messages: {"role": "user" or "assistant", "content": a str
-    or a list of str and PIL images, in order}. Adjacent texts are joined (the processor strips
-    spaces at the ends of each text item)."""
+    then "\\nAssistant:" for the answer; system messages (first) are written before the turns, each
+    on its line. messages: {"role": "system", "user" or "assistant", "content": a str or a list of
+    str and images (PIL images, or `MEDIA` markers), in order}. Adjacent texts are joined (the
+    processor strips spaces at the ends of each text item)."""
     items: list[Any] = []
 
     def add(part: Any) -> None:
@@ -424,15 +454,21 @@ def chat_items(messages: Sequence[dict[str, Any]]) -> list[Any]:
         else:
             items.append(part)
 
-    for index, message in enumerate(messages):
-        role = message.get("role")
+    turns = 0
+    for message in messages:
+        role, content = message.get("role"), message.get("content")
+        parts = [content] if isinstance(content, str) else list(content or [])
+        if role == "system" and turns == 0 and all(isinstance(part, str) for part in parts):
+            add("".join(parts).strip() + "\n")
+            continue
         if role not in ROLES:
-            raise UserError(f"chat message role {role!r}: IDEFICS-instruct's format has {', '.join(ROLES)}")
-        content = message.get("content")
-        add(("\n" if index else "") + ROLES[role] + (" " if isinstance(content, str) else ""))
-        for part in _check_items([content] if isinstance(content, str) else list(content or [])):
+            raise UserError(f"chat message role {role!r}: IDEFICS-instruct's format has {', '.join(ROLES)} "
+                            f"(and text-only system messages first)")
+        add(("\n" if turns else "") + ROLES[role] + (" " if isinstance(content, str) else ""))
+        for part in _check_items(parts, markers=True):
             add(part)
         add(END_OF_UTTERANCE)
+        turns += 1
     add("\n" + ROLES["assistant"])
     return items
 
@@ -462,3 +498,55 @@ def generate_ids(model: Flamingo, items: Any, *, max_new_tokens: int = 20) -> tu
     ids = new[0].tolist()
     ends = [i for i, token in enumerate(ids) if token in stops]
     return (ids[:ends[0]], "stop_token") if ends else (ids, "length")
+
+
+# ------------------------------------------------------------------ the generic code's interface
+class IdeficsFamily:
+    """`flamingo.model.families.interface.MediaFamily` for IDEFICS: prompt text tokenized as its
+    processor writes it (BOS, fake tokens around each run of images), images through its image
+    processor and our `encode_media`, chats in IDEFICS-instruct's format."""
+
+    name = FAMILY
+    chat_stop_strings: tuple[str, ...] = ()  # a turn ends with <end_of_utterance>, the end-of-chunk token
+
+    def tokenize(self, model: Flamingo, text: str, add_special_tokens: bool) -> list[int]:
+        """As `IdeficsProcessor`: `<fake_token_around_image>` before and after each image (one
+        between consecutive images), and for a whole prompt BOS written before the text; no other
+        special tokens."""
+        text = re.sub(f"(?:{re.escape(MEDIA_TOKEN)})+",
+                      lambda run: FAKE_TOKEN + (MEDIA_TOKEN + FAKE_TOKEN) * (len(run.group()) // len(MEDIA_TOKEN)), text)
+        if add_special_tokens and model.tokenizer.bos_token is not None:
+            text = model.tokenizer.bos_token + text
+        return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def preprocess(self, model: Flamingo, frames: Sequence[Any]) -> torch.Tensor:
+        """One image -> pixel_values [1, 3, H, W] from the checkpoint's image processor."""
+        if len(frames) != 1:
+            raise UserError(f"an IDEFICS model takes images, not videos (got {len(frames)} frames)")
+        return model.vision_encoder.image_processor().preprocess_video(list(frames))
+
+    def encode(self, model: Flamingo, media: Sequence[Sequence[torch.Tensor]], chunk: int | None = None
+               ) -> EncodedMedia:
+        """Per prompt its images' pixels -> visual tokens [B, N, R, D] (padding slots: zeros)."""
+        device = model.perceiver.latents.device
+        counts = torch.tensor([len(row) for row in media], device=device)
+        slots, size = max([len(row) for row in media], default=0), model.vision_encoder.image_size
+        pixels = torch.zeros(len(media), slots, 1, 3, size, size)
+        for b, row in enumerate(media):
+            for j, item in enumerate(row):
+                pixels[b, j] = item
+        with torch.no_grad():
+            tokens = model.encode_media(pixels.to(device), num_media=counts)
+        return EncodedMedia(tokens, counts)
+
+    def chat_text(self, model: Flamingo, messages: Sequence[ChatMessage]) -> str:
+        """IDEFICS-instruct's chat format (`chat_items`), with the media token where images go,
+        each text stripped of spaces at its ends as the processor strips its text items."""
+        if model.config.end_of_chunk_token != END_OF_UTTERANCE:
+            raise UserError(f"this IDEFICS checkpoint has no {END_OF_UTTERANCE!r} token (a base model): use plain "
+                            f"prompts")
+        items = chat_items([{"role": m.role, "content": list(m.content)} for m in messages])
+        return "".join(part.strip(" ") if isinstance(part, str) else MEDIA_TOKEN for part in items)
+
+
+MEDIA_FAMILY = IdeficsFamily()
