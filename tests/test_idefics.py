@@ -469,3 +469,57 @@ def test_the_engine_on_a_loaded_idefics_batched_and_with_its_prefix_cache_equals
     answers, metrics = run_engine_one_by_one(model, requests, None, 6)
     assert answers == [expected[i] for i in (0, 2, 4, 0)]
     assert metrics.prefix_cache_hits._value.get() >= 2  # the support set's prefix served from the cache
+
+
+def test_flamingo_convert_of_an_idefics_checkpoint_computes_the_same(family, saved, tmp_path, capsys):
+    from flamingo.cli import main
+
+    processor, _, _ = family
+    model = load_model(saved)
+    assert main(["convert", str(saved), str(tmp_path / "ours")]) in (0, None)
+    assert "converted" in capsys.readouterr().out
+    converted = load_model(tmp_path / "ours")
+    inputs = processor(text=[["t9", image(70, 40, 40), "t5 t6", image(71, 30, 50), image(72, 60, 20), "t7"]],
+                       return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(run_ours(converted, inputs), run_ours(model, inputs))  # bit for bit
+    text, pictures = ENGINE_REQUESTS[2]
+    assert engine_reference(converted, text, pictures, 8) == engine_reference(model, text, pictures, 8)
+
+
+def test_a_training_step_on_a_converted_idefics_changes_only_its_trainable_parts(saved, tmp_path):
+    """One optimizer step on the next-token loss of an interleaved batch: the cross-attention layers,
+    the resampler (where there is one) and the extra vocabulary rows change; the frozen LLaMA and
+    CLIP tower stay bit-identical."""
+    from flamingo.model.families.convert import convert_family
+
+    model = load_model(convert_family(saved, tmp_path / "ours"))
+    family_io = idefics.MEDIA_FAMILY
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert len(trainable) == len(model.trainable_state_dict())
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    texts = [ENGINE_SUPPORT + "<image>t9 t44", "t5<image>t6 t7 t8"]
+    ids = [family_io.tokenize(model, text, True) for text in texts]
+    counts = torch.tensor([3, 1])
+    pixels = torch.zeros(2, 3, 1, 3, 28, 28)  # [B, N, T, 3, H, W]
+    for b, pictures in enumerate(([0, 1, 2], [3])):
+        for j, i in enumerate(pictures):
+            pixels[b, j] = family_io.preprocess(model, [ENGINE_PICTURES[i]])
+    width = max(map(len, ids))
+    input_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    labels = input_ids.masked_fill(mask == 0, -100)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    context = model.media_context(input_ids, model.encode_media(pixels, num_media=counts), num_media=counts)
+    nll = model.training_nll(input_ids, context, labels, attention_mask=mask)
+    nll.backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed <= trainable
+    crosses = {name for name in trainable if ".cross_attn." in name}
+    assert {name for name in changed if ".cross_attn." in name} == crosses
+    assert {"lm.model.embed_tokens.new_rows", "lm.lm_head.new_rows"} <= changed
+    if model.config.perceiver.kind == "resampler":
+        assert any(name.startswith("perceiver.") for name in changed)

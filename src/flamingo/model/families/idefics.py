@@ -523,7 +523,10 @@ class IdeficsFamily:
         """One image -> pixel_values [1, 3, H, W] from the checkpoint's image processor."""
         if len(frames) != 1:
             raise UserError(f"an IDEFICS model takes images, not videos (got {len(frames)} frames)")
-        return model.vision_encoder.image_processor().preprocess_video(list(frames))
+        processor = getattr(model, "processor", None)
+        pixels = IdeficsPixels(processor.image_processor) if processor is not None else \
+            model.vision_encoder.image_processor()
+        return pixels.preprocess_video(list(frames))
 
     def encode(self, model: Flamingo, media: Sequence[Sequence[torch.Tensor]], chunk: int | None = None
                ) -> EncodedMedia:
