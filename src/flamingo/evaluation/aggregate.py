@@ -44,7 +44,9 @@ def score_records(task: TaskSpec, records: list[dict], samples: dict[str, Sample
         labels = [int(s.label == "yes") for s in refs]
         return {task.metric: 100 * M.roc_auc(p_yes, labels)}
     if task.kind in ("classification", "choice"):
-        ranked, targets = [r["ranked"] for r in ok], [s.label for s in refs]
+        # A classification sample may accept several classes (ObjectNet: each ImageNet class of its class).
+        ranked = [r["ranked"] for r in ok]
+        targets = [s.answers if task.kind == "classification" else s.label for s in refs]
         out = {"top-1": 100 * M.topk_accuracy(ranked, targets, 1)}
         if task.kind == "classification":
             out["top-5"] = 100 * M.topk_accuracy(ranked, targets, 5)

@@ -387,11 +387,12 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def topk_accuracy(ranked: Sequence[Sequence[str]], targets: Sequence[str], k: int) -> float:
+def topk_accuracy(ranked: Sequence[Sequence[str]], targets: Sequence[str | Sequence[str]], k: int) -> float:
     """Fraction of samples whose target is among the first ``k`` ranked labels.
 
     ``ranked[i]`` is sample i's labels ordered best first (top-1: ``k=1``, top-5:
-    ``k=5``; ImageNet, Kinetics-700).
+    ``k=5``; ImageNet, Kinetics-700). ``targets[i]`` is a label, or a list of labels
+    any of which counts (ObjectNet: the ImageNet classes of an ObjectNet class).
     """
     if k < 1:
         raise MetricError(f"topk_accuracy: k must be >= 1, got {k}")
@@ -399,7 +400,7 @@ def topk_accuracy(ranked: Sequence[Sequence[str]], targets: Sequence[str], k: in
         raise MetricError(f"topk_accuracy: {len(ranked)} rankings but {len(targets)} targets")
     if not targets:
         raise MetricError("topk_accuracy: no samples")
-    hits = sum(t in list(r[:k]) for r, t in zip(ranked, targets))
+    hits = sum(not set(r[:k]).isdisjoint([t] if isinstance(t, str) else t) for r, t in zip(ranked, targets))
     return hits / len(targets)
 
 

@@ -38,6 +38,13 @@ class SplitPaths:
     video_map: Path | None = None  # id -> file name (MSVD youtube_mapping.txt, NextQA map_vid_vidorID.json)
     media_pattern: str | None = None  # file name under `media`, formatted with the record's fields
 
+    def required(self, name: str, where: str) -> Path:
+        """The path field `name`, which the task needs (`where`: "tasks.NAME.SPLIT", for the error)."""
+        value = getattr(self, name)
+        if value is None:
+            raise EvalDataError(f"data config: {where}.{name} is required for this task")
+        return value
+
 
 @dataclass
 class TaskData:

@@ -18,7 +18,8 @@ Formats (exactly what is read; anything else is an `EvalDataError` naming file a
   "round_id" (1-based), "gt_relevance": [100 floats]}]). With relevance, one sample per annotated
   round; without (train), the last round. Image = media/media_pattern, default
   "VisualDialog_val2018_{image_id:012d}.jpg".
-- `class_folders` (ImageNet): media/<folder>/<image files>, class_names JSON {folder: name}.
+- `class_folders` (ImageNet) and the ImageNet shifts (`imagenetv2`, `imagenet_r`, `imagenet_sketch`,
+  `imagenet_a`, `objectnet`): see `flamingo.data.benchmarks.imagenet`.
 - `video_qa` (MSVD-QA, MSRVTT-QA): JSON [{"video_id", "question", "answer", "id"?}]; video =
   media/media_pattern (MSRVTT "video{video_id}.mp4"; MSVD "{mapped}.avi" with video_map =
   youtube_mapping.txt, lines "NAME vidN", looked up as "vid{video_id}").
@@ -47,17 +48,17 @@ from typing import Any
 from collections.abc import Callable
 
 from flamingo.data.benchmarks.data_config import SplitPaths
+from flamingo.data.benchmarks.imagenet import (
+    load_class_folders,
+    load_imagenet_a,
+    load_imagenet_r,
+    load_imagenet_sketch,
+    load_imagenetv2,
+    load_objectnet,
+)
 from flamingo.data.benchmarks.samples import EvalDataError, Sample, get, items, read_csv, read_json, read_jsonl
-from flamingo.data.media import IMAGE_EXTS
 
 Loader = Callable[[SplitPaths, str, str], list[Sample]]  # (paths, split, "tasks.NAME.SPLIT") -> samples
-
-
-def _need(paths: SplitPaths, name: str, where: str) -> Path:
-    value = getattr(paths, name)
-    if value is None:
-        raise EvalDataError(f"data config: {where}.{name} is required for this task")
-    return value
 
 
 def _media_file(paths: SplitPaths, where: str, default_pattern: str, record: dict, source: Path,
@@ -67,7 +68,7 @@ def _media_file(paths: SplitPaths, where: str, default_pattern: str, record: dic
         name = pattern.format(**record)
     except (KeyError, IndexError, ValueError) as err:
         raise EvalDataError(f"{source}: {what}: media_pattern {pattern!r} needs field {err}") from None
-    return _need(paths, "media", where) / name
+    return paths.required("media", where) / name
 
 
 def _answers(raw: Any, path: Path, where: str) -> list[str]:
@@ -79,7 +80,7 @@ def _answers(raw: Any, path: Path, where: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- captions
 def load_karpathy(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     wanted = {"train": {"train", "restval"}, "test": {"test"}}[split]
     out = []
     for i, image in enumerate(items(read_json(path, "Karpathy split"), "images", path)):
@@ -89,13 +90,13 @@ def load_karpathy(paths: SplitPaths, split: str, where: str) -> list[Sample]:
         name = get(image, "filename", path, at, str)
         refs = [get(s, "raw", path, f"{at}.sentences", str) for s in get(image, "sentences", path, at, list)]
         ident = image.get("cocoid", image.get("imgid", name))
-        folder = _need(paths, "media", where) / image.get("filepath", "")
+        folder = paths.required("media", where) / image.get("filepath", "")
         out.append(Sample(str(ident), folder / name, answers=refs))
     return out
 
 
 def load_vatex(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     out = []
     for i, record in enumerate(items(read_json(path, "VATEX annotations"), None, path)):
         at = f"[{i}]"
@@ -106,7 +107,7 @@ def load_vatex(paths: SplitPaths, split: str, where: str) -> list[Sample]:
 
 
 def load_youcook2(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     database = get(read_json(path, "YouCook2 annotations"), "database", path, "top level", dict)
     subset = {"train": "training", "test": "validation"}[split]
     out = []
@@ -124,7 +125,7 @@ def load_youcook2(paths: SplitPaths, split: str, where: str) -> list[Sample]:
 
 # ----------------------------------------------------------------------------------- VQA
 def load_vqa(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    qpath, apath = _need(paths, "questions", where), _need(paths, "annotations", where)
+    qpath, apath = paths.required("questions", where), paths.required("annotations", where)
     questions = read_json(qpath, "VQA questions")
     answers: dict[Any, list[str]] = {}
     for i, a in enumerate(items(read_json(apath, "VQA annotations"), "annotations", apath)):
@@ -145,7 +146,7 @@ def load_vqa(paths: SplitPaths, split: str, where: str) -> list[Sample]:
 
 
 def _qa_list(paths: SplitPaths, where: str, key: str | None, what: str, pattern: str, id_field: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     out = []
     for i, record in enumerate(items(read_json(path, what), key, path)):
         at = f"{key or ''}[{i}]"
@@ -164,7 +165,7 @@ def load_vizwiz(paths: SplitPaths, split: str, where: str) -> list[Sample]:
 
 
 def load_hateful_memes(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     out = []
     for i, row in enumerate(read_jsonl(path, "HatefulMemes annotations"), 1):
         at = f"line {i}"
@@ -178,7 +179,7 @@ def load_hateful_memes(paths: SplitPaths, split: str, where: str) -> list[Sample
 
 
 def load_visdial(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     data = get(read_json(path, "VisDial annotations"), "data", path, "top level", dict)
     questions = get(data, "questions", path, "data", list)
     answers = get(data, "answers", path, "data", list)
@@ -227,25 +228,6 @@ def load_visdial(paths: SplitPaths, split: str, where: str) -> list[Sample]:
     return out
 
 
-def load_class_folders(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    root = _need(paths, "media", where)
-    names_path = _need(paths, "class_names", where)
-    names = read_json(names_path, "class names")
-    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
-        raise EvalDataError(f"{names_path}: expected a JSON object {{folder: class name}}")
-    if not root.is_dir():
-        raise EvalDataError(f"data config: {where}.media: {root} is not a folder of class folders")
-    out = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if folder.name not in names:
-            raise EvalDataError(f"{names_path}: no class name for folder {folder.name!r} of {root}")
-        for image in sorted(folder.iterdir()):
-            if image.suffix.lower().lstrip(".") in IMAGE_EXTS:
-                out.append(Sample(f"{folder.name}/{image.name}", image, answers=[names[folder.name]],
-                                  label=names[folder.name]))
-    return out
-
-
 # --------------------------------------------------------------------------------- video
 def _video_map(paths: SplitPaths) -> dict[str, str]:
     """id -> file stem: a JSON object, or text lines "NAME KEY" (MSVD's youtube_mapping.txt)."""
@@ -278,7 +260,7 @@ def _mapped(mapping: dict[str, str], key: str, path: Path, at: str) -> dict[str,
 
 
 def load_video_qa(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     mapping = _video_map(paths)
     out = []
     for i, record in enumerate(items(read_json(path, "video QA annotations"), None, path)):
@@ -293,7 +275,7 @@ def load_video_qa(paths: SplitPaths, split: str, where: str) -> list[Sample]:
 
 
 def load_ivqa(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     answer_cols = tuple(f"answer{k}" for k in range(1, 6))
     rows = read_csv(path, "iVQA annotations", ("video_id", "start", "end", "question") + answer_cols)
     out = []
@@ -309,7 +291,7 @@ def load_ivqa(paths: SplitPaths, split: str, where: str) -> list[Sample]:
 
 
 def load_nextqa(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     mapping = _video_map(paths)
     out = []
     for i, row in enumerate(read_csv(path, "NextQA annotations", ("video", "question", "answer", "qid"))):
@@ -322,7 +304,7 @@ def load_nextqa(paths: SplitPaths, split: str, where: str) -> list[Sample]:
 
 
 def load_star(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     out = []
     for i, record in enumerate(items(read_json(path, "STAR annotations"), None, path)):
         at = f"[{i}]"
@@ -339,7 +321,7 @@ def load_star(paths: SplitPaths, split: str, where: str) -> list[Sample]:
 
 
 def load_kinetics(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     out = []
     for i, row in enumerate(read_csv(path, "Kinetics annotations", ("label", "youtube_id", "time_start", "time_end"))):
         at = f"row {i + 2}"
@@ -389,7 +371,7 @@ def rareact_caption(verb: str, noun: str) -> str:
 
 
 def load_rareact(paths: SplitPaths, split: str, where: str) -> list[Sample]:
-    path = _need(paths, "annotations", where)
+    path = paths.required("annotations", where)
     rows = read_csv(path, "RareAct annotations", ("video_id", "start", "end", "verb", "noun", "annotation"))
     # One sample per clip; its rows (verb, noun, annotation), duplicates kept, feed mWAP.
     clips: OrderedDict[tuple[str, str, str], list[tuple[str, str, int]]] = OrderedDict()
@@ -423,8 +405,12 @@ def load_rareact(paths: SplitPaths, split: str, where: str) -> list[Sample]:
 
 
 def class_names_of(samples: list[Sample]) -> list[str]:
-    """The candidate classes of a classification split: every label, sorted (deterministic)."""
-    return sorted({s.label for s in samples})
+    """The candidate classes of a classification split, sorted (deterministic): every label, and every
+    class a sample names as a candidate (`extra["classes"]`: the class subset of an ImageNet shift)."""
+    names = {s.label for s in samples}
+    for subset in {id(s.extra["classes"]): s.extra["classes"] for s in samples if "classes" in s.extra}.values():
+        names.update(subset)
+    return sorted(names)
 
 
 LOADERS: dict[str, Loader] = {
@@ -432,4 +418,6 @@ LOADERS: dict[str, Loader] = {
     "hateful_memes": load_hateful_memes, "visdial": load_visdial, "class_folders": load_class_folders,
     "video_qa": load_video_qa, "ivqa": load_ivqa, "nextqa": load_nextqa, "star": load_star,
     "vatex": load_vatex, "youcook2": load_youcook2, "kinetics": load_kinetics, "rareact": load_rareact,
+    "imagenetv2": load_imagenetv2, "imagenet_r": load_imagenet_r, "imagenet_sketch": load_imagenet_sketch,
+    "imagenet_a": load_imagenet_a, "objectnet": load_objectnet,
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from flamingo.data.benchmarks.samples import Sample
 from flamingo.data.media import SkipSample, decode_image, decode_video_clip
@@ -53,7 +53,9 @@ def read_media(sample: Sample, video: bool, sampling: VideoSampling,
                                  _FixedStart(clip_start(sample, sampling)))  # type: ignore[arg-type]
     # As decoded: the model's image processor applies the EXIF orientation and composites any
     # transparency over its mean colour, as training does.
-    return [decode_image(sample.media, sample.id, max_pixels)]
+    image = decode_image(sample.media, sample.id, max_pixels)
+    border = sample.extra.get("crop_border", 0)  # ObjectNet's red frame
+    return [ImageOps.crop(image, border) if border else image]
 
 
 class MediaCache:

@@ -98,6 +98,17 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
        fields=("annotations", "relevance", "media", "media_pattern")),
     _t("imagenet", "class_folders", "classification", "top-1", CAPTION, val_query_size=None,
        fields=("media", "class_names")),
+    # ImageNet's shifted test sets (flamingo.data.benchmarks.imagenet): ImageNet's prompt and class names
+    *[_t(name, name, "classification", "top-1", CAPTION, val_query_size=None, fields=("media", "class_names"))
+      for name in ("imagenetv2", "imagenet_r", "imagenet_sketch", "imagenet_a")],
+    _t("objectnet", "objectnet", "classification", "top-1", CAPTION, val_query_size=None,
+       fields=("media", "class_names", "annotations")),
+    # A synthetic shift the project generates (flamingo data shapes --kind shift): procedural shapes
+    # (ID) and the same classes drawn as outlines on a new background family (OOD).
+    _t("shapes", "class_folders", "classification", "top-1", CAPTION, val_query_size=None,
+       fields=("media", "class_names")),
+    _t("shapes_sketch", "class_folders", "classification", "top-1", CAPTION, val_query_size=None,
+       fields=("media", "class_names")),
     _t("msvdqa", "video_qa", "vqa", "top-1", QA, video=True, max_new_tokens=5,
        fields=("annotations", "media", "video_map", "media_pattern")),
     _t("msrvttqa", "video_qa", "vqa", "top-1", QA, video=True, max_new_tokens=5,
