@@ -654,3 +654,13 @@ def test_mllama_prompts_encoded_together_equal_each_alone(served):
                                               for i in pictures]])
         full = mllama.forward(model, ids, visual_tokens=media.visual_tokens, key_mask=media.key_mask).logits
         assert float((stepped[0] - full[0, -1]).abs().max()) <= TOLERANCE
+
+
+def test_flamingo_generate_on_an_mllama_checkpoint_takes_image_placeholders(served, tmp_path, capsys):
+    from flamingo.cli import main
+
+    directory, model = served
+    decoded(PICTURES[0]).save(tmp_path / "picture.png")
+    assert main(["generate", "--model", str(directory), "--prompt", "<image>t5 t6", "--image",
+                 str(tmp_path / "picture.png"), "--max-new-tokens", "5"]) in (0, None)
+    assert capsys.readouterr().out.strip() == engine_reference(model, "<|image|>t5 t6", [0], max_new_tokens=5).strip()

@@ -145,7 +145,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     prompt = text_prompt(args.prompt, [Path(p) for p in args.image], max_pixels=args.max_pixels)
     model = load_model_quietly(args.model, args.trust_remote_code, args.quantize, args.revision)
     if model.config.media_token != "<image>":
-        prompt = text_prompt(args.prompt.replace("<image>", model.config.media_token), prompt.media)
+        prompt = text_prompt(args.prompt.replace("<image>", model.config.media_token), prompt.media,
+                             model.config.media_token)
     state = encode_prompts(model, [prompt], max_new_tokens=config.max_new_tokens)
     stream = args.stream and not args.json and config.num_beams == 1
     on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
