@@ -240,7 +240,7 @@ def test_ray_data_gives_the_single_process_results(model, tmp_path, images):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = run_batch_on_ray(model, open_dataset(tmp_path / "in.jsonl"), tmp_path / "ray.jsonl",
-                                   RaySettings(actors=1, batch_size=4, parquet=tmp_path / "parquet"), progress=False)
+                                   RaySettings(actors=2, batch_size=4, parquet=tmp_path / "parquet"), progress=False)
     finally:
         ray.shutdown()
     assert (summary.written, summary.rejected) == (7, 1)

@@ -93,14 +93,17 @@ class EngineActor:
         return [RawRecord.from_row({**row, "images": json.loads(row["images"])}) for row in rows]
 
 
-def _read(ray: Any, dataset: Dataset) -> Any:
+def _read(ray: Any, dataset: Dataset, ray_settings: RaySettings) -> Any:
+    # Ray Data hands an actor whole blocks: a JSONL file or a folder's listing is cut into blocks of a
+    # few batches, so that every actor gets some. Reading takes no CPU slot: the actors may hold them all.
+    blocks = max(1, min(-(-dataset.count // ray_settings.batch_size), 4 * ray_settings.actors))
     if dataset.kind == "jsonl":
-        return ray.data.read_text(str(dataset.paths[0]))
+        return ray.data.read_text(str(dataset.paths[0]), override_num_blocks=blocks, num_cpus=0)
     if dataset.kind == "shards":
-        return ray.data.read_webdataset([str(p) for p in dataset.paths], decoder=None)
+        return ray.data.read_webdataset([str(p) for p in dataset.paths], decoder=None, num_cpus=0)
     # a folder: its listing (names only) is the dataset; the actors read the images
     return ray.data.from_items([{**record.as_row(), "images": json.dumps(record.images)}
-                                for record in folder_records(dataset.paths[0])])
+                                for record in folder_records(dataset.paths[0])], override_num_blocks=blocks)
 
 
 def run_batch_on_ray(model: Flamingo | str, dataset: Dataset, out: str | Path, ray_settings: RaySettings = RaySettings(),
@@ -126,9 +129,9 @@ def run_batch_on_ray(model: Flamingo | str, dataset: Dataset, out: str | Path, r
         kwargs = dict(model=model, source_name=dataset.paths[0].name, defaults=defaults, settings=settings,
                       engine_config=engine_config, done=frozenset(output.done), device=device, quantize=quantize,
                       trust_remote_code=trust_remote_code)
-        results = _read(ray, dataset).map_batches(
+        results = _read(ray, dataset, ray_settings).map_batches(
             EngineActor, fn_constructor_kwargs=kwargs, batch_size=ray_settings.batch_size, batch_format="numpy",
-            concurrency=ray_settings.actors, num_cpus=ray_settings.cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=ray_settings.actors), num_cpus=ray_settings.cpus_per_actor,
             num_gpus=ray_settings.gpus_per_actor or None)
         written: set[str] = set()
         with tqdm(total=max(0, dataset.count - len(output.done)), unit="rec", disable=not progress,
