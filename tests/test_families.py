@@ -510,6 +510,15 @@ def test_the_openai_client_talks_to_a_served_mllama_checkpoint(served):
         streamed = api.completions.create(model="mllama", prompt=text, max_tokens=5, stream=True,
                                           extra_body={"images": [data_url(PICTURES[i]) for i in pictures]})
         assert "".join(c.choices[0].text for c in streamed if c.choices) == completion.choices[0].text
+        ranked = client.post("/v1/rank", json={"prompt": text, "images": [data_url(PICTURES[i]) for i in pictures],
+                                               "candidates": ["t44", "t45 t46", "t47"]}).json()["results"]
+        from flamingo.inference.scoring import score_candidates
+        from flamingo.inference.state import encode_prompts
+
+        state = encode_prompts(model, [text_prompt_of(text, [decoded(PICTURES[i]) for i in pictures])])
+        scores = score_candidates(model, state, ["t44", "t45 t46", "t47"]).sum_logprob[0].tolist()
+        assert [r["index"] for r in ranked] == sorted(range(3), key=lambda i: -scores[i])
+        assert [r["logprob"] for r in ranked] == pytest.approx(sorted(scores, reverse=True), abs=1e-4)
 
 
 def test_mllama_seeded_sampling_is_reproducible_in_the_engine_and_equals_generate_text(served):
