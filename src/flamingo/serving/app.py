@@ -232,6 +232,7 @@ class _Server:
         spec = chat_prompt(body.messages, self.media_token, self.end_of_chunk, self.special,
                            render=lambda messages: self.family.chat_text(self.engine.model, messages))
         prompt = await self.prepare(spec, "messages", "messages", params.max_tokens)
+        prompt.chat = True  # its prefix (the earlier turns) goes to the chats' budget of the prefix cache
         engine_request = EngineRequest(spec.text, prompt.images, params, new_id("chatcmpl"))
         return await self.respond(request, body, engine_request, prompt, chat=True)
 

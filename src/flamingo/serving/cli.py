@@ -65,6 +65,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     engine_config = EngineConfig(max_queue=args.max_queue, max_running=args.max_running,
                                  prefill_chunk=args.prefill_chunk,
                                  prefix_cache_bytes=args.prefix_cache_mb << 20,
+                                 chat_cache_bytes=args.chat_cache_mb << 20, image_cache_bytes=args.image_cache_mb << 20,
                                  max_prompt_tokens=args.max_prompt_tokens)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available here")
@@ -167,4 +168,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "ones are prefilled (default 16)")
     engine.add_argument("--prefix-cache-mb", type=positive_int, default=1024,
                         help="memory bound of the shared prompt-prefix cache (default 1024)")
+    engine.add_argument("--chat-cache-mb", type=int_range(0), default=256,
+                        help="memory bound of the chats' prefixes (their earlier turns), apart from the prefix "
+                             "cache's so that long chats never push out few-shot support sets (default 256; 0: "
+                             "not cached)")
+    engine.add_argument("--image-cache-mb", type=int_range(0), default=256,
+                        help="memory bound of the image cache: each image's visual tokens by the hash of its bytes, "
+                             "so an image sent again in a new prompt is not encoded again (default 256; 0: none)")
     p.set_defaults(func=_cmd_serve)

@@ -10,7 +10,9 @@
   decode batch (prefills first), beam search and ranking interleaved with decode steps, and the
   loop of the engine thread.
 - `model_runner`: the forward passes over `FlamingoState`s: prefills (with the prefix cache: a
-  few-shot support set or a chat's earlier turns encoded once), decode steps, beam search, ranking.
+  few-shot support set or a chat's earlier turns encoded once; chats within a budget of their own)
+  and the image cache (an image's visual tokens, whatever prompt it comes in), decode steps, beam
+  search, ranking.
 - `output_processor`: incremental detokenization and stop strings, and the deltas to each
   request's stream.
 
@@ -39,6 +41,7 @@ from flamingo.serving.input_processor import (
     ProcessedPrompt,
     SamplingParams,
 )
+from flamingo.serving.image_cache import ImageCache
 from flamingo.serving.metrics import EngineMetrics
 from flamingo.serving.model_runner import ModelRunner, PrefixCache
 from flamingo.serving.output_processor import Delta, OutputProcessor, RequestStream
@@ -78,7 +81,9 @@ class EngineConfig:
     max_queue: int = 64  # waiting requests; beyond -> EngineOverloaded (HTTP 429)
     max_running: int = 64  # concurrent sequences in the decode batch
     prefill_chunk: int = 16  # requests prefilled together; their first tokens are sent before the next chunk's
-    prefix_cache_bytes: int = 1 << 30  # LRU bound of the prefix cache
+    prefix_cache_bytes: int = 1 << 30  # LRU bound of the prefix cache (0: no prefix caching)
+    chat_cache_bytes: int = 256 << 20  # LRU bound of the chats' prefixes, apart (0: chats' prefixes not cached)
+    image_cache_bytes: int = 256 << 20  # LRU bound of the image cache (0: none)
     max_prompt_tokens: int | None = None
 
 
@@ -96,24 +101,29 @@ class Engine:
         self.model = model.eval()
         self.config = config or EngineConfig()
         config = self.config
-        if min(config.max_queue, config.max_running, config.prefill_chunk) < 1 or config.prefix_cache_bytes < 0:
+        if min(config.max_queue, config.max_running, config.prefill_chunk) < 1 or \
+                min(config.prefix_cache_bytes, config.chat_cache_bytes, config.image_cache_bytes) < 0:
             raise EngineRequestError(f"max_queue, max_running, prefill_chunk: expected integers >= 1, "
-                                     f"prefix_cache_bytes >= 0; got {config.max_queue}, {config.max_running}, "
-                                     f"{config.prefill_chunk}, {config.prefix_cache_bytes}")
+                                     f"prefix_cache_bytes, chat_cache_bytes, image_cache_bytes >= 0; got "
+                                     f"{config.max_queue}, {config.max_running}, {config.prefill_chunk}, "
+                                     f"{config.prefix_cache_bytes}, {config.chat_cache_bytes}, "
+                                     f"{config.image_cache_bytes}")
         if has_windowed_attention(model):
             raise EngineRequestError(
                 f"the language model ({type(model.lm).__name__}) has sliding-window or chunked attention layers; "
                 f"the serving engine batches requests by padding and concatenating LM caches, which needs full "
                 f"attention in every layer (use flamingo generate / chat for this model)")
         self.metrics = EngineMetrics()
-        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, self.metrics)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, self.metrics, config.chat_cache_bytes)
+        self.image_cache = ImageCache(config.image_cache_bytes, self.metrics) if config.image_cache_bytes else None
         self.processor = InputProcessor(model, config.max_prompt_tokens, config.prefix_cache_bytes > 0,
-                                        self.prefix_cache.__contains__)
+                                        self.prefix_cache.__contains__,
+                                        self.image_cache.__contains__ if self.image_cache else lambda digest: False)
         self.output = OutputProcessor(model, self.metrics)
         self.scheduler = Scheduler(config.max_queue, config.max_running, config.prefill_chunk, self.output,
                                    self.metrics)
         self.runner = ModelRunner(model, self.prefix_cache, self.output, self.metrics,
-                                  lambda: self.scheduler.stopping)
+                                  lambda: self.scheduler.stopping, self.image_cache)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle

@@ -106,8 +106,8 @@ class ProcessedPrompt:
     3.2 Vision): torch work on the request's thread would start a second OpenMP team beside the
     engine thread's, which throttles it (serve_throughput: 5.0x -> 3.6x). The images before `split`
     (the cut the prefix cache keeps the state at, a token position, or None) are left undecoded
-    (None) when that prefix was cached at the door; `pixels` decodes them if it must be encoded
-    after all."""
+    (None) when that prefix was cached at the door, as are images in the image cache; `pixels` decodes
+    them if they must be encoded after all."""
 
     ids: list[int]
     cuts: list[int]  # token positions where the prompt may be cut (before an image, after <|endofchunk|>)
@@ -118,6 +118,7 @@ class ProcessedPrompt:
     decode: Callable[[int], Any] = field(repr=False)
     preprocess: Callable[[Any], Any] = field(repr=False)
     decoded: list[Any] = field(default_factory=list, repr=False)  # PIL images; None: not decoded yet
+    chat: bool = False  # a chat's: its prefix goes to the prefix cache's chat budget
 
     def key(self, cut: int) -> str:
         """The prefix cache's key of the prompt up to token position `cut`."""
@@ -125,20 +126,23 @@ class ProcessedPrompt:
 
     def pixels(self, start: int, stop: int) -> list[Any]:
         """The pixels of the images between token positions `start` and `stop`."""
-        first, last = self.media_before[start], self.media_before[stop]
-        for i in range(first, last):
-            if self.decoded[i] is None:  # in a prefix that was cached at the door, evicted since
-                self.decoded[i] = self.decode(i)
-        return [self.preprocess(image) for image in self.decoded[first:last]]
+        return [self.image(i) for i in range(self.media_before[start], self.media_before[stop])]
+
+    def image(self, i: int) -> Any:
+        """The pixels of image `i`."""
+        if self.decoded[i] is None:  # cached at the door (its prefix, or the image itself), evicted since
+            self.decoded[i] = self.decode(i)
+        return self.preprocess(self.decoded[i])
 
 
 class InputProcessor:
     """Tokenizes, decodes and checks requests for one model (`Engine.processor`)."""
 
     def __init__(self, model: Flamingo, max_prompt_tokens: int | None, cache_prefixes: bool,
-                 is_cached: Callable[[str], bool]) -> None:
+                 is_cached: Callable[[str], bool], image_is_cached: Callable[[bytes], bool] = lambda digest: False
+                 ) -> None:
         self.model, self.max_prompt_tokens = model, max_prompt_tokens
-        self.cache_prefixes, self.is_cached = cache_prefixes, is_cached
+        self.cache_prefixes, self.is_cached, self.image_is_cached = cache_prefixes, is_cached, image_is_cached
         self.context = context_length(model)
         self.media_id, self.end_id = model.media_token_id, model.eoc_token_id
         self.family = family_io(model)
@@ -201,7 +205,7 @@ class InputProcessor:
     def process(self, ids: list[int], images: list[bytes], fields: Fields = Fields(),
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> ProcessedPrompt:
         """The processed prompt of `tokenize`'s ids and the images' bytes: each image decoded (at
-        most `max_pixels`), except those of a prefix already in the cache."""
+        most `max_pixels`), except those of a prefix already in the cache and those in the image cache."""
         media_before = [0]
         for token in ids:
             media_before.append(media_before[-1] + (token == self.media_id))
@@ -216,7 +220,9 @@ class InputProcessor:
         if cut is not None and (media_before[cut] > 0 or cut >= MIN_TEXT_PREFIX_TOKENS):
             prompt.split = cut
         cached = media_before[cut] if prompt.split is not None and self.is_cached(prompt.key(cut)) else 0
-        prompt.decoded = [None] * cached + [prompt.decode(i) for i in range(cached, len(images))]
+        # An image in the image cache is not decoded either (its bytes were decoded before).
+        prompt.decoded = [None if i < cached or self.image_is_cached(prompt.digests[i]) else prompt.decode(i)
+                          for i in range(len(images))]
         return prompt
 
     def _decode(self, data: bytes, name: str, max_pixels: int) -> Image.Image:

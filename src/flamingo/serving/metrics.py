@@ -30,5 +30,12 @@ class EngineMetrics:
         self.prefix_cache_evictions = Counter("flamingo_prefix_cache_evictions",
                                               "Prefix states dropped to stay within the byte bound", registry=r)
         self.prefix_cache_bytes = Gauge("flamingo_prefix_cache_bytes", "Bytes held by the prefix cache", registry=r)
+        self.image_cache_hits = Counter("flamingo_image_cache_hits", "Images whose visual tokens were cached",
+                                        registry=r)
+        self.image_cache_misses = Counter("flamingo_image_cache_misses", "Images encoded (not in the image cache)",
+                                          registry=r)
+        self.image_cache_evictions = Counter("flamingo_image_cache_evictions",
+                                             "Images' visual tokens dropped to stay within the byte bound", registry=r)
+        self.image_cache_bytes = Gauge("flamingo_image_cache_bytes", "Bytes held by the image cache", registry=r)
         self.requests_rejected = Counter("flamingo_requests_rejected", "Requests refused, by reason",
                                          ["reason"], registry=r)

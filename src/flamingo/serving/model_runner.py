@@ -17,6 +17,7 @@ processor made:
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +33,9 @@ from flamingo.inference.generation import (
 from flamingo.inference.family import family_io
 from flamingo.inference.scoring import score_candidates
 from flamingo.inference.state import FlamingoState, encode_ids, extend_contexts_ids
+from flamingo.model.families import EncodedMedia
 from flamingo.model.flamingo import Flamingo
+from flamingo.serving.image_cache import ImageCache
 from flamingo.serving.input_processor import ProcessedPrompt
 from flamingo.serving.metrics import EngineMetrics
 from flamingo.serving.output_processor import OutputProcessor
@@ -49,13 +52,18 @@ class Cancelled(Exception):
 
 class PrefixCache:
     """Encoded prompt prefixes (batch-1 states, never modified), least recently used first out,
-    within a byte budget."""
+    within a byte budget; chats' prefixes (their earlier turns) within a budget of their own, so
+    that long chats never push out few-shot support sets."""
 
-    def __init__(self, capacity_bytes: int, metrics: EngineMetrics) -> None:
-        self.capacity_bytes = capacity_bytes
+    def __init__(self, capacity_bytes: int, metrics: EngineMetrics, chat_capacity_bytes: int = 0) -> None:
+        self.capacity = {False: capacity_bytes, True: chat_capacity_bytes}  # by whether a chat's
         self.metrics = metrics
-        self.entries: collections.OrderedDict[str, tuple[FlamingoState, int]] = collections.OrderedDict()
-        self.bytes = 0
+        self.entries: collections.OrderedDict[str, tuple[FlamingoState, int, bool]] = collections.OrderedDict()
+        self.used = {False: 0, True: 0}
+
+    @property
+    def bytes(self) -> int:
+        return self.used[False] + self.used[True]
 
     def __contains__(self, key: str) -> bool:  # no LRU update: safe to ask from another thread
         return key in self.entries
@@ -67,16 +75,16 @@ class PrefixCache:
         self.entries.move_to_end(key)
         return entry[0]
 
-    def put(self, key: str, state: FlamingoState) -> None:
+    def put(self, key: str, state: FlamingoState, chat: bool = False) -> None:
         size = state.nbytes()
-        if size > self.capacity_bytes or key in self.entries:
+        if size > self.capacity[chat] or key in self.entries:
             return
-        while self.bytes + size > self.capacity_bytes:
-            _, (_, dropped) = self.entries.popitem(last=False)
-            self.bytes -= dropped
+        while self.used[chat] + size > self.capacity[chat]:
+            dropped = next(k for k, entry in self.entries.items() if entry[2] == chat)  # its pool's oldest
+            self.used[chat] -= self.entries.pop(dropped)[1]
             self.metrics.prefix_cache_evictions.inc()
-        self.entries[key] = (state, size)
-        self.bytes += size
+        self.entries[key] = (state, size, chat)
+        self.used[chat] += size
         self.metrics.prefix_cache_bytes.set(self.bytes)
 
 
@@ -96,8 +104,9 @@ class ModelRunner:
     `pending`: each running sequence's chosen and streamed token, not yet fed)."""
 
     def __init__(self, model: Flamingo, cache: PrefixCache, output: OutputProcessor, metrics: EngineMetrics,
-                 stopping: Callable[[], bool]) -> None:
+                 stopping: Callable[[], bool], images: ImageCache | None = None) -> None:
         self.model, self.cache, self.output, self.metrics, self.stopping = model, cache, output, metrics, stopping
+        self.images = images
         self.family = family_io(model)
         self.state: FlamingoState | None = None
         self.running: list[Sequence] = []
@@ -107,18 +116,27 @@ class ModelRunner:
     def encode(self, prompts: list[ProcessedPrompt], start: int = 0, stop: int | None = None) -> FlamingoState:
         """The prompts (from token position `start` to `stop`) encoded from scratch, together."""
         rows = [prompt.ids[start:stop] for prompt in prompts]
-        media = self.family.encode(self.model, [prompt.pixels(start, len(prompt.ids) if stop is None else stop)
-                                                for prompt in prompts])
+        media = self.media([(prompt, start, len(prompt.ids) if stop is None else stop) for prompt in prompts])
         return encode_ids(self.model, rows, media.visual_tokens, media.num_media, media.key_mask)
 
     def extend(self, contexts: list[FlamingoState], groups: list[list[tuple[ProcessedPrompt, int, int]]]
                ) -> FlamingoState:
         """Each context continued with its group's prompts (each from token position start to stop)."""
         parts = [part for group in groups for part in group]
-        media = self.family.encode(self.model, [prompt.pixels(start, stop) for prompt, start, stop in parts])
+        media = self.media(parts)
         return extend_contexts_ids(self.model, contexts, [len(group) for group in groups],
                                    [prompt.ids[start:stop] for prompt, start, stop in parts],
                                    media.visual_tokens, media.num_media, media.key_mask)
+
+    def media(self, parts: list[tuple[ProcessedPrompt, int, int]]) -> EncodedMedia:
+        """The encoded images of each prompt between token positions start and stop (through the
+        image cache when the engine has one)."""
+        if self.images is None:
+            return self.family.encode(self.model, [prompt.pixels(start, stop) for prompt, start, stop in parts])
+        rows = [[(prompt.digests[i], functools.partial(prompt.image, i))
+                 for i in range(prompt.media_before[start], prompt.media_before[stop])]
+                for prompt, start, stop in parts]
+        return self.images.encode(self.model, self.family, rows)
 
     def prefill(self, jobs: list[Job]) -> tuple[FlamingoState, list[Job]]:
         """Prefill the prompts of `jobs`: one row each, in the returned order. Prompts with a
@@ -141,7 +159,7 @@ class ModelRunner:
                     raise EngineStopped("the server is shutting down: the request was cancelled")
                 self.metrics.prefix_cache_misses.inc()
                 context = self.encode_prefix(group[0].prompt)
-                self.cache.put(key, context)
+                self.cache.put(key, context, group[0].prompt.chat)
                 self.metrics.prefix_cache_hits.inc(len(group) - 1)
             else:
                 self.metrics.prefix_cache_hits.inc(len(group))
