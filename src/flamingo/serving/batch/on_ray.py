@@ -94,9 +94,11 @@ class EngineActor:
 
 
 def _read(ray: Any, dataset: Dataset, ray_settings: RaySettings) -> Any:
-    # Ray Data hands an actor whole blocks: a JSONL file or a folder's listing is cut into blocks of a
-    # few batches, so that every actor gets some. Reading takes no CPU slot: the actors may hold them all.
-    blocks = max(1, min(-(-dataset.count // ray_settings.batch_size), 4 * ray_settings.actors))
+    # Ray Data hands an actor whole blocks: a JSONL file or a folder's listing is cut into blocks (one a
+    # batch, 4 per actor at most, one per actor at least), so that every actor gets some. Reading takes
+    # no CPU slot: the actors may hold them all.
+    actors, batches = ray_settings.actors, -(-dataset.count // ray_settings.batch_size)
+    blocks = max(1, min(dataset.count, max(actors, min(batches, 4 * actors))))
     if dataset.kind == "jsonl":
         return ray.data.read_text(str(dataset.paths[0]), override_num_blocks=blocks, num_cpus=0)
     if dataset.kind == "shards":

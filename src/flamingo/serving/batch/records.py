@@ -118,8 +118,7 @@ def folder_records(folder: Path) -> list[RawRecord]:
             continue
         images = tuple(sample.fields[ext].name for ext in sorted(sample.fields) if ext in IMAGE_EXTS)
         meta = sample.fields["json"].read_text("utf-8", errors="replace") if "json" in sample.fields else None
-        records.append(RawRecord(sample.fields[next(e for e in sorted(sample.fields) if e in IMAGE_EXTS)].name,
-                                 key=key, images=images, meta=meta))
+        records.append(RawRecord(images[0], key=key, images=images, meta=meta))
     return records
 
 

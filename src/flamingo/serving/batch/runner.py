@@ -185,7 +185,6 @@ class BatchOutput:
             shutil.copyfile(self.out, self.partial)
         if self.partial.exists():
             self.done = self._recover()
-        self.summary.earlier = 0
         self._results = open(self.partial, "a", encoding="utf-8")
         self._rejected = open(self.rejects_partial, "w", encoding="utf-8")
         return self
