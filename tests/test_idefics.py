@@ -395,6 +395,8 @@ def test_an_idefics_chat_through_the_generic_code_is_the_instruct_format(family,
     messages = [ChatMessage("system", ["t20 t21"]), ChatMessage("user", ["t5 t6", MEDIA]),
                 ChatMessage("assistant", ["t7 t8"]), ChatMessage("user", [MEDIA, "t9"])]
     text = idefics.MEDIA_FAMILY.chat_text(model, messages)
+    assert text == ("t20 t21\nUser: t5 t6<image><end_of_utterance>\nAssistant: t7 t8<end_of_utterance>"
+                    "\nUser:<image>t9<end_of_utterance>\nAssistant:")  # the model card's spacing
     items = idefics.chat_items([{"role": m.role, "content": [pictures[0] if p is MEDIA and i < 2 else
                                                              pictures[1] if p is MEDIA else p for p in m.content]}
                                 for i, m in enumerate(messages)])
@@ -538,3 +540,41 @@ def test_a_training_step_on_a_converted_idefics_changes_only_its_trainable_parts
     assert {"lm.model.embed_tokens.new_rows", "lm.lm_head.new_rows"} <= changed
     if model.config.perceiver.kind == "resampler":
         assert any(name.startswith("perceiver.") for name in changed)
+
+
+def data_url(picture: Image.Image) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png(picture)).decode()
+
+
+def test_the_openai_client_talks_to_a_served_idefics(family, saved):
+    """A chat (IDEFICS-instruct's format) and completions, streamed or not, equal generate_text."""
+    openai = pytest.importorskip("openai")
+    from fastapi.testclient import TestClient
+
+    from flamingo.inference import generate_text, text_prompt
+    from flamingo.model.families import MEDIA, ChatMessage
+    from flamingo.serving.app import create_app
+    from flamingo.serving.engine import Engine
+    from flamingo.serving.limits import ServerSettings
+
+    model = load_model(saved)
+    with TestClient(create_app(Engine(model), ServerSettings(model_name="idefics"))) as client:
+        api = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="unused", http_client=client)
+        messages = [{"role": "user", "content": [{"type": "text", "text": "t5 t6"},
+                                                 {"type": "image_url",
+                                                  "image_url": {"url": data_url(ENGINE_PICTURES[0])}}]}]
+        answer = api.chat.completions.create(model="idefics", messages=messages, max_tokens=6)
+        chat_text = idefics.MEDIA_FAMILY.chat_text(model, [ChatMessage("user", ["t5 t6", MEDIA])])
+        assert chat_text == "User: t5 t6<image><end_of_utterance>\nAssistant:"
+        expected = generate_text(model, text_prompt(chat_text, [ENGINE_PICTURES[0]]), max_new_tokens=6)
+        assert answer.choices[0].message.content == expected and answer.usage.prompt_tokens > 0
+        stream = api.chat.completions.create(model="idefics", messages=messages, max_tokens=6, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+        text, pictures = ENGINE_REQUESTS[0]
+        images = {"images": [data_url(ENGINE_PICTURES[i]) for i in pictures]}
+        completion = api.completions.create(model="idefics", prompt=text, max_tokens=5, extra_body=images)
+        assert completion.choices[0].text == engine_reference(model, text, pictures, 5)
+        streamed = api.completions.create(model="idefics", prompt=text, max_tokens=5, stream=True, extra_body=images)
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == completion.choices[0].text

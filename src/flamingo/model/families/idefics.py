@@ -464,7 +464,7 @@ def chat_items(messages: Sequence[dict[str, Any]]) -> list[Any]:
         if role not in ROLES:
             raise UserError(f"chat message role {role!r}: IDEFICS-instruct's format has {', '.join(ROLES)} "
                             f"(and text-only system messages first)")
-        add(("\n" if turns else "") + ROLES[role] + (" " if isinstance(content, str) else ""))
+        add(("\n" if turns else "") + ROLES[role] + (" " if parts and isinstance(parts[0], str) else ""))
         for part in _check_items(parts, markers=True):
             add(part)
         add(END_OF_UTTERANCE)
