@@ -23,6 +23,7 @@ EXTRA_MODULES = {
     "demo": ["skimage"],
     "quantize": ["torchao"],
     "lora": ["peft"],
+    "lmms-eval": ["lmms_eval"],  # only lmms-eval imports the plugin's lmms subclass
 }
 BLOCKED = sorted({module for modules in EXTRA_MODULES.values() for module in modules})
 

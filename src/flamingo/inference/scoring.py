@@ -20,11 +20,13 @@ from flamingo.model.flamingo import Flamingo
 @dataclass
 class CandidateScores:
     """Per prompt and candidate: the summed log-probability of the candidate's tokens, their
-    number, and the length-normalised (mean) log-probability. Shape [B, C]; ragged candidate
-    lists are padded with -inf scores and 0 tokens."""
+    number, the length-normalised (mean) log-probability, and (when computed) whether greedy
+    decoding would produce the candidate's tokens. Shape [B, C]; ragged candidate lists are
+    padded with -inf scores, 0 tokens and False."""
 
     sum_logprob: torch.Tensor
     num_tokens: torch.Tensor
+    greedy: torch.Tensor | None = None
 
     @property
     def mean_logprob(self) -> torch.Tensor:
@@ -72,7 +74,10 @@ def score_candidates(model: Flamingo, state: FlamingoState, candidates: Sequence
     slot_index = torch.tensor([c for _, c, _ in entries])
     counts[prompt_index, slot_index] = torch.tensor([len(ids) for _, _, ids in entries])
     first = state.next_token_logits.float().log_softmax(-1).cpu()  # [B, V]
-    sums[prompt_index, slot_index] = first[prompt_index, torch.tensor([ids[0] for _, _, ids in entries])]
+    first_ids = torch.tensor([ids[0] for _, _, ids in entries])
+    sums[prompt_index, slot_index] = first[prompt_index, first_ids]
+    greedy = torch.zeros(batch, width, dtype=torch.bool)
+    greedy[prompt_index, slot_index] = first.argmax(-1)[prompt_index] == first_ids
 
     by_length: dict[int, list[tuple[int, int, list[int]]]] = {}
     for entry in entries:
@@ -82,10 +87,11 @@ def score_candidates(model: Flamingo, state: FlamingoState, candidates: Sequence
         for chunk in _chunks(group, max_rows):
             if before_step is not None:
                 before_step()
-            rest = _score_rows(model, state, chunk)
-            sums.index_put_((torch.tensor([b for b, _, _ in chunk]), torch.tensor([c for _, c, _ in chunk])),
-                            rest, accumulate=True)
-    return CandidateScores(sums, counts)
+            rest, rest_greedy = _score_rows(model, state, chunk)
+            where = (torch.tensor([b for b, _, _ in chunk]), torch.tensor([c for _, c, _ in chunk]))
+            sums.index_put_(where, rest, accumulate=True)
+            greedy[where] &= rest_greedy
+    return CandidateScores(sums, counts, greedy)
 
 
 def _chunks(group: list[tuple[int, int, list[int]]], max_rows: int) -> list[list[tuple[int, int, list[int]]]]:
@@ -117,14 +123,16 @@ def _chunks(group: list[tuple[int, int, list[int]]], max_rows: int) -> list[list
     return chunks
 
 
-def _score_rows(model: Flamingo, state: FlamingoState, rows: list[tuple[int, int, list[int]]]) -> torch.Tensor:
-    """Summed log-probabilities of tokens 2.. of candidates of one length, one forward pass."""
+def _score_rows(model: Flamingo, state: FlamingoState, rows: list[tuple[int, int, list[int]]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of tokens 2.. of candidates of one length, one forward pass, and
+    whether each of those tokens is the most likely one."""
     device = state.attention_mask.device
     work = state.select_rows(torch.tensor([b for b, _, _ in rows], device=device), keep_logits=False)
     ids = torch.tensor([t for _, _, t in rows], device=device)  # [R, n], all of one length
     logits = work.step(model, ids[:, :-1], logits_to_keep=ids.shape[1] - 1)
     logprobs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-    return logprobs.sum(1).cpu()
+    return logprobs.sum(1).cpu(), (logits.argmax(-1) == ids[:, 1:]).all(1).cpu()
 
 
 @torch.no_grad()
