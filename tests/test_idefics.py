@@ -578,3 +578,27 @@ def test_the_openai_client_talks_to_a_served_idefics(family, saved):
         assert completion.choices[0].text == engine_reference(model, text, pictures, 5)
         streamed = api.completions.create(model="idefics", prompt=text, max_tokens=5, stream=True, extra_body=images)
         assert "".join(c.choices[0].text for c in streamed if c.choices) == completion.choices[0].text
+
+
+def test_flamingo_chat_on_an_idefics_uses_the_instruct_format(saved, tmp_path):
+    from flamingo.inference.chat import run_chat
+    from flamingo.inference.generation import GenerationConfig
+
+    model = load_model(saved)
+    ENGINE_PICTURES[1].save(tmp_path / "picture.png")
+    script = iter([f"/image {tmp_path / 'picture.png'}", "t5 t6", "t7", "/quit"])
+    shown = []
+    history = run_chat(model, GenerationConfig(max_new_tokens=5), lambda prompt: next(script), shown.append)
+    first = idefics.chat_inputs(model, [{"role": "user", "content": [ENGINE_PICTURES[1], "t5 t6"]}])
+    ids, _ = idefics.generate_ids(model, first, max_new_tokens=5)
+    reply = model.tokenizer.decode(ids, skip_special_tokens=True)
+    assert history[1].message.content == [reply.strip()] and reply in "".join(shown)
+    assert [turn.message.role for turn in history] == ["user", "assistant", "user", "assistant"]
+
+
+def test_flamingo_eval_offline_runs_on_an_idefics_checkpoint(saved, tmp_path):
+    from flamingo.cli import main
+
+    assert main(["eval-offline", "--model", str(saved), "--task", "induction", "--shots", "0,2", "--seeds", "1",
+                 "--episodes", "3", "--json", str(tmp_path / "out.json")]) in (0, None)
+    assert json.loads((tmp_path / "out.json").read_text())
