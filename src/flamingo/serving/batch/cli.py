@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from flamingo.cli_options import (
     add_quantize_option,
@@ -91,28 +92,38 @@ def _cmd_batch(args: argparse.Namespace) -> None:
     engine_config = EngineConfig(max_queue=2 * args.max_running, max_running=args.max_running,
                                  prefill_chunk=args.prefill_chunk, prefix_cache_bytes=args.prefix_cache_mb << 20)
     check_quantize_mode(args.quantize)
+    try:
+        summary = _run(args, dataset, defaults, settings, engine_config)
+    except KeyboardInterrupt:
+        partial = args.output.with_name(args.output.name + ".partial")
+        print(f"\ninterrupted: the results so far are in {partial}; run the same command to resume", file=sys.stderr)
+        raise
+    earlier = f" ({summary.earlier} done by an earlier run)" if summary.earlier else ""
+    print(f"{summary.written} results written to {summary.out}{earlier}", flush=True)
+    if summary.rejected:
+        kinds = ", ".join(f"{kind}: {count}" for kind, count in sorted(summary.reasons.items(), key=lambda kv: -kv[1]))
+        print(f"{summary.rejected} records rejected ({kinds}); reasons in {summary.rejects}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, dataset: Any, defaults: Any, settings: Any, engine_config: Any) -> Any:
+    """The run, on Ray or in this process: its BatchSummary."""
+    from flamingo.errors import UserError
+
     if args.ray:
         from flamingo.serving.batch.on_ray import RaySettings, run_batch_on_ray
 
         ray_settings = RaySettings(actors=args.ray_actors, cpus_per_actor=args.cpus_per_actor,
                                    gpus_per_actor=args.gpus_per_actor or (1.0 if args.device.startswith("cuda") else 0),
                                    address=args.ray_address, parquet=args.parquet)
-        summary = run_batch_on_ray(args.model, dataset, args.output, ray_settings, defaults=defaults,
-                                   settings=settings, engine_config=engine_config, device=args.device,
-                                   quantize=args.quantize, trust_remote_code=args.trust_remote_code,
-                                   progress=not args.no_progress)
-    else:
-        from flamingo.serving.batch.runner import load_engine_model, run_batch
+        return run_batch_on_ray(args.model, dataset, args.output, ray_settings, defaults=defaults, settings=settings,
+                                engine_config=engine_config, device=args.device, quantize=args.quantize,
+                                trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+    from flamingo.serving.batch.runner import load_engine_model, run_batch
 
-        if args.parquet:
-            raise UserError("--parquet: needs --ray (Ray Data writes the Parquet files)")
-        quiet_transformers()
-        model = load_engine_model(args.model, device=args.device, quantize=args.quantize,
-                                  trust_remote_code=args.trust_remote_code)
-        summary = run_batch(model, dataset, args.output, defaults=defaults, settings=settings,
-                            engine_config=engine_config, progress=not args.no_progress)
-    earlier = f" ({summary.earlier} done by an earlier run)" if summary.earlier else ""
-    print(f"{summary.written} results written to {summary.out}{earlier}", flush=True)
-    if summary.rejected:
-        kinds = ", ".join(f"{kind}: {count}" for kind, count in sorted(summary.reasons.items(), key=lambda kv: -kv[1]))
-        print(f"{summary.rejected} records rejected ({kinds}); reasons in {summary.rejects}", file=sys.stderr)
+    if args.parquet:
+        raise UserError("--parquet: needs --ray (Ray Data writes the Parquet files)")
+    quiet_transformers()
+    model = load_engine_model(args.model, device=args.device, quantize=args.quantize,
+                              trust_remote_code=args.trust_remote_code)
+    return run_batch(model, dataset, args.output, defaults=defaults, settings=settings, engine_config=engine_config,
+                     progress=not args.no_progress)
