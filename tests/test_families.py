@@ -673,3 +673,29 @@ def test_flamingo_generate_on_an_mllama_checkpoint_takes_image_placeholders(serv
     assert main(["generate", "--model", str(directory), "--prompt", "<image>t5 t6", "--image",
                  str(tmp_path / "picture.png"), "--max-new-tokens", "5"]) in (0, None)
     assert capsys.readouterr().out.strip() == engine_reference(model, "<|image|>t5 t6", [0], max_new_tokens=5).strip()
+
+
+def test_flamingo_eval_runs_on_an_mllama_checkpoint(served, tmp_path, capsys, monkeypatch):
+    """The paper's benchmarks (tiny datasets in the official formats): captioning (generation) and
+    hateful memes (ranking), 0 and 2 shots, prompts `<|image|>text<|eot_id|>`."""
+    import eval_fixtures
+
+    import flamingo.evaluation.runner as runner
+    from flamingo.cli import main
+
+    prompts = []
+    encode = runner.encode_prompts
+    monkeypatch.setattr(runner, "encode_prompts", lambda model, batch, **kw: prompts.extend(p.text for p in batch)
+                        or encode(model, batch, **kw))
+
+    directory, _ = served
+    tasks = {"coco": (tmp_path / "coco", eval_fixtures.write_karpathy(tmp_path / "coco", train=8, test=4)),
+             "hatefulmemes": (tmp_path / "hm", eval_fixtures.write_hateful_memes(tmp_path / "hm", n=10))}
+    eval_fixtures.write_data_config(tmp_path / "data.yaml", tasks)
+    code = main(["eval", "--model", str(directory), "--task", "coco,hatefulmemes", "--shots", "0,2",
+                 "--trials", "1", "--support-size", "4", "--max-new-tokens", "4", "--data", str(tmp_path / "data.yaml"),
+                 "--out", str(tmp_path / "out"), "--no-progress", "--no-card"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| coco | CIDEr |" in out and "| hatefulmemes | ROC-AUC |" in out
+    demos = [text for text in prompts if text.count("<|image|>") >= 2]
+    assert demos and all("<|eot_id|>" in text and "<|endofchunk|>" not in text for text in demos)
