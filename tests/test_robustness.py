@@ -6,8 +6,10 @@ what `flamingo eval` gives the two models)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,8 +18,11 @@ from flamingo.data.benchmarks.imagenet_classes import IMAGENET_A_WNIDS, IMAGENET
 from flamingo.data.benchmarks.loaders import LOADERS, class_names_of
 from flamingo.data.benchmarks.media import VideoSampling, read_media
 from flamingo.data.benchmarks.samples import EvalDataError
+from flamingo.cli import main
 from flamingo.data.benchmarks.tasks import get_task
+from flamingo.data.shapes import make_shapes_shift
 from flamingo.evaluation.aggregate import score_records
+from flamingo.evaluation.robustness import LinearFit, ModelSpec, effective_robustness, summarize, wilson_interval
 
 # The same subsets as class indices in WiSE-FT's code (mlfoundations/wise-ft, src/datasets/imagenet_r.py and
 # imagenet_a.py): a second source for the wnid lists, which are transcribed from the datasets' own repositories.
@@ -177,3 +182,119 @@ def test_objectnet_refuses_a_name_outside_its_imagenet_labels(tmp_path, names_fi
     (root / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps({"Banana": "plantain"}))
     with pytest.raises(EvalDataError, match="'Banana' maps to 'plantain'"):
         load("objectnet", media=root / "images", annotations=root / "mappings", class_names=names_file)
+
+
+# ------------------------------------------------------------------------------- the measures
+def test_effective_robustness_is_the_distance_above_the_logit_fit():
+    # logit(0.7613) = ln(0.7613 / 0.2387) = 1.15983; 0.9 * 1.15983 - 0.5 = 0.54385; sigmoid -> 0.632705
+    fit = LinearFit(slope=0.9, intercept=-0.5)
+    assert fit.predict(76.13) == pytest.approx(63.2705, abs=1e-3)
+    assert effective_robustness(76.13, 70.0, fit) == pytest.approx(70.0 - 63.2705, abs=1e-3)
+    assert effective_robustness(40.0, 40.0, LinearFit(1.0, 0.0)) == pytest.approx(0.0, abs=1e-12)  # y = x
+    assert wilson_interval(19, 24) == pytest.approx((59.53, 90.76), abs=0.01)  # the standard Wilson interval
+
+
+def test_summary_averages_the_shifts_and_their_effective_robustness():
+    def cell(accuracy, ok):
+        return {"shots": {"0": {"mean": {"top-1": accuracy}, "trials": [{"ok": ok, "scores": {"top-1": accuracy}}]}}}
+
+    results = {"tasks": {"imagenet": cell(50.0, 10), "imagenetv2": cell(40.0, 10), "imagenet_r": cell(30.0, 20)}}
+    fits = {"imagenetv2": LinearFit(1.0, 0.0), "imagenet_r": LinearFit(1.0, math.log(0.25))}  # r: odds / 4 -> 20%
+    row = summarize(ModelSpec("m", lambda: None), results, "imagenet", ["imagenetv2", "imagenet_r"], 0, fits)
+    assert row["id"]["accuracy"] == 50.0 and row["id"]["correct"] == 5 and row["ood_average"] == 35.0
+    assert row["ood"]["imagenetv2"]["effective_robustness"] == pytest.approx(-10.0)
+    assert row["ood"]["imagenet_r"]["predicted"] == pytest.approx(20.0)
+    assert row["effective_robustness_average"] == pytest.approx((-10.0 + 10.0) / 2)
+    row = summarize(ModelSpec("m", lambda: None), results, "imagenet", ["imagenetv2", "imagenet_r"], 0,
+                    {"imagenetv2": fits["imagenetv2"]})
+    assert row["ood"]["imagenet_r"]["effective_robustness"] is None and row["effective_robustness_average"] is None
+
+
+# ------------------------------------------------------------------------- flamingo robustness
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, lm_dir, clip_dir):
+    """Two saved tiny models (a base and a 'fine-tuned' one with other gates) and the synthetic shift."""
+    from conftest import build_with_vision, randomize_gates
+
+    from flamingo.model.weights import save_pretrained
+
+    root = tmp_path_factory.mktemp("robustness")
+    for name, gates in (("base", 0.3), ("tuned", 0.9)):
+        model = build_with_vision(lm_dir("llama"), clip_dir)
+        randomize_gates(model, gates)
+        save_pretrained(model, root / name)
+    data = make_shapes_shift(root / "shift", 18, image_size=40)
+    return root, data
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_sweep_endpoints_score_what_flamingo_eval_gives_the_two_models(sweep, capsys):
+    root, data = sweep
+    common = ["--data", str(data), "--shots", "0", "--trials", "1", "--batch-size", "6", "--no-progress"]
+    assert main(["robustness", "--wise", str(root / "base"), str(root / "tuned"), "--alphas", "0:1:0.5", "--force",
+                 "--id", "shapes", "--ood", "shapes_sketch", "--fit", "shapes_sketch=1,-0.5", "--out",
+                 str(root / "wise"), *common]) == 0
+    table = capsys.readouterr().out
+    assert "| wise-ft alpha=0.5 | 0.5 |" in table and "ER shapes_sketch" in table
+    report = json.loads((root / "wise" / "robustness.json").read_text())
+    assert [m["alpha"] for m in report["models"]] == [0.0, 0.5, 1.0]
+    assert not (root / "wise" / "wise-ft-models").exists()  # the sweep's model folders are removed
+    assert (root / "wise" / "robustness.png").stat().st_size > 1000
+    def ranked(path: Path) -> list:
+        return [json.loads(line)["ranked"] for line in path.read_text().splitlines()]
+
+    endpoints = [ranked(root / "wise" / "evals" / f"wise-ft_alpha={a}" / "predictions" / "shapes_sketch.jsonl")
+                 for a in (0, 1)]
+    assert endpoints[0] != endpoints[1]  # the two models differ, so a swapped endpoint would be caught
+    for alpha, model in ((0.0, "base"), (1.0, "tuned")):
+        out = root / f"eval-{model}"
+        assert main(["eval", "--model", str(root / model), "--task", "shapes,shapes_sketch", "--out", str(out),
+                     "--no-card", *common]) == 0
+        evaluated = json.loads((out / "results.json").read_text())["tasks"]
+        row = next(m for m in report["models"] if m["alpha"] == alpha)
+        assert row["id"]["accuracy"] == evaluated["shapes"]["shots"]["0"]["mean"]["top-1"]
+        assert row["ood"]["shapes_sketch"]["accuracy"] == evaluated["shapes_sketch"]["shots"]["0"]["mean"]["top-1"]
+        for task in ("shapes", "shapes_sketch"):  # the same ranking of every query, not just the same score
+            ours = (root / "wise" / "evals" / f"wise-ft_alpha={alpha:g}" / "predictions" / f"{task}.jsonl")
+            theirs = out / "predictions" / f"{task}.jsonl"
+            assert ranked(ours) == ranked(theirs)
+        fit_prediction = LinearFit(1, -0.5).predict(row["id"]["accuracy"])
+        assert row["ood"]["shapes_sketch"]["effective_robustness"] == pytest.approx(
+            row["ood"]["shapes_sketch"]["accuracy"] - fit_prediction)
+
+
+def test_bad_robustness_options_are_one_line_errors(sweep, capsys):
+    root, data = sweep
+    base = ["robustness", "--data", str(data), "--out", str(root / "x")]
+    for argv, message in [
+        (base, "give the models to compare"),
+        (base + ["--wise", "a", "b"], "--wise needs --alphas"),
+        (base + ["--model", "embedded"], "no ImageNet shift"),
+        (base + ["--model", "embedded", "--id", "shapes", "--ood", "coco"], "coco is not a classification task"),
+        (base + ["--model", "embedded", "--id", "shapes", "--ood", "shapes_sketch", "--fit", "shapes=1,0"],
+         "a fit is given for shapes"),
+    ]:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--wise", "a", "b", "--alphas", "0:2:0.5"])
+    assert "distinct alphas in [0, 1]" in capsys.readouterr().err
+
+
+def test_the_synthetic_shift_dataset(tmp_path):
+    from flamingo.data import procedural
+    from flamingo.evaluation import load_data_config
+    from flamingo.evaluation.suite import load_subsets
+    from flamingo.evaluation.settings import EvalSettings
+    from flamingo.outputs import OutputExistsError
+
+    data = load_data_config(make_shapes_shift(tmp_path / "shift", 10, image_size=32))
+    kinds = sorted(procedural.kinds("train"))
+    for task in ("shapes", "shapes_sketch"):
+        subsets = load_subsets(get_task(task), data, EvalSettings(shots=[0]))
+        assert sorted({s.label for s in subsets.query}) == kinds and len(subsets.query) == 2 * len(kinds)
+        assert all("id/train" in str(s.media) for s in subsets.support)  # demos from the fine-tuning style
+    scene = procedural.sample_scene(np.random.default_rng(0), "train", kind="star")
+    assert procedural.render_sketch(scene, 32).tobytes() == procedural.render_sketch(scene, 32).tobytes()
+    with pytest.raises(OutputExistsError):
+        make_shapes_shift(tmp_path / "shift", 10)

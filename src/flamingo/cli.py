@@ -312,6 +312,9 @@ each <image> in the prompt takes the next --image, in order.""")
     from flamingo.evaluation.cli import register as add_eval_subcommand
 
     add_eval_subcommand(sub)
+    from flamingo.evaluation.robustness.cli import register as add_robustness_subcommand
+
+    add_robustness_subcommand(sub)
     from flamingo.serving.cli import register as add_serve_subcommand
 
     add_serve_subcommand(sub)

@@ -44,8 +44,13 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
 
 def _cmd_shapes(args: argparse.Namespace) -> None:
-    from flamingo.data.shapes import make_shapes_dataset, make_shapes_vqa
+    from flamingo.data.shapes import make_shapes_dataset, make_shapes_shift, make_shapes_vqa
 
+    if args.kind == "shift":
+        print(f"wrote a synthetic distribution shift (classes: procedural shapes; ID: their usual style, OOD: "
+              f"ink outlines on paper), about {args.n} images per split; data config "
+              f"{make_shapes_shift(args.out, args.n, seed=args.seed, overwrite=args.overwrite)}")
+        return
     if args.kind == "vqa":
         print(f"wrote {args.n} shape images with questions in the VQAv2 format; data config "
               f"{make_shapes_vqa(args.out, args.n, seed=args.seed, overwrite=args.overwrite)}")
@@ -156,9 +161,10 @@ layouts:
     validate.set_defaults(func=_cmd_validate)
 
     shapes = sub.add_parser("shapes", help="write the tiny coloured-shapes dataset (folder, JSONL, shards; "
-                                           "vqa: VQAv2-format files + data.yaml for eval/finetune)")
+                                           "vqa: VQAv2-format files + data.yaml for eval/finetune; shift: "
+                                           "class folders in two styles + data.yaml for robustness)")
     shapes.add_argument("out", help="output folder")
-    shapes.add_argument("--kind", required=True, choices=(*KINDS, "vqa"))
+    shapes.add_argument("--kind", required=True, choices=(*KINDS, "vqa", "shift"))
     shapes.add_argument("--n", type=int_range(1, 100_000), default=32, help="number of samples (default 32)")
     shapes.add_argument("--seed", type=seed, default=0)
     shapes.add_argument("--shard-size", type=positive_int, default=8)

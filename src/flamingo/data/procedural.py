@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from flamingo.config_io import short
 from flamingo.errors import UserError
@@ -175,6 +175,31 @@ def render(scene: Scene, size: int = 224) -> Image.Image:
     for obj in scene.objects:
         cx, cy, r = obj.centre[0] * size, obj.centre[1] * size, obj.radius * size
         image.paste(_texture_fill(obj, size), (0, 0), _shape_mask(obj.kind, size, cx, cy, r))
+    return image
+
+
+def render_sketch(scene: Scene, size: int = 224) -> Image.Image:
+    """The scene's objects as dark ink outlines on ruled or checkered paper: a drawing style and a
+    background family that `render` never produces (the synthetic distribution shift of `flamingo
+    data shapes --kind shift`). The paper and ink are a pure function of `scene.seed`."""
+    rng = np.random.default_rng(scene.seed)
+    paper = rng.integers(200, 256, 3).astype(np.float32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = max(3, int(size * rng.uniform(0.06, 0.14)))
+    if rng.random() < 0.5:
+        marks = (yy % period) == 0  # ruled lines
+    else:
+        marks = ((xx // period) + (yy // period)) % 2 == 1  # a checkerboard
+    pixels = np.broadcast_to(paper, (size, size, 3)).copy()
+    pixels[marks] = paper * 0.85
+    image = Image.fromarray(pixels.astype(np.uint8))
+    ink = tuple(int(v) for v in rng.integers(0, 70, 3))
+    width = max(1, size // 48)
+    for obj in scene.objects:
+        mask = _shape_mask(obj.kind, size, obj.centre[0] * size, obj.centre[1] * size, obj.radius * size)
+        inner = mask.filter(ImageFilter.MinFilter(2 * width + 1))
+        outline = Image.fromarray(((np.array(mask) > 0) & (np.array(inner) == 0)).astype(np.uint8) * 255)
+        image.paste(ink, (0, 0), outline)
     return image
 
 

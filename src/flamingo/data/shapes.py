@@ -245,3 +245,39 @@ def _write_shapes_vqa(root: Path, n: int, seed: int, image_size: int, test_fract
         splits[split] = {"questions": f"{split}_questions.json", "annotations": f"{split}_annotations.json",
                          "media": subtype}
     (root / "data.yaml").write_text(yaml.safe_dump({"tasks": {"vqav2": splits}}, sort_keys=False))
+
+
+def make_shapes_shift(directory: str | Path, n: int, seed: int = 0, image_size: int = 64,
+                      overwrite: bool = False) -> Path:
+    """A synthetic distribution shift in ImageNet's class-folder layout: the procedural scenes'
+    training object kinds (`flamingo.data.procedural`) as classes, drawn in their usual style
+    (id/train, id/test: task `shapes`) and as ink outlines on ruled or checkered paper, a style and
+    background family never rendered in training (sketch/test: task `shapes_sketch`), about `n`
+    images per split (the same number per class), with classes.json {folder: class name} and the
+    data.yaml that `flamingo eval`, `finetune` and `robustness` read. Returns the data config's
+    path. Written like `make_shapes_dataset` (refused over an existing one unless `overwrite`)."""
+    from flamingo.data import procedural
+
+    classes = procedural.kinds("train")
+    if not isinstance(n, int) or n < len(classes):
+        raise DataError(f"n: expected an integer >= {len(classes)} (one image per class), got {n!r}")
+    per_class = -(-n // len(classes))
+
+    def write(root: Path) -> None:
+        rng = np.random.default_rng(seed)
+        for folder, draw in (("id/train", procedural.render), ("id/test", procedural.render),
+                             ("sketch/test", procedural.render_sketch)):
+            for kind in classes:
+                (root / folder / kind).mkdir(parents=True)
+                for i in range(per_class):
+                    draw(procedural.sample_scene(rng, "train", kind=kind), image_size).save(
+                        root / folder / kind / f"{i:05d}.png")
+        (root / "classes.json").write_text(json.dumps({kind: kind for kind in classes}))
+        split = {"class_names": "classes.json"}
+        train = {"media": "id/train", **split}
+        tasks = {"shapes": {"test": {"media": "id/test", **split}, "train": train},
+                 "shapes_sketch": {"test": {"media": "sketch/test", **split}, "train": dict(train)}}
+        (root / "data.yaml").write_text(yaml.safe_dump({"tasks": tasks}, sort_keys=False))
+
+    _staged_dataset(Path(directory), ("id", "sketch", "classes.json", "data.yaml"), overwrite, write)
+    return Path(directory) / "data.yaml"
