@@ -30,6 +30,12 @@ one request at a time (8 new few-shot queries sent to the idle, warm engine, the
     flock /tmp/flamingo-cpu.lock python benchmarks/serve_throughput.py [--requests 64] [--max-tokens 16]
 
 The last line is `serving throughput vs sequential baseline: X.XXx` (baseline time / ours).
+
+With `--quantize int8` (or int4), the model is then loaded again with its frozen linear layers
+weight-only quantized (`load_model(..., quantize=)`, torchao), a fresh engine over it is warmed up
+the same way and its support set cached, and the same probes measure its time to first token of a
+prefix-cache hit one at a time, against the fp32 baseline of this run; that ratio is then the last
+line: `int8 engine, prefix-cache hit, one at a time, vs the fp32 baseline: X.XXx`.
 """
 
 from __future__ import annotations
@@ -222,12 +228,36 @@ async def main_async(args: argparse.Namespace) -> None:
           f"{ours_ttft * 1000:.0f} ms vs baseline {base_ttft * 1000:.0f} ms (medians of {len(probes)}): "
           f"{base_ttft / ours_ttft:.2f}x")
     floor = hit_floor(model, probes)
+    quantized_ttft = await quantized_hit_ttft(args.quantize, config, warm_up, requests[0], probes) \
+        if args.quantize else None
     print(f"  the most a prefix cache can give here: a hit still encodes its query image and runs the LM over "
           f"the query's tokens ({floor * 1000:.0f} ms with no other cost), so at most {base_ttft / floor:.2f}x")
     cache = engine.metrics
     print(f"prefix cache (second engine): {cache.prefix_cache_hits._value.get():.0f} hits, "
           f"{cache.prefix_cache_misses._value.get():.0f} misses, {cache.prefix_cache_bytes._value.get() / 2**20:.1f} MiB")
     print(f"serving throughput vs sequential baseline: {baseline['seconds'] / ours['seconds']:.2f}x")
+    if quantized_ttft is not None:
+        print(f"{args.quantize} engine, prefix-cache hit, one at a time: {quantized_ttft * 1000:.0f} ms (fp32 engine "
+              f"{ours_ttft * 1000:.0f} ms, fp32 baseline {base_ttft * 1000:.0f} ms, medians of {len(probes)})")
+        print(f"{args.quantize} engine, prefix-cache hit, one at a time, vs the fp32 baseline: "
+              f"{base_ttft / quantized_ttft:.2f}x")
+
+
+async def quantized_hit_ttft(mode: str, config: EngineConfig, warm_up: list[EngineRequest], support: EngineRequest,
+                             probes: list[EngineRequest]) -> float:
+    """Median time to first token of the probes (prefix-cache hits: `support` is sent first) on an
+    engine over the embedded model quantized with `mode`."""
+    quantized = load_model("embedded", quantize=mode)
+    quantized.fuse_for_inference()
+    engine = await warm_engine(quantized, config, warm_up)
+    try:
+        await engine_one(engine, support, time.perf_counter())  # its support set, cached
+        hits_before = engine.metrics.prefix_cache_hits._value.get()
+        ttft = [(await engine_one(engine, probe, time.perf_counter()))[2] for probe in probes]
+        assert engine.metrics.prefix_cache_hits._value.get() - hits_before == len(probes), "expected cache hits"
+    finally:
+        await engine.stop()
+    return statistics.median(ttft)
 
 
 def main() -> None:
@@ -238,6 +268,8 @@ def main() -> None:
     parser.add_argument("--max-running", type=int, default=EngineConfig.max_running)
     parser.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
     parser.add_argument("--ttft-probes", type=int, default=8)
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="also measure a prefix-cache hit's TTFT on the model quantized so (see above)")
     asyncio.run(main_async(parser.parse_args()))
 
 
