@@ -8,7 +8,20 @@ bad record is written to a rejects file with the reason, never fatal; a run that
 leaves `OUT.partial`, and the same command resumes it.
 """
 
-from flamingo.serving.batch.records import BatchDefaults, RawRecord, read_records
-from flamingo.serving.batch.runner import BatchOutput, BatchSummary, RecordRunner, run_batch
+from typing import Any
 
-__all__ = ["BatchDefaults", "BatchOutput", "BatchSummary", "RawRecord", "RecordRunner", "read_records", "run_batch"]
+# `from flamingo.serving.batch import run_batch` without importing the engine (and the serve extra's
+# packages) when the command line only builds its parser.
+_EXPORTS = {"BatchDefaults": "records", "RawRecord": "records", "read_records": "records",
+            "BatchOutput": "runner", "BatchSummary": "runner", "RecordRunner": "runner", "run_batch": "runner"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)
