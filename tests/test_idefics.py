@@ -174,11 +174,12 @@ def test_idefics_checkpoint_with_a_missing_an_extra_or_a_mis_shaped_tensor_is_re
         idefics.load_state_dict(model, lone_key)
     extra = dict(state, **{"model.gated_cross_attn_layers.1.extra.weight": torch.zeros(2),
                            "model.gated_cross_attn_layers.2.mlp.up_proj.weight": torch.zeros(2)})
-    with pytest.raises(CheckpointError, match=r"no place in the model: model\.gated_cross_attn_layers\.1\.extra\.weight, "
-                                              r"model\.gated_cross_attn_layers\.2\.mlp"):
+    with pytest.raises(CheckpointError, match=r"no place in the model: model\.gated_cross_attn_layers\.1\.extra\."
+                                              r"weight, model\.gated_cross_attn_layers\.2\.mlp"):
         idefics.load_state_dict(model, extra)
     wrong = dict(state, **{"model.norm.weight": torch.ones(31)})
-    with pytest.raises(CheckpointError, match=r"mis-shaped tensors: lm\.model\.norm\.weight: expected \(32,\), got \(31,\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"mis-shaped tensors: lm\.model\.norm\.weight: expected \(32,\), got \(31,\)"):
         idefics.load_state_dict(model, wrong)
 
 
@@ -332,7 +333,8 @@ def reference_answer(processor, reference, items, max_new_tokens: int, **process
     """transformers' greedy generate on the processor's inputs, cut at </s> or <end_of_utterance>, decoded."""
     inputs = processor(text=[items], return_tensors="pt", **processor_kwargs)
     with torch.no_grad():
-        new = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        new = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = new[0, inputs["input_ids"].shape[1]:]
     ids = new.tolist()
     cut = [i for i, t in enumerate(ids) if t in (2, END_OF_UTTERANCE)]
     return processor.tokenizer.decode(ids[:cut[0]] if cut else ids, skip_special_tokens=True)

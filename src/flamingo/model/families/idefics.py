@@ -12,14 +12,14 @@ Mapping (theirs, as `IdeficsForVisionText2Text.state_dict()` names it -> ours):
 
 | IDEFICS | ours |
 |---|---|
-| `model.layers.{i}`, `model.norm`, `model.embed_tokens.weight`, `lm_head.weight` | frozen `LlamaForCausalLM` (same block) |
-| `gated_cross_attn_layers.{k}` | GATED XATTN-DENSE `cross_attn.{k * interval}` in front of LM block k * interval (`every`) |
+| `model.layers.{i}`, `norm`, `embed_tokens.weight`, `lm_head.weight` | frozen `LlamaForCausalLM` (same blocks) |
+| `gated_cross_attn_layers.{k}` | GATED XATTN-DENSE in front of LM block k * interval (`every`, `first_layer: 0`) |
 | `input_layernorm`, `post_attention_layernorm` (RMSNorm) | `attn.norm`, `ffw.norm` (`norm: rmsnorm`) |
 | `cross_attn.q_proj`, `[k_proj; v_proj]`, `o_proj` | `attn.to_q`, `attn.to_kv` (stacked), `attn.to_out` |
 | `cross_attn.q_layer_norm`, `k_layer_norm` (RMSNorm) | `attn.q_norm`, `attn.k_norm` (`qk_norm: true`) |
 | `alpha_cross_attn`, `alpha_dense` ([1] or [1, 1, D]) | `attn_gate`, `ffw_gate` (`gate: scalar` or `vector`) |
 | `mlp.gate_proj`, `up_proj`, `down_proj` | `ffw.fc1`, `ffw.fc_up`, `ffw.fc2` (`ffw: swiglu`, `activation: silu`) |
-| `cross_attention_gate` (no image: attention output zeroed, MLP kept) | `zero_attention_without_media: true` (the paper's) |
+| `cross_attention_gate` (no image: attention output 0, MLP kept) | `zero_attention_without_media: true` (the paper's) |
 | `image_attention_mask`: the last image at or before a token | `media_attention: previous` (the paper's) |
 | ... and no image after an end-of-sequence token until the next image | `no_media_after_eos: true` (packed documents) |
 | `embed_tokens.additional_embedding` | `new_token_embeddings.new_rows` (`extra_token_rows`) |
@@ -513,8 +513,10 @@ class IdeficsFamily:
         """As `IdeficsProcessor`: `<fake_token_around_image>` before and after each image (one
         between consecutive images), and for a whole prompt BOS written before the text; no other
         special tokens."""
-        text = re.sub(f"(?:{re.escape(MEDIA_TOKEN)})+",
-                      lambda run: FAKE_TOKEN + (MEDIA_TOKEN + FAKE_TOKEN) * (len(run.group()) // len(MEDIA_TOKEN)), text)
+        def wrapped(run: re.Match) -> str:
+            return FAKE_TOKEN + (MEDIA_TOKEN + FAKE_TOKEN) * (len(run.group()) // len(MEDIA_TOKEN))
+
+        text = re.sub(f"(?:{re.escape(MEDIA_TOKEN)})+", wrapped, text)
         if add_special_tokens and model.tokenizer.bos_token is not None:
             text = model.tokenizer.bos_token + text
         return model.tokenizer(text, add_special_tokens=False)["input_ids"]
