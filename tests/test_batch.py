@@ -18,6 +18,7 @@ from flamingo.inference import generate_text, text_prompt
 from flamingo.serving.app import create_app
 from flamingo.serving.batch import BatchDefaults, BatchOutput, run_batch
 from flamingo.serving.batch.records import data_url, open_dataset
+from flamingo.serving.batch.runner import batch_limits
 from flamingo.serving.engine import Engine, EngineConfig
 from flamingo.serving.limits import ServerSettings
 
@@ -183,7 +184,7 @@ def test_a_folder_of_images_with_a_few_shot_prompt(model, tmp_path):
     (folder / "blue.json").write_text(json.dumps({"max_tokens": 2}))
     defaults = BatchDefaults(SUPPORT + "<image>Output:", (data_url(png_bytes("red")), data_url(png_bytes("blue"))))
     summary = run_batch(model, folder, tmp_path / "out.jsonl", defaults=defaults, progress=False,
-                        settings=ServerSettings(default_max_tokens=5))
+                        settings=batch_limits(5))
     assert (summary.written, summary.rejected) == (3, 0)
     results = by_id(tmp_path / "out.jsonl")
     for colour in COLOURS[:3]:
@@ -201,7 +202,7 @@ def test_webdataset_shards_with_their_own_fields_or_the_default_prompt(model, tm
                      "json": json.dumps({"id": "own", "prompt": "<image>This is a", "max_tokens": 3}).encode()})
         shard.write({"__key__": "c", "txt": b"no image"})
     summary = run_batch(model, tmp_path / "shard-000.tar", tmp_path / "out.jsonl", progress=False,
-                        defaults=BatchDefaults("<image>An image of"), settings=ServerSettings(default_max_tokens=4))
+                        defaults=BatchDefaults("<image>An image of"), settings=batch_limits(4))
     assert (summary.written, summary.rejected) == (2, 1)
     results = by_id(tmp_path / "out.jsonl")
     assert results["a"]["text"] == generate_text(model, text_prompt("<image>An image of", [solid_image("green")]),

@@ -73,8 +73,8 @@ def _cmd_batch(args: argparse.Namespace) -> None:
     from flamingo.model.quantize import check_quantize_mode
     from flamingo.outputs import check_writable
     from flamingo.serving.batch.records import BatchDefaults, data_url, open_dataset
+    from flamingo.serving.batch.runner import batch_limits
     from flamingo.serving.engine import EngineConfig
-    from flamingo.serving.limits import ServerSettings
 
     # Mistakes are reported before the (slow) model load.
     dataset = open_dataset(args.input)
@@ -87,8 +87,7 @@ def _cmd_batch(args: argparse.Namespace) -> None:
     if images and args.prompt is None:
         raise UserError("--prompt-image: give the prompt they belong to with --prompt")
     defaults = BatchDefaults(args.prompt, tuple(images))
-    settings = ServerSettings(default_max_tokens=args.max_tokens, max_tokens=max(args.max_tokens,
-                                                                                 ServerSettings.max_tokens))
+    settings = batch_limits(args.max_tokens)
     engine_config = EngineConfig(max_queue=2 * args.max_running, max_running=args.max_running,
                                  prefill_chunk=args.prefill_chunk, prefix_cache_bytes=args.prefix_cache_mb << 20)
     check_quantize_mode(args.quantize)

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from flamingo.config_io import short
 from flamingo.errors import UserError
 from flamingo.inference.chat import DIALOGUE_STOP_STRINGS
+from flamingo.inference.generation import MAX_BEAMS, MAX_NEW_TOKENS
 from flamingo.inference.prompt import context_length
 from flamingo.model.flamingo import Flamingo
 from flamingo.outputs import check_writable
@@ -51,6 +52,7 @@ from flamingo.serving.openai_format import (
 )
 
 RecordId = str | int
+MAX_IMAGES = 256  # images of one record (a many-shot prompt), where a server takes 16 per request
 
 
 class Rejected(Exception):
@@ -300,9 +302,17 @@ async def _run_records(runner: RecordRunner, records: Iterable[RawRecord], outpu
         await runner.resolver.aclose()
 
 
+def batch_limits(default_max_tokens: int = ServerSettings.default_max_tokens) -> ServerSettings:
+    """The server's limits for a batch run, whose records come from its own user: the caps a shared
+    server puts on one request (new tokens, beams, choices, images) lifted to what the engine takes;
+    image sizes and the prompt's length in tokens are checked as the server checks them."""
+    return ServerSettings(default_max_tokens=default_max_tokens, max_tokens=max(MAX_NEW_TOKENS, default_max_tokens),
+                          max_beams=MAX_BEAMS, max_n=EngineConfig.max_running, max_images=MAX_IMAGES)
+
+
 def batch_settings(settings: ServerSettings | None, media_root: Path | None) -> ServerSettings:
-    """The server's limits for a batch run; relative image paths are read under `media_root`."""
-    settings = settings or ServerSettings()
+    """The limits of a batch run (default: `batch_limits`); relative image paths are read under `media_root`."""
+    settings = settings or batch_limits()
     if settings.allowed_local_media_path is None and media_root is not None:
         settings = dataclasses.replace(settings, allowed_local_media_path=media_root)
     return settings
@@ -327,8 +337,8 @@ def run_batch(model: Flamingo, source: str | Path | Dataset, out: str | Path, *,
               progress: bool = True) -> BatchSummary:
     """Answer every record of `source` (a .jsonl file, a folder of images, WebDataset shards) with
     `model`, writing `out` (JSONL, one result per record id) and its rejects file; resumes a run
-    that stopped midway (see the module docstring). `settings`: the server's limits (image sizes,
-    max_tokens caps, the default max_tokens); `progress`: a tqdm bar on stderr."""
+    that stopped midway (see the module docstring). `settings`: the limits records are checked
+    against (default: `batch_limits()`); `progress`: a tqdm bar on stderr."""
     from tqdm import tqdm
 
     dataset = source if isinstance(source, Dataset) else open_dataset(source)
