@@ -1,7 +1,7 @@
 """Records through the serving engine, in this process: `run_batch`.
 
-A record goes through what a server request goes through (the OpenAI request models and the
-server's limits, `prepare_prompt`'s door, the engine), up to `EngineConfig.max_queue` of them in
+A record goes through what a server request goes through (the OpenAI request models, the
+server's checks with `batch_limits`, `prepare_prompt`'s door, the engine), up to `EngineConfig.max_queue` of them in
 flight at once so that the engine's decode batch stays full and records sharing a support set are
 prefilled together (its state encoded once, then kept in the prefix cache).
 
