@@ -563,17 +563,29 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         """The trained model as a model directory RUN_DIR/final (config.yaml + bridge.safetensors, and
-        provenance.json naming the `init_from` model it started from)."""
+        provenance.json naming the `init_from` model it started from and how it was trained, which
+        its model card README.md shows)."""
         model = unwrap(self.module)
         tensors, adapters = self._model_tensors(model)
         final = None
         if self.runtime.is_main:
             final = self.run_dir / FINAL_DIR
             with staging_dir(final) as staged:
-                self._write_model(model, staged, tensors, adapters, self.provenance)
+                self._write_model(model, staged, tensors, adapters, {**(self.provenance or {}),
+                                                                      "training": self._training_record()})
                 publish(staged, final)
         barrier(self.runtime)
         return final
+
+    def _training_record(self) -> dict[str, Any]:
+        """How the final model was trained, for its provenance.json and model card."""
+        cfg = self.config
+        return {"steps": self.step, "seed": cfg.seed, "precision": cfg.precision, "accumulation": cfg.accumulation,
+                "processes": self.runtime.world_size,
+                "datasets": [{"name": d.name, "kind": d.kind, "weight": d.weight, "batch_size": d.batch_size}
+                             for d in cfg.datasets],
+                "optim": {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay},
+                "schedule": {"kind": cfg.schedule.kind, "warmup_steps": cfg.schedule.warmup_steps}}
 
     def close(self) -> None:
         shutdown(self.runtime)
