@@ -29,17 +29,17 @@ FAKE, IMAGE, END_OF_UTTERANCE = VOCAB, VOCAB + 1, VOCAB + 2
 TOLERANCE = 1e-5
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer "<unk> <s> </s> t3 ... t119" plus IDEFICS-instruct's three added tokens."""
+def tiny_tokenizer(instruct: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer "<unk> <s> </s> t3 ... t119" plus IDEFICS-instruct's three added tokens
+    (instruct=False: the base models' two, without <end_of_utterance>)."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                         pad_token="<unk>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
-                                                                "<end_of_utterance>"]})
-    assert tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<end_of_utterance>"]) == [
-        FAKE, IMAGE, END_OF_UTTERANCE]
+    added = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"][:3 if instruct else 2]
+    tokenizer.add_special_tokens({"additional_special_tokens": added})
+    assert tokenizer.convert_tokens_to_ids(added) == [FAKE, IMAGE, END_OF_UTTERANCE][:len(added)]
     return tokenizer
 
 
@@ -604,3 +604,98 @@ def test_flamingo_eval_offline_runs_on_an_idefics_checkpoint(saved, tmp_path):
     assert main(["eval-offline", "--model", str(saved), "--task", "induction", "--shots", "0,2", "--seeds", "1",
                  "--episodes", "3", "--json", str(tmp_path / "out.json")]) in (0, None)
     assert json.loads((tmp_path / "out.json").read_text())
+
+
+# ------------------------------------------------- a base model: </s> ends each example (no <end_of_utterance>)
+BASE_SUPPORT = [image(80, 50, 40), "t5 t6</s>", image(81, 30, 60), "t7 t8</s>"]
+BASE_QUERIES = [[image(82, 40, 40), "t9"], ["t10 t11", image(83, 60, 30), "t12"], ["t13 t14"]]
+BASE_CLASSES = ["t20", "t21 t22", "t23"]
+
+
+@pytest.fixture(scope="module")
+def base_idefics(tmp_path_factory):
+    """idefics-9b's layout with a base tokenizer, saved by transformers and loaded: the processor,
+    the reference and our model."""
+    torch.manual_seed(1)
+    config = tiny_idefics_config(**VARIANTS["resampler, float gates, qk norms"])
+    config.additional_vocab_size = 2
+    reference = IdeficsForVisionText2Text(config).eval()
+    with torch.no_grad():  # as the `family` fixture: gates and norms away from their initial values
+        for name, param in reference.named_parameters():
+            if "alpha" in name:
+                param.copy_(0.8 + 0.1 * torch.randn_like(param))
+            elif "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    processor = IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=28),
+                                 tokenizer=tiny_tokenizer(instruct=False))
+    directory = tmp_path_factory.mktemp("idefics-base")
+    save_checkpoint(reference, processor, directory)
+    model = load_model(directory)
+    assert model.config.end_of_chunk_token == "</s>" and model.config.cross_attention.no_media_after_eos
+    return processor, reference, model
+
+
+def reference_logprobs(processor, reference, items, candidates) -> list[float]:
+    """transformers' summed log-probability of each candidate continuing the interleaved items."""
+    inputs = processor(text=[items], return_tensors="pt")
+    logprobs = []
+    with torch.no_grad():
+        for name in candidates:
+            ids = processor.tokenizer(name, add_special_tokens=False)["input_ids"]
+            mask = inputs["image_attention_mask"]
+            mask = torch.cat([mask, mask[:, -1:].expand(-1, len(ids), -1)], 1)  # as generate extends it
+            logits = reference(input_ids=torch.cat([inputs["input_ids"], torch.tensor([ids])], 1),
+                               pixel_values=inputs["pixel_values"], image_attention_mask=mask).logits
+            logits = logits[0, inputs["input_ids"].shape[1] - 1:-1]
+            logprobs.append(float(logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).sum()))
+    return logprobs
+
+
+def test_a_few_shot_context_on_a_base_idefics_sees_no_image_after_its_end_of_sequence(base_idefics):
+    """The support examples end with </s>: the text of a query before its own image (its first
+    <fake_token_around_image>, or all of a text-only query) sees no support image, as in the
+    reference, though the query continues the cached context."""
+    from flamingo.inference import FewShotContext
+
+    processor, reference, model = base_idefics
+    expected = torch.tensor([reference_logprobs(processor, reference, BASE_SUPPORT + query, BASE_CLASSES)
+                             for query in BASE_QUERIES])
+    context = FewShotContext(model, BASE_SUPPORT)
+    order, scores = context.rank(BASE_QUERIES, BASE_CLASSES)
+    assert float((scores - expected).abs().max()) <= TOLERANCE
+    assert order.tolist() == expected.argsort(1, descending=True).tolist()
+    scored = context.score(BASE_QUERIES, BASE_CLASSES)
+    assert float((scored.sum_logprob - expected).abs().max()) <= TOLERANCE
+
+
+def test_the_engine_over_a_base_idefics_continues_a_prefix_after_its_end_of_sequence(base_idefics):
+    """Rankings whose cached prefix ends with </s> (a miss, then hits), and without the prefix
+    cache, all equal the reference's log-probabilities."""
+    import asyncio
+
+    from flamingo.serving.engine import Engine, EngineConfig
+
+    processor, reference, model = base_idefics
+    support_text = "<image>t5 t6</s><image>t7 t8</s>"
+    pictures = [png(BASE_SUPPORT[0]), png(BASE_SUPPORT[2])]
+    # a miss (the support set cached), a hit, and a miss whose own prefix (cut before its image)
+    # continues the cached support set with "t10 t11<fake_token_around_image>"
+    queries = [("t13 t14", []), ("t15 t16", []), ("t10 t11<image>t12", [BASE_QUERIES[1][1]])]
+
+    async def rank_all(config):
+        engine = Engine(model, config)
+        await engine.start()
+        try:
+            return [await engine.rank(support_text + text, pictures + [png(p) for p in own], BASE_CLASSES)
+                    for text, own in queries], engine.metrics
+        finally:
+            await engine.stop()
+
+    cached, metrics = asyncio.run(rank_all(None))
+    assert metrics.prefix_cache_misses._value.get() == 2 and metrics.prefix_cache_hits._value.get() == 1
+    uncached, _ = asyncio.run(rank_all(EngineConfig(prefix_cache_bytes=0)))
+    for (text, own), hit, plain in zip(queries, cached, uncached):
+        items = BASE_SUPPORT + ([text] if not own else ["t10 t11", own[0], "t12"])
+        expected = torch.tensor(reference_logprobs(processor, reference, items, BASE_CLASSES))
+        assert float((torch.tensor(hit) - expected).abs().max()) <= TOLERANCE
+        assert float((torch.tensor(plain) - expected).abs().max()) <= TOLERANCE

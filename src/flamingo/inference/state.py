@@ -10,8 +10,10 @@ What the state holds:
   tokens, computed once. Several consecutive sequences may share one media row (the beams of a
   sample, the candidates of a prompt): they index it, nothing is copied per sequence;
 - for the other members of the family (`flamingo.model.families`): the key mask of the media
-  rows (Llama 3.2 Vision's padding tiles) and, under "group" attention, the first image of the
-  group each sequence's last token sees, so that a continuation sees that whole group.
+  rows (Llama 3.2 Vision's padding tiles); under "group" attention, the first image of the
+  group each sequence's last token sees, so that a continuation sees that whole group; and under
+  `cross_attention.no_media_after_eos` (IDEFICS), the image a continuation's text sees before its
+  own first image: none after an end-of-sequence token.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class FlamingoState:
     kv_cache: dict  # layer index -> cross-attention keys/values of visual_tokens
     key_mask: torch.Tensor | None = None  # [B_media, M, R] False: a visual token images' text must not see
     group_first: torch.Tensor | None = None  # [B] "group" attention: the first image the last token sees
+    media_seen: torch.Tensor | None = None  # [B] no_media_after_eos: the image (0: none) the next token sees
 
     @property
     def batch_size(self) -> int:
@@ -57,8 +60,9 @@ class FlamingoState:
     def step(self, model: Flamingo, token_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
         """Feed token_ids [B, k] (no images); update the state; return their logits [B, kept, V]."""
         mask = torch.cat([self.attention_mask, torch.ones_like(token_ids)], dim=1)
-        media, self.group_first = media_context(model, token_ids, self.visual_tokens, self.num_media, self.kv_cache,
-                                                self.key_mask, self.media_offset(), self.group_first)
+        media, self.group_first, self.media_seen = media_context(
+            model, token_ids, self.visual_tokens, self.num_media, self.kv_cache, self.key_mask, self.media_offset(),
+            self.group_first, self.media_seen)
         out = model.logits_and_cache(token_ids, media, attention_mask=mask, past_key_values=self.past_key_values,
                                      use_cache=True, logits_to_keep=logits_to_keep)
         self.past_key_values, self.attention_mask = out.past_key_values, mask
@@ -72,7 +76,8 @@ class FlamingoState:
         cache.batch_repeat_interleave(times)
         return FlamingoState(cache, self.attention_mask.repeat_interleave(times, 0), self.visual_tokens,
                              self.num_media, self.next_token_logits.repeat_interleave(times, 0), self.kv_cache,
-                             self.key_mask, _rows(self.group_first, lambda g: g.repeat_interleave(times, 0)))
+                             self.key_mask, _rows(self.group_first, lambda g: g.repeat_interleave(times, 0)),
+                             _rows(self.media_seen, lambda m: m.repeat_interleave(times, 0)))
 
     def select_rows(self, rows: torch.Tensor, keep_logits: bool = True) -> "FlamingoState":
         """A new state made of the given sequences (any order, repeats allowed). Media rows are
@@ -89,7 +94,7 @@ class FlamingoState:
         logits = self.next_token_logits[rows] if keep_logits else self.next_token_logits[:0]
         return FlamingoState(cache, self.attention_mask[rows], self.visual_tokens[index], self.num_media[index],
                              logits, kv, _rows(self.key_mask, lambda m: m[index]),
-                             _rows(self.group_first, lambda g: g[rows]))
+                             _rows(self.group_first, lambda g: g[rows]), _rows(self.media_seen, lambda m: m[rows]))
 
     def reorder(self, rows: torch.Tensor) -> None:
         """In place: sequence i becomes sequence rows[i]. Rows must stay within their media row
@@ -100,6 +105,7 @@ class FlamingoState:
         self.attention_mask = self.attention_mask[rows]
         self.next_token_logits = self.next_token_logits[rows]
         self.group_first = _rows(self.group_first, lambda g: g[rows])
+        self.media_seen = _rows(self.media_seen, lambda m: m[rows])
 
     def media_per_sequence(self) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
         """visual_tokens, num_media, cross-attention keys/values and the key mask (all True when
@@ -139,8 +145,9 @@ class FlamingoState:
         if any(s.key_mask is not None for s in states):  # padding slots: seen by no token with an image
             key_mask = torch.cat([_pad(m, slots - m.shape[1], dim=1) for _, _, _, m in media])
         group_first = None if states[0].group_first is None else torch.cat([s.group_first for s in states])
+        media_seen = None if states[0].media_seen is None else torch.cat([s.media_seen for s in states])
         return FlamingoState(cache, mask, visual_tokens, torch.cat([n for _, n, _, _ in media]), logits, kv,
-                             key_mask, group_first)
+                             key_mask, group_first, media_seen)
 
     def without_leading_padding(self) -> "FlamingoState":
         """The same sequences without the leading positions that are padding in every row (left
@@ -152,14 +159,14 @@ class FlamingoState:
         layers = [(k[:, :, start:], v[:, :, start:]) for k, v in _cache_layers(self.past_key_values)]
         return FlamingoState(_cache_from_layers(self.past_key_values, layers), self.attention_mask[:, start:],
                              self.visual_tokens, self.num_media, self.next_token_logits, self.kv_cache,
-                             self.key_mask, self.group_first)
+                             self.key_mask, self.group_first, self.media_seen)
 
     def nbytes(self) -> int:
         """Memory held by the state's tensors."""
         tensors = [t for keys, values, *_ in self.past_key_values for t in (keys, values)]
         tensors += [self.attention_mask, self.visual_tokens, self.num_media, self.next_token_logits]
         tensors += [t for kv in self.kv_cache.values() for t in kv]
-        tensors += [t for t in (self.key_mask, self.group_first) if t is not None]
+        tensors += [t for t in (self.key_mask, self.group_first, self.media_seen) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -170,19 +177,24 @@ def _rows(tensor: torch.Tensor | None, select: Any) -> torch.Tensor | None:
 
 def media_context(model: Flamingo, ids: torch.Tensor, visual_tokens: torch.Tensor, num_media: torch.Tensor,
                   kv_cache: dict, key_mask: torch.Tensor | None = None, media_offset: torch.Tensor | None = None,
-                  group_first: torch.Tensor | None = None) -> tuple[MediaContext, torch.Tensor | None]:
+                  group_first: torch.Tensor | None = None, media_seen: torch.Tensor | None = None
+                  ) -> tuple[MediaContext, torch.Tensor | None, torch.Tensor | None]:
     """`Flamingo.media_context` for `ids` continuing sequences whose last token saw the group of
     images from `group_first` on ("group" attention: the group goes on until text follows an
-    image); also returns the group of each row's last token, for the next call (None when the
-    model's attention has no groups)."""
+    image) and whose next token sees image `media_seen` (`cross_attention.no_media_after_eos`: 0
+    after an end-of-sequence token). Also returns both for each row's last token, for the next
+    call (None where the model's masking has no groups, or no such switch)."""
+    no_media_after_eos = model.config.cross_attention.no_media_after_eos
     media = model.media_context(ids, visual_tokens, num_media=num_media, media_offset=media_offset,
-                                kv_cache=kv_cache, key_mask=key_mask)
+                                kv_cache=kv_cache, key_mask=key_mask,
+                                media_seen=_rows(media_seen, lambda m: m.to(ids.device)))
+    seen_after = model.media_after(ids, media) if no_media_after_eos else None
     if media.token_first_media is None:
-        return media, None
+        return media, None, seen_after
     if group_first is not None:
         media.token_first_media = group_first_media(ids == model.media_token_id, media.token_media,
                                                     group_first.to(ids.device))
-    return media, media.token_first_media[:, -1]
+    return media, media.token_first_media[:, -1], seen_after
 
 
 def _pad(tensor: torch.Tensor, amount: int, dim: int, left: bool = False) -> torch.Tensor:
@@ -333,10 +345,10 @@ def _encode_ids(model: Flamingo, rows: Sequence[Sequence[int]], visual_tokens: t
     ids, mask = _left_padded(model, rows)
     device = model.perceiver.latents.device
     ids, mask, kv = ids.to(device), mask.to(device), {}
-    media, group_first = media_context(model, ids, visual_tokens, num_media, kv, key_mask)
+    media, group_first, media_seen = media_context(model, ids, visual_tokens, num_media, kv, key_mask)
     out = model.logits_and_cache(ids, media, attention_mask=mask, use_cache=True, logits_to_keep=1)
     return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv, key_mask,
-                         group_first)
+                         group_first, media_seen)
 
 
 def extend(model: Flamingo, context: FlamingoState, queries: Sequence[Prompt], *,
@@ -386,7 +398,7 @@ def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], size
     # Media rows: each context's images that its continuation can still see, then the query's own,
     # padded to the most slots (with their key masks, where the model has them).
     masked = key_mask is not None or any(context.key_mask is not None for context in contexts)
-    carried, carried_masks, keeps, firsts = [], [], [], []
+    carried, carried_masks, keeps, firsts, seen = [], [], [], [], []
     for context, size in zip(contexts, sizes):
         context_media = int(context.num_media[0])
         keep = model.media_seen_by_continuation(context_media)
@@ -396,6 +408,8 @@ def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], size
         keeps += [keep] * size
         if context.group_first is not None:  # the carried images are renumbered from 1
             firsts.append((context.group_first - (context_media - keep)).clamp(min=0).expand(size))
+        if context.media_seen is not None:  # so is the image the query's first tokens see (0: none)
+            seen.append((context.media_seen - (context_media - keep)).clamp(min=0).expand(size))
     dtype, query_tokens = carried[0].dtype, visual_tokens
     split_rows = torch.split(visual_tokens.to(dtype), list(sizes))
     groups = [torch.cat([kept, own], dim=1) for kept, own in zip(carried, split_rows)]
@@ -412,9 +426,10 @@ def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], size
     cache, context_mask = _concat_histories(contexts, repeats=sizes)  # each context's copied per query
     mask = torch.cat([context_mask, query_mask.to(device)], dim=1)
     ids, kv = ids.to(device), {}
-    media, group_first = media_context(model, ids, visual_tokens, num_media, kv, key_mask, keep,
-                                       torch.cat(firsts) if firsts else None)
+    media, group_first, media_seen = media_context(model, ids, visual_tokens, num_media, kv, key_mask, keep,
+                                                   torch.cat(firsts) if firsts else None,
+                                                   torch.cat(seen) if seen else None)
     out = model.logits_and_cache(ids, media, attention_mask=mask, past_key_values=cache, use_cache=True,
                                  logits_to_keep=1)
     return FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv, key_mask,
-                         group_first)
+                         group_first, media_seen)

@@ -32,7 +32,9 @@ before it sees every visual token of its prompt where `zero_attention_without_me
 (Llama 3.2 Vision), so such text cannot be batched with padding media slots nor cached as a
 prefix of other prompts; consecutive images form one group where `media_attention` is "group",
 so a prefix is never cut between them, and a continued state carries the group of its last token
-(`FlamingoState.group_first`).
+(`FlamingoState.group_first`); under `no_media_after_eos` (IDEFICS's packed documents) a continued
+state carries the image its next token sees, none after an end-of-sequence token
+(`FlamingoState.media_seen`), so a few-shot context ending with `</s>` is continued exactly.
 """
 
 from __future__ import annotations
