@@ -153,8 +153,8 @@ def _check_base(zero_shot_dir: Path, fine_tuned_dir: Path, zero_shot_digest: str
     """Refuse a zero-shot model that is not the base the fine-tuned model was trained from."""
     base = (read_provenance(fine_tuned_dir) or {}).get("base")
     if not isinstance(base, dict) or not isinstance(base.get("weights_sha256"), str):
-        raise WiseFTError(f"{fine_tuned_dir} does not record the base model it was fine-tuned from (no "
-                          f"{PROVENANCE_FILE}, as `flamingo finetune` writes); pass --force (force=True) to "
+        raise WiseFTError(f"{fine_tuned_dir} does not record the base model it was fine-tuned from (no base in "
+                          f"a {PROVENANCE_FILE}, as `flamingo finetune` writes); pass --force (force=True) to "
                           f"interpolate it with {zero_shot_dir} anyway")
     if base["weights_sha256"] != zero_shot_digest:
         raise WiseFTError(f"{zero_shot_dir} is not the base model of {fine_tuned_dir}: its weights differ from "
