@@ -162,7 +162,8 @@ def test_objectnet_mapping_files_subset_and_border(tmp_path, names_file):
                                                    ("banana/b.png", ["banana"])]
     assert class_names_of(samples) == ["analog clock", "banana", "digital clock"]
     frames = read_media(samples[0], False, VideoSampling())
-    assert frames[0].size == (10, 10) and {c for _, c in frames[0].getcolors()} == {(0, 0, 255)}  # the red frame is gone
+    # The 12-pixel image without its red frame: 10 pixels of blue.
+    assert frames[0].size == (10, 10) and {c for _, c in frames[0].getcolors()} == {(0, 0, 255)}
     # Either ImageNet class of "Alarm clock" is right; another candidate is not.
     task = get_task("objectnet")
     records = [{"id": s.id, "status": "ok", "ranked": ranked} for s, ranked in

@@ -36,6 +36,7 @@ from flamingo.data.benchmarks.samples import EvalDataError, Sample, read_json
 from flamingo.data.media import IMAGE_EXTS
 
 _INDEX = {wnid: i for i, wnid in enumerate(IMAGENET_WNIDS)}
+_INDEX_NAMES = {str(i): i for i in range(len(IMAGENET_WNIDS))}  # ImageNetV2's folders: "0" ... "999"
 
 
 def _images(folder: Path) -> list[Path]:
@@ -118,9 +119,9 @@ def load_imagenetv2(paths: SplitPaths, split: str, where: str) -> list[Sample]:
     classes = _subset_names(names_path, names, IMAGENET_WNIDS)
     out = []
     for folder in _folders(root, where):
-        if not (folder.name.isdigit() and int(folder.name) < len(IMAGENET_WNIDS) and str(int(folder.name)) == folder.name):
+        if folder.name not in _INDEX_NAMES:
             raise EvalDataError(f"{root}: folder {folder.name!r} is not an ImageNetV2 class folder (0 to 999)")
-        name = classes[int(folder.name)]
+        name = classes[_INDEX_NAMES[folder.name]]
         out += [Sample(f"{folder.name}/{image.name}", image, answers=[name], label=name, extra={"classes": classes})
                 for image in _images(folder)]
     return out
@@ -132,22 +133,23 @@ def objectnet_classes(mappings: Path) -> tuple[dict[str, str], dict[str, tuple[s
     docstring), every step checked."""
     folder_labels = read_json(mappings / "folder_to_objectnet_label.json", "ObjectNet folder labels")
     to_imagenet = read_json(mappings / "objectnet_to_imagenet_1k.json", "ObjectNet to ImageNet mapping")
-    standard_to_2012 = read_json(mappings / "pytorch_to_imagenet_2012_id.json", "ImageNet index mapping")
+    index_file = mappings / "pytorch_to_imagenet_2012_id.json"
+    standard_to_2012 = read_json(index_file, "ImageNet index mapping")
     for value, path in ((folder_labels, "folder_to_objectnet_label.json"),
                         (to_imagenet, "objectnet_to_imagenet_1k.json")):
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise EvalDataError(f"{mappings / path}: expected a JSON object of strings")
     if not isinstance(standard_to_2012, dict) or not all(isinstance(v, int) for v in standard_to_2012.values()):
-        raise EvalDataError(f"{mappings / 'pytorch_to_imagenet_2012_id.json'}: expected a JSON object {{index: 2012 id}}")
+        raise EvalDataError(f"{index_file}: expected a JSON object {{index: 2012 id}}")
     labels_path = mappings / "imagenet_to_label_2012_v2"
     if not labels_path.is_file():
         raise EvalDataError(f"{labels_path}: ImageNet 2012 labels file does not exist")
     lines = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines()]
     wnid_of_2012 = {}
     for index, id_2012 in standard_to_2012.items():
-        if not (str(index).isdigit() and int(index) < len(IMAGENET_WNIDS)):
-            raise EvalDataError(f"{mappings / 'pytorch_to_imagenet_2012_id.json'}: key {index!r} is not a class index 0-999")
-        wnid_of_2012[id_2012] = IMAGENET_WNIDS[int(index)]
+        if index not in _INDEX_NAMES:
+            raise EvalDataError(f"{index_file}: key {index!r} is not a class index 0-999")
+        wnid_of_2012[id_2012] = IMAGENET_WNIDS[_INDEX_NAMES[index]]
     wnid_of_name = {}
     for id_2012, name in enumerate(lines):
         if id_2012 in wnid_of_2012:
@@ -161,8 +163,8 @@ def objectnet_classes(mappings: Path) -> tuple[dict[str, str], dict[str, tuple[s
         wnids = []
         for name in imagenet_names.split("; "):
             if name not in wnid_of_name:
-                raise EvalDataError(f"{mappings / 'objectnet_to_imagenet_1k.json'}: {label!r} maps to {name!r}, which "
-                                    f"is no line of imagenet_to_label_2012_v2 with an index in pytorch_to_imagenet_2012_id.json")
+                raise EvalDataError(f"{mappings / 'objectnet_to_imagenet_1k.json'}: {label!r} maps to {name!r}, "
+                                    f"which is no line of imagenet_to_label_2012_v2 with an index in {index_file.name}")
             wnids.append(wnid_of_name[name])
         out[folder_of_label[label]] = tuple(wnids)
     return folder_labels, out
@@ -183,7 +185,8 @@ def load_objectnet(paths: SplitPaths, split: str, where: str) -> list[Sample]:
     out = []
     for folder in _folders(root, where):
         if folder.name not in known:
-            raise EvalDataError(f"{root}: folder {folder.name!r} is not in {mappings / 'folder_to_objectnet_label.json'}")
+            raise EvalDataError(f"{root}: folder {folder.name!r} is not in "
+                                f"{mappings / 'folder_to_objectnet_label.json'}")
         if folder.name not in folders:  # one of the ObjectNet classes without an ImageNet class
             continue
         accepted = [names[w] for w in folders[folder.name]]

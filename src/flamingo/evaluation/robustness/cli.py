@@ -146,7 +146,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int_range(0, MAX_SHOTS), default=0, help="shots per prompt (default 0)")
     p.add_argument("--trials", type=int_range(1, 1000), default=1, help="random demo draws (default 1)")
     p.add_argument("--support-size", type=positive_int, default=2048, help="support set size (default 2048)")
-    p.add_argument("--max-queries", type=positive_int, default=None, help="a seeded subset of this many queries per task")
+    p.add_argument("--max-queries", type=positive_int, default=None,
+                   help="a seeded subset of this many queries per task")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE), default=8, help="queries per forward pass")
     p.add_argument("--device", type=torch_device, default=None, help="cpu / cuda (default: cuda when available)")
