@@ -699,3 +699,24 @@ def test_flamingo_eval_runs_on_an_mllama_checkpoint(served, tmp_path, capsys, mo
     assert code == 0 and "| coco | CIDEr |" in out and "| hatefulmemes | ROC-AUC |" in out
     demos = [text for text in prompts if text.count("<|image|>") >= 2]
     assert demos and all("<|eot_id|>" in text and "<|endofchunk|>" not in text for text in demos)
+
+
+def test_flamingo_finetune_of_a_converted_mllama_is_refused_naming_its_tiles(served, tmp_path):
+    """The training data builds our prompts and one square picture per image: a converted Llama 3.2
+    Vision model is refused before any step, naming the tiles it would need."""
+    import eval_fixtures
+    import yaml
+    from bad_input import run_cli
+
+    from flamingo.model.families.convert import convert_family
+
+    directory, _ = served
+    converted = convert_family(directory, tmp_path / "ours")
+    eval_fixtures.write_data_config(tmp_path / "data.yaml", {
+        "vqav2": (tmp_path / "vqa", eval_fixtures.write_vqa(tmp_path / "vqa", train=4, test=2))})
+    config = {"base": str(converted), "task": "vqav2", "data": str(tmp_path / "data.yaml"), "batch_size": 2,
+              "train": {"steps": 2, "device": "cpu", "run_dir": str(tmp_path / "run")}}
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(config))
+    run_cli(["finetune", str(tmp_path / "finetune.yaml")], watch=[converted],
+            expect=["training a Llama 3.2 Vision", "not supported", "aspect-ratio tiles"])
+    assert not (tmp_path / "run" / "final").exists()

@@ -699,3 +699,29 @@ def test_the_engine_over_a_base_idefics_continues_a_prefix_after_its_end_of_sequ
         expected = torch.tensor(reference_logprobs(processor, reference, items, BASE_CLASSES))
         assert float((torch.tensor(hit) - expected).abs().max()) <= TOLERANCE
         assert float((torch.tensor(plain) - expected).abs().max()) <= TOLERANCE
+
+
+def test_training_a_converted_idefics_is_refused_naming_its_prompt_format(saved, tmp_path):
+    """The training data writes a bare <image> per image, not IDEFICS's fake tokens around it:
+    flamingo finetune refuses a converted IDEFICS before building it, and so does the training data
+    for an IDEFICS model handed to the trainer."""
+    import eval_fixtures
+    import yaml
+    from bad_input import run_cli
+
+    from flamingo.model.families.convert import convert_family
+    from flamingo.training.data import build_sources
+    from flamingo.training.finetune import load_finetune_config
+
+    converted = convert_family(saved, tmp_path / "ours")
+    eval_fixtures.write_data_config(tmp_path / "data.yaml", {
+        "vqav2": (tmp_path / "vqa", eval_fixtures.write_vqa(tmp_path / "vqa", train=4, test=2))})
+    config = {"base": str(converted), "task": "vqav2", "data": str(tmp_path / "data.yaml"), "batch_size": 2,
+              "train": {"steps": 2, "device": "cpu", "run_dir": str(tmp_path / "run")}}
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(config))
+    expect = ["training a IDEFICS", "not supported", "<fake_token_around_image><image>"]
+    run_cli(["finetune", str(tmp_path / "finetune.yaml")], watch=[converted], expect=expect)
+    assert not (tmp_path / "run" / "final").exists()
+    train_config = load_finetune_config(tmp_path / "finetune.yaml").train_config(converted)
+    with pytest.raises(UserError, match="<fake_token_around_image><image><fake_token_around_image>"):
+        build_sources(train_config, load_model(saved))

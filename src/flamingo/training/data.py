@@ -12,6 +12,9 @@ the config's `datasets:` list:
   `DatasetConfig` (name, kind, weight, batch_size and all other keys of the entry map one to
   one onto its fields), the model's tokenizer, special-token ids and image processor, the run's
   seed, this rank and the world size. `pipeline_source` is the only code that knows that API.
+
+Models of another family (`flamingo.model.families`: IDEFICS, Llama 3.2 Vision) are refused
+(`check_family`, naming what their data would need): no source builds their prompt format or pixels.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import Any, Protocol, runtime_checkable
 from flamingo.data.batch import Batch
 from flamingo.data.config import DatasetConfig
 from flamingo.data.loader import build_loader
+from flamingo.errors import UserError
 from flamingo.model.config import ConfigError
+from flamingo.model.families import FAMILIES
 from flamingo.model.flamingo import Flamingo
 from flamingo.training.config import DatasetSpec, TrainConfig
 from flamingo.training.task_source import task_source
@@ -85,5 +90,26 @@ def build_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world
     return make(spec, model, seed, rank, world_size)
 
 
+# What the training data cannot yet build for a model of another family (`flamingo.model.families`):
+# every source makes our prompts (one bare media token per image) and one square picture per image.
+UNSUPPORTED_FAMILIES = {
+    "mllama": "a Llama 3.2 Vision model takes each image as aspect-ratio tiles (pixel_values per tile, "
+              "aspect_ratio_ids, aspect_ratio_mask) and its prompts with BOS after the leading images",
+    "idefics": "an IDEFICS model takes each image as <fake_token_around_image><image><fake_token_around_image> "
+               "in its prompts, as its processor writes them",
+}
+
+
+def check_family(family: str | None) -> None:
+    """Refuse a model of another family (`model.family`, or a converted directory's
+    `converted_family`), naming what its training data would need; None: one of ours."""
+    if family is not None:
+        need = UNSUPPORTED_FAMILIES.get(family, f"a {family} model takes its inputs in its family's own format")
+        raise UserError(f"training a {FAMILIES.get(family, family)} model (flamingo train / finetune) is not "
+                        f"supported yet: {need}, but the training data builds our prompts (a bare media token "
+                        f"per image) and one square picture per image; its inference, evaluation and serving are")
+
+
 def build_sources(config: TrainConfig, model: Flamingo, rank: int = 0, world_size: int = 1) -> dict[str, BatchSource]:
+    check_family(getattr(model, "family", None))
     return {spec.name: build_source(spec, model, config.seed, rank, world_size) for spec in config.datasets}

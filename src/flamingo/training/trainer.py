@@ -42,6 +42,7 @@ from flamingo.config_io import short
 from flamingo.data.batch import Batch
 from flamingo.errors import UserError
 from flamingo.model.config import ConfigError
+from flamingo.model.families import converted_family
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.lora import (
     apply_lora,
@@ -62,7 +63,7 @@ from flamingo.outputs import check_writable, publish, staging_dir, write_text_at
 from flamingo.training import checkpoint as ckpt
 from flamingo.training.activation_checkpointing import enable_gradient_checkpointing
 from flamingo.training.config import TrainConfig
-from flamingo.training.data import BatchSource, build_sources
+from flamingo.training.data import BatchSource, build_sources, check_family
 from flamingo.training.stop_signals import StopSignals
 from flamingo.training.distributed import (
     all_reduce_sum,
@@ -146,6 +147,8 @@ class Trainer:
             check_writable(folder, where, folder=True)  # now, not after building the model
         resume_from = self._resolve_resume(resume)
 
+        if config.init_from:  # a converted family model: refused before it is built (its data is not ours)
+            check_family(converted_family(config.init_from))
         if model is None:
             from flamingo.model.weights import build_flamingo
 
