@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from flamingo.errors import CheckpointError
 
@@ -67,3 +68,20 @@ def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
     if listed_elsewhere:
         raise CheckpointError(f"{index} lists tensors no shard holds: {', '.join(listed_elsewhere[:10])}")
     return tensors
+
+
+def load_strictly(model: nn.Module, mapped: dict[str, torch.Tensor], source: str, family: str) -> None:
+    """Load `mapped` (a checkpoint's tensors under our names) into `model` strictly: every tensor
+    of the model is set and every tensor of the checkpoint is used, or a CheckpointError names
+    the missing, unexpected and mis-shaped tensors."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(set(mapped) - set(expected))
+    shapes = sorted(f"{k}: expected {tuple(expected[k].shape)}, got {tuple(mapped[k].shape)}"
+                    for k in set(expected) & set(mapped) if expected[k].shape != mapped[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"{title}: {', '.join(items[:20])}" + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                 for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                      ("mis-shaped tensors", shapes)) if items]
+        raise CheckpointError(f"{source} does not match the {family} model: " + "; ".join(parts))
+    model.load_state_dict(mapped, strict=True)

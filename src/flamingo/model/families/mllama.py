@@ -44,7 +44,7 @@ from flamingo.model.config import (
     VisionConfig,
 )
 from flamingo.model.cross_attention import group_first_media
-from flamingo.model.families.checkpoint import read_tensors
+from flamingo.model.families.checkpoint import load_strictly, read_tensors
 from flamingo.model.families.interface import MEDIA, ChatMessage, EncodedMedia
 from flamingo.model.flamingo import Flamingo, FlamingoOutput
 
@@ -247,18 +247,7 @@ def _inner(model: Flamingo, index: int) -> str:
 def load_state_dict(model: Flamingo, hf_state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load Llama 3.2 Vision weights into `model` strictly: every tensor of the model is set, and
     every tensor of the checkpoint is used, or a CheckpointError names the difference."""
-    mapped = map_state_dict(hf_state, model)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    shapes = sorted(f"{k}: expected {tuple(expected[k].shape)}, got {tuple(mapped[k].shape)}"
-                    for k in set(expected) & set(mapped) if expected[k].shape != mapped[k].shape)
-    if missing or unexpected or shapes:
-        parts = [f"{title}: {', '.join(items[:20])}" + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                 for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                      ("mis-shaped tensors", shapes)) if items]
-        raise CheckpointError(f"{source} does not match the Llama 3.2 Vision model: " + "; ".join(parts))
-    model.load_state_dict(mapped, strict=True)
+    load_strictly(model, map_state_dict(hf_state, model), source, "Llama 3.2 Vision")
 
 
 # ----------------------------------------------------------------------------------- running
