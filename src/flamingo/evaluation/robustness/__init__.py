@@ -210,8 +210,11 @@ def _axis(values: Sequence[float]) -> tuple[float, float]:
     return logit(low / 100), logit(max(high, low + 1) / 100)
 
 
+_TICKS = (1, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 99)  # accuracies (%) marked on the logit axes
+
+
 def plot(report: dict, path: Path) -> None:
-    """ID vs OOD accuracy in logit axes, one panel per OOD task and one for their average: every model
+    """ID vs OOD accuracy in logit axes, one panel per OOD task and one for their average (of several): every model
     a point, the WiSE-FT sweep a curve in alpha order, the fit's line (when given) and y = x."""
     matplotlib = import_extra("matplotlib", "plot", "the robustness plot")
     matplotlib.use("Agg")  # files only, no display
@@ -227,7 +230,8 @@ def plot(report: dict, path: Path) -> None:
             _sigmoid(fits[t]["slope"] * x + fits[t]["intercept"]) for t in tasks))
 
     panels = [(t, [r["ood"][t]["accuracy"] for r in rows], line(t)) for t in report["ood_tasks"]]
-    panels.append(("OOD average", [r["ood_average"] for r in rows], line(*report["ood_tasks"])))
+    if len(report["ood_tasks"]) > 1:
+        panels.append(("OOD average", [r["ood_average"] for r in rows], line(*report["ood_tasks"])))
     xs = [r["id"]["accuracy"] for r in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
     clip = [min(99.5, max(0.5, v)) for v in xs]
@@ -248,9 +252,8 @@ def plot(report: dict, path: Path) -> None:
         for r, x, y in zip(rows, clip, ys):
             if r["alpha"] is None:
                 ax.scatter([logit(x / 100)], [logit(y / 100)], marker="D", zorder=3, label=r["model"])
-        ticks = [t for t in (1, 2, 5, 10, 20, 30, 50, 70, 80, 90, 95, 98, 99)]
         for setter, limit in ((ax.set_xticks, x_lim), (ax.set_yticks, y_lim)):
-            shown = [t for t in ticks if limit[0] <= logit(t / 100) <= limit[1]]
+            shown = [t for t in _TICKS if limit[0] <= logit(t / 100) <= limit[1]]
             setter([logit(t / 100) for t in shown], [str(t) for t in shown])
         ax.set_xlim(*x_lim)
         ax.set_ylim(*y_lim)
