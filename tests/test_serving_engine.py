@@ -184,14 +184,17 @@ def test_prefix_cache_hit_equals_miss_and_the_full_prompt(model):
 def test_a_chat_turn_continues_the_previous_turns_cached_state(model, monkeypatch):
     """A chat is resent whole with each turn. It is cut at its last chunk boundary (before its last
     image, or after its last reply), and that prefix (a miss) continues the previous turn's cached
-    prefix instead of encoding the conversation again: only turn 1 encodes anything from scratch.
-    Every answer equals generate_text's."""
+    prefix instead of encoding the conversation again: only turn 1 encodes anything from scratch
+    (the whole turn in one pass, its prefix's state taken from that pass). Every answer equals
+    generate_text's."""
     import flamingo.serving.model_runner as runner_module
 
     from_scratch = []
-    encode_ids = runner_module.encode_ids
+    encode_ids, encode_ids_and_prefix = runner_module.encode_ids, runner_module.encode_ids_and_prefix
     monkeypatch.setattr(runner_module, "encode_ids", lambda model, rows, *media: from_scratch.append(
         [model.tokenizer.decode(row) for row in rows]) or encode_ids(model, rows, *media))
+    monkeypatch.setattr(runner_module, "encode_ids_and_prefix", lambda model, ids, *media: from_scratch.append(
+        [model.tokenizer.decode(ids)]) or encode_ids_and_prefix(model, ids, *media))
     preamble = "A chat between User and Flamingo about the pictures User sends.\n"  # >= 32 tokens here
     turn1 = preamble + "User: <image>What is this?\nFlamingo:"
     turn2 = turn1 + " A red square.<|endofchunk|>\nUser: <image>And this?\nFlamingo:"
@@ -210,7 +213,7 @@ def test_a_chat_turn_continues_the_previous_turns_cached_state(model, monkeypatc
     for (text, colours), answer in zip(turns, answers):
         assert answer == reference(model, text, colours, max_new_tokens=5)
     assert [[text.removeprefix(model.tokenizer.bos_token or "") for text in rows] for rows in from_scratch] == [
-        [preamble + "User: "]]  # turn 1's preamble; turns 2 and 3 continue
+        [turn1]]  # turn 1 (its preamble cached from the same pass); turns 2 and 3 continue
     assert metrics.prefix_cache_misses._value.get() == 3
 
 

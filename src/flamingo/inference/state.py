@@ -351,6 +351,38 @@ def _encode_ids(model: Flamingo, rows: Sequence[Sequence[int]], visual_tokens: t
                          group_first, media_seen)
 
 
+def encode_ids_and_prefix(model: Flamingo, ids: Sequence[int], visual_tokens: torch.Tensor,
+                          num_media: torch.Tensor, cut: int) -> tuple[FlamingoState, FlamingoState]:
+    """One prompt (`encode_ids` of one row) encoded in one forward pass, and the state after its
+    first `cut` tokens taken from the same pass (its LM cache cut there, the images before it), for
+    a prefix cache: a prefix that is not cached yet costs no pass of its own. Causal attention
+    makes the first `cut` positions' keys and values those of the prefix alone. For models whose
+    states carry no per-family masks (`prefix_from_one_pass`)."""
+    full_ids, mask = _left_padded(model, [ids])
+    device = model.perceiver.latents.device
+    full_ids, mask, kv = full_ids.to(device), mask.to(device), {}
+    media, _, _ = media_context(model, full_ids, visual_tokens, num_media, kv, None)
+    out = model.logits_and_cache(full_ids, media, attention_mask=mask, use_cache=True,
+                                 logits_to_keep=len(ids) - cut + 1)
+    state = FlamingoState(out.past_key_values, mask, visual_tokens, num_media, out.logits[:, -1], kv)
+    images = sum(1 for token in ids[:cut] if token == model.media_token_id)
+    # Copies, so that the cached prefix does not keep the whole prompt's tensors alive.
+    layers = [(keys[:, :, :cut].clone(), values[:, :, :cut].clone()) for keys, values, *_ in out.past_key_values]
+    prefix = FlamingoState(_cache_from_layers(out.past_key_values, layers), mask[:, :cut].clone(),
+                           visual_tokens[:, :images].clone(), torch.full_like(num_media, images),
+                           out.logits[:, 0].clone(), {})
+    return state, prefix
+
+
+def prefix_from_one_pass(model: Flamingo) -> bool:
+    """Whether `encode_ids_and_prefix` applies: no token sees an image after it, the model's states
+    carry no image group or no-image-after-EOS state (Llama 3.2 Vision and IDEFICS do), and every
+    LM layer attends to all past tokens."""
+    attention = model.config.cross_attention
+    return (attention.zero_attention_without_media and not attention.no_media_after_eos
+            and attention.media_attention in ("previous", "all_previous") and not has_windowed_attention(model))
+
+
 def extend(model: Flamingo, context: FlamingoState, queries: Sequence[Prompt], *,
            max_new_tokens: int = 0) -> FlamingoState:
     """Continue one encoded context (e.g. the few-shot support examples) with each query.

@@ -32,7 +32,13 @@ from flamingo.inference.generation import (
 )
 from flamingo.inference.family import family_io
 from flamingo.inference.scoring import score_candidates
-from flamingo.inference.state import FlamingoState, encode_ids, extend_contexts_ids
+from flamingo.inference.state import (
+    FlamingoState,
+    encode_ids,
+    encode_ids_and_prefix,
+    extend_contexts_ids,
+    prefix_from_one_pass,
+)
 from flamingo.model.families import EncodedMedia
 from flamingo.model.flamingo import Flamingo
 from flamingo.serving.image_cache import ImageCache
@@ -108,6 +114,7 @@ class ModelRunner:
         self.model, self.cache, self.output, self.metrics, self.stopping = model, cache, output, metrics, stopping
         self.images = images
         self.family = family_io(model)
+        self.one_pass_prefix = prefix_from_one_pass(model)
         self.state: FlamingoState | None = None
         self.running: list[Sequence] = []
         self.pending: torch.Tensor | None = None
@@ -151,35 +158,48 @@ class ModelRunner:
         if plain:
             states.append(self.encode([job.prompt for job in plain]))
             order += plain
-        contexts = []
+        contexts, extended = [], []
         for key, group in by_prefix.items():
             context = self.cache.get(key)
             if context is None:
                 if self.stopping():  # each miss takes a while (its images, its text): stop between them
                     raise EngineStopped("the server is shutting down: the request was cancelled")
                 self.metrics.prefix_cache_misses.inc()
-                context = self.encode_prefix(group[0].prompt)
+                whole, context = self.encode_prefix(group[0].prompt)
                 self.cache.put(key, context, group[0].prompt.chat)
                 self.metrics.prefix_cache_hits.inc(len(group) - 1)
+                if whole is not None:  # the first prompt is done: it continues no context
+                    states.append(whole)
+                    order.append(group[0])
+                    group = group[1:]
             else:
                 self.metrics.prefix_cache_hits.inc(len(group))
-            contexts.append(context)
-            order += group
+            if group:
+                contexts.append(context)
+                extended.append(group)
         if contexts:
             states.append(self.extend(contexts, [[(job.prompt, job.prompt.split, len(job.prompt.ids))
-                                                  for job in group] for group in by_prefix.values()]))
+                                                  for job in group] for group in extended]))
+            order += [job for group in extended for job in group]
         return FlamingoState.concat(states), order
 
-    def encode_prefix(self, prompt: ProcessedPrompt) -> FlamingoState:
+    def encode_prefix(self, prompt: ProcessedPrompt) -> tuple[FlamingoState | None, FlamingoState]:
         """The state after a prompt's prefix that is not cached: the longest cached prefix of it
         (at an earlier cut: e.g. the chat up to the previous reply) continued with the rest, else
-        the prefix encoded from scratch."""
+        the prefix encoded from scratch; where the model allows (`prefix_from_one_pass`), the whole
+        prompt is encoded in one pass and the prefix's state taken from it (one LM pass, not two):
+        then the whole prompt's state comes first, else None."""
         cuts = [cut for cut in prompt.cuts if cut < prompt.split]
         for cut in reversed(cuts[-MAX_CHAINED_CUTS:]):
             context = self.cache.get(prompt.key(cut))
             if context is not None:
-                return self.extend([context], [[(prompt, cut, prompt.split)]])
-        return self.encode([prompt], 0, prompt.split)
+                return None, self.extend([context], [[(prompt, cut, prompt.split)]])
+        if self.one_pass_prefix:
+            media = self.media([(prompt, 0, len(prompt.ids))])
+            if media.key_mask is None:
+                return encode_ids_and_prefix(self.model, prompt.ids, media.visual_tokens, media.num_media,
+                                             prompt.split)
+        return None, self.encode([prompt], 0, prompt.split)
 
     # ------------------------------------------------------------------ the decode batch
     def admit(self, jobs: list[Job]) -> None:
