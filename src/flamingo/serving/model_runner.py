@@ -5,8 +5,9 @@ processor made:
   prefix cache: the state after a prompt's last chunk boundary, kept in an LRU bounded by bytes;
   a missed prefix continues the longest cached prefix of itself, if any, e.g. a chat's previous
   turn), all of them in one forward pass whatever their prefixes; the others are encoded together.
-  A hit computes what a miss computes (the miss encodes the prefix, stores it, then extends it the
-  same way);
+  A miss that continues no cached prefix is encoded whole in one pass and the prefix's state is
+  taken from that pass (`encode_ids_and_prefix`; for families whose states carry masks, the
+  prefix is encoded, stored, then extended); by causal attention a hit computes the same;
 - the decode batch: every running sequence's next token is chosen (greedy or sampled) and fed,
   one step for all of them; requests join it after their prefill (`FlamingoState.concat`) and
   leave it when they end;
