@@ -11,6 +11,10 @@ drawn objects"). Three probes on the encoder's features, mean-pooled over its gr
     python scripts/clipart_feature_probe.py                 # the embedded model's EfficientNet-Lite0
     python scripts/clipart_feature_probe.py --episodes 128 --ways 3
     python scripts/clipart_feature_probe.py --vision runs/clipart-vision/vision   # a pretrain-vision tower
+    python scripts/clipart_feature_probe.py --stage resampler   # the model's visual tokens (after the resampler)
+
+`--stage resampler` probes what the cross-attention layers read, the Perceiver Resampler's latents
+(mean-pooled), instead of the encoder's grid: whether the resampler keeps what the features carry.
 """
 
 from __future__ import annotations
@@ -33,6 +37,20 @@ def pooled_features(encoder, images) -> torch.Tensor:
         features = encoder.encode(torch.stack([processor(image) for image in images]))
     width = features.shape[-1] - getattr(encoder, "colour_bins", 0) ** 3
     return features[..., :width].mean(1).float()
+
+
+class ResamplerTokens:
+    """A model's visual tokens (vision encoder then Perceiver Resampler) behind the encoder interface
+    the probes take: `encode(pixels [K, 3, H, W])` -> [K, latents, D]."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def image_processor(self):
+        return self.model.vision_encoder.image_processor()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_media(pixels[:, None, None])[:, 0]
 
 
 def prototype_accuracy(encoder, catalogue, split: str, *, ways: int, shots: int, episodes: int,
@@ -98,10 +116,16 @@ def main() -> int:
     parser.add_argument("--model", default="embedded", help="a Flamingo whose vision encoder is probed")
     parser.add_argument("--vision", help="probe this vision encoder instead (a directory `flamingo pretrain-vision` "
                         "wrote: RUN_DIR/vision)")
+    parser.add_argument("--stage", choices=("encoder", "resampler"), default="encoder",
+                        help="probe the encoder's pooled grid, or the resampler's latents (the model's visual tokens)")
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--ways", type=int, default=2)
     parser.add_argument("--shots", type=int, default=4)
     args = parser.parse_args()
+    if args.vision and args.stage == "resampler":
+        print("clipart_feature_probe: --stage resampler probes a model's visual tokens; give --model, not --vision",
+              file=sys.stderr)
+        return 2
 
     from flamingo.cli_options import load_model_quietly
     from flamingo.data import clipart
@@ -113,11 +137,13 @@ def main() -> int:
             from flamingo.model.vision import load_vision_encoder
             encoder = load_vision_encoder(args.vision)
         else:
-            encoder = load_model_quietly(args.model, trust_remote_code=False).vision_encoder
+            model = load_model_quietly(args.model, trust_remote_code=False)
+            encoder = ResamplerTokens(model) if args.stage == "resampler" else model.vision_encoder
     except UserError as error:
         print(f"clipart_feature_probe: {error}", file=sys.stderr)
         return 2
-    print(f"| probe ({args.ways}-way, {args.shots} shots, {args.episodes} episodes) | held-out categories | "
+    print(f"| probe of the {args.stage} ({args.ways}-way, {args.shots} shots, {args.episodes} episodes) | "
+          f"held-out categories | "
           f"training categories |\n|---|---|---|")
     for on_white in (False, True):
         cells = [prototype_accuracy(encoder, catalogue, split, ways=args.ways, shots=args.shots,

@@ -281,3 +281,28 @@ def test_task_weights_must_be_finite_and_positive(tmp_path, weight):
             expect=["tasks", "positive"], watch=[tmp_path])
     with pytest.raises(clipart.ClipartError, match="tasks"):
         clipart.write_shards(tmp_path / "out", 2, {"caption": float(weight)})
+
+
+def test_the_feature_probe_reads_the_resamplers_visual_tokens(model):
+    """`--stage resampler`: the probe's encoder interface gives the model's own visual tokens (vision
+    encoder then Perceiver Resampler), one [latents, D] block per image."""
+    import importlib.util
+
+    import torch
+
+    from conftest import solid_image
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "clipart_feature_probe.py"
+    spec = importlib.util.spec_from_file_location("clipart_feature_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    tokens = probe.ResamplerTokens(model)
+    processor = tokens.image_processor()
+    pixels = torch.stack([processor(solid_image(c)) for c in ("red", "blue")])
+    with torch.inference_mode():
+        got = tokens.encode(pixels)
+        expected = model.encode_media(pixels[:, None, None])[:, 0]
+        red_alone = model.encode_media(pixels[:1, None, None])[0, 0]
+    assert got.shape == (2, model.config.perceiver.num_latents, expected.shape[-1])
+    assert torch.equal(got, expected) and torch.allclose(got[0], red_alone, atol=1e-5)
+    assert not torch.allclose(got[0], got[1])
