@@ -8,13 +8,17 @@ the config's `datasets:` list:
   `ProceduralSource` / `ClipartSource` (generated in memory; clipart reads the installed clip-art);
 - kind "task": `flamingo.training.task_source.TaskSource` (a benchmark's annotations, as `flamingo
   eval` reads them, in its prompt format: fine-tuning);
+- kind "dialogue": `flamingo.training.dialogue.DialogueSource` (chats about generated images in the
+  dialogue format the chat path serves, loss on the assistant turns);
 - any other kind: the data pipeline's `flamingo.data.loader.build_loader`, given the entry as its
   `DatasetConfig` (name, kind, weight, batch_size and all other keys of the entry map one to
   one onto its fields), the model's tokenizer, special-token ids and image processor, the run's
   seed, this rank and the world size. `pipeline_source` is the only code that knows that API.
 
-Models of another family (`flamingo.model.families`: IDEFICS, Llama 3.2 Vision) are refused
-(`check_family`, naming what their data would need): no source builds their prompt format or pixels.
+A model of another family (`flamingo.model.families`: IDEFICS, Llama 3.2 Vision) trains on `kind:
+task` datasets, which write its samples as its processor does (`TaskSource`); any other kind is
+refused (`check_family`, naming what that family's data needs): those sources build our prompts (a
+bare media token per image) and one square picture per image.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from flamingo.model.config import ConfigError
 from flamingo.model.families import FAMILIES
 from flamingo.model.flamingo import Flamingo
 from flamingo.training.config import DatasetSpec, TrainConfig
+from flamingo.training.dialogue import dialogue_source
 from flamingo.training.task_source import task_source
 
 SYNTHETIC_KINDS = ("synthetic_shapes", "procedural", "clipart")
 TASK_KIND = "task"  # a benchmark's annotations in the evaluation's prompt format (flamingo.training.finetune)
+DIALOGUE_KIND = "dialogue"  # chats about generated images in the served dialogue format (flamingo.training.dialogue)
 
 
 @runtime_checkable
@@ -85,14 +91,16 @@ def pipeline_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, wo
 
 def build_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
     if spec.kind == TASK_KIND:
-        return task_source(spec, model, _image_processor(model, spec), seed, rank, world_size)
+        processor = None if getattr(model, "family", None) else _image_processor(model, spec)
+        return task_source(spec, model, processor, seed, rank, world_size)
+    if spec.kind == DIALOGUE_KIND:
+        return dialogue_source(spec, model, _image_processor(model, spec), seed, rank, world_size)
     make = synthetic_source if spec.kind in SYNTHETIC_KINDS else pipeline_source
     return make(spec, model, seed, rank, world_size)
 
 
-# What the training data cannot yet build for a model of another family (`flamingo.model.families`):
-# every source makes our prompts (one bare media token per image) and one square picture per image.
-UNSUPPORTED_FAMILIES = {
+# What a model of another family (`flamingo.model.families`) needs from its training data.
+FAMILY_DATA = {
     "mllama": "a Llama 3.2 Vision model takes each image as aspect-ratio tiles (pixel_values per tile, "
               "aspect_ratio_ids, aspect_ratio_mask) and its prompts with BOS after the leading images",
     "idefics": "an IDEFICS model takes each image as <fake_token_around_image><image><fake_token_around_image> "
@@ -100,16 +108,21 @@ UNSUPPORTED_FAMILIES = {
 }
 
 
-def check_family(family: str | None) -> None:
-    """Refuse a model of another family (`model.family`, or a converted directory's
-    `converted_family`), naming what its training data would need; None: one of ours."""
-    if family is not None:
-        need = UNSUPPORTED_FAMILIES.get(family, f"a {family} model takes its inputs in its family's own format")
-        raise UserError(f"training a {FAMILIES.get(family, family)} model (flamingo train / finetune) is not "
-                        f"supported yet: {need}, but the training data builds our prompts (a bare media token "
-                        f"per image) and one square picture per image; its inference, evaluation and serving are")
+def check_family(family: str | None, config: TrainConfig) -> None:
+    """Refuse, for a model of another family (`model.family`, or a converted directory's
+    `converted_family`; None: one of ours), a dataset whose kind cannot write its inputs (any but
+    `kind: task`), naming what they would need."""
+    if family is None:
+        return
+    other = [f"{spec.name!r} (kind {spec.kind})" for spec in config.datasets if spec.kind != TASK_KIND]
+    if other:
+        need = FAMILY_DATA.get(family, f"a {family} model takes its inputs in its family's own format")
+        raise UserError(f"training a {FAMILIES.get(family, family)} model: dataset(s) {', '.join(other)} cannot "
+                        f"be used: {need}, but that kind of data builds our prompts (a bare media token per image) "
+                        f"and one square picture per image; use kind: task datasets (flamingo finetune), which "
+                        f"write the family's own inputs")
 
 
 def build_sources(config: TrainConfig, model: Flamingo, rank: int = 0, world_size: int = 1) -> dict[str, BatchSource]:
-    check_family(getattr(model, "family", None))
+    check_family(getattr(model, "family", None), config)
     return {spec.name: build_source(spec, model, config.seed, rank, world_size) for spec in config.datasets}
