@@ -131,19 +131,19 @@ class FlamingoState:
         cache, mask = _concat_histories(states)
         media = [s.media_per_sequence() for s in states]
         slots = max(tokens.shape[1] for tokens, _, _, _ in media)
-        visual_tokens = torch.cat([_pad(tokens, slots - tokens.shape[1], dim=1) for tokens, _, _, _ in media])
+        visual_tokens = _cat_padded([tokens for tokens, _, _, _ in media], slots, dim=1)
         kv = {}
         for layer in sorted({layer for _, _, layer_kv, _ in media for layer in layer_kv}):
             like = next(layer_kv[layer][0] for _, _, layer_kv, _ in media if layer in layer_kv)
             width = slots * visual_tokens.shape[2]  # keys per row: slots x tokens per media
             parts = [layer_kv.get(layer) or (like.new_zeros(len(tokens), like.shape[1], 0, like.shape[3]),) * 2
                      for tokens, _, layer_kv, _ in media]
-            kv[layer] = (torch.cat([_pad(k, width - k.shape[2], dim=2) for k, _ in parts]),
-                         torch.cat([_pad(v, width - v.shape[2], dim=2) for _, v in parts]))
+            kv[layer] = (_cat_padded([k for k, _ in parts], width, dim=2),
+                         _cat_padded([v for _, v in parts], width, dim=2))
         logits = torch.cat([s.next_token_logits for s in states])
         key_mask = None
         if any(s.key_mask is not None for s in states):  # padding slots: seen by no token with an image
-            key_mask = torch.cat([_pad(m, slots - m.shape[1], dim=1) for _, _, _, m in media])
+            key_mask = _cat_padded([m for _, _, _, m in media], slots, dim=1)
         group_first = None if states[0].group_first is None else torch.cat([s.group_first for s in states])
         media_seen = None if states[0].media_seen is None else torch.cat([s.media_seen for s in states])
         return FlamingoState(cache, mask, visual_tokens, torch.cat([n for _, n, _, _ in media]), logits, kv,
@@ -197,14 +197,19 @@ def media_context(model: Flamingo, ids: torch.Tensor, visual_tokens: torch.Tenso
     return media, media.token_first_media[:, -1], seen_after
 
 
-def _pad(tensor: torch.Tensor, amount: int, dim: int, left: bool = False) -> torch.Tensor:
-    """Zero-pad `amount` positions on one side of dimension `dim`."""
-    if amount == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = amount
-    zeros = tensor.new_zeros(shape)
-    return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
+def _cat_padded(parts: Sequence[torch.Tensor], size: int, dim: int, left: bool = False) -> torch.Tensor:
+    """`parts` concatenated along dimension 0, each zero-padded on one side of `dim` to `size`,
+    written once into one new tensor (a pad then a concatenation would copy everything twice:
+    these are the batch's caches and cross-attention keys/values)."""
+    shape = list(parts[0].shape)
+    shape[0], shape[dim] = sum(part.shape[0] for part in parts), size
+    out = parts[0].new_zeros(shape)
+    row = 0
+    for part in parts:
+        width = part.shape[dim]
+        out[row:row + part.shape[0]].narrow(dim, size - width if left else 0, width).copy_(part)
+        row += part.shape[0]
+    return out
 
 
 def _concat_histories(states: Sequence[FlamingoState], repeats: Sequence[int] | None = None
@@ -215,16 +220,15 @@ def _concat_histories(states: Sequence[FlamingoState], repeats: Sequence[int] | 
     length = max(state.length for state in states)
     counts = repeats or [None] * len(states)
 
-    def fit(tensor: torch.Tensor, state: FlamingoState, count: int | None, dim: int) -> torch.Tensor:
-        tensor = _pad(tensor, length - state.length, dim=dim, left=True)
+    def fit(tensor: torch.Tensor, count: int | None) -> torch.Tensor:
         return tensor if count is None else tensor.expand(count, *tensor.shape[1:])
 
     layers = []
     for per_state in zip(*[_cache_layers(state.past_key_values) for state in states]):  # one layer
-        rows = list(zip(per_state, states, counts))
-        layers.append((torch.cat([fit(keys, state, count, 2) for (keys, _), state, count in rows]),
-                       torch.cat([fit(values, state, count, 2) for (_, values), state, count in rows])))
-    mask = torch.cat([fit(state.attention_mask, state, count, 1) for state, count in zip(states, counts)])
+        layers.append(tuple(_cat_padded([fit(kv[part], count) for kv, count in zip(per_state, counts)], length,
+                                        dim=2, left=True) for part in (0, 1)))
+    mask = _cat_padded([fit(state.attention_mask, count) for state, count in zip(states, counts)], length, dim=1,
+                       left=True)
     return _cache_from_layers(states[0].past_key_values, layers), mask
 
 
@@ -374,6 +378,35 @@ def encode_ids_and_prefix(model: Flamingo, ids: Sequence[int], visual_tokens: to
     return state, prefix
 
 
+def _continued_key_values(model: Flamingo, contexts: Sequence[FlamingoState], sizes: Sequence[int],
+                          keeps: Sequence[int], own_tokens: Sequence[torch.Tensor], slots: int
+                          ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each cross-attention layer's keys/values for `extend_contexts_ids`' media rows (the images
+    each context carries, then the query's own, padded to `slots`): the carried images' are taken
+    from their context, where they were computed when it was encoded (a few-shot support set is
+    projected once, not once per query), the queries' own are computed here. Keys and values are
+    per visual token, so this equals projecting the whole rows."""
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    per_media = own_tokens[0].shape[2]
+    own_visual = torch.cat(list(own_tokens)).flatten(1, 2)
+    for layer, block in model.cross_attn_layers.items():
+        own = [torch.split(part, list(sizes)) for part in block.attn.key_values(own_visual)]
+        keys, values = [], []
+        for i, (context, size, keep) in enumerate(zip(contexts, sizes, keeps)):
+            context_media = int(context.num_media[0])
+            carried = context.kv_cache.get(layer) if keep else None
+            if carried is None:  # nothing carried, or the context kept no keys/values: project them
+                tokens = context.visual_tokens[:1, context_media - keep:context_media].to(own_visual.dtype)
+                carried = block.attn.key_values(tokens.flatten(1, 2))
+            else:
+                span = slice((context_media - keep) * per_media, context_media * per_media)
+                carried = tuple(part[:1, :, span] for part in carried)
+            for part, own_part, out in zip(carried, own, (keys, values)):
+                out.append(torch.cat([part.expand(size, -1, -1, -1), own_part[i]], dim=2))
+        kv[layer] = (_cat_padded(keys, slots * per_media, dim=2), _cat_padded(values, slots * per_media, dim=2))
+    return kv
+
+
 def prefix_from_one_pass(model: Flamingo) -> bool:
     """Whether `encode_ids_and_prefix` applies: no token sees an image after it, the model's states
     carry no image group or no-image-after-EOS state (Llama 3.2 Vision and IDEFICS do), and every
@@ -430,7 +463,7 @@ def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], size
     # Media rows: each context's images that its continuation can still see, then the query's own,
     # padded to the most slots (with their key masks, where the model has them).
     masked = key_mask is not None or any(context.key_mask is not None for context in contexts)
-    carried, carried_masks, keeps, firsts, seen = [], [], [], [], []
+    carried, carried_masks, keeps, kept_media, firsts, seen = [], [], [], [], [], []
     for context, size in zip(contexts, sizes):
         context_media = int(context.num_media[0])
         keep = model.media_seen_by_continuation(context_media)
@@ -438,6 +471,7 @@ def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], size
         kept_mask = context.media_per_sequence()[3]
         carried_masks.append(kept_mask[:, context_media - keep:context_media].expand(size, -1, -1))
         keeps += [keep] * size
+        kept_media.append(keep)
         if context.group_first is not None:  # the carried images are renumbered from 1
             firsts.append((context.group_first - (context_media - keep)).clamp(min=0).expand(size))
         if context.media_seen is not None:  # so is the image the query's first tokens see (0: none)
@@ -446,18 +480,19 @@ def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], size
     split_rows = torch.split(visual_tokens.to(dtype), list(sizes))
     groups = [torch.cat([kept, own], dim=1) for kept, own in zip(carried, split_rows)]
     slots = max(group.shape[1] for group in groups)
-    visual_tokens = torch.cat([_pad(group, slots - group.shape[1], dim=1) for group in groups])
+    visual_tokens = _cat_padded(groups, slots, dim=1)
     if masked:
         own_masks = torch.split(torch.ones(query_tokens.shape[:3], dtype=torch.bool, device=device)
                                 if key_mask is None else key_mask.to(device), list(sizes))
-        key_mask = torch.cat([_pad(torch.cat([kept, own], dim=1), slots - kept.shape[1] - own.shape[1], dim=1)
-                              for kept, own in zip(carried_masks, own_masks)])
+        key_mask = _cat_padded([torch.cat([kept, own], dim=1) for kept, own in zip(carried_masks, own_masks)], slots,
+                               dim=1)
+    kv = _continued_key_values(model, contexts, sizes, kept_media, split_rows, slots)
     keep = torch.tensor(keeps, device=device)
     num_media = num_media + keep
 
     cache, context_mask = _concat_histories(contexts, repeats=sizes)  # each context's copied per query
     mask = torch.cat([context_mask, query_mask.to(device)], dim=1)
-    ids, kv = ids.to(device), {}
+    ids = ids.to(device)
     media, group_first, media_seen = media_context(model, ids, visual_tokens, num_media, kv, key_mask, keep,
                                                    torch.cat(firsts) if firsts else None,
                                                    torch.cat(seen) if seen else None)
