@@ -118,6 +118,34 @@ def test_several_contexts_extended_in_one_pass_equal_full_prompts(lm_dir, clip_d
         extend_contexts(m, [encode_prompts(m, [contexts[0]])], [[]])
 
 
+def test_extending_contexts_projects_only_the_queries_own_images(lm_dir, clip_dir, monkeypatch):
+    """The cross-attention keys/values of a context's images are computed once, when it is
+    encoded: extending it (one few-shot support set, many queries) projects only the queries'
+    own images, and the keys/values it lays out equal projecting each row's images whole."""
+    m = build_with_vision(lm_dir("llama"), clip_dir, **{"cross_attention.media_attention": "all_previous"})
+    randomize_gates(m)
+    contexts = [encode_prompts(m, [text_prompt("<image>Output: red.<|endofchunk|><image>Output: blue.<|endofchunk|>",
+                                               [RED, BLUE])]),
+                encode_prompts(m, [text_prompt("User: ", [])])]
+    queries = [[text_prompt("<image>Output:", [GREEN]), text_prompt(" no image, Output:", [])],
+               [text_prompt("<image>What is this?", [GREY])]]
+    projected, originals = [], {}
+    for layer, block in m.cross_attn_layers.items():
+        originals[layer] = block.attn.key_values
+        monkeypatch.setattr(block.attn, "key_values",
+                            lambda tokens, f=originals[layer]: (projected.append(tokens.shape[:2]), f(tokens))[1])
+    state = extend_contexts(m, contexts, queries)
+    per_media = state.visual_tokens.shape[2]
+    assert projected == [(3, per_media)] * len(m.cross_attn_layers)  # 3 queries, one image slot each
+    for layer, (keys, values) in state.kv_cache.items():
+        whole_keys, whole_values = originals[layer](state.visual_tokens.flatten(1, 2))
+        for row, images in enumerate(state.num_media.tolist()):
+            real = slice(0, images * per_media)
+            assert torch.allclose(keys[row, :, real], whole_keys[row, :, real], atol=1e-6), (layer, row)
+            assert torch.allclose(values[row, :, real], whole_values[row, :, real], atol=1e-6), (layer, row)
+    assert state.num_media.tolist() == [3, 2, 1]
+
+
 def test_batched_prompts_equal_each_alone(model):
     prompts = [text_prompt("<image>An image of a red<|endofchunk|><image>An image of", [RED, BLUE]),
                text_prompt("Question: what is it? Answer:", []),

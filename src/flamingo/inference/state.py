@@ -394,8 +394,10 @@ def _continued_key_values(model: Flamingo, contexts: Sequence[FlamingoState], si
         keys, values = [], []
         for i, (context, size, keep) in enumerate(zip(contexts, sizes, keeps)):
             context_media = int(context.num_media[0])
-            carried = context.kv_cache.get(layer) if keep else None
-            if carried is None:  # nothing carried, or the context kept no keys/values: project them
+            carried = context.kv_cache.get(layer)
+            if keep == 0:
+                carried = tuple(part[i][:1, :, :0] for part in own)
+            elif carried is None:  # the context kept no keys/values: project its images here
                 tokens = context.visual_tokens[:1, context_media - keep:context_media].to(own_visual.dtype)
                 carried = block.attn.key_values(tokens.flatten(1, 2))
             else:
