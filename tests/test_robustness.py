@@ -1,10 +1,14 @@
 """Robustness under distribution shift: the ImageNet shifts' loaders on tiny fixtures in their
-official layouts (class indices, subsets and ObjectNet's mapping files checked), effective
-robustness on hand-made numbers, and `flamingo robustness` (a WiSE-FT sweep whose endpoints score
-what `flamingo eval` gives the two models)."""
+official layouts (class indices, subsets and ObjectNet's mapping files checked), ImageNet on a
+shift's classes, effective robustness on hand-made numbers (each shift against its paired ID
+accuracy), the fits on a table in the layout of Taori et al.'s testbed, and `flamingo robustness`
+(a WiSE-FT sweep whose endpoints score what `flamingo eval` gives the two models; --fit-from on
+ImageNet-layout fixtures)."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -22,7 +26,17 @@ from flamingo.cli import main
 from flamingo.data.benchmarks.tasks import get_task
 from flamingo.data.shapes import make_shapes_shift
 from flamingo.evaluation.aggregate import score_records
-from flamingo.evaluation.robustness import LinearFit, ModelSpec, effective_robustness, summarize, wilson_interval
+from flamingo.errors import UserError
+from flamingo.evaluation.robustness import (
+    TESTBED_COLUMNS,
+    LinearFit,
+    ModelSpec,
+    effective_robustness,
+    fit_from_testbed,
+    logit,
+    summarize,
+    wilson_interval,
+)
 
 # The same subsets as class indices in WiSE-FT's code (mlfoundations/wise-ft, src/datasets/imagenet_r.py and
 # imagenet_a.py): a second source for the wnid lists, which are transcribed from the datasets' own repositories.
@@ -185,6 +199,23 @@ def test_objectnet_refuses_a_name_outside_its_imagenet_labels(tmp_path, names_fi
         load("objectnet", media=root / "images", annotations=root / "mappings", class_names=names_file)
 
 
+def test_imagenet_on_a_shifts_classes(tmp_path, names_file):
+    """The ID side of ImageNet-R/-A/ObjectNet's effective robustness: ImageNet's folders of the shift's
+    classes only, ranked among those classes (ObjectNet's read from its mapping files)."""
+    for wnid in ("n01443537", "n01440764", "n02708093", "n07753592"):  # goldfish (R), tench, analog clock, banana
+        picture(tmp_path / "val" / wnid / "v.JPEG")
+    paths = {"media": tmp_path / "val", "class_names": names_file}
+    samples = load("imagenet_on_r_classes", **paths)
+    assert [s.id for s in samples] == ["n01443537/v.JPEG", "n07753592/v.JPEG"]
+    assert class_names_of(samples) == sorted(class_names()[w] for w in IMAGENET_R_WNIDS)
+    assert [s.id for s in load("imagenet_on_a_classes", **paths)] == ["n07753592/v.JPEG"]  # banana is in A, not 1
+    root = write_objectnet(tmp_path / "objectnet")
+    samples = load("imagenet_on_objectnet_classes", **paths, annotations=root / "mappings")
+    assert [(s.id, s.answers) for s in samples] == [("n02708093/v.JPEG", ["analog clock"]),
+                                                   ("n07753592/v.JPEG", ["banana"])]  # its own class only
+    assert class_names_of(samples) == ["analog clock", "banana", "digital clock"]
+
+
 # ------------------------------------------------------------------------------- the measures
 def test_effective_robustness_is_the_distance_above_the_logit_fit():
     # logit(0.7613) = ln(0.7613 / 0.2387) = 1.15983; 0.9 * 1.15983 - 0.5 = 0.54385; sigmoid -> 0.632705
@@ -209,6 +240,121 @@ def test_summary_averages_the_shifts_and_their_effective_robustness():
     row = summarize(ModelSpec("m", lambda: None), results, "imagenet", ["imagenetv2", "imagenet_r"], 0,
                     {"imagenetv2": fits["imagenetv2"]})
     assert row["ood"]["imagenet_r"]["effective_robustness"] is None and row["effective_robustness_average"] is None
+
+
+def test_fit_predicts_the_lines_limit_at_0_and_100():
+    assert LinearFit(1.2, -0.5).predict(100.0) == 100.0 and LinearFit(1.2, -0.5).predict(0.0) == 0.0
+    assert LinearFit(-1.0, 0.0).predict(100.0) == 0.0
+    assert LinearFit(0.0, 0.0).predict(0.0) == pytest.approx(50.0)
+
+
+def test_shifts_on_a_class_subset_are_predicted_from_imagenet_on_those_classes():
+    def cell(accuracy, ok=10):
+        return {"shots": {"0": {"mean": {"top-1": accuracy}, "trials": [{"ok": ok, "scores": {"top-1": accuracy}}]}}}
+
+    results = {"tasks": {"imagenet": cell(80.0), "imagenet_on_r_classes": cell(90.0), "imagenet_r": cell(50.0),
+                         "imagenetv2": cell(70.0)}}
+    identity = LinearFit(1.0, 0.0)
+    row = summarize(ModelSpec("m", lambda: None), results, "imagenet", ["imagenet_r", "imagenetv2"], 0,
+                    {"imagenet_r": identity, "imagenetv2": identity},
+                    {"imagenet_r": "imagenet_on_r_classes", "imagenetv2": "imagenet"})
+    assert row["ood"]["imagenet_r"]["id_task"] == "imagenet_on_r_classes"
+    assert row["ood"]["imagenet_r"]["predicted"] == pytest.approx(90.0)  # not ImageNet's 80
+    assert row["ood"]["imagenetv2"]["predicted"] == pytest.approx(80.0)
+    assert row["paired_id"]["imagenet_on_r_classes"]["accuracy"] == 90.0
+    assert row["ood_average_predicted"] == pytest.approx(85.0)
+    assert row["effective_robustness_average"] == pytest.approx(60.0 - 85.0)
+
+
+# ------------------------------------------------------------------- fits on the testbed's table
+# Made-up lines per shift; the standard models lie exactly on them, against the ID column the shift is paired with.
+LINES = {"imagenetv2": (0.9, -0.4), "imagenet_sketch": (1.1, -1.3), "imagenet_r": (0.8, -0.9),
+         "imagenet_a": (1.6, -3.0), "objectnet": (1.2, -1.0)}
+ID_COLUMNS = {"val": 0.0, "val-on-imagenet-r-classes": 6.0, "val-on-imagenet-a-classes": -8.0,
+              "val-on-objectnet-classes": 3.0}  # offsets from val, so a wrong ID column leaves the line
+
+
+def on_line(task: str, id_accuracy: float, above: float = 0.0) -> float:
+    slope, intercept = LINES[task]
+    return 100 / (1 + math.exp(-(slope * logit(id_accuracy / 100) + intercept))) + above
+
+
+def made_up_testbed() -> dict[str, dict[str, float | str]]:
+    """{model: {column: accuracy}}: four standard models on the lines (std-4 without ObjectNet), two above."""
+    rows = {}
+    for name, val, above in (("std-1", 56.0, 0), ("std-2", 64.5, 0), ("std-3", 71.0, 0), ("std-4", 79.25, 0),
+                             ("robust-1", 60.0, 9.0), ("robust-2", 75.0, 7.0)):
+        row: dict[str, float | str] = {"greyscale": val - 1, **{c: val + d for c, d in ID_COLUMNS.items()}}
+        for task, (ood_column, id_column) in TESTBED_COLUMNS.items():
+            row[ood_column] = on_line(task, row[id_column], above)
+        rows[name] = row
+    rows["std-4"]["objectnet-1.0-beta"] = rows["std-4"]["val-on-objectnet-classes"] = ""  # not evaluated
+    return rows
+
+
+def write_testbed(path: Path, rows: dict, drop: str | None = None) -> Path:
+    columns = sorted({c for row in rows.values() for c in row} - {drop})
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["model", *columns])
+        out.writerows([name, *[repr(row[c]) if isinstance(row[c], float) else row[c] for c in columns]]
+                      for name, row in rows.items())
+    return path
+
+
+def test_fits_from_the_testbed_table_recover_the_lines_of_the_listed_models(tmp_path):
+    table = write_testbed(tmp_path / "robustness_top1s.csv", made_up_testbed())
+    standard = tmp_path / "standard.txt"
+    standard.write_text("# the standard models\nstd-1\nstd-2\n\nstd-3\nstd-4\n")
+    fits = fit_from_testbed(table, models_file=standard)
+    assert list(fits) == ["imagenetv2", "imagenet_r", "imagenet_sketch", "imagenet_a", "objectnet"]
+    digest = hashlib.sha256(table.read_bytes()).hexdigest()
+    for task, (slope, intercept) in LINES.items():
+        assert fits[task].slope == pytest.approx(slope, abs=1e-9), task
+        assert fits[task].intercept == pytest.approx(intercept, abs=1e-9), task
+        assert f"robustness_top1s.csv sha256 {digest}" in fits[task].source
+        assert f"over {3 if task == 'objectnet' else 4} models: the models listed in standard.txt" in fits[task].source
+    assert "logit(imagenet-r) on logit(val-on-imagenet-r-classes)" in fits["imagenet_r"].source
+    # Without the list, every row: the models above the lines pull them up, and the source says so.
+    every = fit_from_testbed(table, ["imagenet_r"])
+    assert list(every) == ["imagenet_r"]
+    assert every["imagenet_r"].predict(70.0) > fits["imagenet_r"].predict(70.0) + 1
+    assert "over 6 models: every model of robustness_top1s.csv" in every["imagenet_r"].source
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop:val-on-objectnet-classes", "no column 'val-on-objectnet-classes', which the objectnet fit needs"),
+    ("drop:model", "no 'model' column"),
+    ("cell:std-2:imagenet-r:n/a", "line 3 (model 'std-2'), column 'imagenet-r': 'n/a' is not a number"),
+    ("cell:std-3:val:100", "line 4 (model 'std-3'), column 'val': accuracy 100 is not strictly between 0 and 100"),
+    ("cell:std-1:imagenet-a:0.0", "column 'imagenet-a': accuracy 0 is not strictly between 0 and 100"),
+    ("models:std-1,std-2,std-4", "objectnet: 2 model(s) of the models listed in models.txt"),  # std-4: no ObjectNet
+    ("models:std-1,std-9", "model list"),
+])
+def test_a_bad_testbed_table_is_refused_naming_file_column_and_row(tmp_path, change, message):
+    rows, drop, models = made_up_testbed(), None, None
+    kind, _, rest = change.partition(":")
+    if kind == "drop":
+        drop = rest
+    elif kind == "cell":
+        model, column, value = rest.split(":")
+        rows[model][column] = value
+    else:
+        models = tmp_path / "models.txt"
+        models.write_text("\n".join(rest.split(",")) + "\n")
+    if drop == "model":
+        path = tmp_path / "t.csv"
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows([["name", "val"], ["std-1", "50"]])
+    else:
+        path = write_testbed(tmp_path / "t.csv", rows, drop)
+    with pytest.raises(UserError, match="t.csv|models.txt") as err:
+        fit_from_testbed(path, models_file=models)
+    assert message in str(err.value)
+    if "std-4" in rest:
+        assert "have both 'val-on-objectnet-classes' and 'objectnet-1.0-beta'; a fit needs at least 3" in str(err.value)
+    if "std-9" in rest:
+        assert "1 name(s) are no model of" in str(err.value) and "std-9" in str(err.value)
 
 
 # ------------------------------------------------------------------------- flamingo robustness
@@ -264,6 +410,59 @@ def test_sweep_endpoints_score_what_flamingo_eval_gives_the_two_models(sweep, ca
             row["ood"]["shapes_sketch"]["accuracy"] - fit_prediction)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fit_from_the_testbed_pairs_each_shift_with_imagenet_on_its_classes(sweep, tmp_path, names_file, capsys):
+    root, _ = sweep
+    val = tmp_path / "imagenet" / "val"
+    # goldfish: R only; n01498041: R and A; analog clock: ObjectNet only; banana: R, A and ObjectNet; tench: none.
+    for wnid, colour in (("n01443537", "orange"), ("n01498041", "grey"), ("n02708093", "white"),
+                         ("n07753592", "yellow"), ("n01440764", "green")):
+        picture(val / wnid / "a.JPEG", colour, 24)
+        for n in range(2):  # the zero-shot prompt's text-only examples come from the train split
+            picture(tmp_path / "imagenet" / "train" / wnid / f"t{n}.JPEG", colour, 24)
+    picture(tmp_path / "r" / "n01443537" / "r.jpg", "orange", 24)
+    picture(tmp_path / "a" / "n07753592" / "a.jpg", "yellow", 24)
+    picture(tmp_path / "v2" / "0" / "v.jpeg", "green", 24)
+    objectnet = write_objectnet(tmp_path / "objectnet")
+    names, mappings = str(names_file), str(objectnet / "mappings")
+    train = {"media": str(tmp_path / "imagenet" / "train"), "class_names": names}
+    data = tmp_path / "data.yaml"
+    data.write_text(json.dumps({"tasks": {
+        "imagenet": {"test": {"media": str(val), "class_names": names}, "train": train},
+        "imagenetv2": {"test": {"media": str(tmp_path / "v2"), "class_names": names}, "train": train},
+        "imagenet_r": {"test": {"media": str(tmp_path / "r"), "class_names": names}, "train": train},
+        "imagenet_a": {"test": {"media": str(tmp_path / "a"), "class_names": names}, "train": train},
+        "objectnet": {"test": {"media": str(objectnet / "images"), "annotations": mappings, "class_names": names},
+                      "train": {**train, "annotations": mappings}}}}))
+    table = write_testbed(tmp_path / "robustness_top1s.csv", made_up_testbed())
+    standard = tmp_path / "standard.txt"
+    standard.write_text("std-1\nstd-2\nstd-3\nstd-4\n")
+    out = tmp_path / "out"
+    assert main(["robustness", "--model", str(root / "base"), "--data", str(data), "--out", str(out),
+                 "--fit-from", str(table), "--fit-models", str(standard), "--batch-size", "4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "over the models of --fit-models" in printed and "imagenet_r: slope 0.8000, intercept -0.9000" in printed
+    assert "| imagenet_on_r_classes (ID) |" in printed
+    report = json.loads((out / "robustness.json").read_text())
+    assert report["id_pairs"] == {"imagenetv2": "imagenet", "imagenet_r": "imagenet_on_r_classes",
+                                  "imagenet_a": "imagenet_on_a_classes", "objectnet": "imagenet_on_objectnet_classes"}
+    (predictions,) = (out / "evals").glob("*/predictions")  # the one model's flamingo eval output
+    r_names = {class_names()[w] for w in IMAGENET_R_WNIDS}
+    records = [json.loads(line) for line in (predictions / "imagenet_on_r_classes.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == ["n01443537/a.JPEG", "n01498041/a.JPEG", "n07753592/a.JPEG"]
+    assert all(set(r["ranked"]) <= r_names and len(r["ranked"]) == 5 for r in records)  # ranked among R's classes
+    records = [json.loads(line) for line in (predictions / "imagenet_on_objectnet_classes.jsonl").read_text()
+               .splitlines()]
+    assert sorted(r["id"] for r in records) == ["n02708093/a.JPEG", "n07753592/a.JPEG"]
+    fits = fit_from_testbed(table, list(report["ood_tasks"]), standard)
+    row = report["models"][0]
+    for task, paired in report["id_pairs"].items():
+        assert report["fits"][task]["source"] == fits[task].source
+        id_accuracy = row["id"]["accuracy"] if paired == "imagenet" else row["paired_id"][paired]["accuracy"]
+        assert row["ood"][task]["predicted"] == pytest.approx(fits[task].predict(id_accuracy))
+    assert (out / "robustness.png").stat().st_size > 1000
+
+
 def test_bad_robustness_options_are_one_line_errors(sweep, capsys):
     root, data = sweep
     base = ["robustness", "--data", str(data), "--out", str(root / "x")]
@@ -274,6 +473,13 @@ def test_bad_robustness_options_are_one_line_errors(sweep, capsys):
         (base + ["--model", "embedded", "--id", "shapes", "--ood", "coco"], "coco is not a classification task"),
         (base + ["--model", "embedded", "--id", "shapes", "--ood", "shapes_sketch", "--fit", "shapes=1,0"],
          "a fit is given for shapes"),
+        (base + ["--model", "embedded", "--fit-models", "standard.txt"], "--fit-models names the models of"),
+        (base + ["--model", "embedded", "--id", "shapes", "--ood", "shapes_sketch", "--fit-from", "t.csv"],
+         "--fit-from: the testbed's lines are fitted against ImageNet accuracies; the ID task is shapes"),
+        (base + ["--model", "embedded", "--ood", "shapes_sketch", "--fit-from", "t.csv"],
+         "none of which is an OOD task of this run"),
+        (base + ["--model", "embedded", "--ood", "imagenet_r", "--fit-from", "missing.csv"],
+         "testbed table missing.csv: cannot be read"),
     ]:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err

@@ -20,6 +20,14 @@ examples) is ImageNet's train folder, restricted to the test set's classes.
   ImageNet classes of the image's ObjectNet class. Each image's 1-pixel red border is cropped
   (the dataset's README asks for it; `Sample.extra["crop_border"]`).
 
+ImageNet on a shift's classes (the ID accuracy that effective robustness pairs with ImageNet-R, -A and
+ObjectNet, as Taori et al.'s testbed does: `val-on-imagenet-r-classes` etc.): ImageNet's class
+folders (media = ImageNet's val or train folder) restricted to the shift's classes, which are the
+candidates; a prediction is right when it is the image's class.
+- `imagenet_on_r_classes`, `imagenet_on_a_classes`: the 200 classes of ImageNet-R / ImageNet-A.
+- `imagenet_on_objectnet_classes`: the ImageNet classes of ObjectNet's 113 mapped classes, read from
+  ObjectNet's mappings folder (annotations), as the `objectnet` task reads it.
+
 A test sample carries `extra["classes"]`, the names of the set's candidate classes, so that the
 candidates are the whole subset whatever part of it is loaded. A folder that is not a class of its
 set is an error naming it (a misplaced or renamed folder would otherwise score as a wrong class).
@@ -111,6 +119,17 @@ load_imagenet_r = _shift_loader(IMAGENET_R_WNIDS, "ImageNet-R")
 load_imagenet_a = _shift_loader(IMAGENET_A_WNIDS, "ImageNet-A")
 
 
+def _on_classes_loader(wnids: tuple[str, ...], dataset: str) -> Callable[[SplitPaths, str, str], list[Sample]]:
+    """ImageNet (either split) restricted to a shift's classes: its other class folders are skipped."""
+    def load(paths: SplitPaths, split: str, where: str) -> list[Sample]:
+        return _wnid_samples(paths, where, wnids, dataset, others_allowed=True)
+    return load
+
+
+load_imagenet_on_r_classes = _on_classes_loader(IMAGENET_R_WNIDS, "ImageNet-R")
+load_imagenet_on_a_classes = _on_classes_loader(IMAGENET_A_WNIDS, "ImageNet-A")
+
+
 def load_imagenetv2(paths: SplitPaths, split: str, where: str) -> list[Sample]:
     if split == "train":  # ImageNet's train folder
         return _wnid_samples(paths, where, IMAGENET_WNIDS, "ImageNet", others_allowed=False)
@@ -173,12 +192,22 @@ def objectnet_classes(mappings: Path) -> tuple[dict[str, str], dict[str, tuple[s
 OBJECTNET_BORDER = 1  # pixels of red border around every ObjectNet image
 
 
+def _objectnet_wnids(folders: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The ImageNet classes of ObjectNet's mapped classes, sorted (the standard order)."""
+    return tuple(sorted({w for wnids in folders.values() for w in wnids}))
+
+
+def load_imagenet_on_objectnet_classes(paths: SplitPaths, split: str, where: str) -> list[Sample]:
+    _, folders = objectnet_classes(paths.required("annotations", where))
+    return _wnid_samples(paths, where, _objectnet_wnids(folders), "ObjectNet", others_allowed=True)
+
+
 def load_objectnet(paths: SplitPaths, split: str, where: str) -> list[Sample]:
+    if split == "train":  # ImageNet's train folder, restricted to ObjectNet's classes
+        return load_imagenet_on_objectnet_classes(paths, split, where)
     mappings = paths.required("annotations", where)
     known, folders = objectnet_classes(mappings)
-    subset = tuple(sorted({w for wnids in folders.values() for w in wnids}))
-    if split == "train":  # ImageNet's train folder
-        return _wnid_samples(paths, where, subset, "ObjectNet", others_allowed=True)
+    subset = _objectnet_wnids(folders)
     root = paths.required("media", where)
     names_path, names = _class_names(paths, where)
     classes = _subset_names(names_path, names, subset)

@@ -18,8 +18,9 @@ Formats (exactly what is read; anything else is an `EvalDataError` naming file a
   "round_id" (1-based), "gt_relevance": [100 floats]}]). With relevance, one sample per annotated
   round; without (train), the last round. Image = media/media_pattern, default
   "VisualDialog_val2018_{image_id:012d}.jpg".
-- `class_folders` (ImageNet) and the ImageNet shifts (`imagenetv2`, `imagenet_r`, `imagenet_sketch`,
-  `imagenet_a`, `objectnet`): see `flamingo.data.benchmarks.imagenet`.
+- `class_folders` (ImageNet), the ImageNet shifts (`imagenetv2`, `imagenet_r`, `imagenet_sketch`,
+  `imagenet_a`, `objectnet`) and ImageNet on a shift's classes (`imagenet_on_r_classes`,
+  `imagenet_on_a_classes`, `imagenet_on_objectnet_classes`): see `flamingo.data.benchmarks.imagenet`.
 - `video_qa` (MSVD-QA, MSRVTT-QA): JSON [{"video_id", "question", "answer", "id"?}]; video =
   media/media_pattern (MSRVTT "video{video_id}.mp4"; MSVD "{mapped}.avi" with video_map =
   youtube_mapping.txt, lines "NAME vidN", looked up as "vid{video_id}").
@@ -51,6 +52,9 @@ from flamingo.data.benchmarks.data_config import SplitPaths
 from flamingo.data.benchmarks.imagenet import (
     load_class_folders,
     load_imagenet_a,
+    load_imagenet_on_a_classes,
+    load_imagenet_on_objectnet_classes,
+    load_imagenet_on_r_classes,
     load_imagenet_r,
     load_imagenet_sketch,
     load_imagenetv2,
@@ -420,4 +424,6 @@ LOADERS: dict[str, Loader] = {
     "vatex": load_vatex, "youcook2": load_youcook2, "kinetics": load_kinetics, "rareact": load_rareact,
     "imagenetv2": load_imagenetv2, "imagenet_r": load_imagenet_r, "imagenet_sketch": load_imagenet_sketch,
     "imagenet_a": load_imagenet_a, "objectnet": load_objectnet,
+    "imagenet_on_r_classes": load_imagenet_on_r_classes, "imagenet_on_a_classes": load_imagenet_on_a_classes,
+    "imagenet_on_objectnet_classes": load_imagenet_on_objectnet_classes,
 }

@@ -103,6 +103,12 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
       for name in ("imagenetv2", "imagenet_r", "imagenet_sketch", "imagenet_a")],
     _t("objectnet", "objectnet", "classification", "top-1", CAPTION, val_query_size=None,
        fields=("media", "class_names", "annotations")),
+    # ImageNet on a shift's classes: the ID accuracy that effective robustness pairs with ImageNet-R, -A and
+    # ObjectNet (flamingo.evaluation.robustness), as the testbed's val-on-imagenet-r-classes etc.
+    *[_t(f"imagenet_on_{name}_classes", f"imagenet_on_{name}_classes", "classification", "top-1", CAPTION,
+         val_query_size=None, fields=("media", "class_names")) for name in ("r", "a")],
+    _t("imagenet_on_objectnet_classes", "imagenet_on_objectnet_classes", "classification", "top-1", CAPTION,
+       val_query_size=None, fields=("media", "class_names", "annotations")),
     # A synthetic shift the project generates (flamingo data shapes --kind shift): procedural shapes
     # (ID) and the same classes drawn as outlines on a new background family (OOD).
     _t("shapes", "class_folders", "classification", "top-1", CAPTION, val_query_size=None,

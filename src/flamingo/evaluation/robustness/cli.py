@@ -28,11 +28,15 @@ EPILOG = """examples:
   flamingo robustness --model of-9b --data data.yaml --out runs/robust        # ImageNet + the shifts in data.yaml
   flamingo robustness --wise embedded runs/ft/final --alphas 0:1:0.1 --data data.yaml --out runs/wise \\
       --fit imagenetv2=SLOPE,INTERCEPT
+  flamingo robustness --model of-9b --data data.yaml --out runs/robust \\
+      --fit-from robustness_top1s.csv --fit-models standard_models.txt   # fits on Taori et al.'s testbed
   flamingo robustness --wise embedded runs/shift-ft/final --alphas 0,0.25,0.5,0.75,1 --id shapes \\
       --ood shapes_sketch --data runs/shapes-shift/data.yaml --out runs/shift-wise
 outputs in --out: evals/MODEL/ (each model's flamingo eval output, resumable), robustness.json,
 robustness.md, robustness.png. A fit is logit(OOD) = SLOPE * logit(ID) + INTERCEPT on accuracies as
-fractions; none is built in (see the robustness guide)."""
+fractions; none is built in (see the robustness guide). With --id imagenet, ImageNet-R, -A and
+ObjectNet are paired with ImageNet's accuracy on their own classes (tasks imagenet_on_r_classes,
+imagenet_on_a_classes, imagenet_on_objectnet_classes, evaluated too), as the testbed pairs them."""
 
 
 def alphas(text: str) -> list[float]:
@@ -67,7 +71,14 @@ def _cmd_robustness(args: argparse.Namespace) -> None:
     from flamingo.data.benchmarks.data_config import load_data_config
     from flamingo.data.benchmarks.tasks import get_task
     from flamingo.errors import import_extra
-    from flamingo.evaluation.robustness import LinearFit, ModelSpec, run_robustness
+    from flamingo.evaluation.robustness import (
+        TESTBED_COLUMNS,
+        LinearFit,
+        ModelSpec,
+        default_ood_tasks,
+        fit_from_testbed,
+        run_robustness,
+    )
     from flamingo.evaluation.settings import EvalSettings
 
     import_extra("matplotlib", "eval", "flamingo robustness")  # flamingo eval's results.png, and the plot
@@ -85,6 +96,26 @@ def _cmd_robustness(args: argparse.Namespace) -> None:
     for task, slope, intercept in args.fit:
         get_task(task)
         fits[task] = LinearFit(slope, intercept, "--fit")
+    if args.fit_models and not args.fit_from:
+        raise UserError("--fit-models names the models of the --fit-from table to fit over")
+    if args.fit_from:
+        if args.id != "imagenet":
+            raise UserError(f"--fit-from: the testbed's lines are fitted against ImageNet accuracies; the ID task "
+                            f"is {args.id}, not imagenet")
+        shifts = [t for t in (ood if ood is not None else default_ood_tasks(data)) if t in TESTBED_COLUMNS]
+        if not shifts:
+            raise UserError(f"--fit-from: the testbed fits {', '.join(TESTBED_COLUMNS)}, none of which is an OOD "
+                            f"task of this run")
+        both = sorted(set(shifts) & set(fits))
+        if both:
+            raise UserError(f"both --fit and --fit-from give a fit for {', '.join(both)}")
+        table = fit_from_testbed(args.fit_from, shifts, args.fit_models)
+        print(f"fits from {args.fit_from}, "
+              + ("over the models of --fit-models:" if args.fit_models else
+                 "over EVERY model of the table (no --fit-models: not only standard ImageNet models):"))
+        for task, line in table.items():
+            print(f"  {task}: slope {line.slope:.4f}, intercept {line.intercept:.4f}: {line.source}")
+        fits.update(table)
     settings = EvalSettings(shots=[args.shots], trials=args.trials, support_size=args.support_size,
                             query_size=args.max_queries, seed=args.seed, batch_size=args.batch_size)
     settings.validate()
@@ -143,6 +174,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ood", default=None, help="OOD tasks, comma-separated (default: the ImageNet shifts in --data)")
     p.add_argument("--fit", type=fit, action="append", default=[], metavar="TASK=SLOPE,INTERCEPT",
                    help="the linear fit of standard models for an OOD task, in logit axes (repeatable)")
+    p.add_argument("--fit-from", type=Path, default=None, metavar="CSV",
+                   help="fit each ImageNet shift's line on Taori et al.'s testbed table (robustness_top1s.csv)")
+    p.add_argument("--fit-models", type=Path, default=None, metavar="FILE",
+                   help="--fit-from: fit over these models only (one name a line; the testbed's standard models); "
+                        "default: every model of the table")
     p.add_argument("--shots", type=int_range(0, MAX_SHOTS), default=0, help="shots per prompt (default 0)")
     p.add_argument("--trials", type=int_range(1, 1000), default=1, help="random demo draws (default 1)")
     p.add_argument("--support-size", type=positive_int, default=2048, help="support set size (default 2048)")
