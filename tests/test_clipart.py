@@ -267,10 +267,14 @@ def test_the_feature_probe_finds_categories_that_differ_at_a_glance_separable(fo
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     encoder = build_vision_encoder(VisionConfig(kind="efficientnet_lite0"))
-    accuracies = [probe.prototype_accuracy(encoder, found, "train", ways=2, shots=4, episodes=6, on_white=on_white)
+    accuracies = [probe.prototype_accuracy(encoder, found, "train", ways=2, shots=4, episodes=6, on_white=on_white)[0]
                   for on_white in (False, True)]
-    linear = probe.linear_probe_accuracy(encoder, found, "train", folds=2)
+    [linear] = probe.linear_probe_accuracy(encoder, found, "train", folds=2)
     assert min(accuracies) >= 0.8 and linear >= 0.7, (accuracies, linear)
+    # --pool each: one probe per grid cell; concat: one over all the cells
+    cells = probe.prototype_accuracy(encoder, found, "train", ways=2, shots=4, episodes=6, on_white=True, pool="each")
+    [concatenated] = probe.linear_probe_accuracy(encoder, found, "train", folds=2, pool="concat")
+    assert len(cells) == 49 and max(cells) >= 0.8 and concatenated >= 0.7, (cells, concatenated)
 
 
 @pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e999", "0", "-1"])
@@ -306,3 +310,14 @@ def test_the_feature_probe_reads_the_resamplers_visual_tokens(model):
     assert got.shape == (2, model.config.perceiver.num_latents, expected.shape[-1])
     assert torch.equal(got, expected) and torch.allclose(got[0], red_alone, atol=1e-5)
     assert not torch.allclose(got[0], got[1])
+
+
+def test_the_copy_control_queries_with_the_pixels_of_a_support_image_of_the_answer(found):
+    from flamingo.data.episodes import make_episode
+
+    plain = make_episode("objects-binding", shots=4, seed=0, index=3, image_size=48)
+    copy = make_episode("objects-binding-copy", shots=4, seed=0, index=3, image_size=48)
+    assert [s.text for s in copy[0]] == [s.text for s in plain[0]] and copy[2:] == plain[2:]
+    same = [s for s in copy[0] if np.array_equal(np.asarray(s.image), np.asarray(copy[1].image))]
+    assert same and all(s.text[1][0] == copy[2] for s in same)  # the answer's word was shown with it
+    assert not np.array_equal(np.asarray(plain[1].image), np.asarray(copy[1].image))

@@ -44,9 +44,22 @@ def _grey_support(episode: Episode) -> Episode:
     return support, query, answer, candidates
 
 
+def _copied_query(episode: Episode) -> Episode:
+    """The perfect-match control: the query image replaced by the pixels of the first support image
+    shown with the answer's word (a query whose word was never shown, as at 0 shots, is kept)."""
+    support, query, answer, candidates = episode
+    shown = [segment for segment in support if segment.text[1:] and segment.text[1][0] == answer]
+    if shown:
+        query.image = shown[0].image.copy()
+    return support, query, answer, candidates
+
+
 TASKS: dict[str, ProceduralTask] = {t.name: t for t in [
     ProceduralTask("binding", "2-way: new words bound to held-out object kinds (\"This is a dax.\")",
                    lambda rng, size, shots: procedural.binding_episode(rng, size, "eval", ways=2, shots=shots)),
+    ProceduralTask("binding-copy", "control: binding with the query an exact copy of a support image of its "
+                   "word (a perfect match)", lambda rng, size, shots: _copied_query(procedural.binding_episode(
+                       rng, size, "eval", ways=2, shots=shots)), same_episodes_as="binding"),
     ProceduralTask("binding-colours", "2-way: new words bound to held-out colours",
                    lambda rng, size, shots: procedural.binding_episode(rng, size, "eval", ways=2, shots=shots,
                                                                       by="colour")),
@@ -67,6 +80,10 @@ TASKS: dict[str, ProceduralTask] = {t.name: t for t in [
                    "(chance expected)", lambda rng, size, shots: _grey_support(clipart.binding_episode(
                        clipart.catalogue(), rng, size, "eval", ways=2, shots=shots)), needs_clipart=True,
                    same_episodes_as="objects-binding"),
+    ProceduralTask("objects-binding-copy", "control: objects-binding with the query an exact copy of a support "
+                   "image of its word (a perfect match)", lambda rng, size, shots: _copied_query(
+                       clipart.binding_episode(clipart.catalogue(), rng, size, "eval", ways=2, shots=shots)),
+                   needs_clipart=True, same_episodes_as="objects-binding"),
     ProceduralTask("objects-category", "\"What kind of thing is this?\" (animal, food, plant, ...: 9 candidates) "
                    "about objects of held-out categories", lambda rng, size, shots: clipart.category_episode(
                        clipart.catalogue(), rng, size, "eval", shots=shots), needs_clipart=True),
