@@ -203,11 +203,12 @@ def _cat_padded(parts: Sequence[torch.Tensor], size: int, dim: int, left: bool =
     these are the batch's caches and cross-attention keys/values)."""
     shape = list(parts[0].shape)
     shape[0], shape[dim] = sum(part.shape[0] for part in parts), size
-    out = parts[0].new_zeros(shape)
+    out = parts[0].new_empty(shape)
     row = 0
     for part in parts:
-        width = part.shape[dim]
-        out[row:row + part.shape[0]].narrow(dim, size - width if left else 0, width).copy_(part)
+        rows, width = out[row:row + part.shape[0]], part.shape[dim]
+        rows.narrow(dim, size - width if left else 0, width).copy_(part)
+        rows.narrow(dim, 0 if left else width, size - width).zero_()  # only the padding is zeroed
         row += part.shape[0]
     return out
 
