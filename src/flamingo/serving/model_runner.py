@@ -116,7 +116,8 @@ class ModelRunner:
         self.images = images
         self.family = family_io(model)
         self.one_pass_prefix = prefix_from_one_pass(model)
-        self.state: FlamingoState | None = None
+        self.state: FlamingoState | None = None  # the decode batch: one row per running sequence
+        self.joined: list[FlamingoState] = []  # rows admitted since the last step, appended to it then
         self.running: list[Sequence] = []
         self.pending: torch.Tensor | None = None
 
@@ -219,18 +220,21 @@ class ModelRunner:
                                           sampling_generator(config, device)))
         state, sequences, tokens = self.choose(state, sequences)
         if sequences:
-            self.state = state if self.state is None else FlamingoState.concat([self.state, state])
+            self.joined.append(state)
             self.running += sequences
             self.pending = tokens if self.pending is None else torch.cat([self.pending, tokens])
 
     def decode(self) -> None:
         """Feed every running sequence its chosen token, then choose (and stream) the next ones."""
+        if self.joined:  # one concatenation for every admission since the last step (each copies the batch)
+            self.state = FlamingoState.concat(([self.state] if self.state is not None else []) + self.joined)
+            self.joined = []
         self.state.step(self.model, self.pending[:, None])
         self.state, self.running, self.pending = self.choose(self.state, self.running)
 
     def clear(self) -> None:
         """Drop the decode batch (after a failed step: its requests have ended with the error)."""
-        self.state, self.running, self.pending = None, [], None
+        self.state, self.joined, self.running, self.pending = None, [], [], None
 
     def choose(self, state: FlamingoState, sequences: list[Sequence]
                ) -> tuple[FlamingoState | None, list[Sequence], torch.Tensor | None]:
