@@ -3,11 +3,13 @@
 A sample is what the paper's processing (section 2.4, A.3) makes of one document or pair: token
 ids with one `<image>` per media item, labels on text tokens only, the media as pixel tensors,
 and whether this document uses the "next image" attention of the placement augmentation.
+A model of another family may take per-image inputs beside the pixels (`vision_inputs`: Llama 3.2
+Vision's tile layout, `Flamingo.encode_tiled_media`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -22,6 +24,9 @@ class TrainingSample:
     media: torch.Tensor  # [N, T, 3, H, W] float (N may be 0), in order of the <image> tokens
     attend_next: bool = False  # A.3.2 image-placement augmentation drawn for this document
     dataset: str = ""  # name of the dataset it came from (per-dataset losses)
+    # Per media item, what a family's vision tower takes beside its pixels, [N, ...] each (Llama 3.2
+    # Vision: aspect_ratio_ids [N], aspect_ratio_mask [N, T]); empty for ours.
+    vision_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -32,11 +37,13 @@ class Batch:
     pixel_values: torch.Tensor  # [B, N_max, T, 3, H, W], zeros in padding slots
     num_media: torch.Tensor  # [B]
     attend_next: torch.Tensor  # [B] bool
+    vision_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, N_max, ...], zeros in padding slots
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(*(t.to(device, non_blocking=True) for t in
                        (self.input_ids, self.attention_mask, self.labels, self.pixel_values,
-                        self.num_media, self.attend_next)))
+                        self.num_media, self.attend_next)),
+                     vision_inputs={k: v.to(device, non_blocking=True) for k, v in self.vision_inputs.items()})
 
     @property
     def num_tokens(self) -> int:
@@ -66,4 +73,18 @@ def collate(samples: Sequence[TrainingSample], pad_token_id: int) -> Batch:
         if s.media.shape[0]:
             pixel_values[b, : s.media.shape[0]] = s.media
     return Batch(input_ids, mask.long(), labels, pixel_values, counts,
-                 torch.tensor([s.attend_next for s in samples]))
+                 torch.tensor([s.attend_next for s in samples]), _collate_vision_inputs(samples, int(counts.max())))
+
+
+def _collate_vision_inputs(samples: Sequence[TrainingSample], slots: int) -> dict[str, torch.Tensor]:
+    """The samples' `vision_inputs`, [B, slots, ...] each, zeros in padding slots."""
+    names = {tuple(sorted(s.vision_inputs)) for s in samples}
+    if len(names) > 1:
+        raise ValueError(f"collate: samples with different vision inputs in one batch: {sorted(names)}")
+    out = {}
+    for name in names.pop():
+        first = samples[0].vision_inputs[name]
+        out[name] = torch.zeros(len(samples), slots, *first.shape[1:], dtype=first.dtype)
+        for b, s in enumerate(samples):
+            out[name][b, : s.vision_inputs[name].shape[0]] = s.vision_inputs[name]
+    return out

@@ -308,6 +308,30 @@ class Flamingo(nn.Module):
         out[real] = tokens
         return out
 
+    def encode_tiled_media(self, pixel_values: torch.Tensor, vision_inputs: dict[str, torch.Tensor], *,
+                           num_media: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images as tiles, for a vision encoder that takes each image's tile layout beside its
+        pixels (`tile_features`; Llama 3.2 Vision's: vision_inputs aspect_ratio_ids [B, N] and
+        aspect_ratio_mask [B, N, T]): pixel_values [B, N, T, 3, H, W] -> visual tokens [B, N, R, D]
+        and their key mask [B, N, R] (False on padding tiles). With num_media [B] only the real slots
+        are encoded (padding slots: zero tokens, masked); without, every slot, as transformers does."""
+        batch, slots = pixel_values.shape[:2]
+        real = self._real_media_mask(num_media, batch, slots, pixel_values.device)
+        dtype = self.perceiver.latents.dtype
+        tokens = torch.zeros(batch, slots, self.config.perceiver.num_latents, self.perceiver.dim, dtype=dtype,
+                             device=pixel_values.device)
+        key_mask = torch.zeros(tokens.shape[:3], dtype=torch.bool, device=pixel_values.device)
+        if not bool(real.any()):
+            return tokens, key_mask
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "vision_encoder" in self.unfrozen_backbone):
+            features, mask = self.vision_encoder.tile_features(pixel_values[real],
+                                                               **{k: v[real] for k, v in vision_inputs.items()})
+        encoded = self.perceiver(features[:, None].to(dtype))  # [K, R, D]
+        if bool(real.all()):  # no copy into the zeros (the common case, and bit-equal to it)
+            return encoded.unflatten(0, (batch, slots)), mask.unflatten(0, (batch, slots))
+        tokens[real], key_mask[real] = encoded, mask
+        return tokens, key_mask
+
     @staticmethod
     def _real_media_mask(num_media: torch.Tensor | None, batch: int, slots: int,
                          device: torch.device) -> torch.Tensor:
@@ -323,7 +347,8 @@ class Flamingo(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 vision_features: torch.Tensor | None = None, num_media: torch.Tensor | None = None,
-                attend_next: torch.Tensor | None = None) -> FlamingoOutput:
+                attend_next: torch.Tensor | None = None,
+                vision_inputs: dict[str, torch.Tensor] | None = None) -> FlamingoOutput:
         """Run Flamingo on interleaved text and images: logits, or with `labels` the training loss.
 
         Args:
@@ -338,6 +363,8 @@ class Flamingo(nn.Module):
                 (a model without a vision encoder).
             num_media [B]: real media per sample when samples have different counts (default: N).
             attend_next [B] bool: per-sample "next image" attention (A.3.2); default from config.
+            vision_inputs: what a tiled vision encoder takes per image beside pixel_values (Llama 3.2
+                Vision's tile layout: `encode_tiled_media`; T in pixel_values is then its tiles).
 
         Returns `FlamingoOutput`: logits [B, L, V] (without labels), loss and nll_sum (with labels),
         and visual_tokens [B, N, R, D] (the resampled media).
@@ -349,10 +376,15 @@ class Flamingo(nn.Module):
         """
         if input_ids.ndim != 2:
             raise FlamingoInputError(f"input_ids: expected shape [B, L], got {tuple(input_ids.shape)}")
-        visual_tokens = None
-        if pixel_values is not None or vision_features is not None:
+        visual_tokens = key_mask = None
+        if vision_inputs:
+            if pixel_values is None:
+                raise FlamingoInputError("vision_inputs given without pixel_values")
+            visual_tokens, key_mask = self.encode_tiled_media(pixel_values, vision_inputs, num_media=num_media)
+        elif pixel_values is not None or vision_features is not None:
             visual_tokens = self.encode_media(pixel_values, vision_features=vision_features, num_media=num_media)
-        media = self.media_context(input_ids, visual_tokens, num_media=num_media, attend_next=attend_next)
+        media = self.media_context(input_ids, visual_tokens, num_media=num_media, attend_next=attend_next,
+                                   key_mask=key_mask)
         if labels is not None:
             nll = self.training_nll(input_ids, media, labels, attention_mask=attention_mask)
             count = (next_token_targets(labels.to(nll.device)) != IGNORE_INDEX).sum()

@@ -153,7 +153,8 @@ def load_pretrained(directory: str | Path, *, trust_remote_code: bool = False, m
     `directory_config` for the LM's path."""
     directory = Path(directory)
     if converted_family(directory):  # written by `flamingo convert`: its frozen backbones come with it
-        model = load_converted(directory)
+        config = directory_config(directory)
+        model = load_converted(directory, unfreeze=config.unfreeze, source=config.lm.name_or_path)
     else:
         model = build_flamingo(directory_config(directory), trust_remote_code=trust_remote_code)
     load_trainable_weights(model, load_weights_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))

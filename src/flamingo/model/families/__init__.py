@@ -40,18 +40,20 @@ state carries the image its next token sees, none after an end-of-sequence token
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from flamingo.errors import CheckpointError, UserError
+from flamingo.model.config import UnfreezeConfig
 from flamingo.model.families import idefics, mllama
 from flamingo.model.families.checkpoint import FAMILIES, family_of
 from flamingo.model.families.interface import MEDIA, ChatMessage, EncodedMedia, MediaFamily
 from flamingo.model.flamingo import Flamingo
 
 __all__ = ["CONVERTED_DIR", "FAMILIES", "FROZEN_FILE", "MEDIA", "ChatMessage", "EncodedMedia", "MediaFamily",
-           "converted_family", "family_of", "frozen_state_dict", "load_converted", "load_family", "media_family",
-           "shapes_only"]
+           "converted_family", "copy_family_files", "family_of", "frozen_state_dict", "load_converted", "load_family",
+           "media_family", "shapes_only", "training_media"]
 
 
 # config.json model_type -> (the module that maps it, its transformers config class)
@@ -71,8 +73,15 @@ def media_family(model: Flamingo) -> MediaFamily | None:
     return interface
 
 
+def training_media(model: Flamingo, items: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A training sample's media as its family's `preprocess` gave them, in order -> the pixels
+    [N, T, 3, H, W] and the per-image inputs [N, ...] that `Flamingo.forward` takes beside them
+    (`vision_inputs`; Llama 3.2 Vision: T tiles, aspect_ratio_ids, aspect_ratio_mask)."""
+    return _MODULES[model.family][0].stack_media(items)
+
+
 CONVERTED_DIR = "family"  # inside a converted model directory: the family's files
-FROZEN_FILE = "frozen.safetensors"  # in CONVERTED_DIR: every tensor of the model that is not trainable
+FROZEN_FILE = "frozen.safetensors"  # in CONVERTED_DIR: every tensor of the model but the bridge's
 
 
 def converted_family(directory: str | Path) -> str | None:
@@ -81,14 +90,36 @@ def converted_family(directory: str | Path) -> str | None:
 
 
 def frozen_state_dict(model: Flamingo) -> dict[str, torch.Tensor]:
-    """Every tensor of the model's state dict but its trainable parameters (those of bridge.safetensors)."""
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    return {name: tensor for name, tensor in model.state_dict().items() if name not in trainable}
+    """Every tensor of the model's state dict but the bridge's (the trainable parameters other than
+    the backbone parts `unfreeze` names): the backbones, as `frozen.safetensors` holds them."""
+    unfrozen = {id(param) for module in model.unfrozen_backbone.values() for param in module.parameters()}
+    bridge = {name for name, param in model.named_parameters() if param.requires_grad and id(param) not in unfrozen}
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in bridge}
 
 
-def load_converted(directory: str | Path) -> Flamingo:
+def copy_family_files(directory: str | Path, out: str | Path) -> None:
+    """The `family/` folder of the converted model directory `directory` into the model directory
+    `out` (a fine-tuned model of it: its frozen backbones are the base's), each file hard-linked
+    where the file system allows, else copied."""
+    import os
+    import shutil
+
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.copytree(Path(directory) / CONVERTED_DIR, Path(out) / CONVERTED_DIR, copy_function=link_or_copy)
+
+
+def load_converted(directory: str | Path, unfreeze: UnfreezeConfig | None = None, source: str | None = None
+                   ) -> Flamingo:
     """A converted model directory's model with its frozen tensors loaded strictly (the caller loads
-    the trainable ones: bridge.safetensors, as for every model directory)."""
+    the trainable ones: bridge.safetensors, as for every model directory). From its config.yaml:
+    unfreeze, the backbone parts trained with the bridge (a fine-tuned model's: they start from the
+    frozen tensors, which the caller's bridge.safetensors then replaces), and source, the checkpoint
+    it was converted from (the backbones' `name_or_path`; default: `directory`)."""
     import transformers
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -102,7 +133,7 @@ def load_converted(directory: str | Path) -> Flamingo:
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0][:300]
         raise CheckpointError(f"{folder}: cannot read its config or tokenizer: {reason}") from None
-    model = module.build_model(hf_config, tokenizer, source=str(directory))
+    model = module.build_model(hf_config, tokenizer, source=source or str(directory), unfreeze=unfreeze)
     try:
         frozen = load_file(str(folder / FROZEN_FILE))
     except (SafetensorError, OSError) as err:

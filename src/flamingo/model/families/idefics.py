@@ -45,6 +45,7 @@ from flamingo.model.config import (
     FlamingoConfig,
     LanguageModelConfig,
     PerceiverConfig,
+    UnfreezeConfig,
     VisionConfig,
 )
 from flamingo.model.families.checkpoint import load_strictly, read_tensors
@@ -174,10 +175,11 @@ def chunk_token(hf_config: Any, tokenizer: Any) -> str:
 
 
 def build_model(hf_config: Any, tokenizer: Any, source: str = "", mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None) -> Flamingo:
+                std: Sequence[float] | None = None, unfreeze: UnfreezeConfig | None = None) -> Flamingo:
     """Our model for `hf_config` with random weights (load them with `load_state_dict`): the frozen
     LLaMA, transformers' IDEFICS CLIP tower (frozen) and the bridge. mean/std: the image
-    processor's normalisation (default: IDEFICS's, CLIP's)."""
+    processor's normalisation (default: IDEFICS's, CLIP's). unfreeze: backbone parts trained with
+    the bridge (fine-tuning)."""
     from transformers import LlamaForCausalLM
     from transformers.models.idefics.image_processing_idefics import IDEFICS_STANDARD_MEAN, IDEFICS_STANDARD_STD
     from transformers.models.idefics.vision import IdeficsVisionTransformer
@@ -186,6 +188,7 @@ def build_model(hf_config: Any, tokenizer: Any, source: str = "", mean: Sequence
         if token not in tokenizer.get_vocab():
             raise CheckpointError(f"IDEFICS tokenizer: no {token!r} token")
     config = flamingo_config(hf_config, chunk_token(hf_config, tokenizer), source)
+    config.unfreeze = unfreeze or config.unfreeze
     vision_config = hf_config.vision_config
     vision_config._attn_implementation = hf_config._attn_implementation or "sdpa"
     tower = IdeficsVisionTower(IdeficsVisionTransformer(vision_config), mean or IDEFICS_STANDARD_MEAN,
@@ -487,6 +490,12 @@ def generate_ids(model: Flamingo, items: Any, *, max_new_tokens: int = 20) -> tu
     ids = new[0].tolist()
     ends = [i for i, token in enumerate(ids) if token in stops]
     return (ids[:ends[0]], "stop_token") if ends else (ids, "length")
+
+
+def stack_media(items: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Images as `MEDIA_FAMILY.preprocess` gives them ([1, 3, H, W] each) -> pixel_values
+    [N, 1, 3, H, W]; no other vision inputs."""
+    return torch.stack(list(items)), {}
 
 
 # ------------------------------------------------------------------ the generic code's interface

@@ -41,6 +41,7 @@ from flamingo.model.config import (
     FlamingoConfig,
     LanguageModelConfig,
     PerceiverConfig,
+    UnfreezeConfig,
     VisionConfig,
 )
 from flamingo.model.cross_attention import group_first_media
@@ -81,6 +82,14 @@ class MllamaVisionTower(nn.Module):
         out = self.model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
                          aspect_ratio_mask=aspect_ratio_mask).last_hidden_state  # [B, N, T, P, D]
         return out.flatten(2, 3)
+
+    def tile_features(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                      aspect_ratio_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K images' tiles [K, T, 3, H, W], aspect-ratio ids [K] and tile masks [K, T] -> their
+        features [K, T*P, D] and key mask [K, T*P] (False on padding tiles), for
+        `Flamingo.encode_tiled_media`."""
+        features = self(pixel_values[:, None], aspect_ratio_ids[:, None], aspect_ratio_mask[:, None])[:, 0]
+        return features, aspect_ratio_mask.bool().repeat_interleave(self.tokens_per_tile, dim=-1)
 
 
 def llama_config(text_config: Any) -> Any:
@@ -126,19 +135,26 @@ def flamingo_config(hf_config: Any, source: str = "") -> FlamingoConfig:
         extra_token_rows=EXTRA_ROWS)
 
 
-def build_model(hf_config: Any, tokenizer: Any, source: str = "") -> Flamingo:
+def build_model(hf_config: Any, tokenizer: Any, source: str = "", unfreeze: UnfreezeConfig | None = None) -> Flamingo:
     """Our model for `hf_config` with random weights (load them with `load_state_dict`): a frozen
-    Llama 3.1 LM, transformers' Mllama vision model (frozen) and the bridge."""
+    Llama 3.1 LM, transformers' Mllama vision model (frozen) and the bridge. unfreeze: backbone
+    parts trained with the bridge (fine-tuning)."""
     from transformers import LlamaForCausalLM, MllamaVisionModel
 
     if hf_config.text_config.hidden_act != "silu":
         raise CheckpointError(f"Llama 3.2 Vision config: hidden_act {hf_config.text_config.hidden_act!r} "
                               f"(supported: 'silu')")
     config = flamingo_config(hf_config, source)
+    unfreeze = unfreeze or config.unfreeze
+    # The tower is set after the model is built (it takes the tile layout): unfrozen here, not by Flamingo.
+    config.unfreeze = UnfreezeConfig(vision=False, lm_blocks=list(unfreeze.lm_blocks))
     lm = LlamaForCausalLM(llama_config(hf_config.text_config))
     tower = MllamaVisionTower(MllamaVisionModel(hf_config.vision_config))
     model = Flamingo(config, lm, tokenizer, vision_feature_dim=tower.feature_dim)
     model.vision_encoder = tower  # frozen, called by `encode_images` (it needs the tile layout)
+    config.unfreeze = unfreeze
+    if unfreeze.vision:
+        model.unfrozen_backbone["vision_encoder"] = tower.requires_grad_(True)
     model.family = FAMILY  # the inference API runs such a model through this module
     return model
 
@@ -262,12 +278,8 @@ def encode_images(model: Flamingo, pixel_values: torch.Tensor, aspect_ratio_ids:
     [B, N, T*P, D] and their key mask [B, N, T*P] (False on padding tiles). Every slot is encoded,
     padding images included, as transformers does: tokens before a sample's first image attend
     to all of them."""
-    tower: MllamaVisionTower = model.vision_encoder
-    features = tower(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-    batch, slots = features.shape[:2]
-    tokens = model.perceiver(features.flatten(0, 1)[:, None].to(model.perceiver.latents.dtype))
-    key_mask = aspect_ratio_mask.bool().repeat_interleave(tower.tokens_per_tile, dim=-1)
-    return tokens.unflatten(0, (batch, slots)), key_mask
+    return model.encode_tiled_media(pixel_values, {"aspect_ratio_ids": aspect_ratio_ids,
+                                                   "aspect_ratio_mask": aspect_ratio_mask})
 
 
 def forward(model: Flamingo, input_ids: torch.Tensor, *, visual_tokens: torch.Tensor | None = None,
@@ -461,6 +473,14 @@ def build_shapes_only(hf_config: Any) -> Flamingo:
                                           eos_token="<|eot_id|>", pad_token="<unk>")
     with torch.device("meta"):
         return build_model(hf_config, placeholder)
+
+
+def stack_media(items: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Images as `MLLAMA.preprocess` gives them -> pixel_values [N, T, 3, H, W] and the vision inputs
+    aspect_ratio_ids [N] and aspect_ratio_mask [N, T] (`Flamingo.encode_tiled_media`)."""
+    return (torch.stack([item["pixel_values"] for item in items]),
+            {"aspect_ratio_ids": torch.stack([item["aspect_ratio_id"] for item in items]),
+             "aspect_ratio_mask": torch.stack([item["aspect_ratio_mask"] for item in items])})
 
 
 # ------------------------------------------------------------------ the generic code's interface
