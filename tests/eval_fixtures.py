@@ -75,6 +75,22 @@ def write_hateful_memes(root: Path, n: int = 16) -> dict:
     return {"test": {"annotations": "dev.jsonl", "media": "."}}
 
 
+def write_vqa_in_words(root: Path, train: int = 4, test: int = 2) -> dict:
+    """`write_vqa` with questions and answers in words of the family tests' tiny word-level
+    tokenizers ("t40 t41", "t70"), so that no token is unknown to them."""
+    out = write_vqa(root, train, test)
+    for split in ("train", "test"):
+        questions = json.loads((root / f"{split}_q.json").read_text())
+        for q in questions["questions"]:
+            q["question"] = f"t{40 + q['question_id'] % 20} t{41 + q['question_id'] % 20}"
+        (root / f"{split}_q.json").write_text(json.dumps(questions))
+        answers = json.loads((root / f"{split}_a.json").read_text())
+        for a in answers["annotations"]:
+            a["answers"] = [{"answer": f"t{70 + a['question_id'] % 20}"}] * 10
+        (root / f"{split}_a.json").write_text(json.dumps(answers))
+    return out
+
+
 def write_imagenet(root: Path, per_class_train: int = 3, per_class_test: int = 2) -> dict:
     names = {}
     out = {}

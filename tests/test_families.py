@@ -701,22 +701,84 @@ def test_flamingo_eval_runs_on_an_mllama_checkpoint(served, tmp_path, capsys, mo
     assert demos and all("<|eot_id|>" in text and "<|endofchunk|>" not in text for text in demos)
 
 
-def test_flamingo_finetune_of_a_converted_mllama_is_refused_naming_its_tiles(served, tmp_path):
-    """The training data builds our prompts and one square picture per image: a converted Llama 3.2
-    Vision model is refused before any step, naming the tiles it would need."""
+def vqa_finetune_config(tmp_path, base, **fields):
+    """A fine-tuning config over 4 tiny VQA records (words the tiny tokenizer knows), 3 steps of 2."""
     import eval_fixtures
     import yaml
-    from bad_input import run_cli
 
+    eval_fixtures.write_data_config(tmp_path / "data.yaml", {
+        "vqav2": (tmp_path / "vqa", eval_fixtures.write_vqa_in_words(tmp_path / "vqa", train=4, test=2))})
+    config = {"base": str(base), "task": "vqav2", "data": str(tmp_path / "data.yaml"), "batch_size": 2,
+              "train": {"steps": 3, "device": "cpu", "run_dir": str(tmp_path / "run"), "optim": {"lr": 1e-2},
+                        "logging": {"every": 1}}, **fields}
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "finetune.yaml"
+
+
+def test_mllama_finetuning_samples_are_its_processors_inputs_and_the_loss_is_the_references(family, served,
+                                                                                              tmp_path):
+    """A VQA record becomes exactly what MllamaProcessor builds for its demo text and image (BOS after
+    the image, aspect-ratio tiles), the loss on the answer and <|eot_id|> only; a batch's training loss
+    equals MllamaForConditionalGeneration's loss with the same labels."""
+    from flamingo.data.batch import collate
+    from flamingo.data.benchmarks.media import read_media
+    from flamingo.model.families.convert import convert_family
+    from flamingo.training.data import build_sources
+    from flamingo.training.finetune import load_finetune_config
+
+    _, reference, _ = family
+    directory, model = served
+    converted = convert_family(directory, tmp_path / "ours")
+    path = vqa_finetune_config(tmp_path, converted)
+    source = build_sources(load_finetune_config(path).train_config(converted), model)["vqav2"]
+    processor = chat_processor()
+    samples, texts, images = [], [], []
+    for record in source.samples[:2]:
+        samples.append(source.build(record, np.random.default_rng(0)))
+        texts.append(f"<|image|>{source.task.query_text(record)} {source.task.demo_answer(record)}<|eot_id|>")
+        images.append(read_media(record, False, source.sampling))
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    batch = collate(samples, source.pad_token_id)
+    assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.attention_mask,
+                                                                             inputs["attention_mask"])
+    assert torch.equal(batch.pixel_values, inputs["pixel_values"])
+    assert torch.equal(batch.vision_inputs["aspect_ratio_ids"], inputs["aspect_ratio_ids"])
+    assert torch.equal(batch.vision_inputs["aspect_ratio_mask"], inputs["aspect_ratio_mask"])
+    assert inputs["input_ids"][0, :2].tolist() == [VOCAB, 1]  # <|image|> then BOS
+    answer = model.tokenizer(f" {source.task.demo_answer(source.samples[0])}", add_special_tokens=False)["input_ids"]
+    assert samples[0].labels[samples[0].labels != -100].tolist() == answer + [model.eoc_token_id]
+    with torch.no_grad():
+        ours = model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
+                     num_media=batch.num_media, labels=batch.labels, vision_inputs=batch.vision_inputs).loss
+        theirs = reference(**inputs, labels=batch.labels).loss
+    assert abs(float(ours) - float(theirs)) <= TOLERANCE
+
+
+def test_flamingo_finetune_of_a_converted_mllama_trains_its_cross_attention_and_what_unfreeze_names(served,
+                                                                                                   tmp_path):
+    """flamingo finetune from a converted tiny Llama 3.2 Vision, LM block 0 unfrozen: the final model
+    loads (its frozen backbones linked from the base's) and generates; the cross-attention layers,
+    the projector and block 0 changed, every other tensor is bit-identical to the base's; its
+    WiSE-FT model at 0.5 loads too and holds the halfway point of every tensor."""
+    from flamingo.cli import main
     from flamingo.model.families.convert import convert_family
 
     directory, _ = served
     converted = convert_family(directory, tmp_path / "ours")
-    eval_fixtures.write_data_config(tmp_path / "data.yaml", {
-        "vqav2": (tmp_path / "vqa", eval_fixtures.write_vqa(tmp_path / "vqa", train=4, test=2))})
-    config = {"base": str(converted), "task": "vqav2", "data": str(tmp_path / "data.yaml"), "batch_size": 2,
-              "train": {"steps": 2, "device": "cpu", "run_dir": str(tmp_path / "run")}}
-    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(config))
-    run_cli(["finetune", str(tmp_path / "finetune.yaml")], watch=[converted],
-            expect=["training a Llama 3.2 Vision", "not supported", "aspect-ratio tiles"])
-    assert not (tmp_path / "run" / "final").exists()
+    path = vqa_finetune_config(tmp_path, converted, unfreeze={"vision": False, "lm_blocks": [0]}, wise_alpha=[0.5])
+    assert main(["finetune", str(path)]) in (0, None)
+    final = tmp_path / "run" / "final"
+    base, tuned = load_model(converted), load_model(final)
+    mixed = load_model(tmp_path / "run" / "wise-ft-0.5").state_dict()
+    assert tuned.family == mllama.FAMILY and tuned.config.unfreeze.lm_blocks == [0]
+    before, after = base.state_dict(), tuned.state_dict()
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    bridge = {name for name, param in base.named_parameters() if param.requires_grad}
+    block0 = {name for name in before if name.startswith("lm.model.layers.0.")}
+    assert block0 and changed <= bridge | block0 and block0 <= changed
+    assert {name for name in bridge if ".cross_attn." in name} <= changed
+    for name in before:  # WiSE-FT: the halfway point of every tensor
+        assert torch.allclose(mixed[name], (before[name] + after[name]) / 2, atol=1e-6), name
+    text, pictures = ENGINE_REQUESTS[4]
+    assert isinstance(engine_reference(tuned, text, pictures, max_new_tokens=4), str)

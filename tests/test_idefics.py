@@ -701,27 +701,107 @@ def test_the_engine_over_a_base_idefics_continues_a_prefix_after_its_end_of_sequ
         assert float((torch.tensor(plain) - expected).abs().max()) <= TOLERANCE
 
 
-def test_training_a_converted_idefics_is_refused_naming_its_prompt_format(saved, tmp_path):
-    """The training data writes a bare <image> per image, not IDEFICS's fake tokens around it:
-    flamingo finetune refuses a converted IDEFICS before building it, and so does the training data
-    for an IDEFICS model handed to the trainer."""
+def vqa_train_config(tmp_path, converted, **model_fields):
+    """A training config (`flamingo train`) from the converted model (its config.yaml as the model section,
+    with `model_fields`) on 4 tiny VQA records (words the tiny tokenizer knows): 3 steps of 2."""
     import eval_fixtures
+    import yaml
+
+    eval_fixtures.write_data_config(tmp_path / "data.yaml", {
+        "vqav2": (tmp_path / "vqa", eval_fixtures.write_vqa_in_words(tmp_path / "vqa", train=4, test=2))})
+    model = {**yaml.safe_load((converted / "config.yaml").read_text()), **model_fields}
+    config = {"model": model, "init_from": str(converted), "steps": 3, "device": "cpu", "optim": {"lr": 1e-2},
+              "run_dir": str(tmp_path / "run"), "logging": {"every": 1},
+              "datasets": [{"name": "vqa", "kind": "task", "task": "vqav2", "data": str(tmp_path / "data.yaml"),
+                            "batch_size": 2}]}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "train.yaml"
+
+
+def test_idefics_training_samples_are_its_processors_inputs_and_the_loss_is_the_references(family, saved,
+                                                                                            tmp_path):
+    """A VQA record becomes exactly what IdeficsProcessor builds for its demo text and image (BOS, the
+    fake tokens around <image>, its pixels), the loss on the answer and <end_of_utterance> only; a
+    batch's training loss equals the NLL of IdeficsForVisionText2Text's logits under the same labels
+    (its own `labels=` loss fails: it views the [V + 3]-wide logits as V wide, a RuntimeError in
+    transformers 5.24; so the NLL is computed here from its logits)."""
+    from flamingo.data.batch import collate
+    from flamingo.data.benchmarks.media import read_media
+    from flamingo.model.families.convert import convert_family
+    from flamingo.training.config import load_train_config
+    from flamingo.training.data import build_sources
+
+    processor, reference, _ = family
+    model = load_model(saved)
+    path = vqa_train_config(tmp_path, convert_family(saved, tmp_path / "ours"))
+    source = build_sources(load_train_config(path), model)["vqa"]
+    samples, items = [], []
+    for record in source.samples[:2]:
+        samples.append(source.build(record, np.random.default_rng(0)))
+        answer = f"{source.task.query_text(record)} {source.task.demo_answer(record)}<end_of_utterance>"
+        items.append([*read_media(record, False, source.sampling), answer])
+    inputs = processor(text=items, return_tensors="pt")
+    batch = collate(samples, source.pad_token_id)
+    assert inputs["input_ids"][0, :4].tolist() == [1, FAKE, IMAGE, FAKE]
+    assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.attention_mask,
+                                                                             inputs["attention_mask"])
+    assert torch.equal(batch.pixel_values[:, :, 0], inputs["pixel_values"]) and not batch.vision_inputs
+    answer = model.tokenizer(f" {source.task.demo_answer(source.samples[0])}", add_special_tokens=False)["input_ids"]
+    assert samples[0].labels[samples[0].labels != -100].tolist() == answer + [END_OF_UTTERANCE]
+    with torch.no_grad():
+        ours = model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
+                     num_media=batch.num_media, labels=batch.labels).loss
+        logits = reference(**inputs).logits
+    theirs = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten())
+    assert abs(float(ours) - float(theirs)) <= TOLERANCE
+
+
+def test_flamingo_train_from_a_converted_idefics_trains_its_cross_attention_and_what_unfreeze_names(saved,
+                                                                                                   tmp_path):
+    """flamingo train with the converted model's config.yaml as its model section (the vision tower
+    unfrozen) and the converted directory as init_from: the final model loads and generates; the
+    bridge and the CLIP tower changed, the LLaMA is bit-identical to the base's."""
+    from flamingo.cli import main
+    from flamingo.model.families.convert import convert_family
+
+    converted = convert_family(saved, tmp_path / "ours")
+    path = vqa_train_config(tmp_path, converted, unfreeze={"vision": True, "lm_blocks": []})
+    assert main(["train", str(path)]) in (0, None)
+    base, tuned = load_model(converted), load_model(tmp_path / "run" / "final")
+    assert tuned.family == idefics.FAMILY and tuned.config.unfreeze.vision
+    before, after = base.state_dict(), tuned.state_dict()
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    bridge = {name for name, param in base.named_parameters() if param.requires_grad}
+    tower = {name for name in before if name.startswith("vision_encoder.")}
+    assert changed <= bridge | tower and changed & tower
+    assert {name for name in bridge if ".cross_attn." in name} <= changed
+    text, pictures = ENGINE_REQUESTS[2]
+    assert isinstance(engine_reference(tuned, text, pictures, 4), str)
+
+
+def test_training_a_converted_idefics_on_data_in_our_prompt_format_is_refused(saved, tmp_path):
+    """Only kind: task datasets write IDEFICS's inputs: flamingo train with a synthetic dataset is
+    refused before any step, naming the dataset and the format the model needs; so is building that
+    dataset for an IDEFICS model, and a model section that is not the converted model's."""
     import yaml
     from bad_input import run_cli
 
     from flamingo.model.families.convert import convert_family
+    from flamingo.training.config import load_train_config
     from flamingo.training.data import build_sources
-    from flamingo.training.finetune import load_finetune_config
 
     converted = convert_family(saved, tmp_path / "ours")
-    eval_fixtures.write_data_config(tmp_path / "data.yaml", {
-        "vqav2": (tmp_path / "vqa", eval_fixtures.write_vqa(tmp_path / "vqa", train=4, test=2))})
-    config = {"base": str(converted), "task": "vqav2", "data": str(tmp_path / "data.yaml"), "batch_size": 2,
-              "train": {"steps": 2, "device": "cpu", "run_dir": str(tmp_path / "run")}}
-    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(config))
-    expect = ["training a IDEFICS", "not supported", "<fake_token_around_image><image>"]
-    run_cli(["finetune", str(tmp_path / "finetune.yaml")], watch=[converted], expect=expect)
+    path = vqa_train_config(tmp_path, converted)
+    config = yaml.safe_load(path.read_text())
+    config["datasets"].append({"name": "shapes", "kind": "synthetic_shapes", "batch_size": 2})
+    path.write_text(yaml.safe_dump(config))
+    expect = ["training a IDEFICS", "'shapes' (kind synthetic_shapes)", "<fake_token_around_image><image>"]
+    run_cli(["train", str(path)], watch=[converted], expect=expect)
     assert not (tmp_path / "run" / "final").exists()
-    train_config = load_finetune_config(tmp_path / "finetune.yaml").train_config(converted)
     with pytest.raises(UserError, match="<fake_token_around_image><image><fake_token_around_image>"):
-        build_sources(train_config, load_model(saved))
+        build_sources(load_train_config(path), load_model(saved))
+    config["datasets"].pop()
+    config["model"]["cross_attention"]["every"] = 1
+    path.write_text(yaml.safe_dump(config))
+    run_cli(["train", str(path)], watch=[converted], expect=["cross_attention differ", "only unfreeze may change"])

@@ -5,7 +5,15 @@ sample written exactly as a demo of the few-shot prompt:
     [BOS] <image>Question: {question} Answer: {answer}<|endofchunk|>
 
 with the loss on " {answer}<|endofchunk|>" only (see `flamingo.training.finetune`, which trains on
-it).
+it). For a model of another family (`flamingo.model.families`) the same demo text, in its media and
+end-of-chunk tokens, becomes exactly what its processor builds for it (`MediaFamily.tokenize` and
+`preprocess`, as its few-shot prompts at evaluation), e.g.
+
+    Llama 3.2 Vision: <|image|><|begin_of_text|>Question: {question} Answer: {answer}<|eot_id|>
+    IDEFICS:          <s><fake_token_around_image><image><fake_token_around_image>Question: ...
+
+over the image's aspect-ratio tiles (Llama 3.2 Vision) or its processor's pixels (IDEFICS); the loss
+on the tokens after the query's, never on a media or special token but the end of chunk.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from flamingo.data.media import SkipSample
 from flamingo.data.processing import Outcome
 from flamingo.data.synthetic import InMemorySource
 from flamingo.model.config import ConfigError
+from flamingo.model.families import FAMILIES, media_family, training_media
 
 TASK_OPTIONS = ("task", "data", "max_tokens", "video_frames", "video_fps")
 # Samples tried in place of one that cannot be used (unreadable media, too long) before giving up.
@@ -44,7 +53,7 @@ class TaskSource(InMemorySource):
     def __init__(self, name: str, tokenizer: Any, media_token_id: int, eoc_token_id: int, image_processor: Any,
                  batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, *, task: str,
                  data: str, max_tokens: int = 512, video_frames: int = 8,
-                 video_fps: float = 1.0) -> None:
+                 video_fps: float = 1.0, family_model: Any = None) -> None:
         super().__init__(name, tokenizer, batch_size, seed, rank, world_size)
         where = f"dataset {name!r}"
         self.task = get_task(task)
@@ -55,6 +64,10 @@ class TaskSource(InMemorySource):
         if not (isinstance(video_frames, int) and video_frames >= 1 and video_fps > 0):
             raise ConfigError(f"{where}: video_frames / video_fps: expected an integer >= 1 and a number > 0, "
                               f"got {video_frames!r} / {video_fps!r}")
+        self.family_model = family_model  # a model of another family: samples in its processor's format
+        if family_model is not None and self.task.video:
+            raise ConfigError(f"{where}: task {task!r} is a video task, and a {FAMILIES[family_model.family]} "
+                              f"model takes images only")
         paths = load_data_config(data).task(task).train
         if paths is None:
             raise ConfigError(f"{data}: tasks.{task} has no train split to fine-tune on")
@@ -83,6 +96,8 @@ class TaskSource(InMemorySource):
 
     def build(self, sample: Any, rng: np.random.Generator) -> TrainingSample:
         """One evaluation sample as a training sample; raises SkipSample."""
+        if self.family_model is not None:
+            return self._build_for_family(sample, rng)
         query = self._text_ids(self.task.query_text(sample))
         answer = self._text_ids(" " + self._answer(sample, rng)) + [self.eoc_token_id]
         head = [*self.prefix, self.media_token_id, *query]
@@ -95,6 +110,28 @@ class TaskSource(InMemorySource):
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[len(head):] = input_ids[len(head):]
         return TrainingSample(input_ids, labels, pixels, attend_next=False, dataset=self.name)
+
+    def _build_for_family(self, sample: Any, rng: np.random.Generator) -> TrainingSample:
+        """`build` for a model of another family (module docstring); raises SkipSample."""
+        model = self.family_model
+        family = media_family(model)
+        head = model.config.media_token + self.task.query_text(sample)
+        ids = family.tokenize(model, f"{head} {self._answer(sample, rng)}{model.config.end_of_chunk_token}", True)
+        if len(ids) > self.max_tokens:
+            raise SkipSample("too_long", f"sample {sample.id}: {len(ids)} tokens > max_tokens {self.max_tokens}")
+        if ids.count(self.media_token_id) != 1:
+            raise SkipSample("media_token_in_text", f"sample {sample.id}: its text holds {model.config.media_token}")
+        query = family.tokenize(model, head, True)
+        start = next((i for i, (a, b) in enumerate(zip(ids, query)) if a != b), min(len(ids), len(query)))
+        frames = read_media(sample, self.task.video, self.sampling)
+        pixels, vision_inputs = training_media(model, [family.preprocess(model, frames)])
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        no_loss = torch.tensor(sorted(set(self.tokenizer.all_special_ids) - {self.eoc_token_id}), dtype=torch.long)
+        labels = input_ids.masked_fill(torch.isin(input_ids, no_loss) | (input_ids == self.media_token_id),
+                                       IGNORE_INDEX)
+        labels[:start] = IGNORE_INDEX
+        return TrainingSample(input_ids, labels, pixels, attend_next=False, dataset=self.name,
+                              vision_inputs=vision_inputs)
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch_order[0] != epoch:
@@ -119,7 +156,8 @@ class TaskSource(InMemorySource):
 
 
 def task_source(spec: Any, model: Any, image_processor: Any, seed: int, rank: int, world_size: int) -> TaskSource:
-    """The `kind: task` dataset of a training config (see `flamingo.training.data`)."""
+    """The `kind: task` dataset of a training config (see `flamingo.training.data`); for a model of
+    another family (`model.family`) in its processor's format (image_processor unused)."""
     unknown = sorted(set(spec.options) - set(TASK_OPTIONS))
     missing = [k for k in ("task", "data") if k not in spec.options]
     if unknown or missing:
@@ -127,4 +165,5 @@ def task_source(spec: Any, model: Any, image_processor: Any, seed: int, rank: in
                           f"expected name, kind, weight, batch_size, {', '.join(TASK_OPTIONS)} (task and data "
                           f"required)")
     return TaskSource(spec.name, model.tokenizer, model.media_token_id, model.eoc_token_id, image_processor,
-                      spec.batch_size, seed=seed, rank=rank, world_size=world_size, **spec.options)
+                      spec.batch_size, seed=seed, rank=rank, world_size=world_size,
+                      family_model=model if getattr(model, "family", None) else None, **spec.options)

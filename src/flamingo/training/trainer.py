@@ -41,8 +41,8 @@ import torch
 from flamingo.config_io import short
 from flamingo.data.batch import Batch
 from flamingo.errors import UserError
-from flamingo.model.config import ConfigError
-from flamingo.model.families import converted_family
+from flamingo.model.config import ConfigError, FlamingoConfig
+from flamingo.model.families import FAMILIES, converted_family, copy_family_files, load_converted
 from flamingo.model.flamingo import Flamingo
 from flamingo.model.lora import (
     apply_lora,
@@ -147,9 +147,15 @@ class Trainer:
             check_writable(folder, where, folder=True)  # now, not after building the model
         resume_from = self._resolve_resume(resume)
 
-        if config.init_from:  # a converted family model: refused before it is built (its data is not ours)
-            check_family(converted_family(config.init_from))
-        if model is None:
+        # A converted model of another family (flamingo convert) is built from its directory, and its
+        # frozen backbones go with the final model (`save_final`).
+        self.family_base = Path(config.init_from) if config.init_from and converted_family(config.init_from) \
+            else None
+        check_family(converted_family(self.family_base) if self.family_base else getattr(model, "family", None),
+                     config)  # before the model is built
+        if model is None and self.family_base is not None:
+            model = converted_model(config)
+        elif model is None:
             from flamingo.model.weights import build_flamingo
 
             torch.manual_seed(config.seed)  # the same fresh bridge on every rank
@@ -311,7 +317,7 @@ class Trainer:
                         # The summed NLL of the labelled tokens, without materialising their logits.
                         nll = self.module(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
                                           num_media=batch.num_media, attend_next=batch.attend_next,
-                                          labels=batch.labels).nll_sum
+                                          labels=batch.labels, vision_inputs=batch.vision_inputs or None).nll_sum
                     (nll * scale).backward()
                 nll_sums[j] += float(nll.detach())
         sync_replicated_grads(unwrap(self.module), rt)
@@ -576,6 +582,8 @@ class Trainer:
             with staging_dir(final) as staged:
                 self._write_model(model, staged, tensors, adapters, {**(self.provenance or {}),
                                                                       "training": self._training_record()})
+                if self.family_base is not None:  # its frozen backbones: the base's, linked (not in checkpoints,
+                    copy_family_files(self.family_base, staged)  # which resume on the base)
                 publish(staged, final)
         barrier(self.runtime)
         return final
@@ -592,6 +600,27 @@ class Trainer:
 
     def close(self) -> None:
         shutdown(self.runtime)
+
+
+def converted_model(config: TrainConfig) -> Flamingo:
+    """The converted family model at `config.init_from` (`flamingo convert`), with the backbone parts
+    `config.model.unfreeze` names trainable; the model section must describe it (its architecture is
+    its checkpoint's: only `unfreeze` may differ)."""
+    def architecture(model_config: FlamingoConfig) -> dict[str, Any]:
+        return {k: v for k, v in model_config.to_dict().items() if k != "unfreeze"}
+
+    from flamingo.model.weights import directory_config
+
+    model = load_converted(config.init_from, unfreeze=config.model.unfreeze,
+                           source=directory_config(config.init_from).lm.name_or_path)
+    ours, given = architecture(model.config), architecture(config.model)
+    differ = sorted(k for k in set(ours) | set(given) if ours.get(k) != given.get(k))
+    if differ:
+        raise ConfigError(f"model: {', '.join(differ)} differ(s) from the converted "
+                          f"{FAMILIES.get(model.family, model.family)} model at init_from {config.init_from}, "
+                          f"whose architecture is its checkpoint's (only unfreeze may change): give its "
+                          f"config.yaml as the model section")
+    return model
 
 
 def train(config: TrainConfig, *, resume: str | Path | None = None, model: Flamingo | None = None,

@@ -24,6 +24,7 @@ import torch
 from flamingo.config_io import short
 from flamingo.errors import UserError
 from flamingo.model.config import FlamingoConfig, UnfreezeConfig
+from flamingo.model.families import converted_family, copy_family_files, load_converted
 from flamingo.model.lora import copy_adapters, has_adapters
 from flamingo.model.weights import (
     CONFIG_FILE,
@@ -113,8 +114,13 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
     union = copy.deepcopy(ft_config)
     union.unfreeze = UnfreezeConfig(zs_config.unfreeze.vision or ft_config.unfreeze.vision,
                                     sorted(set(zs_config.unfreeze.lm_blocks) | set(ft_config.unfreeze.lm_blocks)))
-    # The pretrained backbones: the value of a part that the other model kept frozen.
-    model = build_flamingo(union, trust_remote_code=trust_remote_code)
+    # The pretrained backbones: the value of a part that the other model kept frozen (a converted
+    # family model's come with it, and go with the output: flamingo.model.families).
+    family_base = zero_shot_dir if converted_family(zero_shot_dir) else None
+    if family_base is not None:
+        model = load_converted(family_base, unfreeze=union.unfreeze, source=union.lm.name_or_path)
+    else:
+        model = build_flamingo(union, trust_remote_code=trust_remote_code)
     pretrained = {k: v.detach() for k, v in model.trainable_state_dict().items()}
     backbone = model.unfrozen_backbone_names()
     endpoints = [_endpoint(directory, tensors, pretrained, backbone)
@@ -135,6 +141,8 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
         write_model_files(staged, mixed, config, provenance)
         if has_adapters(fine_tuned_dir) and alpha > 0:  # the adapted layers' weights, interpolated
             copy_adapters(fine_tuned_dir, staged, scale=alpha)
+        if family_base is not None:
+            copy_family_files(family_base, staged)
         publish(staged, out_dir)
     return out_dir
 
