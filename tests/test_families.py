@@ -782,3 +782,22 @@ def test_flamingo_finetune_of_a_converted_mllama_trains_its_cross_attention_and_
         assert torch.allclose(mixed[name], (before[name] + after[name]) / 2, atol=1e-6), name
     text, pictures = ENGINE_REQUESTS[4]
     assert isinstance(engine_reference(tuned, text, pictures, max_new_tokens=4), str)
+
+
+def test_flamingo_finetune_of_an_unconverted_mllama_checkpoint_or_with_an_image_size_is_refused(served, tmp_path):
+    """The base must be the converted directory (a transformers checkpoint is named, with the command that
+    converts it), and its images are sized by its own processor (image_size is refused)."""
+    import yaml
+    from bad_input import run_cli
+
+    from flamingo.model.families.convert import convert_family
+
+    directory, _ = served
+    path = vqa_finetune_config(tmp_path, directory)
+    run_cli(["finetune", str(path)], watch=[directory],
+            expect=["Llama 3.2 Vision (MllamaForConditionalGeneration) checkpoint", "flamingo convert"])
+    converted = convert_family(directory, tmp_path / "ours")
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**config, "base": str(converted), "image_size": 56}))
+    run_cli(["finetune", str(path)], watch=[converted], expect=["image_size", "its own image processor"])
+    assert not (tmp_path / "run").exists()

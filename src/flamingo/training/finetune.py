@@ -50,6 +50,7 @@ from typing import Any
 from flamingo.config_io import field_checker, fields_from_dict
 from flamingo.data.benchmarks.tasks import get_task
 from flamingo.model.config import ConfigError, FlamingoConfig, UnfreezeConfig
+from flamingo.model.families import FAMILIES, converted_family, family_of
 from flamingo.model.vision import MAX_IMAGE_SIZE
 from flamingo.training.config import TrainConfig, apply_override, read_yaml_mapping
 
@@ -98,6 +99,10 @@ class FinetuneConfig:
 
         config = directory_config(base_dir)
         config.unfreeze = UnfreezeConfig(self.unfreeze.vision, list(self.unfreeze.lm_blocks))
+        family = converted_family(base_dir)
+        if self.image_size is not None and family is not None:
+            raise ConfigError(f"image_size: {self.image_size}, but the base is a {FAMILIES.get(family, family)} "
+                              f"model, whose images are sized by its own image processor: leave image_size null")
         if self.image_size is not None:
             config.vision.image_size = self.image_size
         config.validate()
@@ -141,10 +146,15 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None,
     """Fine-tune as `config` says (or resume); returns the `TrainResult` and the WiSE-FT model
     directories written after training (RUN_DIR/wise-ft-<alpha>, one per `wise_alpha`, replaced
     when the run is resumed). `trust_remote_code`: see `flamingo.model.weights.build_flamingo`."""
-    from flamingo.model.weights import model_directory
+    from flamingo.model.weights import CONFIG_FILE, model_directory
     from flamingo.training.trainer import train
     from flamingo.training.wise_ft import wise_ft
 
+    base = Path(config.base)
+    if base.is_dir() and not (base / CONFIG_FILE).is_file() and family_of(base):
+        raise ConfigError(f"base: {config.base} is a {FAMILIES.get(family_of(base))} checkpoint as transformers saves "
+                          f"it; fine-tuning starts from our model directory of it, written once: flamingo convert "
+                          f"{config.base} OUT, then base: OUT")
     base_dir = model_directory(config.base)
     result = train(config.train_config(base_dir), resume=resume, trust_remote_code=trust_remote_code,
                    base_spec=config.base)
