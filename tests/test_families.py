@@ -715,6 +715,28 @@ def vqa_finetune_config(tmp_path, base, **fields):
     return tmp_path / "finetune.yaml"
 
 
+def test_mllama_training_loss_on_a_padded_multi_image_batch_equals_the_references(family):
+    """Flamingo.forward(labels, vision_inputs): multi-tile images, 2 and 1 images per sample (a padding
+    slot, not encoded: no token sees it), loss on text only: the reference's loss within 1e-5, and a
+    gradient reaches the cross-attention layers only through the trainable tensors."""
+    processor, reference, model = family
+    inputs = processor(text=["<|image|> t5 t6 <|image|><|image|> t7 t8", "<|image|> t9 t10 t11"],
+                       images=[[image(30, 100, 28), image(31, 30, 30), image(32, 56, 56)], [image(33, 28, 90)]],
+                       padding=True, return_tensors="pt")
+    ids = inputs["input_ids"]
+    labels = ids.masked_fill((inputs["attention_mask"] == 0) | (ids == VOCAB), -100)
+    vision_inputs = {k: inputs[k] for k in ("aspect_ratio_ids", "aspect_ratio_mask")}
+    out = model(ids, inputs["pixel_values"], attention_mask=inputs["attention_mask"], labels=labels,
+                num_media=(ids == VOCAB).sum(1), vision_inputs=vision_inputs)
+    with torch.no_grad():
+        theirs = reference(**inputs, labels=labels).loss
+    assert abs(float(out.loss.detach()) - float(theirs)) <= TOLERANCE
+    out.loss.backward()
+    assert all(param.grad is None for param in model.parameters() if not param.requires_grad)
+    assert all(block.attn.to_q.weight.grad is not None for block in model.cross_attn_layers.values())
+    model.zero_grad(set_to_none=True)
+
+
 def test_mllama_finetuning_samples_are_its_processors_inputs_and_the_loss_is_the_references(family, served,
                                                                                               tmp_path):
     """A VQA record becomes exactly what MllamaProcessor builds for its demo text and image (BOS after
