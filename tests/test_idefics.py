@@ -780,6 +780,29 @@ def test_flamingo_train_from_a_converted_idefics_trains_its_cross_attention_and_
     assert isinstance(engine_reference(tuned, text, pictures, 4), str)
 
 
+def test_training_a_converted_idefics_resumes_exactly_from_a_mid_run_checkpoint(saved, tmp_path):
+    """4 steps in one go, and 2 then 2 more resumed from the step-2 checkpoint (the model rebuilt from
+    the converted base, its trained tensors from the checkpoint): the same final tensors, bit for bit."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from flamingo.model.families.convert import convert_family
+    from flamingo.training.config import load_train_config
+    from flamingo.training.trainer import train
+
+    path = vqa_train_config(tmp_path, convert_family(saved, tmp_path / "ours"))
+    config = yaml.safe_load(path.read_text())
+    runs = []
+    for name in ("full", "resumed"):
+        path.write_text(yaml.safe_dump({**config, "steps": 4, "run_dir": str(tmp_path / name),
+                                        "checkpoint": {"every": 2, "keep": 5}}))
+        resume = tmp_path / "full" / "checkpoints" / "step-00000002" if name == "resumed" else None
+        runs.append(train(load_train_config(path), resume=resume))
+    assert runs[1].step == 4 and len(runs[1].history) == 2
+    a, b = (load_file(str(run.final_dir / "bridge.safetensors")) for run in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_training_a_converted_idefics_on_data_in_our_prompt_format_is_refused(saved, tmp_path):
     """Only kind: task datasets write IDEFICS's inputs: flamingo train with a synthetic dataset is
     refused before any step, naming the dataset and the format the model needs; so is building that
