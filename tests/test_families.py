@@ -735,6 +735,8 @@ def test_mllama_training_loss_on_a_padded_multi_image_batch_equals_the_reference
     assert all(param.grad is None for param in model.parameters() if not param.requires_grad)
     assert all(block.attn.to_q.weight.grad is not None for block in model.cross_attn_layers.values())
     model.zero_grad(set_to_none=True)
+    with pytest.raises(UserError, match="give vision_inputs"):  # its tiles without their layout
+        model(ids, inputs["pixel_values"], labels=labels, num_media=(ids == VOCAB).sum(1))
 
 
 def test_mllama_finetuning_samples_are_its_processors_inputs_and_the_loss_is_the_references(family, served,

@@ -315,6 +315,8 @@ class Flamingo(nn.Module):
         aspect_ratio_mask [B, N, T]): pixel_values [B, N, T, 3, H, W] -> visual tokens [B, N, R, D]
         and their key mask [B, N, R] (False on padding tiles). With num_media [B] only the real slots
         are encoded (padding slots: zero tokens, masked); without, every slot, as transformers does."""
+        if not hasattr(self.vision_encoder, "tile_features"):
+            raise FlamingoInputError("vision_inputs given, but this model's vision encoder takes no tile layout")
         batch, slots = pixel_values.shape[:2]
         real = self._real_media_mask(num_media, batch, slots, pixel_values.device)
         dtype = self.perceiver.latents.dtype
@@ -381,6 +383,9 @@ class Flamingo(nn.Module):
             if pixel_values is None:
                 raise FlamingoInputError("vision_inputs given without pixel_values")
             visual_tokens, key_mask = self.encode_tiled_media(pixel_values, vision_inputs, num_media=num_media)
+        elif pixel_values is not None and hasattr(self.vision_encoder, "tile_features"):
+            raise FlamingoInputError("this model's vision encoder takes each image's tile layout beside its pixels: "
+                                     "give vision_inputs (Llama 3.2 Vision: aspect_ratio_ids, aspect_ratio_mask)")
         elif pixel_values is not None or vision_features is not None:
             visual_tokens = self.encode_media(pixel_values, vision_features=vision_features, num_media=num_media)
         media = self.media_context(input_ids, visual_tokens, num_media=num_media, attend_next=attend_next,
