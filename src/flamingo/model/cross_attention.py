@@ -170,19 +170,21 @@ class MaskedCrossAttention(nn.Module):
         q = self.to_q(self.norm(hidden)).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        rows, media_rows = q.shape[0], keys.shape[0]
-        if rows != media_rows:
-            # Consecutive rows share one row of visual tokens (beams, candidate completions):
-            # fold them into the query axis instead of copying keys/values per row.
-            share, length = rows // media_rows, q.shape[2]
-            q = q.unflatten(0, (media_rows, share)).transpose(1, 2).flatten(2, 3)
-            mask = mask.reshape(media_rows, 1, share * length, -1)
-        if self.kv_heads != self.heads:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        if rows != media_rows:
-            out = out.unflatten(2, (share, length)).transpose(1, 2).flatten(0, 1)
+        rows, media_rows, length = q.shape[0], keys.shape[0], q.shape[2]
+        share, group = rows // media_rows, self.heads // self.kv_heads
+        if share > 1 or group > 1:
+            # Consecutive rows that share one row of visual tokens (beams, candidate completions)
+            # and the query heads that share one key/value head (grouped-query attention) are
+            # folded into the query axis, [rows, heads, L] -> [media rows, kv heads, (share, group, L)],
+            # so that keys/values are read once, never copied per row or head (decoding is bound
+            # by reading them).
+            q = q.unflatten(0, (media_rows, share)).unflatten(2, (self.kv_heads, group))
+            q = q.permute(0, 2, 1, 3, 4, 5).flatten(2, 4)
+            mask = mask.reshape(media_rows, 1, share, 1, length, -1).expand(-1, -1, -1, group, -1, -1)
+            mask = mask.reshape(media_rows, 1, share * group * length, -1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if share > 1 or group > 1:
+            out = out.unflatten(2, (share, group, length)).permute(0, 2, 1, 3, 4, 5).flatten(0, 1).flatten(1, 2)
         if self.zero_without_media:
             out = out * has_media[:, None, :, None].to(out.dtype)  # no image before a token: exactly 0
         return self.to_out(out.transpose(1, 2).flatten(2))
