@@ -756,6 +756,23 @@ def test_idefics_training_samples_are_its_processors_inputs_and_the_loss_is_the_
     assert abs(float(ours) - float(theirs)) <= TOLERANCE
 
 
+def test_idefics_training_loss_on_a_padded_multi_image_batch_equals_the_references(family):
+    """Flamingo.forward(labels): 2, 0 and 1 images per sample, text before the first image, an end of
+    sequence between documents, loss on text only: the NLL of the reference's logits within 1e-5."""
+    processor, reference, model = family
+    inputs = processor(text=[["t9", image(40, 30, 60), "t5 t6", image(41, 60, 30), "t7 </s> t8 t9"], ["t8 t9 t10"],
+                             ["t11", image(42, 28, 28), "t12 t13"]], return_tensors="pt")
+    ids = inputs["input_ids"]
+    labels = ids.masked_fill((inputs["attention_mask"] == 0) | (ids == IMAGE) | (ids == FAKE), -100)
+    counts = (ids == IMAGE).sum(1)
+    with torch.no_grad():
+        ours = model(ids, inputs["pixel_values"][:, :, None], attention_mask=inputs["attention_mask"], labels=labels,
+                     num_media=counts).loss
+        logits = reference(**inputs).logits
+    theirs = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert abs(float(ours) - float(theirs)) <= TOLERANCE
+
+
 def test_flamingo_train_from_a_converted_idefics_trains_its_cross_attention_and_what_unfreeze_names(saved,
                                                                                                    tmp_path):
     """flamingo train with the converted model's config.yaml as its model section (the vision tower
