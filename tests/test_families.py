@@ -808,6 +808,24 @@ def test_flamingo_finetune_of_a_converted_mllama_trains_its_cross_attention_and_
     assert isinstance(engine_reference(tuned, text, pictures, max_new_tokens=4), str)
 
 
+def test_a_lora_finetune_of_a_converted_mllama_loads_with_its_adapters_merged(served, tmp_path):
+    """LoRA adapters on the frozen Llama's q_proj / v_proj train beside the bridge; the final model
+    loads (family/ linked, adapters folded in): only those projections and the bridge differ from the base."""
+    from flamingo.cli import main
+    from flamingo.model.families.convert import convert_family
+
+    directory, _ = served
+    converted = convert_family(directory, tmp_path / "ours")
+    path = vqa_finetune_config(tmp_path, converted, lora={"rank": 4, "targets": ["q_proj", "v_proj"]})
+    assert main(["finetune", str(path)]) in (0, None)
+    base, tuned = load_model(converted), load_model(tmp_path / "run" / "final")
+    before, after = base.state_dict(), tuned.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    bridge = {name for name, param in base.named_parameters() if param.requires_grad}
+    adapted = changed - bridge
+    assert adapted and all(name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")) for name in adapted)
+
+
 def test_flamingo_finetune_of_an_unconverted_mllama_checkpoint_or_with_an_image_size_is_refused(served, tmp_path):
     """The base must be the converted directory (a transformers checkpoint is named, with the command that
     converts it), and its images are sized by its own processor (image_size is refused)."""
