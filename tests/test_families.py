@@ -778,6 +778,43 @@ def test_mllama_finetuning_samples_are_its_processors_inputs_and_the_loss_is_the
     assert abs(float(ours) - float(theirs)) <= TOLERANCE
 
 
+def test_mllama_image_text_pairs_are_its_processors_inputs(family, served, tmp_path):
+    """A kind: pairs dataset (image files with captions) for a Llama 3.2 Vision model: each pair is
+    what MllamaProcessor builds for `<|image|>caption<|eot_id|>` and the image (tiles, BOS after the
+    image), the loss on the caption and <|eot_id|>; its batch loss equals the reference's."""
+    import yaml
+
+    from flamingo.model.families.convert import convert_family
+    from flamingo.training.config import TrainConfig
+    from flamingo.training.data import build_sources
+
+    _, reference, _ = family
+    directory, model = served
+    converted = convert_family(directory, tmp_path / "ours")
+    captions = ["t5 t6 t7", "t8 <|image|> t9 <|eot_id|>"]  # media and special tokens in raw text are dropped
+    for i, caption in enumerate(captions):
+        (tmp_path / "pairs").mkdir(exist_ok=True)
+        PICTURES[i].save(tmp_path / "pairs" / f"{i}.png")
+        (tmp_path / "pairs" / f"{i}.txt").write_text(caption)
+    config = TrainConfig.from_dict({
+        "model": yaml.safe_load((converted / "config.yaml").read_text()), "init_from": str(converted),
+        "datasets": [{"name": "pairs", "kind": "pairs", "path": str(tmp_path / "pairs"), "batch_size": 2,
+                      "p_space": 0.0, "augment": False, "shuffle": False, "filter_images": False}]})
+    batch = next(iter(build_sources(config, model)["pairs"]))
+    inputs = chat_processor()(text=["<|image|>t5 t6 t7<|eot_id|>", "<|image|>t8  t9 <|eot_id|>"],
+                              images=[[decoded(PICTURES[0])], [decoded(PICTURES[1])]], padding=True,
+                              return_tensors="pt")
+    assert torch.equal(batch.input_ids, inputs["input_ids"]) and torch.equal(batch.pixel_values,
+                                                                             inputs["pixel_values"])
+    assert all(torch.equal(batch.vision_inputs[k], inputs[k]) for k in ("aspect_ratio_ids", "aspect_ratio_mask"))
+    assert batch.labels[0][batch.labels[0] != -100].tolist() == [5, 6, 7, model.eoc_token_id]
+    with torch.no_grad():
+        ours = model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
+                     num_media=batch.num_media, labels=batch.labels, vision_inputs=batch.vision_inputs).loss
+        theirs = reference(**inputs, labels=batch.labels).loss
+    assert abs(float(ours) - float(theirs)) <= TOLERANCE
+
+
 def test_flamingo_finetune_of_a_converted_mllama_trains_its_cross_attention_and_what_unfreeze_names(served,
                                                                                                    tmp_path):
     """flamingo finetune from a converted tiny Llama 3.2 Vision, LM block 0 unfrozen: the final model

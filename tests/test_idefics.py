@@ -776,13 +776,24 @@ def test_idefics_training_loss_on_a_padded_multi_image_batch_equals_the_referenc
 def test_flamingo_train_from_a_converted_idefics_trains_its_cross_attention_and_what_unfreeze_names(saved,
                                                                                                    tmp_path):
     """flamingo train with the converted model's config.yaml as its model section (the vision tower
-    unfrozen) and the converted directory as init_from: the final model loads and generates; the
-    bridge and the CLIP tower changed, the LLaMA is bit-identical to the base's."""
+    unfrozen) and the converted directory as init_from, on VQA records and image-text pairs: the
+    final model loads and generates; the bridge and the CLIP tower changed, the LLaMA is
+    bit-identical to the base's."""
     from flamingo.cli import main
     from flamingo.model.families.convert import convert_family
 
+    import yaml
+
     converted = convert_family(saved, tmp_path / "ours")
     path = vqa_train_config(tmp_path, converted, unfreeze={"vision": True, "lm_blocks": []})
+    (tmp_path / "pairs").mkdir()
+    for i, picture in enumerate(ENGINE_PICTURES):  # and image-text pairs, in IDEFICS's format too
+        picture.save(tmp_path / "pairs" / f"{i}.png")
+        (tmp_path / "pairs" / f"{i}.txt").write_text(f"t{20 + i} t{30 + i}")
+    config = yaml.safe_load(path.read_text())
+    config["datasets"].append({"name": "pairs", "kind": "pairs", "path": str(tmp_path / "pairs"), "batch_size": 2,
+                               "filter_images": False})
+    path.write_text(yaml.safe_dump(config))
     assert main(["train", str(path)]) in (0, None)
     base, tuned = load_model(converted), load_model(tmp_path / "run" / "final")
     assert tuned.family == idefics.FAMILY and tuned.config.unfreeze.vision

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 
 from flamingo.data.batch import Batch, TrainingSample, collate
 from flamingo.data.config import DataError, DatasetConfig
-from flamingo.data.processing import Outcome, SampleProcessor, TextEncoder
+from flamingo.data.processing import FamilyInputs, Outcome, SampleProcessor, TextEncoder
 from flamingo.data.sources import RankStream, Record, Source, keyed_rng
 
 STATE_VERSION = 1
@@ -79,7 +79,7 @@ class FlamingoLoader:
 
     def __init__(self, config: DatasetConfig, tokenizer: Any, media_token_id: int, eoc_token_id: int,
                  image_processor: Any, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_position: int = 0) -> None:
+                 start_position: int = 0, family: FamilyInputs | None = None) -> None:
         if not isinstance(config, DatasetConfig):
             raise DataError(f"build_loader: expected a DatasetConfig, got {type(config).__name__}")
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -89,7 +89,7 @@ class FlamingoLoader:
                              config.allow_absolute_paths)
         self.stream = RankStream(self.source, rank, world_size)
         self.encoder = TextEncoder(tokenizer, media_token_id, eoc_token_id, config.add_bos)
-        self.processor = SampleProcessor(config, self.encoder, image_processor)
+        self.processor = SampleProcessor(config, self.encoder, image_processor, family)
         self.stats = DataStats()
         self._position = 0
         self._cursor: tuple[int, int] | None = (0, 0)  # (epoch, records into it) of `position`
@@ -224,9 +224,11 @@ class FlamingoLoader:
 
 def build_loader(config: DatasetConfig | Mapping[str, Any], tokenizer: Any, media_token_id: int,
                  eoc_token_id: int, image_processor: Any, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_position: int = 0) -> FlamingoLoader:
-    """A loader of `Batch`es of one dataset for one rank (see `FlamingoLoader`)."""
+                 start_position: int = 0, family: FamilyInputs | None = None) -> FlamingoLoader:
+    """A loader of `Batch`es of one dataset for one rank (see `FlamingoLoader`); `family`: the
+    inputs of a model of another family (pairs only: `SampleProcessor.pair`)."""
     if isinstance(config, Mapping):
         config = DatasetConfig.from_dict(config)
     return FlamingoLoader(config, tokenizer, media_token_id, eoc_token_id, image_processor,
-                          seed=seed, rank=rank, world_size=world_size, start_position=start_position)
+                          seed=seed, rank=rank, world_size=world_size, start_position=start_position,
+                          family=family)

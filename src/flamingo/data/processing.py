@@ -14,6 +14,9 @@ probability p_space.
 Labels: the ids, with -100 on `<image>` tokens, on the first position (nothing predicts it) and,
 after collation, on padding. `<|endofchunk|>` is a target: the model must learn to end a chunk.
 
+For a model of another family (`FamilyInputs`: IDEFICS, Llama 3.2 Vision) a pair is written in its
+own format instead, `<image>caption<EOC>` in its tokens as its processor builds it (pairs only).
+
 Randomness comes only from the generator passed in, which the loader derives from (seed,
 dataset, epoch, record id): the same record is processed the same way on any rank, in any
 world size, and after any resume.
@@ -34,7 +37,7 @@ import torch
 from PIL import Image
 
 from flamingo.data.batch import IGNORE_INDEX, TrainingSample
-from flamingo.data.config import DatasetConfig
+from flamingo.data.config import DataError, DatasetConfig
 from flamingo.data.media import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -48,6 +51,7 @@ from flamingo.data.media import (
     load_frames,
     upright_rgb,
 )
+from flamingo.model.families import media_family, training_media
 from flamingo.data.sources import (
     CAPTION_EXTS,
     CORRUPT_FIELD,
@@ -137,6 +141,45 @@ class TextEncoder:
             out = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         special = (self.media_token_id, self.eoc_token_id)
         return [[int(t) for t in ids if t not in special] for ids in out]
+
+
+class FamilyInputs:
+    """How a model of another family (`flamingo.model.families`: IDEFICS, Llama 3.2 Vision) takes a
+    training sample: prompt text (its media token where each image goes) tokenized exactly as its
+    processor tokenizes it, each image preprocessed by its processor (`MediaFamily.tokenize` and
+    `preprocess`, the inference path's), the loss never on a media or special token but the end of
+    chunk. Thread-safe."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.family = model, media_family(model)
+        self.media_token, self.eoc_token = model.config.media_token, model.config.end_of_chunk_token
+        self.media_token_id = int(model.media_token_id)
+        special = set(model.tokenizer.all_special_ids) | {self.media_token_id}
+        self.no_loss = torch.tensor(sorted(special - {int(model.eoc_token_id)}), dtype=torch.long)
+        # Raw text must not place media or special tokens (as TextEncoder drops their ids).
+        self.reserved = sorted({self.media_token, self.eoc_token, *model.tokenizer.all_special_tokens}, key=len,
+                               reverse=True)
+        self._lock = threading.Lock()  # Rust tokenizers may refuse concurrent use of one object
+
+    def clean(self, text: str) -> str:
+        for token in self.reserved:
+            text = text.replace(token, "")
+        return text
+
+    def tokenize(self, text: str) -> list[int]:
+        """A whole prompt's ids, BOS included where the family's processor places it."""
+        with self._lock:
+            return self.family.tokenize(self.model, text, True)
+
+    def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
+        labels = input_ids.masked_fill(torch.isin(input_ids, self.no_loss), IGNORE_INDEX)
+        if labels.numel():
+            labels[0] = IGNORE_INDEX
+        return labels
+
+    def media(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images -> pixels [N, T, 3, H, W] and their vision inputs (`TrainingSample.vision_inputs`)."""
+        return training_media(self.model, [self.family.preprocess(self.model, [image]) for image in images])
 
 
 # ----------------------------------------------------------------------------- documents
@@ -277,8 +320,13 @@ def pair_image(record: Record, doc: dict | None) -> tuple[str, MediaSource]:
 class SampleProcessor:
     """Record -> TrainingSample for one dataset config (thread-safe)."""
 
-    def __init__(self, config: DatasetConfig, encoder: TextEncoder, image_processor: Any) -> None:
+    def __init__(self, config: DatasetConfig, encoder: TextEncoder, image_processor: Any,
+                 family: FamilyInputs | None = None) -> None:
         self.config, self.encoder, self.image_processor = config, encoder, image_processor
+        self.family = family  # a model of another family: pairs in its own format (image_processor unused)
+        if family is not None and config.kind != "pairs":
+            raise DataError(f"dataset {config.name!r} (kind {config.kind}): a model of another family takes pairs "
+                            f"only from the data pipeline (its documents and videos are written in our format)")
         mean = getattr(image_processor, "mean", (0.5, 0.5, 0.5))
         self.background = tuple(int(round(min(max(float(m), 0.0), 1.0) * 255)) for m in mean)
 
@@ -429,10 +477,27 @@ class SampleProcessor:
         caption = self._caption(record, doc)
         image = self._load_image(*pair_image(record, doc))
         rng_text, rng_media = (np.random.default_rng(s) for s in rng.bit_generator.seed_seq.spawn(2))
+        if self.family is not None:
+            return self._family_pair(caption, image, rng_text, rng_media)
         enc = self.encoder
         ids = pair_ids(self._caption_ids(caption, rng_text), enc.media_token_id, enc.eoc_token_id,
                        enc.bos_token_id, self.config.max_tokens)
         return self._finish(ids, self._pixels([image], rng_media), False)
+
+    def _family_pair(self, caption: str, image: Image.Image, rng_text: np.random.Generator,
+                     rng_media: np.random.Generator) -> TrainingSample:
+        """A pair for a model of another family: `<image>caption<EOC>` in its media and end-of-chunk
+        tokens, exactly as its processor builds that text and image (`FamilyInputs`), cut to max_tokens."""
+        fam, cfg = self.family, self.config
+        text = fam.media_token + fam.clean(maybe_prepend_space(caption, cfg.p_space, rng_text)) + fam.eoc_token
+        ids = torch.tensor(fam.tokenize(text)[:cfg.max_tokens], dtype=torch.long)
+        if int((ids == fam.media_token_id).sum()) != 1:
+            raise SkipSample("too_long", f"max_tokens {cfg.max_tokens} cuts the image token off")
+        frame = upright_rgb(image, self.background)
+        if cfg.augment:
+            frame = Augmentation.draw(rng_media, cfg.flip_prob, cfg.color_jitter)(frame)
+        media, vision_inputs = fam.media([frame])
+        return TrainingSample(ids, fam.labels(ids), media, vision_inputs=vision_inputs)
 
     # -------------------------------------------------------------------------- video
     def video(self, record: Record, rng: np.random.Generator) -> TrainingSample:

@@ -170,7 +170,7 @@ class TrainConfig(YamlConfig):
         parts unfrozen by model.unfreeze and absent from it start from their pretrained values).
         A converted IDEFICS or Llama 3.2 Vision directory (`flamingo convert`) is also the model
         the run builds, its frozen backbones included (the model section: its config.yaml, only
-        `unfreeze` may differ; `kind: task` datasets only, `flamingo.training.data.check_family`).
+        `unfreeze` may differ; `kind: task` and `pairs` datasets only, `flamingo.training.data.check_family`).
     steps: optimizer updates in all.
     accumulation: micro-batches of every dataset per update (gradient accumulation).
     objective: "accumulate" (every update sums the weighted losses of all datasets, the paper's

@@ -16,9 +16,10 @@ the config's `datasets:` list:
   seed, this rank and the world size. `pipeline_source` is the only code that knows that API.
 
 A model of another family (`flamingo.model.families`: IDEFICS, Llama 3.2 Vision) trains on `kind:
-task` datasets, which write its samples as its processor does (`TaskSource`); any other kind is
-refused (`check_family`, naming what that family's data needs): those sources build our prompts (a
-bare media token per image) and one square picture per image.
+task` and `kind: pairs` datasets, which write its samples as its processor does
+(`flamingo.data.processing.FamilyInputs`); any other kind is refused (`check_family`, naming what that
+family's data needs): those sources build our prompts (a bare media token per image, the paper's
+`<|endofchunk|>` before each image of a document) and one square picture per image.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 from flamingo.data.batch import Batch
 from flamingo.data.config import DatasetConfig
 from flamingo.data.loader import build_loader
+from flamingo.data.processing import FamilyInputs
 from flamingo.errors import UserError
 from flamingo.model.config import ConfigError
 from flamingo.model.families import FAMILIES
@@ -83,10 +85,12 @@ def synthetic_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, w
 def pipeline_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
     """THE integration point with the data pipeline (flamingo.data)."""
     dataset_config = DatasetConfig.from_dict(spec.to_dict())
+    # A model of another family takes its own inputs (pairs only: check_family).
+    family = FamilyInputs(model) if getattr(model, "family", None) else None
     # The position is restored by the trainer through load_state_dict, so every loader starts at 0.
     return build_loader(dataset_config, model.tokenizer, model.media_token_id, model.eoc_token_id,
-                        _image_processor(model, spec), seed=seed, rank=rank, world_size=world_size,
-                        start_position=0)
+                        None if family else _image_processor(model, spec), seed=seed, rank=rank,
+                        world_size=world_size, start_position=0, family=family)
 
 
 def build_source(spec: DatasetSpec, model: Flamingo, seed: int, rank: int, world_size: int) -> BatchSource:
@@ -108,19 +112,23 @@ FAMILY_DATA = {
 }
 
 
+# The dataset kinds that write a family's own inputs (`FamilyInputs`): a benchmark's records, image-text pairs.
+FAMILY_KINDS = (TASK_KIND, "pairs")
+
+
 def check_family(family: str | None, config: TrainConfig) -> None:
     """Refuse, for a model of another family (`model.family`, or a converted directory's
     `converted_family`; None: one of ours), a dataset whose kind cannot write its inputs (any but
-    `kind: task`), naming what they would need."""
+    `FAMILY_KINDS`), naming what they would need."""
     if family is None:
         return
-    other = [f"{spec.name!r} (kind {spec.kind})" for spec in config.datasets if spec.kind != TASK_KIND]
+    other = [f"{spec.name!r} (kind {spec.kind})" for spec in config.datasets if spec.kind not in FAMILY_KINDS]
     if other:
         need = FAMILY_DATA.get(family, f"a {family} model takes its inputs in its family's own format")
         raise UserError(f"training a {FAMILIES.get(family, family)} model: dataset(s) {', '.join(other)} cannot "
                         f"be used: {need}, but that kind of data builds our prompts (a bare media token per image) "
-                        f"and one square picture per image; use kind: task datasets (flamingo finetune), which "
-                        f"write the family's own inputs")
+                        f"and one square picture per image; use kind: task (flamingo finetune) or pairs datasets, "
+                        f"which write the family's own inputs")
 
 
 def build_sources(config: TrainConfig, model: Flamingo, rank: int = 0, world_size: int = 1) -> dict[str, BatchSource]:

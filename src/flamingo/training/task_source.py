@@ -30,10 +30,10 @@ from flamingo.data.benchmarks.media import VideoSampling, read_media
 from flamingo.data.benchmarks.tasks import get_task
 from flamingo.data.loader import DataStats
 from flamingo.data.media import SkipSample
-from flamingo.data.processing import Outcome
+from flamingo.data.processing import FamilyInputs, Outcome
 from flamingo.data.synthetic import InMemorySource
 from flamingo.model.config import ConfigError
-from flamingo.model.families import FAMILIES, media_family, training_media
+from flamingo.model.families import FAMILIES
 
 TASK_OPTIONS = ("task", "data", "max_tokens", "video_frames", "video_fps")
 # Samples tried in place of one that cannot be used (unreadable media, too long) before giving up.
@@ -64,7 +64,8 @@ class TaskSource(InMemorySource):
         if not (isinstance(video_frames, int) and video_frames >= 1 and video_fps > 0):
             raise ConfigError(f"{where}: video_frames / video_fps: expected an integer >= 1 and a number > 0, "
                               f"got {video_frames!r} / {video_fps!r}")
-        self.family_model = family_model  # a model of another family: samples in its processor's format
+        # A model of another family: samples in its processor's format.
+        self.family = FamilyInputs(family_model) if family_model is not None else None
         if family_model is not None and self.task.video:
             raise ConfigError(f"{where}: task {task!r} is a video task, and a {FAMILIES[family_model.family]} "
                               f"model takes images only")
@@ -96,7 +97,7 @@ class TaskSource(InMemorySource):
 
     def build(self, sample: Any, rng: np.random.Generator) -> TrainingSample:
         """One evaluation sample as a training sample; raises SkipSample."""
-        if self.family_model is not None:
+        if self.family is not None:
             return self._build_for_family(sample, rng)
         query = self._text_ids(self.task.query_text(sample))
         answer = self._text_ids(" " + self._answer(sample, rng)) + [self.eoc_token_id]
@@ -113,22 +114,16 @@ class TaskSource(InMemorySource):
 
     def _build_for_family(self, sample: Any, rng: np.random.Generator) -> TrainingSample:
         """`build` for a model of another family (module docstring); raises SkipSample."""
-        model = self.family_model
-        family = media_family(model)
-        head = model.config.media_token + self.task.query_text(sample)
-        ids = family.tokenize(model, f"{head} {self._answer(sample, rng)}{model.config.end_of_chunk_token}", True)
+        fam = self.family
+        head = fam.media_token + fam.clean(self.task.query_text(sample))
+        ids = fam.tokenize(f"{head} {fam.clean(self._answer(sample, rng))}{fam.eoc_token}")
         if len(ids) > self.max_tokens:
             raise SkipSample("too_long", f"sample {sample.id}: {len(ids)} tokens > max_tokens {self.max_tokens}")
-        if ids.count(self.media_token_id) != 1:
-            raise SkipSample("media_token_in_text", f"sample {sample.id}: its text holds {model.config.media_token}")
-        query = family.tokenize(model, head, True)
+        query = fam.tokenize(head)
         start = next((i for i, (a, b) in enumerate(zip(ids, query)) if a != b), min(len(ids), len(query)))
-        frames = read_media(sample, self.task.video, self.sampling)
-        pixels, vision_inputs = training_media(model, [family.preprocess(model, frames)])
+        pixels, vision_inputs = fam.media(read_media(sample, self.task.video, self.sampling))
         input_ids = torch.tensor(ids, dtype=torch.long)
-        no_loss = torch.tensor(sorted(set(self.tokenizer.all_special_ids) - {self.eoc_token_id}), dtype=torch.long)
-        labels = input_ids.masked_fill(torch.isin(input_ids, no_loss) | (input_ids == self.media_token_id),
-                                       IGNORE_INDEX)
+        labels = fam.labels(input_ids)
         labels[:start] = IGNORE_INDEX
         return TrainingSample(input_ids, labels, pixels, attend_next=False, dataset=self.name,
                               vision_inputs=vision_inputs)
