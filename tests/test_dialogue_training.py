@@ -84,3 +84,29 @@ def test_clipart_chats_and_bad_options(built, clipart_root):
     assert torch.equal(chats.batch(0).input_ids, batch.input_ids)  # a pure function of the position
     with pytest.raises(ConfigError, match="images: expected a mapping"):
         source(built, images={"photos": 1.0})
+
+
+def _script(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chat_answers_counts_an_answer_right_when_it_names_the_shape_or_colour():
+    chat = _script("chat_answers")
+    [shown] = chat.procedural_images(1, seed=0)
+    kind, colour = shown.truth.split()[-1], shown.truth.split()[-2]
+    assert shown.right(f"A {kind}.") and shown.right(f" {colour}") and not shown.right("")
+    assert not shown.right("A drawing of a person.")
+    assert chat.wilson(0, 10).startswith("0.0% (0/10; 95% CI 0.0-")
+
+
+def test_binding_attention_finds_each_support_chunk_from_its_image_to_its_end():
+    spans = _script("binding_attention").chunk_spans([1, 9, 5, 6, 8, 9, 5, 8, 9, 5], media_id=9, eoc_id=8)
+    assert spans == [(1, 5), (5, 8)]  # the query's chunk (no <|endofchunk|>) is not a support chunk
