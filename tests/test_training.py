@@ -564,6 +564,21 @@ def test_bf16_autocast_on_cpu_keeps_fp32_master_weights(tmp_path, lm_dir, clip_d
     assert all(p.dtype == torch.float32 for p in default.model.parameters())
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_to_use_fp32(tmp_path, lm_dir, clip_dir, monkeypatch, capsys,
+                                                              native):
+    """bf16 autocast is emulated on CPUs without AVX512-BF16/AMX (~20x slower than fp32 on the
+    project's AVX2 CPU): the trainer says so and names the fix, only there."""
+    from flamingo.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)
+    trainer_module.Trainer(make_config(tiny_train_dict(lm_dir("llama"), clip_dir, tmp_path / "run", precision="bf16")))
+    warned = "use precision: fp32" in capsys.readouterr().err
+    assert warned != native
+    trainer_module.Trainer(make_config(tiny_train_dict(lm_dir("llama"), clip_dir, tmp_path / "run2")))
+    assert "use precision: fp32" not in capsys.readouterr().err  # fp32: nothing to say
+
+
 def test_bf16_frozen_weights_with_a_batch_norm_encoder_and_procedural_data(tmp_path, lm_dir, clip_dir):
     """EfficientNet's batch-norm statistics follow its bf16 weights (a mixed-dtype batch_norm
     fails), and the procedural episodes train through the same loop."""

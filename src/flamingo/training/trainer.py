@@ -114,6 +114,12 @@ class TrainResult:
     interrupted_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped it (checkpoint saved)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX, as oneDNN reports it); where it
+    does not, bf16 autocast on the CPU is emulated and far slower than fp32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Trainer:
     """Builds everything a run needs from a `TrainConfig`; `fit()` trains.
 
@@ -191,6 +197,11 @@ class Trainer:
         self.resumed_from = resume_from
 
         self._setup_precision(model)
+        if config.precision == "bf16" and rt.device.type == "cpu" and rt.is_main and not cpu_has_native_bf16():
+            print("flamingo train: warning: precision bf16 on a CPU without native bf16 instructions (oneDNN "
+                  f"reports none; torch sees {torch.backends.cpu.get_cpu_capability()}): bf16 is emulated there, "
+                  "~20x slower than fp32 (configs/embedded/train.yaml: 90 s vs 4 s an update on an AVX2 CPU); "
+                  "use precision: fp32", file=sys.stderr)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.to(rt.device)
