@@ -371,17 +371,7 @@ def test_generate_text_and_a_few_shot_context_on_a_loaded_idefics_equal_the_refe
     assert context.generate([query], max_new_tokens=8)[0].text == expected
     classes = ["t10", "t11 t12", "t13"]
     order, scores = context.rank([query], classes)
-    inputs = processor(text=[support + query], return_tensors="pt")
-    logprobs = []
-    with torch.no_grad():
-        for name in classes:
-            ids = processor.tokenizer(name, add_special_tokens=False)["input_ids"]
-            mask = inputs["image_attention_mask"]
-            mask = torch.cat([mask, mask[:, -1:].expand(-1, len(ids), -1)], 1)  # as generate extends it
-            logits = reference(input_ids=torch.cat([inputs["input_ids"], torch.tensor([ids])], 1),
-                               pixel_values=inputs["pixel_values"], image_attention_mask=mask).logits
-            logits = logits[0, inputs["input_ids"].shape[1] - 1:-1]
-            logprobs.append(float(logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).sum()))
+    logprobs = reference_logprobs(processor, reference, support + query, classes)
     assert torch.allclose(scores[0], torch.tensor(logprobs), atol=1e-4)
     assert order[0].tolist() == sorted(range(3), key=lambda c: -logprobs[c])
 
