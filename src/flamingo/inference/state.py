@@ -373,9 +373,11 @@ def encode_ids_and_prefix(model: Flamingo, ids: Sequence[int], visual_tokens: to
     images = sum(1 for token in ids[:cut] if token == model.media_token_id)
     # Copies, so that the cached prefix does not keep the whole prompt's tensors alive.
     layers = [(keys[:, :, :cut].clone(), values[:, :, :cut].clone()) for keys, values, *_ in out.past_key_values]
+    keys_width = images * visual_tokens.shape[2]  # the prefix's images' cross-attention keys/values
+    prefix_kv = {layer: (k[:, :, :keys_width].clone(), v[:, :, :keys_width].clone()) for layer, (k, v) in kv.items()}
     prefix = FlamingoState(_cache_from_layers(out.past_key_values, layers), mask[:, :cut].clone(),
                            visual_tokens[:, :images].clone(), torch.full_like(num_media, images),
-                           out.logits[:, 0].clone(), {})
+                           out.logits[:, 0].clone(), prefix_kv)
     return state, prefix
 
 
@@ -395,15 +397,14 @@ def _continued_key_values(model: Flamingo, contexts: Sequence[FlamingoState], si
         keys, values = [], []
         for i, (context, size, keep) in enumerate(zip(contexts, sizes, keeps)):
             context_media = int(context.num_media[0])
-            carried = context.kv_cache.get(layer)
-            if keep == 0:
+            if keep == 0:  # nothing carried
                 carried = tuple(part[i][:1, :, :0] for part in own)
-            elif carried is None:  # the context kept no keys/values: project its images here
+            elif layer in context.kv_cache:
+                span = slice((context_media - keep) * per_media, context_media * per_media)
+                carried = tuple(part[:1, :, span] for part in context.kv_cache[layer])
+            else:  # the context kept no keys/values: project its images here
                 tokens = context.visual_tokens[:1, context_media - keep:context_media].to(own_visual.dtype)
                 carried = block.attn.key_values(tokens.flatten(1, 2))
-            else:
-                span = slice((context_media - keep) * per_media, context_media * per_media)
-                carried = tuple(part[:1, :, span] for part in carried)
             for part, own_part, out in zip(carried, own, (keys, values)):
                 out.append(torch.cat([part.expand(size, -1, -1, -1), own_part[i]], dim=2))
         kv[layer] = (_cat_padded(keys, slots * per_media, dim=2), _cat_padded(values, slots * per_media, dim=2))
@@ -466,14 +467,13 @@ def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], size
     # Media rows: each context's images that its continuation can still see, then the query's own,
     # padded to the most slots (with their key masks, where the model has them).
     masked = key_mask is not None or any(context.key_mask is not None for context in contexts)
-    carried, carried_masks, keeps, kept_media, firsts, seen = [], [], [], [], [], []
+    carried, carried_masks, kept_media, firsts, seen = [], [], [], [], []
     for context, size in zip(contexts, sizes):
         context_media = int(context.num_media[0])
         keep = model.media_seen_by_continuation(context_media)
         carried.append(context.visual_tokens[:, context_media - keep:context_media].expand(size, -1, -1, -1))
         kept_mask = context.media_per_sequence()[3]
         carried_masks.append(kept_mask[:, context_media - keep:context_media].expand(size, -1, -1))
-        keeps += [keep] * size
         kept_media.append(keep)
         if context.group_first is not None:  # the carried images are renumbered from 1
             firsts.append((context.group_first - (context_media - keep)).clamp(min=0).expand(size))
@@ -490,7 +490,7 @@ def extend_contexts_ids(model: Flamingo, contexts: Sequence[FlamingoState], size
         key_mask = _cat_padded([torch.cat([kept, own], dim=1) for kept, own in zip(carried_masks, own_masks)], slots,
                                dim=1)
     kv = _continued_key_values(model, contexts, sizes, kept_media, split_rows, slots)
-    keep = torch.tensor(keeps, device=device)
+    keep = torch.tensor(kept_media, device=device).repeat_interleave(torch.tensor(list(sizes), device=device))
     num_media = num_media + keep
 
     cache, context_mask = _concat_histories(contexts, repeats=sizes)  # each context's copied per query
